@@ -1,0 +1,84 @@
+"""Run the broker: build amqtt's `Broker` from the prepared configuration, start it, stop on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.broker import Broker
+
+from plugins.ota.plugin import OtaPlugin
+
+log = logging.getLogger("ota.broker")
+
+
+class StartError(RuntimeError):
+    """The broker or the OTA service could not start."""
+
+
+@dataclass
+class RunningBroker:
+    broker: Broker
+    plugin: OtaPlugin
+    mqtt_address: tuple[str, int]
+    mqtts_address: tuple[str, int] | None
+
+    @property
+    def https_address(self) -> tuple[str, int]:
+        assert self.plugin.https_address is not None
+        return self.plugin.https_address
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        assert self.plugin.admin_address is not None
+        return self.plugin.admin_address
+
+    async def stop(self) -> None:
+        await self.broker.shutdown()
+        log.info("stopped")
+
+
+def _bound(broker: Broker, listener: str) -> tuple[str, int] | None:
+    server = broker._servers.get(listener)  # amqtt keeps the bound sockets only here
+    if server is None or server.instance is None:
+        return None
+    name = server.instance.sockets[0].getsockname()
+    return str(name[0]), int(name[1])
+
+
+async def start(config: dict[str, Any]) -> RunningBroker:
+    """Start the broker and its OTA service; raises StartError (after cleaning up) when either fails."""
+    try:
+        broker = Broker(config)
+        await broker.start()
+    except Exception as e:
+        raise StartError(f"the MQTT broker could not start: {e}") from e
+    plugin = broker.plugins_manager.get_plugin("OtaPlugin")
+    if not isinstance(plugin, OtaPlugin) or plugin.start_error is not None:
+        await broker.shutdown()
+        reason = "the OTA plugin is not configured" if plugin is None else str(getattr(plugin, "start_error", ""))
+        raise StartError(f"the OTA service could not start: {reason}")
+    mqtt = _bound(broker, "default")
+    assert mqtt is not None
+    running = RunningBroker(broker, plugin, mqtt, _bound(broker, "tls"))
+    log.info("mqtt listening on %s:%d", *mqtt)
+    if running.mqtts_address:
+        log.info("mqtts listening on %s:%d", *running.mqtts_address)
+    return running
+
+
+async def serve(config: dict[str, Any]) -> int:
+    """Run until SIGINT or SIGTERM; then close listeners, finish database writes and return 0."""
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("ready")
+    await stop.wait()
+    log.info("stopping")
+    await running.stop()
+    return 0

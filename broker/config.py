@@ -1,0 +1,95 @@
+"""Load the broker configuration: `--config`, else `./config.yaml`, else the built-in defaults; then the
+`OTA_*` environment overrides and the MQTT-over-TLS listener. Fails fast with the key path and reason."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from firmware_store.tls import ensure_tls
+from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings, parse_bind, resolve
+
+__all__ = ["ConfigError", "Loaded", "default_config_text", "load", "prepare"]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    source: str
+    raw: dict[str, Any]
+
+
+def default_config_text() -> str:
+    return resources.files("broker").joinpath("default_config.yaml").read_text(encoding="utf-8")
+
+
+def load(path: Path | None, cwd: Path | None = None) -> Loaded:
+    """Read the configuration file named, or ./config.yaml, or the built-in defaults."""
+    if path is None:
+        candidate = (cwd or Path.cwd()) / "config.yaml"
+        if candidate.exists():
+            path = candidate
+    if path is None:
+        return Loaded("built-in defaults", _parse(default_config_text(), "built-in defaults"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    return Loaded(str(path), _parse(text, str(path)))
+
+
+def _parse(text: str, source: str) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: must be a mapping with 'listeners' and 'plugins'")
+    if not isinstance(doc.get("listeners"), dict) or not isinstance(doc["listeners"].get("default"), dict):
+        raise ConfigError(f"{source}: listeners.default: a 'default' listener is required")
+    plugins = doc.get("plugins")
+    if not isinstance(plugins, dict) or PLUGIN_KEY not in plugins:
+        raise ConfigError(f"{source}: plugins.{PLUGIN_KEY}: the OTA plugin entry is required")
+    return doc
+
+
+def ota_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+    entry = raw["plugins"][PLUGIN_KEY] or {}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"plugins.{PLUGIN_KEY}: must be a mapping")
+    known = set(OtaConfig.__dataclass_fields__)
+    for key in entry:
+        if key not in known:
+            raise ConfigError(f"plugins.{PLUGIN_KEY}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return resolve(OtaConfig(**entry), env)
+
+
+def prepare(loaded: Loaded, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], Settings]:
+    """The amqtt configuration to run, with overrides applied and TLS material in place."""
+    env = os.environ if env is None else env
+    cfg = copy.deepcopy(loaded.raw)
+    if "OTA_MQTT_BIND" in env:
+        cfg["listeners"]["default"]["bind"] = str(parse_bind(env["OTA_MQTT_BIND"], "OTA_MQTT_BIND"))
+    else:
+        parse_bind(str(cfg["listeners"]["default"].get("bind", "")), "listeners.default.bind")
+    settings = ota_settings(cfg, env)
+    if settings.mqtts_bind is not None and "tls" not in cfg["listeners"]:
+        if settings.tls_cert and settings.tls_key:
+            cert, key = settings.tls_cert, settings.tls_key
+        else:
+            files = ensure_tls(settings.data_dir / "tls", settings.public_host)
+            cert, key = files.cert, files.key
+        cfg["listeners"]["tls"] = {
+            "type": "tcp",
+            "bind": str(settings.mqtts_bind),
+            "ssl": True,
+            "certfile": str(cert),
+            "keyfile": str(key),
+        }
+    return cfg, settings

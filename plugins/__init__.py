@@ -1,0 +1,1 @@
+"""amqtt plugins of ota-broker: the OTA service (`plugins.ota`)."""

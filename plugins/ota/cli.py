@@ -1,0 +1,295 @@
+"""The operator's CLI (`ota-broker device|firmware|job ...`): a client of the management API, nothing
+more. It finds the API at `--admin-url` / `OTA_ADMIN_URL` (default http://127.0.0.1:8080) and its token
+in `--token` / `OTA_ADMIN_TOKEN`, else in `<OTA_DATA_DIR or ./data>/admin.token`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+AdminUrl = Annotated[
+    str, typer.Option("--admin-url", envvar="OTA_ADMIN_URL", help="Base URL of the management API.")
+]
+Token = Annotated[
+    str | None,
+    typer.Option("--token", envvar="OTA_ADMIN_TOKEN", help="Admin token (default: <data dir>/admin.token)."),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+device_app = typer.Typer(help="Register and inspect devices.", no_args_is_help=True)
+firmware_app = typer.Typer(help="Upload and manage firmware.", no_args_is_help=True)
+job_app = typer.Typer(help="Start, follow and cancel upgrade jobs.", no_args_is_help=True)
+
+
+def fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+class Api:
+    def __init__(self, url: str, token: str | None) -> None:
+        if token is None:
+            path = Path(os.environ.get("OTA_DATA_DIR", "./data")) / "admin.token"
+            try:
+                token = path.read_text().strip()
+            except OSError:
+                fail(f"no admin token: pass --token, set OTA_ADMIN_TOKEN, or run where {path} exists")
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(
+            base_url=f"{self.url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            fail(f"cannot reach the management API at {self.url} ({e}); is `ota-broker run` running?")
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                fail(f"{body.get('message', response.text)} ({response.status_code} {body.get('error', '')})")
+            except ValueError:
+                fail(f"{response.status_code} {response.text[:200]}")
+        return response.json() if response.content else None
+
+
+def show_json(value: Any) -> None:
+    console.print_json(json.dumps(value))
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+@device_app.command("add")
+def device_add(
+    product_key: str,
+    device_name: str,
+    secret: Annotated[str | None, typer.Option(help="Device secret (default: generated).")] = None,
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Register a device and print its device secret."""
+    body: dict[str, Any] = {"product_key": product_key, "device_name": device_name}
+    if secret:
+        body["device_secret"] = secret
+    created = Api(admin_url, token).call("POST", "/devices", json=body)
+    if as_json:
+        show_json(created)
+        return
+    console.print(f"device {product_key}/{device_name} registered")
+    console.print(f"device_secret: {created['device_secret']}", highlight=False)
+
+
+@device_app.command("list")
+def device_list(
+    product_key: Annotated[str | None, typer.Option()] = None,
+    module: Annotated[str | None, typer.Option()] = None,
+    version: Annotated[str | None, typer.Option()] = None,
+    online: Annotated[bool | None, typer.Option("--online/--offline", show_default=False)] = None,
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """List devices with their module versions."""
+    params = {k: v for k, v in {"product_key": product_key, "module": module, "version": version}.items() if v}
+    if online is not None:
+        params["online"] = "true" if online else "false"
+    devices = Api(admin_url, token).call("GET", "/devices", params=params)
+    if as_json:
+        show_json(devices)
+        return
+    table = Table("device", "online", "modules", "last seen")
+    for d in devices:
+        modules = ", ".join(f"{m}={v}" for m, v in d["modules"].items())
+        table.add_row(f"{d['product_key']}/{d['device_name']}", "yes" if d["online"] else "no", modules, d["last_seen"])
+    console.print(table)
+
+
+@device_app.command("show")
+def device_show(device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
+    """Show one device (pk/dn) and its tasks, newest first."""
+    found = Api(admin_url, token).call("GET", f"/devices/{device}")
+    if as_json:
+        show_json(found)
+        return
+    console.print(f"[bold]{device}[/bold]  online: {'yes' if found['online'] else 'no'}  last seen: {found['last_seen']}")
+    for module, version in found["modules"].items():
+        console.print(f"  {module}: {version}", highlight=False)
+    _task_table(found["tasks"], with_job=True)
+
+
+# ----------------------------------------------------------------------------------------- firmware
+
+
+def _firmware_table(items: list[dict[str, Any]]) -> None:
+    table = Table("id", "product", "module", "version", "size", "sign", "status")
+    for f in items:
+        table.add_row(
+            str(f["id"]), f["product_key"], f["module"], f["version"], str(f["size"]),
+            f"{f['sign_method']} {f['sign'][:12]}…", f["status"],
+        )
+    console.print(table)
+
+
+@firmware_app.command("add")
+def firmware_add(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    product_key: Annotated[str, typer.Option("--product-key")],
+    version: Annotated[str, typer.Option("--version")],
+    module: Annotated[str, typer.Option("--module")] = "default",
+    sign_method: Annotated[str, typer.Option("--sign-method", help="Md5 or SHA256.")] = "Md5",
+    src_version: Annotated[str | None, typer.Option("--src-version", help="Differential package from.")] = None,
+    description: Annotated[str, typer.Option("--description")] = "",
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Upload a firmware file; prints its id, size and digests."""
+    data = {"product_key": product_key, "version": version, "module": module, "sign_method": sign_method,
+            "description": description}
+    if src_version:
+        data["src_version"] = src_version
+    with file.open("rb") as f:
+        created = Api(admin_url, token).call(
+            "POST", "/firmware", data=data, files={"file": (file.name, f, "application/octet-stream")}
+        )
+    if as_json:
+        show_json(created)
+        return
+    console.print(f"firmware {created['id']}: {created['product_key']}/{created['module']} {created['version']}",
+                  highlight=False)
+    console.print(f"  size {created['size']}  md5 {created['md5']}  sha256 {created['sha256']}", highlight=False)
+
+
+@firmware_app.command("list")
+def firmware_list(admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
+    """List firmware."""
+    items = Api(admin_url, token).call("GET", "/firmware")
+    show_json(items) if as_json else _firmware_table(items)
+
+
+@firmware_app.command("show")
+def firmware_show(firmware_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Show one firmware."""
+    show_json(Api(admin_url, token).call("GET", f"/firmware/{firmware_id}"))
+
+
+@firmware_app.command("delete")
+def firmware_delete(firmware_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Delete firmware no unfinished job uses."""
+    Api(admin_url, token).call("DELETE", f"/firmware/{firmware_id}")
+    console.print(f"firmware {firmware_id} deleted")
+
+
+# --------------------------------------------------------------------------------------------- jobs
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in job["counts"].items() if v)
+    return f"job {job['id']} ({job['type']}, firmware {job['firmware_id']}): {job['state']}; {counts}"
+
+
+def _task_table(tasks: list[dict[str, Any]], *, with_job: bool = False) -> None:
+    table = Table(*(["job"] if with_job else []), "device", "module", "state", "progress", "attempts", "desc")
+    for t in tasks:
+        cells = [str(t["job_id"])] if with_job else []
+        table.add_row(*cells, t["device"], t["module"], t["state"], f"{t['progress']}%", str(t["attempts"]), t["desc"])
+    console.print(table)
+
+
+@job_app.command("create")
+def job_create(
+    firmware: Annotated[int, typer.Option("--firmware", help="Firmware id.")],
+    device: Annotated[list[str] | None, typer.Option("--device", help="pk/dn; repeat. Default: the product.")] = None,
+    src_version: Annotated[list[str] | None, typer.Option("--src-version", help="Only devices on it; repeat.")] = None,
+    timeout_minutes: Annotated[float | None, typer.Option("--timeout-minutes")] = None,
+    job_type: Annotated[str, typer.Option("--type")] = "static",
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Start an upgrade job."""
+    body: dict[str, Any] = {"firmware_id": firmware, "type": job_type}
+    if device:
+        body["devices"] = device
+    if src_version:
+        body["src_versions"] = src_version
+    if timeout_minutes is not None:
+        body["timeout_minutes"] = timeout_minutes
+    job = Api(admin_url, token).call("POST", "/jobs", json=body)
+    show_json(job) if as_json else console.print(_job_line(job), highlight=False)
+
+
+@job_app.command("list")
+def job_list(admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
+    """List jobs, newest first."""
+    jobs = Api(admin_url, token).call("GET", "/jobs")
+    if as_json:
+        show_json(jobs)
+        return
+    for job in jobs:
+        console.print(_job_line(job), highlight=False)
+
+
+@job_app.command("show")
+def job_show(
+    job_id: int,
+    follow: Annotated[bool, typer.Option("--follow", help="Draw live progress until the job ends.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --follow.")] = 1.0,
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show a job's state and counts; with --follow, live progress bars per device."""
+    api = Api(admin_url, token)
+    job = api.call("GET", f"/jobs/{job_id}")
+    if not follow:
+        show_json(job) if as_json else console.print(_job_line(job), highlight=False)
+        return
+    with Live(_follow_view(job, api.call("GET", f"/jobs/{job_id}/tasks")), console=console, auto_refresh=False) as live:
+        while job["state"] in ("scheduled", "running", "paused"):
+            time.sleep(interval)
+            job = api.call("GET", f"/jobs/{job_id}")
+            live.update(_follow_view(job, api.call("GET", f"/jobs/{job_id}/tasks")), refresh=True)
+    console.print(_job_line(job), highlight=False)
+
+
+def _follow_view(job: dict[str, Any], tasks: list[dict[str, Any]]) -> Group:
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[state]}"),
+        auto_refresh=False,
+    )
+    for t in tasks:
+        if t["state"] == "skipped":
+            continue
+        bars.add_task(t["device"], total=100, completed=t["progress"], state=f"{t['state']} {t['desc']}".strip())
+    return Group(_job_line(job), bars)
+
+
+@job_app.command("tasks")
+def job_tasks(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
+    """List a job's tasks."""
+    tasks = Api(admin_url, token).call("GET", f"/jobs/{job_id}/tasks")
+    show_json(tasks) if as_json else _task_table(tasks)
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Cancel a job's unfinished tasks."""
+    job = Api(admin_url, token).call("POST", f"/jobs/{job_id}/cancel")
+    console.print(_job_line(job), highlight=False)

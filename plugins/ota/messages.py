@@ -1,0 +1,162 @@
+"""Wire messages of the Aliyun OTA device protocol (SPEC §3): parsing device payloads, building notices.
+
+Device payloads are parsed here, once, into frozen values; anything malformed raises `BadMessage` with a
+reason fit for one log line. Nothing here knows about tasks, storage or the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from plugins.ota.model import DEFAULT_MODULE, Firmware
+
+MAX_VERSION_LEN = 64
+MODULE_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_ID_MAX = 2**63 - 1
+
+RequestId = str | int
+
+
+class BadMessage(ValueError):
+    """A device payload that does not follow the protocol; the text says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inform:
+    id: RequestId
+    version: str
+    module: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    id: RequestId
+    step: int
+    desc: str
+    module: str
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareGet:
+    id: RequestId
+    module: str
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyRequest:
+    id: RequestId
+    version: str | None
+
+
+def _object(payload: bytes, max_bytes: int) -> tuple[RequestId, dict[str, Any]]:
+    if len(payload) > max_bytes:
+        raise BadMessage(f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadMessage("payload is not UTF-8") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise BadMessage(f"payload is not JSON: {str(e)[:80]}") from e
+    if not isinstance(doc, dict):
+        raise BadMessage("payload is not a JSON object")
+    raw_id = doc.get("id")
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        raise BadMessage("'id' must be a string or an integer")
+    if isinstance(raw_id, int) and not 0 <= raw_id <= _ID_MAX:
+        raise BadMessage("'id' is out of range")
+    if isinstance(raw_id, str) and len(raw_id) > 64:
+        raise BadMessage("'id' is longer than 64 characters")
+    params = doc.get("params")
+    if not isinstance(params, dict):
+        raise BadMessage("'params' must be an object")
+    return raw_id, params
+
+
+def _module(params: dict[str, Any]) -> str:
+    module = params.get("module")
+    if module is None or module == "":
+        return DEFAULT_MODULE
+    if not isinstance(module, str) or not MODULE_PATTERN.match(module):
+        raise BadMessage("'params.module' must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return module
+
+
+def _version(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BadMessage(f"'{field}' must be a non-empty string")
+    if len(value) > MAX_VERSION_LEN or any(ord(ch) < 0x20 for ch in value):
+        raise BadMessage(f"'{field}' must be at most {MAX_VERSION_LEN} printable characters")
+    return value
+
+
+def parse_inform(payload: bytes, max_bytes: int) -> Inform:
+    req_id, params = _object(payload, max_bytes)
+    return Inform(req_id, _version(params.get("version"), "params.version"), _module(params))
+
+
+def parse_progress(payload: bytes, max_bytes: int) -> Progress:
+    req_id, params = _object(payload, max_bytes)
+    raw_step = params.get("step")
+    if not isinstance(raw_step, str):
+        raise BadMessage("'params.step' must be a string such as \"42\" or \"-2\"")
+    try:
+        step = int(raw_step.strip(), 10)
+    except ValueError as e:
+        raise BadMessage(f"'params.step' {raw_step[:16]!r} is not a number") from e
+    if not (0 <= step <= 100 or -4 <= step <= -1):
+        raise BadMessage(f"'params.step' {step} is out of range (0..100 or -1..-4)")
+    desc = params.get("desc", "")
+    if desc is None:
+        desc = ""
+    if not isinstance(desc, str):
+        raise BadMessage("'params.desc' must be a string")
+    return Progress(req_id, step, desc[:128], _module(params))
+
+
+def parse_firmware_get(payload: bytes, max_bytes: int) -> FirmwareGet:
+    req_id, params = _object(payload, max_bytes)
+    return FirmwareGet(req_id, _module(params))
+
+
+def parse_legacy_request(payload: bytes, max_bytes: int) -> LegacyRequest:
+    req_id, params = _object(payload, max_bytes)
+    version = params.get("version")
+    return LegacyRequest(req_id, None if version is None else _version(version, "params.version"))
+
+
+# ------------------------------------------------------------------------------------ server → device
+
+
+def notice_data(firmware: Firmware, url: str, ext_data: dict[str, str] | None = None) -> dict[str, Any]:
+    """The `data` object of a push notice and of a pull reply, in the field order of Aliyun's docs."""
+    data: dict[str, Any] = {
+        "size": firmware.size,
+        "version": firmware.version,
+        "url": url,
+        "md5": firmware.md5,
+        "sign": firmware.sign,
+        "signMethod": str(firmware.sign_method),
+    }
+    if firmware.is_diff:
+        data["isDiff"] = 1
+    if firmware.module != DEFAULT_MODULE:
+        data["module"] = firmware.module
+    data["extData"] = dict(ext_data or {})
+    return data
+
+
+def push_notice(notice_id: int, data: dict[str, Any]) -> bytes:
+    """`/ota/device/upgrade/{pk}/{dn}` (and the legacy request reply)."""
+    return _dump({"code": "1000", "data": data, "id": notice_id, "message": "success"})
+
+
+def get_reply(request_id: RequestId, data: dict[str, Any]) -> bytes:
+    """`/sys/{pk}/{dn}/thing/ota/firmware/get_reply`: `data` is `{}` when nothing is pending."""
+    return _dump({"id": request_id, "code": 200, "data": data, "message": "success"})
+
+
+def _dump(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

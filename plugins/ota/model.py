@@ -1,0 +1,120 @@
+"""Domain types of the OTA service: plain frozen values, no I/O.
+
+Status enums are `StrEnum`s persisted as their string values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from plugins.ota.topics import DeviceRef
+
+DEFAULT_MODULE = "default"
+
+
+class TaskState(StrEnum):
+    """One device's upgrade within one job."""
+
+    CONFIRM = "confirm"
+    QUEUED = "queued"
+    NOTIFIED = "notified"
+    IN_PROGRESS = "in_progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in UNFINISHED
+
+
+UNFINISHED: frozenset[TaskState] = frozenset(
+    {TaskState.CONFIRM, TaskState.QUEUED, TaskState.NOTIFIED, TaskState.IN_PROGRESS}
+)
+# States in which the device holds a notice it may act on (a pull gets the notice again).
+PENDING: frozenset[TaskState] = frozenset({TaskState.QUEUED, TaskState.NOTIFIED, TaskState.IN_PROGRESS})
+
+
+class JobState(StrEnum):
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class JobType(StrEnum):
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    VERIFY = "verify"
+
+
+class SignMethod(StrEnum):
+    """Exactly the spellings the device SDKs compare against."""
+
+    MD5 = "Md5"
+    SHA256 = "SHA256"
+
+
+class FirmwareStatus(StrEnum):
+    UNVERIFIED = "unverified"
+    VERIFYING = "verifying"
+    VERIFIED = "verified"
+    VERIFY_FAILED = "verify_failed"
+    NO_VERIFY_NEEDED = "no_verify_needed"
+
+
+class SkipReason(StrEnum):
+    ALREADY_ON_TARGET = "already_on_target"
+    BUSY = "busy"
+    SRC_VERSION_MISMATCH = "src_version_mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class Firmware:
+    id: int
+    product_key: str
+    module: str
+    version: str
+    src_version: str | None
+    size: int
+    md5: str
+    sha256: str
+    sign_method: SignMethod
+    description: str
+    status: FirmwareStatus
+    created_at: float
+
+    @property
+    def sign(self) -> str:
+        """The digest named by `sign_method`, lowercase hex."""
+        return self.md5 if self.sign_method is SignMethod.MD5 else self.sha256
+
+    @property
+    def is_diff(self) -> bool:
+        return self.src_version is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A snapshot of one task; `rev` guards compare-and-set writes."""
+
+    id: int
+    job_id: int
+    firmware_id: int
+    device: DeviceRef
+    module: str
+    target_version: str
+    state: TaskState
+    progress: int
+    desc: str
+    attempts: int
+    timeout_s: float | None
+    notified_at: float | None  # first notice
+    noticed_at: float | None  # latest notice (push or pull reply)
+    started_at: float | None  # first progress report
+    updated_at: float
+    rev: int = 0

@@ -1,0 +1,268 @@
+"""The amqtt adapter: hosts the OTA service inside the broker process.
+
+It turns broker events into service calls, implements the service's `DeviceChannel` by writing straight
+into device sessions (auto-delivery: a device gets its notice whether or not it subscribed, exactly once
+if it did), and runs the HTTPS download endpoint and the management API on the broker's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from amqtt.broker import BrokerContext
+from amqtt.plugins.base import BasePlugin
+from amqtt.session import ApplicationMessage, Session
+
+from firmware_store import FirmwareStore, LinkSigner
+from firmware_store.server import download_app, start_site
+from firmware_store.tls import TlsFiles, ensure_tls
+from plugins.ota.api import admin_app
+from plugins.ota.repository import Repository
+from plugins.ota.service import OtaService
+from plugins.ota.settings import OtaConfig, Settings, resolve
+from plugins.ota.topics import DeviceRef, InvalidDeviceRef, OtaTopic, filter_matches
+
+log = logging.getLogger("ota.plugin")
+
+NOTICE_QOS = 1
+_ACK_TIMEOUT_S = 60
+
+
+class OtaPlugin(BasePlugin[BrokerContext]):
+    """`plugins.ota.plugin.OtaPlugin` in the broker's `plugins:` section."""
+
+    Config = OtaConfig
+
+    def __init__(self, context: BrokerContext, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(context)
+        self.settings: Settings = resolve(self.config)
+        self.clock = clock
+        self.service: OtaService | None = None
+        self.start_error: BaseException | None = None
+        self.https_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.public_url = ""
+        self.tls: TlsFiles | None = None
+        self._repo: Repository | None = None
+        self._runners: list[web.AppRunner] = []
+        self._ticker: asyncio.Task[None] | None = None
+        self._client_device: dict[str, DeviceRef] = {}
+        self._device_client: dict[DeviceRef, str] = {}
+        self._connected_at: dict[str, float] = {}
+        self._deliveries: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def on_broker_post_start(self) -> None:
+        try:
+            await self._start()
+        except Exception as e:  # amqtt swallows event failures: keep it for the runner to act on
+            self.start_error = e
+            log.critical("the OTA service could not start: %s", e, exc_info=True)
+
+    async def _start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.tls = (
+            TlsFiles(s.tls_cert, s.tls_cert, s.tls_key)
+            if s.tls_cert and s.tls_key
+            else ensure_tls(s.data_dir / "tls", s.public_host)
+        )
+        repo = Repository(s.data_dir / "ota.db")
+        await repo.open()
+        self._repo = repo
+        await repo.mark_all_offline()
+        store = FirmwareStore(s.data_dir / "firmware", max_size=s.max_upload_bytes)
+        store.open()
+        link_key = _secret_file(s.data_dir / "link.key", lambda: secrets.token_bytes(32).hex()).encode()
+        token = s.admin_token or _secret_file(s.data_dir / "admin.token", lambda: secrets.token_urlsafe(32))
+
+        # The signer needs the public URL, which may name the HTTPS port only known once bound.
+        signer = LinkSigner(link_key, s.public_url, s.link_ttl_s)
+        self.service = service = OtaService(
+            repo,
+            store,
+            signer,
+            self,
+            self.clock,
+            auto_register=s.auth_mode == "open",
+            max_payload_bytes=s.max_payload_bytes,
+        )
+        dl = download_app(store, signer, service.resolve_blob, service.may_download, self.clock)
+        runner, self.https_address = await start_site(
+            dl, s.https_bind.host, s.https_bind.port, self.tls.server_context()
+        )
+        self._runners.append(runner)
+        self.public_url = signer.base_url = s.public_url_for(self.https_address[1])
+        log.info("https listening on %s (devices download from %s)", _fmt(self.https_address), self.public_url)
+        runner, self.admin_address = await start_site(
+            admin_app(service, token), s.admin_bind.host, s.admin_bind.port, None
+        )
+        self._runners.append(runner)
+        log.info("admin api listening on http://%s/api/v1", _fmt(self.admin_address))
+        if s.auth_mode == "open":
+            log.warning("auth mode is 'open': any client may connect and act as any device (lab use only)")
+        self._ticker = asyncio.create_task(self._tick_loop())
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_seconds)
+            if self.service is not None:
+                try:
+                    await self.service.tick()
+                except Exception:
+                    log.exception("periodic task check failed")
+
+    async def on_broker_pre_shutdown(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+
+    async def close(self) -> None:
+        """After the broker closed its sessions: finish in-flight work, then close the database."""
+        if self.service is not None:
+            await self.service.drain()
+        for task in list(self._deliveries):
+            task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        if self._repo is not None:
+            await self._repo.close()
+            self._repo = None
+
+    # ------------------------------------------------------------------------------- broker events
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
+        self._connected_at[client_id] = self.clock()
+        device = DeviceRef.from_username(client_session.username)
+        if device is not None and self.service is not None:
+            self._bind(client_id, device)
+            await self.service.device_connected(device)
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
+        self._connected_at.pop(client_id, None)
+        device = self._client_device.pop(client_id, None)
+        if device is not None and self._device_client.get(device) == client_id:
+            del self._device_client[device]
+            if self.service is not None:
+                await self.service.device_disconnected(device)
+
+    async def on_broker_client_subscribed(self, *, client_id: str, topic: str, qos: int) -> None:
+        parsed = _parse(topic)
+        if parsed is None or parsed.kind.device_to_server or self.service is None:
+            return
+        if self._bind(client_id, parsed.device):
+            await self.service.device_connected(parsed.device)
+
+    async def on_broker_message_received(self, *, client_id: str, message: ApplicationMessage | None) -> None:
+        if message is None or self.service is None:
+            return
+        try:
+            parsed = OtaTopic.parse(message.topic)
+        except InvalidDeviceRef as e:
+            self.service.reject(client_id, "bad_topic", f"{message.topic[:128]!r}: {e}")
+            return
+        if parsed is None or not parsed.kind.device_to_server:
+            return
+        if not self._may_act_for(client_id, parsed.device):
+            self.service.reject(parsed.device, "foreign_publish", f"client {client_id!r} is bound to another device")
+            return
+        if self._bind(client_id, parsed.device):
+            await self.service.mark_online(parsed.device)
+        await self.service.handle_publish(parsed, bytes(message.data or b""))
+
+    # ------------------------------------------------------------------ sessions and device identity
+
+    def _bind(self, client_id: str, device: DeviceRef) -> bool:
+        """Make `client_id` the session of `device` (open mode); True when that is new."""
+        if self._device_client.get(device) == client_id:
+            return False
+        old = self._client_device.get(client_id)
+        if old is not None and old != device:
+            return False  # one client acts for one device
+        self._device_client[device] = client_id
+        self._client_device[client_id] = device
+        return True
+
+    def _may_act_for(self, client_id: str, device: DeviceRef) -> bool:
+        bound = self._client_device.get(client_id)
+        return bound is None or bound == device
+
+    def _session(self, device: DeviceRef) -> tuple[str, Session] | None:
+        client_id = self._device_client.get(device)
+        if client_id is None:
+            return None
+        session = self.context.get_session(client_id)
+        if session is None or session.transitions.state != "connected":
+            return None
+        return client_id, session
+
+    def is_online(self, device: DeviceRef) -> bool:
+        return self._session(device) is not None
+
+    def session_started_at(self, device: DeviceRef) -> float | None:
+        client_id = self._device_client.get(device)
+        return None if client_id is None else self._connected_at.get(client_id)
+
+    async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
+        """Deliver to the device's own session, plus any other subscribers of `topic`."""
+        found = self._session(device)
+        subscribed = False
+        if found is not None:
+            client_id = found[0]
+            subscribed = any(
+                filter_matches(topic_filter, topic) and any(s.client_id == client_id for s, _ in subscribers)
+                for topic_filter, subscribers in self.context.subscriptions.items()
+            )
+        # Subscribers, the device among them if it subscribed, get it through the broker's routing.
+        await self.context.broadcast_message(topic, payload, qos=NOTICE_QOS)
+        if found is None:
+            return False
+        if not subscribed:
+            handler = self.context._broker_instance.sessions[found[0]][1]  # amqtt offers no public handle
+            task = asyncio.create_task(
+                handler.mqtt_publish(topic, payload, NOTICE_QOS, retain=False, ack_timeout=_ACK_TIMEOUT_S)
+            )
+            self._deliveries.add(task)
+            task.add_done_callback(self._delivery_done)
+        return True
+
+    def _delivery_done(self, task: asyncio.Task[Any]) -> None:
+        self._deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("a notice was not acknowledged: %s", task.exception())
+
+
+def _parse(topic: str) -> OtaTopic | None:
+    try:
+        return OtaTopic.parse(topic)
+    except InvalidDeviceRef:
+        return None
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
+    """Read a secret kept in `path` (mode 0600), creating it on first use."""
+    if path.exists():
+        value = path.read_text().strip()
+        if value:
+            return value
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value

@@ -1,0 +1,624 @@
+"""The SQLite repository (aiosqlite, WAL) and its schema migrations.
+
+Rows become domain values here and nowhere else. Task writes are compare-and-set on `rev`, and every
+task change appends a history row in the same transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from plugins.ota.errors import Conflict, NotFound
+from plugins.ota.machine import PlannedTask
+from plugins.ota.model import (
+    UNFINISHED,
+    Firmware,
+    FirmwareStatus,
+    JobState,
+    JobType,
+    SignMethod,
+    Task,
+    TaskState,
+)
+from plugins.ota.topics import DeviceRef
+
+MIGRATIONS: Sequence[str] = (
+    # 1: the seed flow
+    """
+    CREATE TABLE devices (
+        product_key   TEXT NOT NULL,
+        device_name   TEXT NOT NULL,
+        device_secret TEXT NOT NULL,
+        enabled       INTEGER NOT NULL DEFAULT 1,
+        online        INTEGER NOT NULL DEFAULT 0,
+        created_at    REAL NOT NULL,
+        last_seen     REAL,
+        PRIMARY KEY (product_key, device_name)
+    );
+    CREATE TABLE device_modules (
+        product_key TEXT NOT NULL,
+        device_name TEXT NOT NULL,
+        module      TEXT NOT NULL,
+        version     TEXT NOT NULL,
+        updated_at  REAL NOT NULL,
+        PRIMARY KEY (product_key, device_name, module),
+        FOREIGN KEY (product_key, device_name) REFERENCES devices ON DELETE CASCADE
+    );
+    CREATE TABLE firmware (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        product_key TEXT NOT NULL,
+        module      TEXT NOT NULL,
+        version     TEXT NOT NULL,
+        src_version TEXT,
+        size        INTEGER NOT NULL,
+        md5         TEXT NOT NULL,
+        sha256      TEXT NOT NULL,
+        sign_method TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        status      TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX firmware_identity ON firmware (product_key, module, version, IFNULL(src_version, ''));
+    CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        firmware_id INTEGER NOT NULL REFERENCES firmware (id),
+        type        TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        options     TEXT NOT NULL DEFAULT '{}',
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+    CREATE TABLE tasks (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id         INTEGER NOT NULL REFERENCES jobs (id),
+        firmware_id    INTEGER NOT NULL REFERENCES firmware (id),
+        product_key    TEXT NOT NULL,
+        device_name    TEXT NOT NULL,
+        module         TEXT NOT NULL,
+        target_version TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        progress       INTEGER NOT NULL DEFAULT 0,
+        desc           TEXT NOT NULL DEFAULT '',
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        timeout_s      REAL,
+        notified_at    REAL,
+        noticed_at     REAL,
+        started_at     REAL,
+        created_at     REAL NOT NULL,
+        updated_at     REAL NOT NULL,
+        rev            INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX tasks_by_device ON tasks (product_key, device_name, module, state);
+    CREATE INDEX tasks_by_job ON tasks (job_id, state);
+    CREATE TABLE task_history (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id  INTEGER NOT NULL REFERENCES tasks (id),
+        at       REAL NOT NULL,
+        state    TEXT NOT NULL,
+        progress INTEGER NOT NULL,
+        desc     TEXT NOT NULL
+    );
+    CREATE INDEX task_history_by_task ON task_history (task_id, id);
+    """,
+)
+
+_UNFINISHED_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(UNFINISHED)) + ")"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    device: DeviceRef
+    device_secret: str
+    enabled: bool
+    online: bool
+    created_at: float
+    last_seen: float | None
+    modules: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: int
+    firmware_id: int
+    type: JobType
+    stored_state: JobState
+    options: dict[str, Any]
+    created_at: float
+    updated_at: float
+    counts: dict[TaskState, int]
+
+
+def new_device_secret() -> str:
+    return secrets.token_hex(16)
+
+
+class Repository:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._write = asyncio.Lock()
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        self._db = db
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            async with self._write:
+                await self._db.close()
+                self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("repository is not open")
+        return self._db
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            async with self._tx() as db:
+                for statement in (s.strip() for s in script.split(";")):
+                    if statement:
+                        await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {number}")
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; writes are serialized so transactions never interleave."""
+        async with self._write:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self.db.execute(sql, tuple(args)) as cur:
+            row: sqlite3.Row | None = await cur.fetchone()
+            return row
+
+    async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self.db.execute(sql, tuple(args)) as cur:
+            return list(await cur.fetchall())
+
+    # --------------------------------------------------------------------------------------- devices
+
+    async def add_device(self, ref: DeviceRef, secret: str, now: float) -> DeviceRecord:
+        try:
+            async with self._tx() as db:
+                await db.execute(
+                    "INSERT INTO devices (product_key, device_name, device_secret, created_at) VALUES (?,?,?,?)",
+                    (ref.product_key, ref.device_name, secret, now),
+                )
+        except sqlite3.IntegrityError as e:
+            raise Conflict(f"device {ref} already exists") from e
+        return await self.get_device(ref)
+
+    async def ensure_device(self, ref: DeviceRef, now: float) -> bool:
+        """Register the device if it is unknown (open mode); True when it was created."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO devices (product_key, device_name, device_secret, created_at, last_seen)"
+                " VALUES (?,?,?,?,?)",
+                (ref.product_key, ref.device_name, new_device_secret(), now, now),
+            )
+            return cur.rowcount > 0
+
+    async def find_device(self, ref: DeviceRef) -> DeviceRecord | None:
+        row = await self._one(
+            "SELECT * FROM devices WHERE product_key=? AND device_name=?", (ref.product_key, ref.device_name)
+        )
+        if row is None:
+            return None
+        modules = await self._all(
+            "SELECT module, version FROM device_modules WHERE product_key=? AND device_name=? ORDER BY module",
+            (ref.product_key, ref.device_name),
+        )
+        return _device(row, {m["module"]: m["version"] for m in modules})
+
+    async def get_device(self, ref: DeviceRef) -> DeviceRecord:
+        found = await self.find_device(ref)
+        if found is None:
+            raise NotFound(f"device {ref} does not exist")
+        return found
+
+    async def list_devices(
+        self,
+        *,
+        product_key: str | None = None,
+        module: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[DeviceRecord]:
+        where, args = ["1=1"], []
+        if product_key is not None:
+            where.append("d.product_key=?")
+            args.append(product_key)
+        if online is not None:
+            where.append("d.online=?")
+            args.append(int(online))
+        if module is not None or version is not None:
+            sub = "SELECT 1 FROM device_modules m WHERE m.product_key=d.product_key AND m.device_name=d.device_name"
+            if module is not None:
+                sub += " AND m.module=?"
+                args.append(module)
+            if version is not None:
+                sub += " AND m.version=?"
+                args.append(version)
+            where.append(f"EXISTS ({sub})")
+        rows = await self._all(
+            f"SELECT d.* FROM devices d WHERE {' AND '.join(where)}"  # noqa: S608 - only fixed fragments
+            " ORDER BY d.product_key, d.device_name LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        modules: dict[tuple[str, str], dict[str, str]] = {}
+        if rows:
+            for m in await self._all(
+                "SELECT product_key, device_name, module, version FROM device_modules"
+                " WHERE product_key || '/' || device_name IN (SELECT value FROM json_each(?))",
+                (json.dumps([f"{r['product_key']}/{r['device_name']}" for r in rows]),),
+            ):
+                modules.setdefault((m["product_key"], m["device_name"]), {})[m["module"]] = m["version"]
+        return [_device(r, modules.get((r["product_key"], r["device_name"]), {})) for r in rows]
+
+    async def set_online(self, ref: DeviceRef, online: bool, now: float) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE devices SET online=?, last_seen=? WHERE product_key=? AND device_name=?",
+                (int(online), now, ref.product_key, ref.device_name),
+            )
+
+    async def mark_all_offline(self) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE devices SET online=0 WHERE online=1")
+
+    async def record_version(self, ref: DeviceRef, module: str, version: str, now: float) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO device_modules (product_key, device_name, module, version, updated_at)"
+                " VALUES (?,?,?,?,?) ON CONFLICT (product_key, device_name, module)"
+                " DO UPDATE SET version=excluded.version, updated_at=excluded.updated_at",
+                (ref.product_key, ref.device_name, module, version, now),
+            )
+            await db.execute(
+                "UPDATE devices SET last_seen=? WHERE product_key=? AND device_name=?",
+                (now, ref.product_key, ref.device_name),
+            )
+
+    # -------------------------------------------------------------------------------------- firmware
+
+    async def add_firmware(
+        self,
+        *,
+        product_key: str,
+        module: str,
+        version: str,
+        src_version: str | None,
+        size: int,
+        md5: str,
+        sha256: str,
+        sign_method: SignMethod,
+        description: str,
+        now: float,
+    ) -> Firmware:
+        try:
+            async with self._tx() as db:
+                cur = await db.execute(
+                    "INSERT INTO firmware (product_key, module, version, src_version, size, md5, sha256,"
+                    " sign_method, description, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        product_key,
+                        module,
+                        version,
+                        src_version,
+                        size,
+                        md5,
+                        sha256,
+                        sign_method.value,
+                        description,
+                        FirmwareStatus.UNVERIFIED.value,
+                        now,
+                    ),
+                )
+                fw_id = cur.lastrowid
+        except sqlite3.IntegrityError as e:
+            raise Conflict(f"firmware {product_key}/{module} {version} already exists") from e
+        assert fw_id is not None
+        return await self.get_firmware(fw_id)
+
+    async def find_firmware(self, firmware_id: int) -> Firmware | None:
+        row = await self._one("SELECT * FROM firmware WHERE id=?", (firmware_id,))
+        return None if row is None else _firmware(row)
+
+    async def get_firmware(self, firmware_id: int) -> Firmware:
+        found = await self.find_firmware(firmware_id)
+        if found is None:
+            raise NotFound(f"firmware {firmware_id} does not exist")
+        return found
+
+    async def list_firmware(self, product_key: str | None = None) -> list[Firmware]:
+        if product_key is None:
+            rows = await self._all("SELECT * FROM firmware ORDER BY id")
+        else:
+            rows = await self._all("SELECT * FROM firmware WHERE product_key=? ORDER BY id", (product_key,))
+        return [_firmware(r) for r in rows]
+
+    async def delete_firmware(self, firmware_id: int) -> Firmware:
+        """Delete the firmware's record (and its finished jobs); Conflict while an unfinished task uses it."""
+        firmware = await self.get_firmware(firmware_id)
+        async with self._tx() as db:
+            cur = await db.execute(
+                f"SELECT COUNT(*) FROM tasks WHERE firmware_id=? AND state IN {_UNFINISHED_SQL}",  # noqa: S608
+                (firmware_id,),
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                raise Conflict(f"firmware {firmware_id} is used by {row[0]} unfinished task(s); cancel the job first")
+            sub = "SELECT id FROM tasks WHERE firmware_id=?"
+            await db.execute(f"DELETE FROM task_history WHERE task_id IN ({sub})", (firmware_id,))  # noqa: S608
+            await db.execute("DELETE FROM tasks WHERE firmware_id=?", (firmware_id,))
+            await db.execute("DELETE FROM jobs WHERE firmware_id=?", (firmware_id,))
+            await db.execute("DELETE FROM firmware WHERE id=?", (firmware_id,))
+        return firmware
+
+    async def blob_in_use(self, sha256: str) -> bool:
+        return await self._one("SELECT 1 FROM firmware WHERE sha256=? LIMIT 1", (sha256,)) is not None
+
+    # ------------------------------------------------------------------------------------------ jobs
+
+    async def create_job(
+        self,
+        firmware: Firmware,
+        job_type: JobType,
+        options: dict[str, Any],
+        planned: Sequence[PlannedTask],
+        timeout_s: float | None,
+        now: float,
+    ) -> int:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "INSERT INTO jobs (firmware_id, type, state, options, created_at, updated_at) VALUES (?,?,?,?,?,?)",
+                (firmware.id, job_type.value, JobState.RUNNING.value, json.dumps(options), now, now),
+            )
+            job_id = cur.lastrowid
+            assert job_id is not None
+            for p in planned:
+                cur = await db.execute(
+                    "INSERT INTO tasks (job_id, firmware_id, product_key, device_name, module, target_version,"
+                    " state, desc, timeout_s, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        job_id,
+                        firmware.id,
+                        p.device.product_key,
+                        p.device.device_name,
+                        firmware.module,
+                        firmware.version,
+                        p.state.value,
+                        p.desc,
+                        timeout_s,
+                        now,
+                        now,
+                    ),
+                )
+                await db.execute(
+                    "INSERT INTO task_history (task_id, at, state, progress, desc) VALUES (?,?,?,?,?)",
+                    (cur.lastrowid, now, p.state.value, 0, p.desc or "created"),
+                )
+        return job_id
+
+    async def find_job(self, job_id: int) -> JobRecord | None:
+        row = await self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        if row is None:
+            return None
+        counts = await self._all("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY state", (job_id,))
+        return _job(row, {TaskState(c["state"]): int(c["n"]) for c in counts})
+
+    async def get_job(self, job_id: int) -> JobRecord:
+        found = await self.find_job(job_id)
+        if found is None:
+            raise NotFound(f"job {job_id} does not exist")
+        return found
+
+    async def list_jobs(self, limit: int = 200) -> list[JobRecord]:
+        rows = await self._all("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        counts: dict[int, dict[TaskState, int]] = {}
+        for c in await self._all(
+            "SELECT job_id, state, COUNT(*) AS n FROM tasks WHERE job_id IN (SELECT value FROM json_each(?))"
+            " GROUP BY job_id, state",
+            (json.dumps([r["id"] for r in rows]),),
+        ):
+            counts.setdefault(int(c["job_id"]), {})[TaskState(c["state"])] = int(c["n"])
+        return [_job(r, counts.get(int(r["id"]), {})) for r in rows]
+
+    async def set_job_state(self, job_id: int, state: JobState, now: float) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (state.value, now, job_id))
+
+    # ----------------------------------------------------------------------------------------- tasks
+
+    async def get_task(self, task_id: int) -> Task:
+        row = await self._one("SELECT * FROM tasks WHERE id=?", (task_id,))
+        if row is None:
+            raise NotFound(f"task {task_id} does not exist")
+        return _task(row)
+
+    async def unfinished_task(self, ref: DeviceRef, module: str) -> Task | None:
+        row = await self._one(
+            f"SELECT * FROM tasks WHERE product_key=? AND device_name=? AND module=? AND state IN {_UNFINISHED_SQL}"  # noqa: S608
+            " ORDER BY id DESC LIMIT 1",
+            (ref.product_key, ref.device_name, module),
+        )
+        return None if row is None else _task(row)
+
+    async def unfinished_tasks_of_device(self, ref: DeviceRef) -> list[Task]:
+        rows = await self._all(
+            f"SELECT * FROM tasks WHERE product_key=? AND device_name=? AND state IN {_UNFINISHED_SQL}"  # noqa: S608
+            " ORDER BY id",
+            (ref.product_key, ref.device_name),
+        )
+        return [_task(r) for r in rows]
+
+    async def busy_devices(self, refs: Sequence[DeviceRef], module: str) -> set[DeviceRef]:
+        rows = await self._all(
+            f"SELECT DISTINCT product_key, device_name FROM tasks WHERE module=? AND state IN {_UNFINISHED_SQL}"  # noqa: S608
+            " AND product_key || '/' || device_name IN (SELECT value FROM json_each(?))",
+            (module, json.dumps([str(r) for r in refs])),
+        )
+        return {DeviceRef(r["product_key"], r["device_name"]) for r in rows}
+
+    async def tasks_of_job(self, job_id: int, states: Iterable[TaskState] | None = None) -> list[Task]:
+        if states is None:
+            rows = await self._all("SELECT * FROM tasks WHERE job_id=? ORDER BY id", (job_id,))
+        else:
+            rows = await self._all(
+                "SELECT * FROM tasks WHERE job_id=? AND state IN (SELECT value FROM json_each(?)) ORDER BY id",
+                (job_id, json.dumps([s.value for s in states])),
+            )
+        return [_task(r) for r in rows]
+
+    async def tasks_of_device(self, ref: DeviceRef, limit: int = 100) -> list[Task]:
+        rows = await self._all(
+            "SELECT * FROM tasks WHERE product_key=? AND device_name=? ORDER BY id DESC LIMIT ?",
+            (ref.product_key, ref.device_name, limit),
+        )
+        return [_task(r) for r in rows]
+
+    async def tasks_in_state(self, state: TaskState, limit: int = 10_000) -> list[Task]:
+        rows = await self._all("SELECT * FROM tasks WHERE state=? ORDER BY id LIMIT ?", (state.value, limit))
+        return [_task(r) for r in rows]
+
+    async def save_task(self, task: Task, note: str) -> Task | None:
+        """Compare-and-set: write `task` if the stored row still has `task.rev`; the saved task, or None
+        when someone else changed the row first."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE tasks SET state=?, progress=?, desc=?, attempts=?, notified_at=?, noticed_at=?,"
+                " started_at=?, updated_at=?, rev=rev+1 WHERE id=? AND rev=?",
+                (
+                    task.state.value,
+                    task.progress,
+                    task.desc,
+                    task.attempts,
+                    task.notified_at,
+                    task.noticed_at,
+                    task.started_at,
+                    task.updated_at,
+                    task.id,
+                    task.rev,
+                ),
+            )
+            if cur.rowcount != 1:
+                return None
+            await db.execute(
+                "INSERT INTO task_history (task_id, at, state, progress, desc) VALUES (?,?,?,?,?)",
+                (task.id, task.updated_at, task.state.value, task.progress, note),
+            )
+        return replace(task, rev=task.rev + 1)
+
+    async def task_history(self, task_id: int) -> list[dict[str, Any]]:
+        rows = await self._all(
+            "SELECT at, state, progress, desc FROM task_history WHERE task_id=? ORDER BY id", (task_id,)
+        )
+        return [dict(r) for r in rows]
+
+    async def may_download(self, firmware_id: int, ref: DeviceRef) -> bool:
+        row = await self._one(
+            "SELECT 1 FROM tasks WHERE firmware_id=? AND product_key=? AND device_name=?"
+            " AND state IN ('notified', 'in_progress') LIMIT 1",
+            (firmware_id, ref.product_key, ref.device_name),
+        )
+        return row is not None
+
+
+# ------------------------------------------------------------------------------------------ row mapping
+
+
+def _device(row: sqlite3.Row, modules: dict[str, str]) -> DeviceRecord:
+    return DeviceRecord(
+        device=DeviceRef(row["product_key"], row["device_name"]),
+        device_secret=row["device_secret"],
+        enabled=bool(row["enabled"]),
+        online=bool(row["online"]),
+        created_at=row["created_at"],
+        last_seen=row["last_seen"],
+        modules=modules,
+    )
+
+
+def _firmware(row: sqlite3.Row) -> Firmware:
+    return Firmware(
+        id=row["id"],
+        product_key=row["product_key"],
+        module=row["module"],
+        version=row["version"],
+        src_version=row["src_version"],
+        size=row["size"],
+        md5=row["md5"],
+        sha256=row["sha256"],
+        sign_method=SignMethod(row["sign_method"]),
+        description=row["description"],
+        status=FirmwareStatus(row["status"]),
+        created_at=row["created_at"],
+    )
+
+
+def _job(row: sqlite3.Row, counts: dict[TaskState, int]) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        firmware_id=row["firmware_id"],
+        type=JobType(row["type"]),
+        stored_state=JobState(row["state"]),
+        options=json.loads(row["options"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        counts=counts,
+    )
+
+
+def _task(row: sqlite3.Row) -> Task:
+    return Task(
+        id=row["id"],
+        job_id=row["job_id"],
+        firmware_id=row["firmware_id"],
+        device=DeviceRef(row["product_key"], row["device_name"]),
+        module=row["module"],
+        target_version=row["target_version"],
+        state=TaskState(row["state"]),
+        progress=row["progress"],
+        desc=row["desc"],
+        attempts=row["attempts"],
+        timeout_s=row["timeout_s"],
+        notified_at=row["notified_at"],
+        noticed_at=row["noticed_at"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        rev=row["rev"],
+    )
+

@@ -1,0 +1,417 @@
+"""The OTA service: carries out the core's decisions against the repository, the firmware store and
+the device channel.
+
+Everything a device sends arrives through `handle_publish`; everything an operator does arrives through
+the methods the management API calls. Handlers for one device run one at a time (amqtt runs plugin
+events as tasks nobody awaits, so they would otherwise interleave); every failure is caught and logged
+with the device and the reason. The database holds the truth: every connect, inform and pull reconciles
+against the stored task, and task writes are compare-and-set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from firmware_store import Blob, FirmwareStore, LinkSigner
+from plugins.ota import machine, messages
+from plugins.ota.errors import Conflict, InvalidInput
+from plugins.ota.machine import (
+    CancelRequested,
+    Delivery,
+    DeviceAvailable,
+    Event,
+    FirmwareRequested,
+    ProgressReported,
+    SendNotice,
+    Ticked,
+    VersionReported,
+)
+from plugins.ota.model import (
+    DEFAULT_MODULE,
+    PENDING,
+    UNFINISHED,
+    Firmware,
+    JobState,
+    JobType,
+    SignMethod,
+    Task,
+    TaskState,
+)
+from plugins.ota.repository import DeviceRecord, JobRecord, Repository, new_device_secret
+from plugins.ota.topics import DeviceRef, OtaTopic, TopicKind, topic_name
+
+log = logging.getLogger("ota.service")
+
+_CAS_RETRIES = 5
+
+
+class DeviceChannel(Protocol):
+    """How the service reaches devices (the amqtt plugin in the product, a fake in service tests)."""
+
+    def is_online(self, device: DeviceRef) -> bool: ...
+
+    def session_started_at(self, device: DeviceRef) -> float | None:
+        """When the device's current session began (None when it has none)."""
+        ...
+
+    async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
+        """Deliver to the device's own session (whether or not it subscribed); False when offline."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PullReply:
+    """Where the answer to a pull goes: the get_reply topic with the request id, or the legacy topic."""
+
+    kind: TopicKind
+    request_id: messages.RequestId
+
+
+class OtaService:
+    def __init__(
+        self,
+        repo: Repository,
+        store: FirmwareStore,
+        signer: LinkSigner,
+        channel: DeviceChannel,
+        clock: Callable[[], float],
+        *,
+        auto_register: bool,
+        max_payload_bytes: int,
+    ) -> None:
+        self.repo = repo
+        self.store = store
+        self.signer = signer
+        self.channel = channel
+        self.clock = clock
+        self.auto_register = auto_register
+        self.max_payload_bytes = max_payload_bytes
+        self.rejected: Counter[str] = Counter()
+        self._locks: dict[DeviceRef, asyncio.Lock] = {}
+        self._lock_users: Counter[DeviceRef] = Counter()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --------------------------------------------------------------------------------- housekeeping
+
+    @asynccontextmanager
+    async def _device_lock(self, device: DeviceRef) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(device, asyncio.Lock())
+        self._lock_users[device] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[device] -= 1
+            if not self._lock_users[device]:
+                del self._lock_users[device]
+                self._locks.pop(device, None)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Run `coro` in the background; its failure is logged, and `drain()` waits for it."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("%s failed", what)
+
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background work (notices being dispatched, handlers in flight)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def reject(self, device: DeviceRef | str, kind: str, reason: str) -> None:
+        self.rejected[kind] += 1
+        log.warning("rejected from %s: %s: %s", device, kind, reason)
+
+    # ------------------------------------------------------------------------------- device events
+
+    async def handle_publish(self, topic: OtaTopic, payload: bytes) -> None:
+        """One device publish on an OTA topic. Never raises: failures are logged with the device."""
+        device = topic.device
+        try:
+            async with self._device_lock(device):
+                match topic.kind:
+                    case TopicKind.INFORM:
+                        await self._on_inform(device, messages.parse_inform(payload, self.max_payload_bytes))
+                    case TopicKind.PROGRESS:
+                        await self._on_progress(device, messages.parse_progress(payload, self.max_payload_bytes))
+                    case TopicKind.FIRMWARE_GET:
+                        msg = messages.parse_firmware_get(payload, self.max_payload_bytes)
+                        await self._on_pull(device, msg.module, PullReply(TopicKind.FIRMWARE_GET_REPLY, msg.id))
+                    case TopicKind.LEGACY_REQUEST:
+                        req = messages.parse_legacy_request(payload, self.max_payload_bytes)
+                        await self._on_pull(device, DEFAULT_MODULE, PullReply(TopicKind.LEGACY_REQUEST, req.id))
+                    case _:
+                        return  # server→device topics published by a client are not ours to act on
+        except messages.BadMessage as e:
+            self.reject(device, f"bad_{topic.kind}", str(e))
+        except Exception:
+            self.rejected["internal_error"] += 1
+            log.exception("failed to handle %s from %s", topic.kind, device)
+
+    async def device_connected(self, device: DeviceRef) -> None:
+        """The device's session is up: record it online and hand it any pending notice."""
+        try:
+            async with self._device_lock(device):
+                if await self.repo.find_device(device) is None:
+                    return
+                await self.repo.set_online(device, True, self.clock())
+                for task in await self.repo.unfinished_tasks_of_device(device):
+                    await self._drive(task, DeviceAvailable(self._session_start(device)))
+        except Exception:
+            log.exception("failed to handle the connection of %s", device)
+
+    async def mark_online(self, device: DeviceRef) -> None:
+        """The device's session became known by what it published: record it online."""
+        try:
+            async with self._device_lock(device):
+                if await self.repo.find_device(device) is not None:
+                    await self.repo.set_online(device, True, self.clock())
+        except Exception:
+            log.exception("failed to record %s online", device)
+
+    async def device_disconnected(self, device: DeviceRef) -> None:
+        try:
+            async with self._device_lock(device):
+                if await self.repo.find_device(device) is not None:
+                    await self.repo.set_online(device, False, self.clock())
+        except Exception:
+            log.exception("failed to handle the disconnection of %s", device)
+
+    def _session_start(self, device: DeviceRef) -> float:
+        started = self.channel.session_started_at(device)
+        return self.clock() if started is None else started
+
+    async def _known(self, device: DeviceRef, kind: str) -> bool:
+        if await self.repo.find_device(device) is not None:
+            return True
+        if self.auto_register and kind == "inform":
+            if await self.repo.ensure_device(device, self.clock()):
+                log.info("registered %s on its first inform", device)
+            await self.repo.set_online(device, self.channel.is_online(device), self.clock())
+            return True
+        self.reject(device, "unknown_device", f"{kind} from a device that is not registered")
+        return False
+
+    async def _on_inform(self, device: DeviceRef, msg: messages.Inform) -> None:
+        if not await self._known(device, "inform"):
+            return
+        await self.repo.record_version(device, msg.module, msg.version, self.clock())
+        log.info("%s informed %s version %s", device, msg.module, msg.version)
+        task = await self.repo.unfinished_task(device, msg.module)
+        if task is not None:
+            await self._drive(task, VersionReported(msg.version, self.channel.session_started_at(device)))
+
+    async def _on_progress(self, device: DeviceRef, msg: messages.Progress) -> None:
+        if not await self._known(device, "progress"):
+            return
+        task = await self.repo.unfinished_task(device, msg.module)
+        if task is None:
+            self.reject(device, "progress_without_task", f"progress {msg.step} for module {msg.module}, no task")
+            return
+        await self._drive(task, ProgressReported(msg.step, msg.desc))
+
+    async def _on_pull(self, device: DeviceRef, module: str, reply: PullReply) -> None:
+        if not await self._known(device, "pull"):
+            return
+        task = await self.repo.unfinished_task(device, module)
+        if task is not None and task.state in PENDING:
+            await self._drive(task, FirmwareRequested(), reply=reply)
+        elif reply.kind is TopicKind.FIRMWARE_GET_REPLY:
+            await self.channel.send(device, topic_name(reply.kind, device), messages.get_reply(reply.request_id, {}))
+
+    # --------------------------------------------------------------------------- driving the core
+
+    async def _drive(self, task: Task, event: Event, *, reply: PullReply | None = None) -> Task:
+        """Apply `event` to `task` through the core, store the result (compare-and-set, reloading on a
+        conflict) and carry out its effects."""
+        for _ in range(_CAS_RETRIES):
+            now = self.clock()
+            try:
+                decision = machine.apply(task, event, now)
+            except machine.IllegalTransition as e:
+                log.info("%s: task %d ignored %s", task.device, task.id, e)
+                return task
+            saved = task
+            if decision.task != task:
+                stored = await self.repo.save_task(decision.task, decision.note or decision.task.state)
+                if stored is None:
+                    task = await self.repo.get_task(task.id)
+                    continue
+                saved = stored
+                if decision.note:
+                    log.info("%s: task %d %s -> %s (%s)", task.device, task.id, task.state, saved.state, decision.note)
+            for effect in decision.effects:
+                await self._carry_out(saved, effect, reply)
+            return saved
+        log.error("%s: task %d kept changing under %s; gave up", task.device, task.id, type(event).__name__)
+        return task
+
+    async def _carry_out(self, task: Task, effect: SendNotice, reply: PullReply | None) -> None:
+        firmware = await self.repo.get_firmware(task.firmware_id)
+        now = self.clock()
+        url = self.signer.mint(str(firmware.id), str(task.device), now)
+        data = messages.notice_data(firmware, url)
+        device = task.device
+        if effect.delivery is Delivery.REPLY and reply is not None:
+            if reply.kind is TopicKind.FIRMWARE_GET_REPLY:
+                payload = messages.get_reply(reply.request_id, data)
+            else:
+                payload = messages.push_notice(int(now * 1000), data)
+            await self.channel.send(device, topic_name(reply.kind, device), payload)
+            return
+        payload = messages.push_notice(int(now * 1000), data)
+        if await self.channel.send(device, topic_name(TopicKind.UPGRADE, device), payload):
+            log.info("%s: notice for %s %s sent", device, firmware.module, firmware.version)
+        else:
+            log.info("%s: offline; the notice waits for its next connect", device)
+
+    async def _drive_by_id(self, task_id: int, event: Event) -> None:
+        task = await self.repo.get_task(task_id)
+        async with self._device_lock(task.device):
+            await self._drive(await self.repo.get_task(task_id), event)
+
+    async def tick(self) -> None:
+        """Apply time: tasks in progress past their timeout become timed_out."""
+        now = self.clock()
+        for task in await self.repo.tasks_in_state(TaskState.IN_PROGRESS):
+            if task.timeout_s is not None and task.started_at is not None and now >= task.started_at + task.timeout_s:
+                await self._drive_by_id(task.id, Ticked())
+
+    # ------------------------------------------------------------------------------ operator calls
+
+    async def add_device(self, device: DeviceRef, secret: str | None) -> DeviceRecord:
+        return await self.repo.add_device(device, secret or new_device_secret(), self.clock())
+
+    async def add_firmware(
+        self,
+        blob: Blob,
+        *,
+        product_key: str,
+        version: str,
+        module: str,
+        sign_method: SignMethod,
+        src_version: str | None,
+        description: str,
+    ) -> Firmware:
+        """Record an uploaded blob as firmware; the caller discards the blob if this raises."""
+        if blob.size == 0:
+            raise InvalidInput("file", "the firmware file is empty")
+        firmware = await self.repo.add_firmware(
+            product_key=product_key,
+            module=module,
+            version=version,
+            src_version=src_version,
+            size=blob.size,
+            md5=blob.md5,
+            sha256=blob.sha256,
+            sign_method=sign_method,
+            description=description,
+            now=self.clock(),
+        )
+        log.info("firmware %d added: %s/%s %s, %d bytes", firmware.id, product_key, module, version, blob.size)
+        return firmware
+
+    async def discard_upload(self, blob: Blob) -> None:
+        """Drop an uploaded blob that did not become firmware (unless other firmware shares it)."""
+        await self._drop_blob_if_unused(blob)
+
+    async def _drop_blob_if_unused(self, blob: Blob) -> None:
+        if not await self.repo.blob_in_use(blob.sha256):
+            await self.store.delete(blob.sha256)
+
+    async def delete_firmware(self, firmware_id: int) -> None:
+        firmware = await self.repo.delete_firmware(firmware_id)
+        await self._drop_blob_if_unused(Blob(firmware.sha256, firmware.md5, firmware.size))
+        log.info("firmware %d deleted", firmware_id)
+
+    async def create_job(
+        self,
+        firmware_id: int,
+        job_type: JobType,
+        devices: Sequence[DeviceRef] | None,
+        src_versions: Sequence[str],
+        timeout_minutes: float | None,
+    ) -> JobRecord:
+        if job_type is not JobType.STATIC:
+            raise InvalidInput("type", f"'{job_type}' jobs are not available yet; use 'static'")
+        firmware = await self.repo.find_firmware(firmware_id)
+        if firmware is None:
+            raise InvalidInput("firmware_id", f"firmware {firmware_id} does not exist")
+        candidates = await self._candidates(firmware, devices)
+        planned = machine.plan_tasks(firmware, candidates, src_versions=src_versions)
+        if not planned:
+            raise InvalidInput("devices", "no device of the product matches the job")
+        options: dict[str, Any] = {"src_versions": list(src_versions)}
+        if timeout_minutes is not None:
+            options["timeout_minutes"] = timeout_minutes
+        timeout_s = None if timeout_minutes is None else timeout_minutes * 60
+        job_id = await self.repo.create_job(firmware, job_type, options, planned, timeout_s, self.clock())
+        log.info("job %d created for firmware %d: %d task(s)", job_id, firmware.id, len(planned))
+        self.spawn(self._dispatch(job_id), f"dispatching job {job_id}")
+        return await self.repo.get_job(job_id)
+
+    async def _candidates(self, firmware: Firmware, devices: Sequence[DeviceRef] | None) -> list[machine.Candidate]:
+        if devices is None:
+            records = await self.repo.list_devices(product_key=firmware.product_key, limit=1_000_000)
+            listed = False
+        else:
+            records = []
+            for i, ref in enumerate(dict.fromkeys(devices)):
+                if ref.product_key != firmware.product_key:
+                    raise InvalidInput(f"devices[{i}]", f"{ref} is not a device of product {firmware.product_key}")
+                record = await self.repo.find_device(ref)
+                if record is None:
+                    raise InvalidInput(f"devices[{i}]", f"device {ref} does not exist")
+                records.append(record)
+            listed = True
+        busy = await self.repo.busy_devices([r.device for r in records], firmware.module)
+        return [
+            machine.Candidate(r.device, r.modules.get(firmware.module), r.device in busy, listed) for r in records
+        ]
+
+    async def _dispatch(self, job_id: int) -> None:
+        """Notify the job's queued tasks whose devices are online now; the others wait for a connect."""
+        for task in await self.repo.tasks_of_job(job_id, [TaskState.QUEUED]):
+            if self.channel.is_online(task.device):
+                await self._drive_by_id(task.id, DeviceAvailable(self._session_start(task.device)))
+
+    async def cancel_job(self, job_id: int) -> JobRecord:
+        job = await self.repo.get_job(job_id)
+        if job.stored_state is JobState.CANCELLED:
+            return job
+        if machine.job_state(job.stored_state, job.counts) is JobState.COMPLETED:
+            raise Conflict(f"job {job_id} has completed; there is nothing to cancel")
+        await self.repo.set_job_state(job_id, JobState.CANCELLED, self.clock())
+        for task in await self.repo.tasks_of_job(job_id, UNFINISHED):
+            await self._drive_by_id(task.id, CancelRequested())
+        log.info("job %d cancelled", job_id)
+        return await self.repo.get_job(job_id)
+
+    # ------------------------------------------------------------------------- download questions
+
+    async def resolve_blob(self, resource: str) -> Blob | None:
+        if not resource.isdigit() or len(resource) > 18:
+            return None
+        firmware = await self.repo.find_firmware(int(resource))
+        return None if firmware is None else Blob(firmware.sha256, firmware.md5, firmware.size)
+
+    async def may_download(self, resource: str, subject: str) -> bool:
+        try:
+            device = DeviceRef.parse(subject)
+        except ValueError:
+            return False
+        return resource.isdigit() and await self.repo.may_download(int(resource), device)
+
+

@@ -1,0 +1,141 @@
+"""The OTA plugin's configuration: one typed config, `OTA_*` environment overrides, validated at load.
+
+The plugin's entry under `plugins:` in `config.yaml` fills `OtaConfig` (amqtt hands it over as this
+dataclass); `resolve()` applies the environment and checks every value, failing with the key path and
+the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PLUGIN_KEY = "plugins.ota.plugin.OtaPlugin"
+AUTH_MODES = ("open",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is not acceptable; the message names the key."""
+
+
+@dataclass
+class OtaConfig:
+    """Keys of the OTA plugin's entry in `config.yaml`, with their defaults (SPEC §2)."""
+
+    data_dir: str = "./data"
+    auth_mode: str = "open"
+    https_bind: str = "0.0.0.0:8443"
+    public_url: str = ""
+    admin_bind: str = "127.0.0.1:8080"
+    admin_token: str = ""
+    mqtts_bind: str = "0.0.0.0:8883"
+    tls_cert: str = ""
+    tls_key: str = ""
+    link_ttl_hours: float = 24.0
+    max_payload_bytes: int = 65536
+    max_upload_mb: int = 1024
+    tick_seconds: float = 5.0
+
+
+ENV: Mapping[str, str] = {
+    "OTA_DATA_DIR": "data_dir",
+    "OTA_AUTH_MODE": "auth_mode",
+    "OTA_HTTPS_BIND": "https_bind",
+    "OTA_PUBLIC_URL": "public_url",
+    "OTA_ADMIN_BIND": "admin_bind",
+    "OTA_MQTTS_BIND": "mqtts_bind",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path
+    auth_mode: str
+    https_bind: Bind
+    public_url: str  # may carry port 0: replaced by the port the HTTPS endpoint bound
+    admin_bind: Bind
+    admin_token: str
+    mqtts_bind: Bind | None
+    tls_cert: Path | None
+    tls_key: Path | None
+    link_ttl_s: int
+    max_payload_bytes: int
+    max_upload_bytes: int
+    tick_seconds: float
+
+    @property
+    def public_host(self) -> str:
+        return urlsplit(self.public_url).hostname or ""
+
+    def public_url_for(self, https_port: int) -> str:
+        """The public URL, with a port of 0 replaced by the port the HTTPS endpoint bound."""
+        parts = urlsplit(self.public_url)
+        if parts.port == 0:
+            host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+            return parts._replace(netloc=f"{host}:{https_port}").geturl().rstrip("/")
+        return self.public_url.rstrip("/")
+
+
+def parse_bind(value: str, key: str) -> Bind:
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: {value!r} is not host:port (port 0-65535)")
+    return Bind(host, int(port))
+
+
+def apply_env(config: OtaConfig, env: Mapping[str, str]) -> OtaConfig:
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    for var, key in ENV.items():
+        if var in env:
+            values[key] = env[var]
+    return OtaConfig(**values)
+
+
+def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings:
+    """Apply `OTA_*` overrides to `config` and validate every key."""
+    cfg = apply_env(config, os.environ if env is None else env)
+    key = f"plugins.{PLUGIN_KEY}"
+    if cfg.auth_mode not in AUTH_MODES:
+        raise ConfigError(f"{key}.auth_mode: {cfg.auth_mode!r} is not one of {', '.join(AUTH_MODES)}")
+    https = parse_bind(cfg.https_bind, f"{key}.https_bind")
+    public_url = cfg.public_url.strip() or f"https://{socket.gethostname()}:{https.port}"
+    parts = urlsplit(public_url)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{key}.public_url: {public_url!r} must be an https:// URL with a host")
+    if (cfg.tls_cert == "") != (cfg.tls_key == ""):
+        raise ConfigError(f"{key}.tls_cert/tls_key: give both or neither")
+    for name in ("link_ttl_hours", "max_payload_bytes", "max_upload_mb", "tick_seconds"):
+        if not isinstance(getattr(cfg, name), int | float) or getattr(cfg, name) <= 0:
+            raise ConfigError(f"{key}.{name}: must be a positive number")
+    return Settings(
+        data_dir=Path(cfg.data_dir),
+        auth_mode=cfg.auth_mode,
+        https_bind=https,
+        public_url=public_url,
+        admin_bind=parse_bind(cfg.admin_bind, f"{key}.admin_bind"),
+        admin_token=cfg.admin_token,
+        mqtts_bind=parse_bind(cfg.mqtts_bind, f"{key}.mqtts_bind") if cfg.mqtts_bind.strip() else None,
+        tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
+        tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
+        link_ttl_s=int(cfg.link_ttl_hours * 3600),
+        max_payload_bytes=int(cfg.max_payload_bytes),
+        max_upload_bytes=int(cfg.max_upload_mb) * 1024 * 1024,
+        tick_seconds=float(cfg.tick_seconds),
+    )
