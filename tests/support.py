@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import paho.mqtt.client as mqtt
 import trustme
+from multidict import CIMultiDict
 
 from broker import app as broker_app
 from plugins.ota.settings import PLUGIN_KEY
@@ -158,9 +159,10 @@ class Env:
 
         return await eventually(check, timeout, f"task of {device} in job {job_id} to be {state}")  # type: ignore[no-any-return]
 
-    async def download(self, url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    async def download(self, url: str, headers: dict[str, str] | None = None) -> tuple[int, CIMultiDict[str], bytes]:
+        """GET `url` over HTTPS trusting the test CA: status, headers (case-insensitive) and body."""
         async with self.http.get(url, ssl=self.tls.client_context(), headers=headers or {}) as r:
-            return r.status, dict(r.headers), await r.read()
+            return r.status, r.headers.copy(), await r.read()
 
 
 class Device:
