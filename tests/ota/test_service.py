@@ -1,0 +1,242 @@
+"""The OTA service over a real SQLite file, with a stateful fake device channel and a movable clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, AsyncIterable
+from pathlib import Path
+
+import pytest
+
+from firmware_store import FirmwareStore, LinkSigner
+from plugins.ota.model import JobType, SignMethod, TaskState
+from plugins.ota.repository import Repository
+from plugins.ota.service import OtaService
+from plugins.ota.topics import DeviceRef, OtaTopic
+
+DEV = DeviceRef("pk", "dev1")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeChannel:
+    """Devices online or not, each with a session start time; records what was sent to whom."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.sessions: dict[DeviceRef, float] = {}
+        self.sent: list[tuple[DeviceRef, str, dict]] = []
+
+    def connect(self, device: DeviceRef) -> None:
+        self.sessions[device] = self.clock()
+
+    def is_online(self, device: DeviceRef) -> bool:
+        return device in self.sessions
+
+    def session_started_at(self, device: DeviceRef) -> float | None:
+        return self.sessions.get(device)
+
+    async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
+        if device not in self.sessions:
+            return False
+        self.sent.append((device, topic, json.loads(payload)))
+        return True
+
+    def notices(self, device: DeviceRef) -> list[dict]:
+        return [p for d, t, p in self.sent if d == device and t.startswith("/ota/device/upgrade/")]
+
+
+async def _chunks(data: bytes) -> AsyncIterable[bytes]:
+    yield data
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[OtaService, FakeChannel, Clock]]:
+    clock = Clock()
+    channel = FakeChannel(clock)
+    repo = Repository(tmp_path / "ota.db")
+    await repo.open()
+    store = FirmwareStore(tmp_path / "firmware", max_size=1 << 20)
+    store.open()
+    service = OtaService(
+        repo,
+        store,
+        LinkSigner(b"k" * 32, "https://gw.example:8443", 3600),
+        channel,
+        clock,
+        auto_register=True,
+        max_payload_bytes=4096,
+    )
+    yield service, channel, clock
+    await service.drain()
+    await service.repo.close()
+
+
+async def publish(service: OtaService, topic: str, doc: dict) -> None:
+    parsed = OtaTopic.parse(topic)
+    assert parsed is not None
+    await service.handle_publish(parsed, json.dumps(doc).encode())
+
+
+async def inform(service: OtaService, device: DeviceRef, version: str) -> None:
+    topic = f"/ota/device/inform/{device.product_key}/{device.device_name}"
+    await publish(service, topic, {"id": 1, "params": {"version": version}})
+
+
+async def progress(service: OtaService, device: DeviceRef, step: str) -> None:
+    topic = f"/ota/device/progress/{device.product_key}/{device.device_name}"
+    await publish(service, topic, {"id": 1, "params": {"step": step}})
+
+
+async def start_job(service: OtaService, devices: list[DeviceRef], **kwargs: object) -> int:
+    blob = await service.store.put(_chunks(b"firmware" * 100))
+    fw = await service.add_firmware(
+        blob, product_key="pk", version="2.0.0", module="default", sign_method=SignMethod.MD5,
+        src_version=None, description="",
+    )
+    job = await service.create_job(fw.id, JobType.STATIC, devices, [], kwargs.get("timeout_minutes"))  # type: ignore[arg-type]
+    await service.drain()
+    return job.id
+
+
+async def task_of(service: OtaService, job_id: int, device: DeviceRef = DEV):
+    [task] = [t for t in await service.repo.tasks_of_job(job_id) if t.device == device]
+    return task
+
+
+async def test_dispatch_notifies_only_online_devices(world) -> None:
+    """A new job notifies its online devices at once and leaves offline ones queued until they connect."""
+    service, channel, _ = world
+    offline = DeviceRef("pk", "off")
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    await inform(service, offline, "1.0.0")
+    job_id = await start_job(service, [DEV, offline])
+    assert (await task_of(service, job_id)).state is TaskState.NOTIFIED
+    assert (await task_of(service, job_id, offline)).state is TaskState.QUEUED
+    assert len(channel.notices(DEV)) == 1
+
+    channel.connect(offline)
+    await service.device_connected(offline)
+    assert (await task_of(service, job_id, offline)).state is TaskState.NOTIFIED
+    assert len(channel.notices(offline)) == 1
+
+
+async def test_interleaved_reports_for_one_device_are_serialized(world) -> None:
+    """Fifty progress reports racing for one device all apply in order; none is lost or raises."""
+    service, channel, _ = world
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    job_id = await start_job(service, [DEV])
+    await asyncio.gather(*(progress(service, DEV, str(step)) for step in range(1, 51)))
+    task = await task_of(service, job_id)
+    assert task.state is TaskState.IN_PROGRESS and task.progress == 50
+    history = await service.repo.task_history(task.id)
+    assert [h["progress"] for h in history if h["state"] == "in_progress"] == list(range(1, 51))
+    assert service.rejected.total() == 0
+
+
+async def test_cancel_racing_progress_ends_cancelled(world) -> None:
+    """An operator's cancel racing a device's reports ends cancelled, and later reports change nothing."""
+    service, channel, _ = world
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    job_id = await start_job(service, [DEV])
+    await asyncio.gather(
+        *(progress(service, DEV, str(s)) for s in range(1, 20)),
+        service.cancel_job(job_id),
+        *(progress(service, DEV, str(s)) for s in range(20, 40)),
+    )
+    await progress(service, DEV, "90")
+    await inform(service, DEV, "2.0.0")
+    task = await task_of(service, job_id)
+    assert task.state is TaskState.CANCELLED
+    job = await service.repo.get_job(job_id)
+    assert job.counts == {TaskState.CANCELLED: 1}
+
+
+async def test_stale_write_is_refused(world) -> None:
+    """A task write based on an old revision is refused (compare-and-set) and changes nothing."""
+    service, channel, _ = world
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    job_id = await start_job(service, [DEV])
+    stale = await task_of(service, job_id)
+    await progress(service, DEV, "10")
+    from dataclasses import replace
+
+    assert await service.repo.save_task(replace(stale, state=TaskState.FAILED), "stale") is None
+    assert (await task_of(service, job_id)).state is TaskState.IN_PROGRESS
+
+
+async def test_timeout_runs_from_first_progress(world) -> None:
+    """With the clock moved, a task times out exactly `timeout_minutes` after its first progress report."""
+    service, channel, clock = world
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    job_id = await start_job(service, [DEV], timeout_minutes=2)
+    clock.now += 500  # waiting before the first report does not count
+    await service.tick()
+    await progress(service, DEV, "10")
+    clock.now += 119
+    await progress(service, DEV, "20")
+    await service.tick()
+    assert (await task_of(service, job_id)).state is TaskState.IN_PROGRESS
+    clock.now += 1
+    await service.tick()
+    task = await task_of(service, job_id)
+    assert task.state is TaskState.TIMED_OUT and task.progress == 20
+
+
+async def test_renotify_only_for_a_new_session(world) -> None:
+    """Informing the old version re-sends the notice after a reconnect, not within the session that had it."""
+    service, channel, clock = world
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    job_id = await start_job(service, [DEV])
+    await inform(service, DEV, "1.0.0")
+    assert len(channel.notices(DEV)) == 1
+    clock.now += 5
+    channel.connect(DEV)
+    await service.device_connected(DEV)
+    await inform(service, DEV, "1.0.0")
+    assert len(channel.notices(DEV)) == 2
+    assert (await task_of(service, job_id)).attempts == 1
+
+
+async def test_state_survives_reopening_the_database(world, tmp_path: Path) -> None:
+    """Closing and reopening the SQLite file keeps devices, firmware, jobs, tasks and progress; WAL is on."""
+    service, channel, _ = world
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    job_id = await start_job(service, [DEV])
+    await progress(service, DEV, "30")
+    await service.repo.close()
+    repo = Repository(tmp_path / "ota.db")
+    await repo.open()
+    service.repo = repo
+    task = await task_of(service, job_id)
+    assert task.state is TaskState.IN_PROGRESS and task.progress == 30
+    assert (await repo.get_device(DEV)).modules == {"default": "1.0.0"}
+    async with repo.db.execute("PRAGMA journal_mode") as cur:
+        assert (await cur.fetchone())[0] == "wal"
+    async with repo.db.execute("PRAGMA user_version") as cur:
+        assert (await cur.fetchone())[0] == 1
+
+
+async def test_pull_without_task_answers_empty(world) -> None:
+    """A pull with nothing pending answers `data: {}` with the request's id."""
+    service, channel, _ = world
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    await publish(service, "/sys/pk/dev1/thing/ota/firmware/get", {"id": "abc", "params": {}})
+    [(_, topic, reply)] = channel.sent
+    assert topic == "/sys/pk/dev1/thing/ota/firmware/get_reply"
+    assert reply == {"id": "abc", "code": 200, "data": {}, "message": "success"}
