@@ -1,0 +1,125 @@
+"""Configuration (SPEC §2): file or built-in defaults, `OTA_*` overrides, failing fast with the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from amqtt.broker import Broker
+
+from broker.config import ConfigError, default_config_text, load, prepare
+from plugins.ota.settings import PLUGIN_KEY, OtaConfig, resolve
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_built_in_defaults_are_the_repo_config() -> None:
+    """The embedded defaults are byte-for-byte the repo's config.yaml."""
+    assert default_config_text() == (REPO / "config.yaml").read_text(encoding="utf-8")
+
+
+def test_defaults_document_every_plugin_key() -> None:
+    """config.yaml lists every key of the OTA plugin's configuration with its default value."""
+    entry = yaml.safe_load(default_config_text())["plugins"][PLUGIN_KEY]
+    defaults = OtaConfig()
+    assert set(entry) == set(OtaConfig.__dataclass_fields__)
+    for key, value in entry.items():
+        assert value == getattr(defaults, key), key
+
+
+def test_load_prefers_named_file_then_cwd_then_defaults(tmp_path: Path) -> None:
+    """`--config` wins, then ./config.yaml, then the built-in defaults."""
+    assert load(None, cwd=tmp_path).source == "built-in defaults"
+    (tmp_path / "config.yaml").write_text(default_config_text().replace("0.0.0.0:1883", "127.0.0.1:1999"))
+    found = load(None, cwd=tmp_path)
+    assert found.source.endswith("config.yaml") and found.raw["listeners"]["default"]["bind"] == "127.0.0.1:1999"
+    other = tmp_path / "other.yaml"
+    other.write_text(default_config_text())
+    assert load(other, cwd=tmp_path).source == str(other)
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    """OTA_* variables override the file; OTA_MQTTS_BIND adds the TLS listener with generated certificates."""
+    env = {
+        "OTA_DATA_DIR": str(tmp_path / "d"),
+        "OTA_MQTT_BIND": "127.0.0.1:0",
+        "OTA_MQTTS_BIND": "127.0.0.1:0",
+        "OTA_HTTPS_BIND": "127.0.0.1:9443",
+        "OTA_PUBLIC_URL": "https://gw.example:9443",
+        "OTA_ADMIN_BIND": "127.0.0.1:0",
+    }
+    cfg, settings = prepare(load(None, cwd=tmp_path), env)
+    assert cfg["listeners"]["default"]["bind"] == "127.0.0.1:0"
+    tls = cfg["listeners"]["tls"]
+    assert tls["ssl"] is True and Path(tls["certfile"]).exists() and Path(tls["keyfile"]).exists()
+    assert settings.data_dir == tmp_path / "d"
+    assert (settings.https_bind.host, settings.https_bind.port) == ("127.0.0.1", 9443)
+    assert settings.public_url == "https://gw.example:9443" and settings.public_host == "gw.example"
+    assert (tmp_path / "d" / "tls" / "ca.crt").exists()
+
+
+def test_empty_mqtts_bind_turns_tls_listener_off(tmp_path: Path) -> None:
+    """OTA_MQTTS_BIND set to empty means no MQTT-over-TLS listener."""
+    cfg, settings = prepare(load(None, cwd=tmp_path), {"OTA_DATA_DIR": str(tmp_path), "OTA_MQTTS_BIND": ""})
+    assert "tls" not in cfg["listeners"] and settings.mqtts_bind is None
+
+
+def test_public_url_port_zero_takes_the_bound_port() -> None:
+    """A public URL with port 0 is completed with the port the HTTPS endpoint bound; others stay as given."""
+    s = resolve(OtaConfig(public_url="https://127.0.0.1:0"), {})
+    assert s.public_url_for(44321) == "https://127.0.0.1:44321"
+    s = resolve(OtaConfig(public_url="https://gw.example/"), {})
+    assert s.public_url_for(44321) == "https://gw.example"
+    s = resolve(OtaConfig(), {})
+    assert s.public_url_for(8443).endswith(":8443")
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"OTA_MQTT_BIND": "nonsense"}, "OTA_MQTT_BIND"),
+        ({"OTA_HTTPS_BIND": "127.0.0.1:99999"}, "https_bind"),
+        ({"OTA_ADMIN_BIND": ":80"}, "admin_bind"),
+        ({"OTA_AUTH_MODE": "whatever"}, "auth_mode"),
+        ({"OTA_PUBLIC_URL": "http://insecure:8443"}, "public_url"),
+        ({"OTA_MQTTS_BIND": "1.2.3.4"}, "mqtts_bind"),
+    ],
+)
+def test_bad_values_fail_with_the_key(tmp_path: Path, env: dict[str, str], key: str) -> None:
+    """A bad value fails at load with the key (or variable) named."""
+    with pytest.raises(ConfigError, match=key):
+        prepare(load(None, cwd=tmp_path), {"OTA_DATA_DIR": str(tmp_path), **env})
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("listeners: [", "not valid YAML"),
+        ("- a\n- b\n", "mapping"),
+        ("plugins: {}\n", "listeners.default"),
+        ("listeners: {default: {bind: '127.0.0.1:0'}}\nplugins: {}\n", f"plugins.{PLUGIN_KEY}"),
+        (
+            f"listeners: {{default: {{bind: '127.0.0.1:0'}}}}\nplugins: {{{PLUGIN_KEY}: {{colour: red}}}}\n",
+            f"plugins.{PLUGIN_KEY}.colour",
+        ),
+        (
+            f"listeners: {{default: {{bind: '127.0.0.1:0'}}}}\nplugins: {{{PLUGIN_KEY}: {{max_payload_bytes: -1}}}}\n",
+            "max_payload_bytes",
+        ),
+    ],
+)
+def test_bad_files_fail_with_the_key(tmp_path: Path, text: str, key: str) -> None:
+    """A malformed file fails at load, naming the key path and the reason."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        prepare(load(path), {"OTA_DATA_DIR": str(tmp_path)})
+
+
+async def test_stock_amqtt_loads_the_repo_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`amqtt -c config.yaml` works: amqtt's own loader accepts the file and instantiates the OTA plugin."""
+    monkeypatch.setenv("OTA_DATA_DIR", str(tmp_path))
+    broker = Broker(yaml.safe_load((REPO / "config.yaml").read_text()))
+    plugin = broker.plugins_manager.get_plugin("OtaPlugin")
+    assert plugin is not None and plugin.settings.data_dir == tmp_path
