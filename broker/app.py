@@ -59,7 +59,9 @@ async def start(config: dict[str, Any]) -> RunningBroker:
     plugin = broker.plugins_manager.get_plugin("OtaPlugin")
     if not isinstance(plugin, OtaPlugin) or plugin.start_error is not None:
         await broker.shutdown()
-        reason = "the OTA plugin is not configured" if plugin is None else str(getattr(plugin, "start_error", ""))
+        reason = (
+            "the OTA plugin is not configured" if plugin is None else str(getattr(plugin, "start_error", ""))
+        )
         raise StartError(f"the OTA service could not start: {reason}")
     mqtt = _bound(broker, "default")
     assert mqtt is not None

@@ -14,7 +14,9 @@ from broker import app as broker_app
 from broker.config import ConfigError, load, prepare
 from plugins.ota.cli import device_app, firmware_app, job_app
 
-cli = typer.Typer(help="A self-hosted OTA service for MQTT devices (Aliyun OTA protocol).", no_args_is_help=True)
+cli = typer.Typer(
+    help="A self-hosted OTA service for MQTT devices (Aliyun OTA protocol).", no_args_is_help=True
+)
 cli.add_typer(device_app, name="device")
 cli.add_typer(firmware_app, name="firmware")
 cli.add_typer(job_app, name="job")
@@ -34,7 +36,8 @@ def setup_logging(level: str) -> None:
 @cli.command()
 def run(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="amqtt config file (default: ./config.yaml, else built-in).")
+        Path | None,
+        typer.Option("--config", "-c", help="amqtt config file (default: ./config.yaml, else built-in)."),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:

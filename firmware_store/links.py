@@ -54,7 +54,7 @@ class LinkSigner:
         if not subject or not expires_text or not tag or not expires_text.isdigit() or len(expires_text) > 12:
             return None
         expires = int(expires_text)
-        if not hmac.compare_digest(tag, self._tag(resource, subject, expires)):
+        if not hmac.compare_digest(tag.encode(), self._tag(resource, subject, expires).encode()):
             return None
         if now >= expires:
             return None

@@ -59,7 +59,9 @@ def download_app(
             return web.Response(status=403, text="forbidden\n")
         blob = await resolve(resource)
         if blob is None or not await authorize(resource, claims.subject):
-            log.warning("download refused for %s: %s may not download %s", request.remote, claims.subject, resource)
+            log.warning(
+                "download refused for %s: %s may not download %s", request.remote, claims.subject, resource
+            )
             return web.Response(status=403, text="forbidden\n")
         if not await store.verify(blob):
             log.error("firmware %s is corrupt on disk (sha256 %s): not served", resource, blob.sha256)
@@ -79,7 +81,5 @@ async def start_site(
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
     await site.start()
-    server = site._server  # aiohttp exposes the bound sockets only here
-    assert server is not None
-    sockname = server.sockets[0].getsockname()  # type: ignore[union-attr]
-    return runner, (str(sockname[0]), int(sockname[1]))
+    host_bound, port_bound = runner.addresses[0][:2]
+    return runner, (str(host_bound), int(port_bound))

@@ -136,7 +136,9 @@ class Env:
             assert r.status == 200, f"GET {path}: {r.status} {await r.text()}"
             return await r.json()
 
-    async def upload(self, data: bytes, product_key: str = "pk", version: str = "2.0.0", **fields: str) -> Any:
+    async def upload(
+        self, data: bytes, product_key: str = "pk", version: str = "2.0.0", **fields: str
+    ) -> Any:
         form = aiohttp.FormData()
         form.add_field("product_key", product_key)
         form.add_field("version", version)
@@ -152,14 +154,18 @@ class Env:
     async def tasks(self, job_id: int) -> dict[str, Any]:
         return {t["device"]: t for t in await self.api("GET", f"/jobs/{job_id}/tasks", expect=200)}
 
-    async def task_state(self, job_id: int, device: str, state: str, timeout: float = WAIT_S) -> dict[str, Any]:
+    async def task_state(
+        self, job_id: int, device: str, state: str, timeout: float = WAIT_S
+    ) -> dict[str, Any]:
         async def check() -> Any:
             task = (await self.tasks(job_id)).get(device)
             return task if task and task["state"] == state else None
 
         return await eventually(check, timeout, f"task of {device} in job {job_id} to be {state}")  # type: ignore[no-any-return]
 
-    async def download(self, url: str, headers: dict[str, str] | None = None) -> tuple[int, CIMultiDict[str], bytes]:
+    async def download(
+        self, url: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, CIMultiDict[str], bytes]:
         """GET `url` over HTTPS trusting the test CA: status, headers (case-insensitive) and body."""
         async with self.http.get(url, ssl=self.tls.client_context(), headers=headers or {}) as r:
             return r.status, r.headers.copy(), await r.read()
@@ -180,8 +186,9 @@ class Device:
     ) -> None:
         self.pk, self.dn, self.port = pk, dn, port
         self.ref = f"{pk}/{dn}"
-        self.client = mqtt.Client(client_id=client_id or f"{pk}.{dn}", clean_session=clean_session,
-                                  protocol=mqtt.MQTTv311)
+        self.client = mqtt.Client(
+            client_id=client_id or f"{pk}.{dn}", clean_session=clean_session, protocol=mqtt.MQTTv311
+        )
         if username is not None:
             self.client.username_pw_set(username, "x")
         self._lock = threading.Lock()
@@ -227,15 +234,21 @@ class Device:
 
     async def inform(self, version: str, module: str | None = None) -> None:
         params = {"version": version} | ({"module": module} if module else {})
-        await self.publish(f"/ota/device/inform/{self.pk}/{self.dn}", {"id": self.request_id(), "params": params})
+        await self.publish(
+            f"/ota/device/inform/{self.pk}/{self.dn}", {"id": self.request_id(), "params": params}
+        )
 
     async def progress(self, step: str, desc: str = "", module: str | None = None) -> None:
         params = {"step": step, "desc": desc} | ({"module": module} if module else {})
-        await self.publish(f"/ota/device/progress/{self.pk}/{self.dn}", {"id": self.request_id(), "params": params})
+        await self.publish(
+            f"/ota/device/progress/{self.pk}/{self.dn}", {"id": self.request_id(), "params": params}
+        )
 
     async def pull(self, module: str | None = None, request_id: Any = 7) -> None:
         params = {"module": module} if module else {}
-        await self.publish(f"/sys/{self.pk}/{self.dn}/thing/ota/firmware/get", {"id": request_id, "params": params})
+        await self.publish(
+            f"/sys/{self.pk}/{self.dn}/thing/ota/firmware/get", {"id": request_id, "params": params}
+        )
 
     @property
     def upgrade_topic(self) -> str:
@@ -245,8 +258,12 @@ class Device:
         with self._lock:
             return [doc for t, doc in self.received if t == topic]
 
-    async def wait_messages(self, topic: str, count: int = 1, timeout: float = WAIT_S) -> list[dict[str, Any]]:
-        await eventually(lambda: len(self.messages(topic)) >= count, timeout, f"{count} message(s) on {topic}")
+    async def wait_messages(
+        self, topic: str, count: int = 1, timeout: float = WAIT_S
+    ) -> list[dict[str, Any]]:
+        await eventually(
+            lambda: len(self.messages(topic)) >= count, timeout, f"{count} message(s) on {topic}"
+        )
         return self.messages(topic)
 
     async def notices(self, count: int = 1) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ from aiohttp import BodyPartReader, web
 from firmware_store import Blob, BlobTooLarge
 from plugins.ota import machine
 from plugins.ota.errors import Conflict, InvalidInput, NotFound, OtaError
-from plugins.ota.messages import MAX_VERSION_LEN, MODULE_PATTERN as _MODULE
+from plugins.ota.messages import MAX_VERSION_LEN
+from plugins.ota.messages import MODULE_PATTERN as _MODULE
 from plugins.ota.model import DEFAULT_MODULE, Firmware, JobType, SignMethod, Task, TaskState
 from plugins.ota.repository import DeviceRecord, JobRecord
 from plugins.ota.service import OtaService
@@ -87,7 +88,11 @@ def admin_app(service: OtaService, token: str) -> web.Application:
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.datetime.fromtimestamp(ts, datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def device_view(d: DeviceRecord) -> dict[str, Any]:
@@ -202,7 +207,11 @@ async def add_device(request: web.Request) -> web.Response:
     secret = _string(body.get("device_secret"), "device_secret", max_len=128, required=False)
     record = await _service(request).add_device(ref, secret)
     return web.json_response(
-        {"product_key": ref.product_key, "device_name": ref.device_name, "device_secret": record.device_secret},
+        {
+            "product_key": ref.product_key,
+            "device_name": ref.device_name,
+            "device_secret": record.device_secret,
+        },
         status=201,
     )
 
@@ -312,7 +321,9 @@ def _firmware_fields(fields: dict[str, str]) -> dict[str, Any]:
         "version": _string(fields.get("version"), "version", max_len=MAX_VERSION_LEN),
         "module": module,
         "sign_method": sign_method,
-        "src_version": _string(fields.get("src_version") or None, "src_version", max_len=MAX_VERSION_LEN, required=False),
+        "src_version": _string(
+            fields.get("src_version") or None, "src_version", max_len=MAX_VERSION_LEN, required=False
+        ),
         "description": fields.get("description", ""),
     }
 
@@ -357,7 +368,9 @@ async def create_job(request: web.Request) -> web.Response:
     if not isinstance(src_versions, list) or not all(isinstance(v, str) and v for v in src_versions):
         raise InvalidInput("src_versions", "must be a list of version strings")
     timeout = body.get("timeout_minutes")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
         raise InvalidInput("timeout_minutes", "must be a positive number")
     job = await _service(request).create_job(fw, job_type, devices, src_versions, timeout)
     return web.json_response(job_view(job), status=201)

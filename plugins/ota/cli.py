@@ -106,7 +106,9 @@ def device_list(
     as_json: AsJson = False,
 ) -> None:
     """List devices with their module versions."""
-    params = {k: v for k, v in {"product_key": product_key, "module": module, "version": version}.items() if v}
+    params = {
+        k: v for k, v in {"product_key": product_key, "module": module, "version": version}.items() if v
+    }
     if online is not None:
         params["online"] = "true" if online else "false"
     devices = Api(admin_url, token).call("GET", "/devices", params=params)
@@ -116,18 +118,24 @@ def device_list(
     table = Table("device", "online", "modules", "last seen")
     for d in devices:
         modules = ", ".join(f"{m}={v}" for m, v in d["modules"].items())
-        table.add_row(f"{d['product_key']}/{d['device_name']}", "yes" if d["online"] else "no", modules, d["last_seen"])
+        table.add_row(
+            f"{d['product_key']}/{d['device_name']}", "yes" if d["online"] else "no", modules, d["last_seen"]
+        )
     console.print(table)
 
 
 @device_app.command("show")
-def device_show(device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
+def device_show(
+    device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False
+) -> None:
     """Show one device (pk/dn) and its tasks, newest first."""
     found = Api(admin_url, token).call("GET", f"/devices/{device}")
     if as_json:
         show_json(found)
         return
-    console.print(f"[bold]{device}[/bold]  online: {'yes' if found['online'] else 'no'}  last seen: {found['last_seen']}")
+    console.print(
+        f"[bold]{device}[/bold]  online: {'yes' if found['online'] else 'no'}  last seen: {found['last_seen']}"
+    )
     for module, version in found["modules"].items():
         console.print(f"  {module}: {version}", highlight=False)
     _task_table(found["tasks"], with_job=True)
@@ -140,8 +148,13 @@ def _firmware_table(items: list[dict[str, Any]]) -> None:
     table = Table("id", "product", "module", "version", "size", "sign", "status")
     for f in items:
         table.add_row(
-            str(f["id"]), f["product_key"], f["module"], f["version"], str(f["size"]),
-            f"{f['sign_method']} {f['sign'][:12]}…", f["status"],
+            str(f["id"]),
+            f["product_key"],
+            f["module"],
+            f["version"],
+            str(f["size"]),
+            f"{f['sign_method']} {f['sign'][:12]}…",
+            f["status"],
         )
     console.print(table)
 
@@ -153,15 +166,22 @@ def firmware_add(
     version: Annotated[str, typer.Option("--version")],
     module: Annotated[str, typer.Option("--module")] = "default",
     sign_method: Annotated[str, typer.Option("--sign-method", help="Md5 or SHA256.")] = "Md5",
-    src_version: Annotated[str | None, typer.Option("--src-version", help="Differential package from.")] = None,
+    src_version: Annotated[
+        str | None, typer.Option("--src-version", help="Differential package from.")
+    ] = None,
     description: Annotated[str, typer.Option("--description")] = "",
     admin_url: AdminUrl = DEFAULT_URL,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Upload a firmware file; prints its id, size and digests."""
-    data = {"product_key": product_key, "version": version, "module": module, "sign_method": sign_method,
-            "description": description}
+    data = {
+        "product_key": product_key,
+        "version": version,
+        "module": module,
+        "sign_method": sign_method,
+        "description": description,
+    }
     if src_version:
         data["src_version"] = src_version
     with file.open("rb") as f:
@@ -171,9 +191,13 @@ def firmware_add(
     if as_json:
         show_json(created)
         return
-    console.print(f"firmware {created['id']}: {created['product_key']}/{created['module']} {created['version']}",
-                  highlight=False)
-    console.print(f"  size {created['size']}  md5 {created['md5']}  sha256 {created['sha256']}", highlight=False)
+    console.print(
+        f"firmware {created['id']}: {created['product_key']}/{created['module']} {created['version']}",
+        highlight=False,
+    )
+    console.print(
+        f"  size {created['size']}  md5 {created['md5']}  sha256 {created['sha256']}", highlight=False
+    )
 
 
 @firmware_app.command("list")
@@ -208,15 +232,21 @@ def _task_table(tasks: list[dict[str, Any]], *, with_job: bool = False) -> None:
     table = Table(*(["job"] if with_job else []), "device", "module", "state", "progress", "attempts", "desc")
     for t in tasks:
         cells = [str(t["job_id"])] if with_job else []
-        table.add_row(*cells, t["device"], t["module"], t["state"], f"{t['progress']}%", str(t["attempts"]), t["desc"])
+        table.add_row(
+            *cells, t["device"], t["module"], t["state"], f"{t['progress']}%", str(t["attempts"]), t["desc"]
+        )
     console.print(table)
 
 
 @job_app.command("create")
 def job_create(
     firmware: Annotated[int, typer.Option("--firmware", help="Firmware id.")],
-    device: Annotated[list[str] | None, typer.Option("--device", help="pk/dn; repeat. Default: the product.")] = None,
-    src_version: Annotated[list[str] | None, typer.Option("--src-version", help="Only devices on it; repeat.")] = None,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="pk/dn; repeat. Default: the product.")
+    ] = None,
+    src_version: Annotated[
+        list[str] | None, typer.Option("--src-version", help="Only devices on it; repeat.")
+    ] = None,
     timeout_minutes: Annotated[float | None, typer.Option("--timeout-minutes")] = None,
     job_type: Annotated[str, typer.Option("--type")] = "static",
     admin_url: AdminUrl = DEFAULT_URL,
@@ -261,7 +291,9 @@ def job_show(
     if not follow:
         show_json(job) if as_json else console.print(_job_line(job), highlight=False)
         return
-    with Live(_follow_view(job, api.call("GET", f"/jobs/{job_id}/tasks")), console=console, auto_refresh=False) as live:
+    with Live(
+        _follow_view(job, api.call("GET", f"/jobs/{job_id}/tasks")), console=console, auto_refresh=False
+    ) as live:
         while job["state"] in ("scheduled", "running", "paused"):
             time.sleep(interval)
             job = api.call("GET", f"/jobs/{job_id}")
@@ -271,18 +303,25 @@ def job_show(
 
 def _follow_view(job: dict[str, Any], tasks: list[dict[str, Any]]) -> Group:
     bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[state]}"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[state]}"),
         auto_refresh=False,
     )
     for t in tasks:
         if t["state"] == "skipped":
             continue
-        bars.add_task(t["device"], total=100, completed=t["progress"], state=f"{t['state']} {t['desc']}".strip())
+        bars.add_task(
+            t["device"], total=100, completed=t["progress"], state=f"{t['state']} {t['desc']}".strip()
+        )
     return Group(_job_line(job), bars)
 
 
 @job_app.command("tasks")
-def job_tasks(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
+def job_tasks(
+    job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False
+) -> None:
     """List a job's tasks."""
     tasks = Api(admin_url, token).call("GET", f"/jobs/{job_id}/tasks")
     show_json(tasks) if as_json else _task_table(tasks)

@@ -87,7 +87,15 @@ class Ticked:
     """Time passed; timeouts are checked against `now`."""
 
 
-Event = DeviceAvailable | FirmwareRequested | VersionReported | ProgressReported | CancelRequested | Confirmed | Ticked
+Event = (
+    DeviceAvailable
+    | FirmwareRequested
+    | VersionReported
+    | ProgressReported
+    | CancelRequested
+    | Confirmed
+    | Ticked
+)
 
 
 class Delivery(StrEnum):
@@ -139,14 +147,21 @@ class Rule:
 
 
 def _session_had_notice(task: Task, session_started_at: float | None) -> bool:
-    return session_started_at is not None and task.noticed_at is not None and task.noticed_at >= session_started_at
+    return (
+        session_started_at is not None
+        and task.noticed_at is not None
+        and task.noticed_at >= session_started_at
+    )
 
 
 def _notify(task: Task, event: Event, now: float) -> Decision:
     first = task.state is TaskState.QUEUED
-    if not first and isinstance(event, DeviceAvailable | VersionReported):
-        if _session_had_notice(task, event.session_started_at):
-            return Decision(task)
+    if (
+        not first
+        and isinstance(event, DeviceAvailable | VersionReported)
+        and _session_had_notice(task, event.session_started_at)
+    ):
+        return Decision(task)
     new = replace(
         task,
         state=TaskState.NOTIFIED,
@@ -161,7 +176,12 @@ def _notify(task: Task, event: Event, now: float) -> Decision:
 def _reply(task: Task, _event: Event, now: float) -> Decision:
     if task.state is TaskState.QUEUED:
         new = replace(
-            task, state=TaskState.NOTIFIED, attempts=task.attempts + 1, notified_at=now, noticed_at=now, updated_at=now
+            task,
+            state=TaskState.NOTIFIED,
+            attempts=task.attempts + 1,
+            notified_at=now,
+            noticed_at=now,
+            updated_at=now,
         )
         return Decision(new, (SendNotice(Delivery.REPLY),), "notified (pulled)")
     return Decision(replace(task, noticed_at=now), (SendNotice(Delivery.REPLY),), "pulled: notice sent")
@@ -198,7 +218,9 @@ def _progress(task: Task, event: Event, now: float) -> Decision:
     desc = event.desc[:DESC_MAX]
     if event.step < 0:
         reason = FAILURE_STEPS.get(event.step, f"step {event.step}")
-        return _finish(task, TaskState.FAILED, f"{reason}: {desc}" if desc else reason, now, progress=task.progress)
+        return _finish(
+            task, TaskState.FAILED, f"{reason}: {desc}" if desc else reason, now, progress=task.progress
+        )
     if task.state is TaskState.IN_PROGRESS and event.step == task.progress and desc == task.desc:
         return Decision(task)  # the same report twice is a no-op
     new = replace(
@@ -225,7 +247,9 @@ def _tick(task: Task, _event: Event, now: float) -> Decision:
     if task.timeout_s is None or task.started_at is None or now < task.started_at + task.timeout_s:
         return Decision(task)
     minutes = task.timeout_s / 60
-    return _finish(task, TaskState.TIMED_OUT, f"no success {minutes:g} min after the first progress report", now)
+    return _finish(
+        task, TaskState.TIMED_OUT, f"no success {minutes:g} min after the first progress report", now
+    )
 
 
 def _finish(task: Task, state: TaskState, desc: str, now: float, *, progress: int | None = None) -> Decision:
@@ -339,11 +363,11 @@ def mermaid_diagram() -> str:
     for (source, event_type), rule in TRANSITIONS.items():
         for target in rule.targets:
             edges.setdefault((source.value, target.value), []).append(event_type.__name__)
-    for (source, target), names in edges.items():
-        lines.append(f"    {source} --> {target}: {', '.join(names)}")
+    for (src, dst), names in edges.items():
+        lines.append(f"    {src} --> {dst}: {', '.join(names)}")
     lines.extend(f"    {s.value} --> [*]" for s in TaskState if s.terminal)
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":  # pragma: no cover - documentation generator
-    print(mermaid_diagram(), end="")  # noqa: T201
+    print(mermaid_diagram(), end="")

@@ -101,7 +101,7 @@ def parse_progress(payload: bytes, max_bytes: int) -> Progress:
     req_id, params = _object(payload, max_bytes)
     raw_step = params.get("step")
     if not isinstance(raw_step, str):
-        raise BadMessage("'params.step' must be a string such as \"42\" or \"-2\"")
+        raise BadMessage('\'params.step\' must be a string such as "42" or "-2"')
     try:
         step = int(raw_step.strip(), 10)
     except ValueError as e:

@@ -102,7 +102,9 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         )
         self._runners.append(runner)
         self.public_url = signer.base_url = s.public_url_for(self.https_address[1])
-        log.info("https listening on %s (devices download from %s)", _fmt(self.https_address), self.public_url)
+        log.info(
+            "https listening on %s (devices download from %s)", _fmt(self.https_address), self.public_url
+        )
         runner, self.admin_address = await start_site(
             admin_app(service, token), s.admin_bind.host, s.admin_bind.port, None
         )
@@ -175,7 +177,9 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         if parsed is None or not parsed.kind.device_to_server:
             return
         if not self._may_act_for(client_id, parsed.device):
-            self.service.reject(parsed.device, "foreign_publish", f"client {client_id!r} is bound to another device")
+            self.service.reject(
+                parsed.device, "foreign_publish", f"client {client_id!r} is bound to another device"
+            )
             return
         if self._bind(client_id, parsed.device):
             await self.service.mark_online(parsed.device)

@@ -257,7 +257,8 @@ class Repository:
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]:
-        where, args = ["1=1"], []
+        where: list[str] = ["1=1"]
+        args: list[str | int] = []
         if product_key is not None:
             where.append("d.product_key=?")
             args.append(product_key)
@@ -380,7 +381,9 @@ class Repository:
             )
             row = await cur.fetchone()
             if row and row[0]:
-                raise Conflict(f"firmware {firmware_id} is used by {row[0]} unfinished task(s); cancel the job first")
+                raise Conflict(
+                    f"firmware {firmware_id} is used by {row[0]} unfinished task(s); cancel the job first"
+                )
             sub = "SELECT id FROM tasks WHERE firmware_id=?"
             await db.execute(f"DELETE FROM task_history WHERE task_id IN ({sub})", (firmware_id,))  # noqa: S608
             await db.execute("DELETE FROM tasks WHERE firmware_id=?", (firmware_id,))
@@ -437,7 +440,9 @@ class Repository:
         row = await self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
         if row is None:
             return None
-        counts = await self._all("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY state", (job_id,))
+        counts = await self._all(
+            "SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY state", (job_id,)
+        )
         return _job(row, {TaskState(c["state"]): int(c["n"]) for c in counts})
 
     async def get_job(self, job_id: int) -> JobRecord:
@@ -621,4 +626,3 @@ def _task(row: sqlite3.Row) -> Task:
         updated_at=row["updated_at"],
         rev=row["rev"],
     )
-

@@ -145,13 +145,19 @@ class OtaService:
                     case TopicKind.INFORM:
                         await self._on_inform(device, messages.parse_inform(payload, self.max_payload_bytes))
                     case TopicKind.PROGRESS:
-                        await self._on_progress(device, messages.parse_progress(payload, self.max_payload_bytes))
+                        await self._on_progress(
+                            device, messages.parse_progress(payload, self.max_payload_bytes)
+                        )
                     case TopicKind.FIRMWARE_GET:
                         msg = messages.parse_firmware_get(payload, self.max_payload_bytes)
-                        await self._on_pull(device, msg.module, PullReply(TopicKind.FIRMWARE_GET_REPLY, msg.id))
+                        await self._on_pull(
+                            device, msg.module, PullReply(TopicKind.FIRMWARE_GET_REPLY, msg.id)
+                        )
                     case TopicKind.LEGACY_REQUEST:
                         req = messages.parse_legacy_request(payload, self.max_payload_bytes)
-                        await self._on_pull(device, DEFAULT_MODULE, PullReply(TopicKind.LEGACY_REQUEST, req.id))
+                        await self._on_pull(
+                            device, DEFAULT_MODULE, PullReply(TopicKind.LEGACY_REQUEST, req.id)
+                        )
                     case _:
                         return  # server→device topics published by a client are not ours to act on
         except messages.BadMessage as e:
@@ -218,7 +224,9 @@ class OtaService:
             return
         task = await self.repo.unfinished_task(device, msg.module)
         if task is None:
-            self.reject(device, "progress_without_task", f"progress {msg.step} for module {msg.module}, no task")
+            self.reject(
+                device, "progress_without_task", f"progress {msg.step} for module {msg.module}, no task"
+            )
             return
         await self._drive(task, ProgressReported(msg.step, msg.desc))
 
@@ -229,7 +237,9 @@ class OtaService:
         if task is not None and task.state in PENDING:
             await self._drive(task, FirmwareRequested(), reply=reply)
         elif reply.kind is TopicKind.FIRMWARE_GET_REPLY:
-            await self.channel.send(device, topic_name(reply.kind, device), messages.get_reply(reply.request_id, {}))
+            await self.channel.send(
+                device, topic_name(reply.kind, device), messages.get_reply(reply.request_id, {})
+            )
 
     # --------------------------------------------------------------------------- driving the core
 
@@ -251,7 +261,14 @@ class OtaService:
                     continue
                 saved = stored
                 if decision.note:
-                    log.info("%s: task %d %s -> %s (%s)", task.device, task.id, task.state, saved.state, decision.note)
+                    log.info(
+                        "%s: task %d %s -> %s (%s)",
+                        task.device,
+                        task.id,
+                        task.state,
+                        saved.state,
+                        decision.note,
+                    )
             for effect in decision.effects:
                 await self._carry_out(saved, effect, reply)
             return saved
@@ -286,7 +303,11 @@ class OtaService:
         """Apply time: tasks in progress past their timeout become timed_out."""
         now = self.clock()
         for task in await self.repo.tasks_in_state(TaskState.IN_PROGRESS):
-            if task.timeout_s is not None and task.started_at is not None and now >= task.started_at + task.timeout_s:
+            if (
+                task.timeout_s is not None
+                and task.started_at is not None
+                and now >= task.started_at + task.timeout_s
+            ):
                 await self._drive_by_id(task.id, Ticked())
 
     # ------------------------------------------------------------------------------ operator calls
@@ -320,7 +341,9 @@ class OtaService:
             description=description,
             now=self.clock(),
         )
-        log.info("firmware %d added: %s/%s %s, %d bytes", firmware.id, product_key, module, version, blob.size)
+        log.info(
+            "firmware %d added: %s/%s %s, %d bytes", firmware.id, product_key, module, version, blob.size
+        )
         return firmware
 
     async def discard_upload(self, blob: Blob) -> None:
@@ -362,7 +385,9 @@ class OtaService:
         self.spawn(self._dispatch(job_id), f"dispatching job {job_id}")
         return await self.repo.get_job(job_id)
 
-    async def _candidates(self, firmware: Firmware, devices: Sequence[DeviceRef] | None) -> list[machine.Candidate]:
+    async def _candidates(
+        self, firmware: Firmware, devices: Sequence[DeviceRef] | None
+    ) -> list[machine.Candidate]:
         if devices is None:
             records = await self.repo.list_devices(product_key=firmware.product_key, limit=1_000_000)
             listed = False
@@ -370,7 +395,9 @@ class OtaService:
             records = []
             for i, ref in enumerate(dict.fromkeys(devices)):
                 if ref.product_key != firmware.product_key:
-                    raise InvalidInput(f"devices[{i}]", f"{ref} is not a device of product {firmware.product_key}")
+                    raise InvalidInput(
+                        f"devices[{i}]", f"{ref} is not a device of product {firmware.product_key}"
+                    )
                 record = await self.repo.find_device(ref)
                 if record is None:
                     raise InvalidInput(f"devices[{i}]", f"device {ref} does not exist")
@@ -378,7 +405,8 @@ class OtaService:
             listed = True
         busy = await self.repo.busy_devices([r.device for r in records], firmware.module)
         return [
-            machine.Candidate(r.device, r.modules.get(firmware.module), r.device in busy, listed) for r in records
+            machine.Candidate(r.device, r.modules.get(firmware.module), r.device in busy, listed)
+            for r in records
         ]
 
     async def _dispatch(self, job_id: int) -> None:
@@ -413,5 +441,3 @@ class OtaService:
         except ValueError:
             return False
         return resource.isdigit() and await self.repo.may_download(int(resource), device)
-
-

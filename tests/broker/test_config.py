@@ -33,7 +33,9 @@ def test_load_prefers_named_file_then_cwd_then_defaults(tmp_path: Path) -> None:
     assert load(None, cwd=tmp_path).source == "built-in defaults"
     (tmp_path / "config.yaml").write_text(default_config_text().replace("0.0.0.0:1883", "127.0.0.1:1999"))
     found = load(None, cwd=tmp_path)
-    assert found.source.endswith("config.yaml") and found.raw["listeners"]["default"]["bind"] == "127.0.0.1:1999"
+    assert (
+        found.source.endswith("config.yaml") and found.raw["listeners"]["default"]["bind"] == "127.0.0.1:1999"
+    )
     other = tmp_path / "other.yaml"
     other.write_text(default_config_text())
     assert load(other, cwd=tmp_path).source == str(other)

@@ -43,7 +43,9 @@ BAD_PAYLOADS: list[bytes] = [
 ]
 
 
-async def test_garbage_on_every_device_topic_changes_nothing(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+async def test_garbage_on_every_device_topic_changes_nothing(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
     """Malformed, mistyped, oversize and out-of-range payloads on all four uplink topics are logged and
     counted; the sender's task and versions stay as recorded, and another device completes its upgrade."""
     bad = await env.device("pk", "bad").connect()

@@ -31,7 +31,7 @@ async def test_five_seed_steps(env: Env) -> None:
 
     fw = await env.upload(FIRMWARE, version="2.0.0")
     assert fw["size"] == len(FIRMWARE)
-    assert fw["md5"] == hashlib.md5(FIRMWARE).hexdigest()  # noqa: S324 - the protocol's digest
+    assert fw["md5"] == hashlib.md5(FIRMWARE).hexdigest()
     assert fw["sha256"] == hashlib.sha256(FIRMWARE).hexdigest()
     job = await env.job(fw["id"], ["pk/dev1"])
 
@@ -180,7 +180,8 @@ async def test_legacy_request_topic(env: Env) -> None:
     await d.notices()
     await d.publish("/ota/device/request/pk/v3dev", {"id": 3, "params": {"version": "1.0.0"}})
     replies = await eventually(
-        lambda: [m for m in d.messages("/ota/device/request/pk/v3dev") if "data" in m], what="the legacy reply"
+        lambda: [m for m in d.messages("/ota/device/request/pk/v3dev") if "data" in m],
+        what="the legacy reply",
     )
     assert replies[0]["code"] == "1000" and replies[0]["message"] == "success"
     assert replies[0]["data"]["url"].startswith("https://") and replies[0]["data"]["version"] == "2.0.0"
@@ -224,7 +225,12 @@ async def test_device_identified_by_first_publish_gets_notice_on_inform(env: Env
 
 async def test_failure_steps(env: Env) -> None:
     """Progress steps -1..-4 fail the task with the documented reason and the device's desc."""
-    reasons = {"-1": "upgrade failed", "-2": "download failed", "-3": "verification failed", "-4": "flash failed"}
+    reasons = {
+        "-1": "upgrade failed",
+        "-2": "download failed",
+        "-3": "verification failed",
+        "-4": "flash failed",
+    }
     devices = {}
     for step in reasons:
         d = await env.device("pk", f"f{step[1]}").connect()
@@ -328,7 +334,9 @@ async def test_download_rules(env: Env) -> None:
 
     status, headers, body = await env.download(url, {"Range": "bytes=1000-1999"})
     assert status == 206 and body == FIRMWARE[1000:2000]
-    assert headers["Content-Range"] == f"bytes 1000-1999/{len(FIRMWARE)}" and headers["Content-Length"] == "1000"
+    assert (
+        headers["Content-Range"] == f"bytes 1000-1999/{len(FIRMWARE)}" and headers["Content-Length"] == "1000"
+    )
     status, headers, body = await env.download(url, {"Range": f"bytes={len(FIRMWARE) - 10}-"})
     assert status == 206 and body == FIRMWARE[-10:]
     status, _, _ = await env.download(url, {"Range": f"bytes={len(FIRMWARE) + 5}-"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -98,8 +98,13 @@ async def progress(service: OtaService, device: DeviceRef, step: str) -> None:
 async def start_job(service: OtaService, devices: list[DeviceRef], **kwargs: object) -> int:
     blob = await service.store.put(_chunks(b"firmware" * 100))
     fw = await service.add_firmware(
-        blob, product_key="pk", version="2.0.0", module="default", sign_method=SignMethod.MD5,
-        src_version=None, description="",
+        blob,
+        product_key="pk",
+        version="2.0.0",
+        module="default",
+        sign_method=SignMethod.MD5,
+        src_version=None,
+        description="",
     )
     job = await service.create_job(fw.id, JobType.STATIC, devices, [], kwargs.get("timeout_minutes"))  # type: ignore[arg-type]
     await service.drain()
