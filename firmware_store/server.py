@@ -12,8 +12,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from aiohttp import web
-from aiohttp.helpers import ETag
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import ETAG_ANY, ETag
+from aiohttp.web_request import BaseRequest
 
 from firmware_store.links import LinkSigner
 from firmware_store.store import Blob, FirmwareStore
@@ -43,6 +45,26 @@ class _HashedFileResponse(web.FileResponse):
     def etag(self, value: ETag | str | None) -> None:  # aiohttp assigns its own tag in prepare()
         web.StreamResponse.etag.fset(self, self._sha256)  # type: ignore[attr-defined]
 
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        """Answer `If-Match`/`If-None-Match` against the sha256 (aiohttp would compare its own tag)."""
+        if_none_match, if_match = request.if_none_match, request.if_match
+        if if_none_match is not None and any(t.value in (self._sha256, ETAG_ANY) for t in if_none_match):
+            self.set_status(304)
+            self.etag = self._sha256
+            return await web.StreamResponse.prepare(self, request)
+        if if_match is not None and not any(
+            not t.is_weak and t.value in (self._sha256, ETAG_ANY) for t in if_match
+        ):
+            self.set_status(412)
+            self.content_length = 0
+            return await web.StreamResponse.prepare(self, request)
+        if if_none_match is None and if_match is None:
+            return await super().prepare(request)
+        headers = request.headers.copy()
+        headers.popall(hdrs.IF_MATCH, None)
+        headers.popall(hdrs.IF_NONE_MATCH, None)
+        return await super().prepare(request.clone(headers=headers))
+
 
 def download_app(
     store: FirmwareStore,
@@ -69,7 +91,7 @@ def download_app(
         return _HashedFileResponse(store.path(blob.sha256), blob.sha256)
 
     app = web.Application()
-    app.router.add_route("GET", "/firmware/{resource}", serve)  # aiohttp adds HEAD for GET routes
+    app.router.add_get("/firmware/{resource}", serve)  # add_get also answers HEAD
     return app
 
 
