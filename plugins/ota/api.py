@@ -171,7 +171,7 @@ def _string(value: Any, field: str, *, max_len: int = 64, required: bool = True)
         return None
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(field, "must be a non-empty string")
-    if len(value) > max_len or any(ord(c) < 0x20 for c in value):
+    if len(value) > max_len or not value.isprintable():
         raise InvalidInput(field, f"must be at most {max_len} printable characters")
     return value
 
@@ -314,7 +314,7 @@ def _firmware_fields(fields: dict[str, str]) -> dict[str, Any]:
     except ValueError as e:
         raise InvalidInput("sign_method", "must be 'Md5' or 'SHA256'") from e
     module = fields.get("module") or DEFAULT_MODULE
-    if not _MODULE.match(module):
+    if not _MODULE.fullmatch(module):
         raise InvalidInput("module", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
     return {
         "product_key": product_key,

@@ -16,6 +16,7 @@ from plugins.ota.model import DEFAULT_MODULE, Firmware
 MAX_VERSION_LEN = 64
 MODULE_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _ID_MAX = 2**63 - 1
+_STEP = re.compile(r"-?[0-9]{1,3}")
 
 RequestId = str | int
 
@@ -58,7 +59,7 @@ def _object(payload: bytes, max_bytes: int) -> tuple[RequestId, dict[str, Any]]:
         doc = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise BadMessage("payload is not UTF-8") from e
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and ints past Python's digit limit
         raise BadMessage(f"payload is not JSON: {str(e)[:80]}") from e
     if not isinstance(doc, dict):
         raise BadMessage("payload is not a JSON object")
@@ -79,7 +80,7 @@ def _module(params: dict[str, Any]) -> str:
     module = params.get("module")
     if module is None or module == "":
         return DEFAULT_MODULE
-    if not isinstance(module, str) or not MODULE_PATTERN.match(module):
+    if not isinstance(module, str) or not MODULE_PATTERN.fullmatch(module):
         raise BadMessage("'params.module' must be 1-64 characters of A-Z a-z 0-9 _ . -")
     return module
 
@@ -87,7 +88,7 @@ def _module(params: dict[str, Any]) -> str:
 def _version(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise BadMessage(f"'{field}' must be a non-empty string")
-    if len(value) > MAX_VERSION_LEN or any(ord(ch) < 0x20 for ch in value):
+    if len(value) > MAX_VERSION_LEN or not value.isprintable():
         raise BadMessage(f"'{field}' must be at most {MAX_VERSION_LEN} printable characters")
     return value
 
@@ -102,10 +103,9 @@ def parse_progress(payload: bytes, max_bytes: int) -> Progress:
     raw_step = params.get("step")
     if not isinstance(raw_step, str):
         raise BadMessage('\'params.step\' must be a string such as "42" or "-2"')
-    try:
-        step = int(raw_step.strip(), 10)
-    except ValueError as e:
-        raise BadMessage(f"'params.step' {raw_step[:16]!r} is not a number") from e
+    if not _STEP.fullmatch(raw_step.strip()):
+        raise BadMessage(f"'params.step' {raw_step[:16]!r} is not a number")
+    step = int(raw_step.strip())
     if not (0 <= step <= 100 or -4 <= step <= -1):
         raise BadMessage(f"'params.step' {step} is out of range (0..100 or -1..-4)")
     desc = params.get("desc", "")

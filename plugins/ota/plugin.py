@@ -229,7 +229,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
                 for topic_filter, subscribers in self.context.subscriptions.items()
             )
         # Subscribers, the device among them if it subscribed, get it through the broker's routing.
-        await self.context.broadcast_message(topic, payload, qos=NOTICE_QOS)
+        await self.context.broadcast_message(topic, payload)  # each at its granted QoS
         if found is None:
             return False
         if not subscribed:

@@ -27,7 +27,7 @@ class DeviceRef:
 
     def __post_init__(self) -> None:
         for field, value in (("product_key", self.product_key), ("device_name", self.device_name)):
-            if not isinstance(value, str) or not _NAME.match(value):
+            if not isinstance(value, str) or not _NAME.fullmatch(value):
                 raise InvalidDeviceRef(f"{field} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . : @ -")
 
     @classmethod
