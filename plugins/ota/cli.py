@@ -17,8 +17,8 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 AdminUrl = Annotated[
     str, typer.Option("--admin-url", envvar="OTA_ADMIN_URL", help="Base URL of the management API.")
@@ -298,7 +298,6 @@ def job_show(
             time.sleep(interval)
             job = api.call("GET", f"/jobs/{job_id}")
             live.update(_follow_view(job, api.call("GET", f"/jobs/{job_id}/tasks")), refresh=True)
-    console.print(_job_line(job), highlight=False)
 
 
 def _follow_view(job: dict[str, Any], tasks: list[dict[str, Any]]) -> Group:

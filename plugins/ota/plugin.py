@@ -55,7 +55,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         self._runners: list[web.AppRunner] = []
         self._ticker: asyncio.Task[None] | None = None
         self._client_device: dict[str, DeviceRef] = {}
-        self._device_client: dict[DeviceRef, str] = {}
+        self._device_clients: dict[DeviceRef, list[str]] = {}  # newest last
         self._connected_at: dict[str, float] = {}
         self._deliveries: set[asyncio.Task[Any]] = set()
 
@@ -147,15 +147,19 @@ class OtaPlugin(BasePlugin[BrokerContext]):
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         self._connected_at[client_id] = self.clock()
         device = DeviceRef.from_username(client_session.username)
-        if device is not None and self.service is not None:
-            self._bind(client_id, device)
+        if device is not None and self.service is not None and self._bind(client_id, device):
             await self.service.device_connected(device)
 
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
         self._connected_at.pop(client_id, None)
         device = self._client_device.pop(client_id, None)
-        if device is not None and self._device_client.get(device) == client_id:
-            del self._device_client[device]
+        if device is None:
+            return
+        clients = self._device_clients.get(device, [])
+        if client_id in clients:
+            clients.remove(client_id)
+        if not clients:
+            self._device_clients.pop(device, None)
             if self.service is not None:
                 await self.service.device_disconnected(device)
 
@@ -188,13 +192,21 @@ class OtaPlugin(BasePlugin[BrokerContext]):
     # ------------------------------------------------------------------ sessions and device identity
 
     def _bind(self, client_id: str, device: DeviceRef) -> bool:
-        """Make `client_id` the session of `device` (open mode); True when that is new."""
-        if self._device_client.get(device) == client_id:
-            return False
+        """Make `client_id` the current session of `device` (open mode); True when that is new.
+
+        One client acts for one device. A device may have several clients at once (a lab's
+        `mosquitto_sub` and `mosquitto_pub` with the same credentials): the newest connected one is its
+        session, and when it leaves the previous one still connected takes over.
+        """
         old = self._client_device.get(client_id)
         if old is not None and old != device:
-            return False  # one client acts for one device
-        self._device_client[device] = client_id
+            return False
+        clients = self._device_clients.setdefault(device, [])
+        if clients and clients[-1] == client_id:
+            return False
+        if client_id in clients:
+            clients.remove(client_id)
+        clients.append(client_id)
         self._client_device[client_id] = device
         return True
 
@@ -203,20 +215,18 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         return bound is None or bound == device
 
     def _session(self, device: DeviceRef) -> tuple[str, Session] | None:
-        client_id = self._device_client.get(device)
-        if client_id is None:
-            return None
-        session = self.context.get_session(client_id)
-        if session is None or session.transitions.state != "connected":
-            return None
-        return client_id, session
+        for client_id in reversed(self._device_clients.get(device, [])):
+            session = self.context.get_session(client_id)
+            if session is not None and session.transitions.state == "connected":
+                return client_id, session
+        return None
 
     def is_online(self, device: DeviceRef) -> bool:
         return self._session(device) is not None
 
     def session_started_at(self, device: DeviceRef) -> float | None:
-        client_id = self._device_client.get(device)
-        return None if client_id is None else self._connected_at.get(client_id)
+        found = self._session(device)
+        return None if found is None else self._connected_at.get(found[0])
 
     async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
         """Deliver to the device's own session, plus any other subscribers of `topic`."""

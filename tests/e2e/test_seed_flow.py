@@ -348,3 +348,21 @@ async def test_download_rules(env: Env) -> None:
     for bad in (tampered, foreign, url.replace("/firmware/", "/firmware/9")):
         status, _, body = await env.download(bad)
         assert status == 403 and FIRMWARE[:64] not in body
+
+
+async def test_device_with_two_clients_keeps_its_session(env: Env) -> None:
+    """A lab's listener and a short-lived publisher with the same device credentials: when the publisher
+    leaves, the listener is the device's session and gets the notice."""
+    listener = await env.device("pk", "dev1", client_id="listener", username="dev1&pk").connect()
+    publisher = env.device("pk", "dev1", client_id="publisher", username="dev1&pk")
+    await publisher.connect()
+    await publisher.inform("1.0.0")
+    await registered(env, "pk/dev1", version="1.0.0")
+    publisher.disconnect()
+    await asyncio.sleep(0.2)
+    assert (await env.api("GET", "/devices/pk/dev1", expect=200))["online"] is True
+    fw = await env.upload(FIRMWARE)
+    job = await env.job(fw["id"], ["pk/dev1"])
+    [notice] = await listener.notices()
+    assert notice["data"]["version"] == "2.0.0"
+    await env.task_state(job["id"], "pk/dev1", "notified")
