@@ -6,8 +6,9 @@ import asyncio
 import hashlib
 import os
 import re
+from typing import Any
 
-from tests.support import Env, eventually
+from tests.support import Device, Env, eventually
 
 FIRMWARE = os.urandom(300_000)
 
@@ -20,6 +21,20 @@ async def registered(env: Env, ref: str, module: str = "default", version: str |
         return d
 
     return await eventually(check, what=f"{ref} to be recorded")
+
+
+async def reporting(env: Env, name: str, **kwargs: Any) -> Device:
+    """A connected device `pk/<name>` whose version 1.0.0 the broker has recorded."""
+    d = await env.device("pk", name, **kwargs).connect()
+    await d.inform("1.0.0")
+    await registered(env, d.ref, version="1.0.0")
+    return d
+
+
+async def gone(env: Env, d: Device) -> None:
+    """Disconnect `d` and wait until the broker has it offline."""
+    d.disconnect()
+    await eventually(lambda: _offline(env, d.ref), what=f"{d.ref} to go offline")
 
 
 async def test_five_seed_steps(env: Env) -> None:
@@ -89,9 +104,7 @@ async def test_wildcard_subscriber_sees_notice_once_and_device_once(env: Env) ->
     """An operator's `#` subscription sees the notice, and the target device still gets exactly one copy."""
     monitor = await env.device("ops", "monitor", client_id="monitor").connect()
     await monitor.subscribe("/ota/device/upgrade/#")
-    d = await env.device("pk", "dev1").connect()
-    await d.inform("1.0.0")
-    await registered(env, "pk/dev1", version="1.0.0")
+    d = await reporting(env, "dev1")
     fw = await env.upload(FIRMWARE)
     await env.job(fw["id"], ["pk/dev1"])
     await monitor.wait_messages("/ota/device/upgrade/pk/dev1")
@@ -150,8 +163,7 @@ async def test_pull_before_any_push_notifies_the_task(env: Env) -> None:
     await d.connect()
     await d.inform("1.0.0")
     await registered(env, "pk/dev1", version="1.0.0")
-    d.disconnect()
-    await eventually(lambda: _offline(env, "pk/dev1"), what="the device to go offline")
+    await gone(env, d)
     fw = await env.upload(FIRMWARE)
     job = await env.job(fw["id"], ["pk/dev1"])
     assert (await env.tasks(job["id"]))["pk/dev1"]["state"] == "queued"
@@ -189,11 +201,8 @@ async def test_legacy_request_topic(env: Env) -> None:
 
 async def test_offline_device_notified_when_it_connects(env: Env) -> None:
     """A target device that is offline when the job starts gets the notice when it comes back, unsubscribed."""
-    first = await env.device("pk", "later", username="later&pk").connect()
-    await first.inform("1.0.0")
-    await registered(env, "pk/later", version="1.0.0")
-    first.disconnect()
-    await eventually(lambda: _offline(env, "pk/later"), what="the device to go offline")
+    first = await reporting(env, "later", username="later&pk")
+    await gone(env, first)
     fw = await env.upload(FIRMWARE)
     job = await env.job(fw["id"], ["pk/later"])
     await asyncio.sleep(0.2)
@@ -210,11 +219,8 @@ async def test_offline_device_notified_when_it_connects(env: Env) -> None:
 
 async def test_device_identified_by_first_publish_gets_notice_on_inform(env: Env) -> None:
     """In open mode a client with a non-Aliyun username becomes the device by informing; the notice follows."""
-    first = await env.device("pk", "anon", username="someone").connect()
-    await first.inform("1.0.0")
-    await registered(env, "pk/anon", version="1.0.0")
-    first.disconnect()
-    await eventually(lambda: _offline(env, "pk/anon"), what="the device to go offline")
+    first = await reporting(env, "anon", username="someone")
+    await gone(env, first)
     fw = await env.upload(FIRMWARE)
     job = await env.job(fw["id"], ["pk/anon"])
     back = await env.device("pk", "anon", username="someone").connect()
@@ -251,9 +257,7 @@ async def test_failure_steps(env: Env) -> None:
 
 async def test_version_mismatch_and_renotify(env: Env) -> None:
     """Old version before progress gets the notice again (new session); another version after progress fails."""
-    d = await env.device("pk", "dev1").connect()
-    await d.inform("1.0.0")
-    await registered(env, "pk/dev1", version="1.0.0")
+    d = await reporting(env, "dev1")
     fw = await env.upload(FIRMWARE)
     job = await env.job(fw["id"], ["pk/dev1"])
     await d.notices()
@@ -270,9 +274,7 @@ async def test_version_mismatch_and_renotify(env: Env) -> None:
 
 async def test_hundred_percent_without_new_version_is_not_success(env: Env) -> None:
     """100 % progress alone leaves the task in progress; only the new version succeeds it."""
-    d = await env.device("pk", "dev1").connect()
-    await d.inform("1.0.0")
-    await registered(env, "pk/dev1", version="1.0.0")
+    d = await reporting(env, "dev1")
     fw = await env.upload(FIRMWARE)
     job = await env.job(fw["id"], ["pk/dev1"])
     await d.notices()
@@ -283,9 +285,7 @@ async def test_hundred_percent_without_new_version_is_not_success(env: Env) -> N
 
 async def test_timeout_from_first_progress(env: Env) -> None:
     """A task with no success `timeout_minutes` after its first progress report becomes timed_out."""
-    d = await env.device("pk", "dev1").connect()
-    await d.inform("1.0.0")
-    await registered(env, "pk/dev1", version="1.0.0")
+    d = await reporting(env, "dev1")
     fw = await env.upload(FIRMWARE)
     job = await env.job(fw["id"], ["pk/dev1"], timeout_minutes=0.01)  # 0.6 s
     await d.notices()
