@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from argon2 import PasswordHasher
 
 from broker import app as broker_app
 from broker.config import ConfigError, load, prepare
@@ -57,6 +58,14 @@ def run(
         log.error("%s", e)
         raise typer.Exit(1) from e
     raise typer.Exit(code)
+
+
+@cli.command("hash-password")
+def hash_password(
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)],
+) -> None:
+    """Print an argon2 hash for an application account's `password_hash` in config.yaml."""
+    print(PasswordHasher().hash(password))
 
 
 def main() -> None:

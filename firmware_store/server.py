@@ -7,8 +7,10 @@ unsatisfiable, streaming from disk (never the whole file in memory, never chunke
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -26,6 +28,8 @@ log = logging.getLogger("ota.download")
 Resolve = Callable[[str], Awaitable[Blob | None]]
 # Given (resource, subject): may this subject download this resource now?
 Authorize = Callable[[str, str], Awaitable[bool]]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 READ_CHUNK = 256 * 1024
 
@@ -47,6 +51,8 @@ class _HashedFileResponse(web.FileResponse):
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         """Answer `If-Match`/`If-None-Match` against the sha256 (aiohttp would compare its own tag)."""
+        if self.prepared:  # FileResponse.prepare is not idempotent; the handler already streamed it
+            return self._payload_writer
         if_none_match, if_match = request.if_none_match, request.if_match
         if if_none_match is not None and any(t.value in (self._sha256, ETAG_ANY) for t in if_none_match):
             self.set_status(304)
@@ -72,7 +78,11 @@ def download_app(
     resolve: Resolve,
     authorize: Authorize,
     clock: Callable[[], float],
+    *,
+    max_per_subject: int = 2,
 ) -> web.Application:
+    active: Counter[str] = Counter()
+
     async def serve(request: web.Request) -> web.StreamResponse:
         resource = request.match_info["resource"]
         claims = signer.check(resource, dict(request.query), clock())
@@ -88,20 +98,137 @@ def download_app(
         if not await store.verify(blob):
             log.error("firmware %s is corrupt on disk (sha256 %s): not served", resource, blob.sha256)
             return web.Response(status=500, text="firmware file failed verification\n")
-        return _HashedFileResponse(store.path(blob.sha256), blob.sha256)
+        if active[claims.subject] >= max_per_subject:
+            log.warning(
+                "download refused for %s: already %d download(s) under way", claims.subject, max_per_subject
+            )
+            return web.Response(
+                status=429, text="too many concurrent downloads\n", headers={"Retry-After": "5"}
+            )
+        active[claims.subject] += 1
+        try:
+            response = _HashedFileResponse(store.path(blob.sha256), blob.sha256)
+            await response.prepare(request)  # streams the file; counted as under way until done
+            return response
+        finally:
+            active[claims.subject] -= 1
+            if not active[claims.subject]:
+                del active[claims.subject]
 
     app = web.Application()
     app.router.add_get("/firmware/{resource}", serve)  # add_get also answers HEAD
     return app
 
 
+class _HeadDeadline(asyncio.Protocol):
+    """Wraps aiohttp's protocol for one connection: the client must send a complete request head within
+    `timeout` of connecting or of its previous response, else the connection is closed (slow-loris)."""
+
+    def __init__(
+        self, inner: asyncio.Protocol, timeout: float, registry: dict[object, _HeadDeadline]
+    ) -> None:
+        self._inner = inner
+        self._timeout = timeout
+        self._registry = registry
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._registry[transport] = self
+        self.arm()
+        self._inner.connection_made(transport)
+
+    def arm(self) -> None:
+        self.disarm()
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            peer = self._transport.get_extra_info("peername")
+            log.warning("closed a connection from %s: no complete request within %gs", peer, self._timeout)
+            self._transport.abort()  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        self._registry.pop(self._transport, None)
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+_DEADLINES = web.AppKey("deadlines", dict)
+
+
+@web.middleware
+async def _request_head_arrived(request: web.Request, handler: Handler) -> web.StreamResponse:
+    guard = request.app[_DEADLINES].get(request.transport)
+    if guard is not None:
+        guard.disarm()
+    try:
+        response = await handler(request)
+        if not response.prepared:
+            await response.prepare(request)
+        return response
+    finally:
+        if guard is not None:
+            guard.arm()
+
+
+class Site:
+    """A running aiohttp app on one listening socket."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server) -> None:
+        self._runner = runner
+        self._server = server
+        host, port = server.sockets[0].getsockname()[:2]
+        self.address = (str(host), int(port))
+
+    async def close(self) -> None:
+        self._server.close()
+        await self._runner.cleanup()
+        await self._server.wait_closed()
+
+
 async def start_site(
-    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None
-) -> tuple[web.AppRunner, tuple[str, int]]:
-    """Start `app` on host:port (port 0 picks a free one); returns the runner and the bound address."""
+    app: web.Application,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    header_timeout_s: float = 10.0,
+) -> Site:
+    """Serve `app` on host:port (port 0 picks a free one). A client gets `header_timeout_s` for the TLS
+    handshake and for each request head, so slow or idle clients cannot hold connections open."""
+    deadlines: dict[object, _HeadDeadline] = {}
+    app[_DEADLINES] = deadlines
+    app.middlewares.insert(0, _request_head_arrived)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
-    await site.start()
-    host_bound, port_bound = runner.addresses[0][:2]
-    return runner, (str(host_bound), int(port_bound))
+    aiohttp_server = runner.server
+    assert aiohttp_server is not None
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: _HeadDeadline(aiohttp_server(), header_timeout_s, deadlines),
+        host,
+        port,
+        ssl=ssl_context,
+        ssl_handshake_timeout=header_timeout_s if ssl_context is not None else None,
+        reuse_address=True,
+    )
+    return Site(runner, server)

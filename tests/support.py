@@ -78,6 +78,7 @@ def broker_config(data_dir: Path, tls: Tls | None, **ota: Any) -> dict[str, Any]
         "admin_token": TOKEN,
         "mqtts_bind": "",
         "tick_seconds": 0.2,
+        "auth_mode": "open",
     }
     if tls is not None:
         plugin |= {"tls_cert": str(tls.cert_file), "tls_key": str(tls.key_file)}
@@ -85,7 +86,7 @@ def broker_config(data_dir: Path, tls: Tls | None, **ota: Any) -> dict[str, Any]
     return {
         "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
         "plugins": {
-            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+            "plugins.device_auth.plugin.DeviceAuthPlugin": {},
             PLUGIN_KEY: plugin,
         },
     }

@@ -32,6 +32,7 @@ STATUS_OF: dict[type[OtaError], int] = {NotFound: 404, Conflict: 409, InvalidInp
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE = web.AppKey("service", OtaService)
 _CHUNK = 256 * 1024
+_IMPORT_MAX = 64 * 1024 * 1024
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -69,7 +70,11 @@ def admin_app(service: OtaService, token: str) -> web.Application:
     r.add_get("/api/v1/health", health)
     r.add_post("/api/v1/devices", add_device)
     r.add_get("/api/v1/devices", list_devices)
+    r.add_post("/api/v1/devices/import", import_devices)
     r.add_get("/api/v1/devices/{pk}/{dn}", show_device)
+    r.add_patch("/api/v1/devices/{pk}/{dn}", update_device)
+    r.add_delete("/api/v1/devices/{pk}/{dn}", delete_device)
+    r.add_post("/api/v1/devices/{pk}/{dn}/secret", rotate_secret)
     r.add_post("/api/v1/firmware", add_firmware)
     r.add_get("/api/v1/firmware", list_firmware)
     r.add_get("/api/v1/firmware/{id}", show_firmware)
@@ -250,6 +255,61 @@ async def show_device(request: web.Request) -> web.Response:
     record = await service.repo.get_device(ref)
     tasks = await service.repo.tasks_of_device(ref)
     return web.json_response({**device_view(record), "tasks": [task_view(t) for t in tasks]})
+
+
+def _path_device(request: web.Request) -> DeviceRef:
+    return _device_ref(request.match_info["pk"], request.match_info["dn"], "device")
+
+
+async def update_device(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    enabled = body.get("enabled")
+    if not isinstance(enabled, bool):
+        raise InvalidInput("enabled", "must be true or false")
+    record = await _service(request).set_device_enabled(_path_device(request), enabled)
+    return web.json_response(device_view(record))
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    await _service(request).delete_device(_path_device(request))
+    return web.Response(status=204)
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    secret = None
+    if request.can_read_body:
+        body = await _json_object(request)
+        secret = _string(body.get("device_secret"), "device_secret", max_len=128, required=False)
+    ref = _path_device(request)
+    new = await _service(request).rotate_secret(ref, secret)
+    return web.json_response(
+        {"product_key": ref.product_key, "device_name": ref.device_name, "device_secret": new}
+    )
+
+
+async def import_devices(request: web.Request) -> web.Response:
+    """CSV body `product_key,device_name[,device_secret]`; answers the created devices with their secrets."""
+    if request.content_type not in ("text/csv", "text/plain"):
+        raise InvalidInput("body", "must be text/csv: product_key,device_name[,device_secret] per line")
+    raw = await request.content.read(_IMPORT_MAX + 1)
+    if len(raw) > _IMPORT_MAX:
+        raise InvalidInput("body", f"is larger than {_IMPORT_MAX} bytes; split the file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvalidInput("body", "is not UTF-8") from e
+    result = await _service(request).import_devices(text)
+    return web.json_response(
+        {
+            "created": [
+                {"product_key": r.product_key, "device_name": r.device_name, "device_secret": secret}
+                for r, secret in result.created
+            ],
+            "existing": result.existing,
+            "errors": [{"line": line, "message": message} for line, message in result.errors],
+        },
+        status=200,
+    )
 
 
 async def add_firmware(request: web.Request) -> web.Response:

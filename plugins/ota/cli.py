@@ -17,6 +17,9 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
+from plugins.device_auth.signing import login_for
+from plugins.ota.topics import DeviceRef
+
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -49,6 +52,7 @@ class Api:
             except OSError:
                 fail(f"no admin token: pass --token, set OTA_ADMIN_TOKEN, or run where {path} exists")
         self.url = url.rstrip("/")
+        self.host = httpx.URL(self.url).host or "127.0.0.1"
         self.client = httpx.Client(
             base_url=f"{self.url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=60
         )
@@ -79,20 +83,111 @@ def device_add(
     product_key: str,
     device_name: str,
     secret: Annotated[str | None, typer.Option(help="Device secret (default: generated).")] = None,
+    mqtt_host: Annotated[
+        str | None, typer.Option(help="Host for the example commands (default: the API's).")
+    ] = None,
+    mqtt_port: Annotated[int, typer.Option(help="MQTT port for the example commands.")] = 1883,
     admin_url: AdminUrl = DEFAULT_URL,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Register a device and print its device secret."""
+    """Register a device; print its secret and ready mosquitto_pub/mosquitto_sub commands that log in as it."""
     body: dict[str, Any] = {"product_key": product_key, "device_name": device_name}
     if secret:
         body["device_secret"] = secret
-    created = Api(admin_url, token).call("POST", "/devices", json=body)
+    api = Api(admin_url, token)
+    created = api.call("POST", "/devices", json=body)
     if as_json:
         show_json(created)
         return
     console.print(f"device {product_key}/{device_name} registered")
     console.print(f"device_secret: {created['device_secret']}", highlight=False)
+    _print_login_examples(
+        product_key, device_name, created["device_secret"], mqtt_host or api.host, mqtt_port
+    )
+
+
+def _print_login_examples(product_key: str, device_name: str, secret: str, host: str, port: int) -> None:
+    device = DeviceRef(product_key, device_name)
+    sub = login_for(device, secret, client_id_part=f"{product_key}.{device_name}.sub")
+    pub = login_for(device, secret, client_id_part=f"{product_key}.{device_name}.pub")
+    inform = json.dumps({"id": 1, "params": {"version": "1.0.0"}})
+    console.print("\nlog in as this device (Aliyun one-device-one-secret, hmacsha256):", highlight=False)
+    console.print(
+        f"  mosquitto_sub -h {host} -p {port} -i '{sub.client_id}' -u '{sub.username}' -P '{sub.password}'"
+        f" -t '/ota/device/upgrade/{product_key}/{device_name}' -v",
+        highlight=False,
+    )
+    console.print(
+        f"  mosquitto_pub -h {host} -p {port} -i '{pub.client_id}' -u '{pub.username}' -P '{pub.password}'"
+        f" -t '/ota/device/inform/{product_key}/{device_name}' -m '{inform}'",
+        highlight=False,
+    )
+
+
+def _device_call(method: str, device: str, suffix: str, admin_url: str, token: str | None, **kw: Any) -> Any:
+    try:
+        ref = DeviceRef.parse(device)
+    except ValueError as e:
+        fail(str(e))
+    return Api(admin_url, token).call(method, f"/devices/{ref.product_key}/{ref.device_name}{suffix}", **kw)
+
+
+@device_app.command("disable")
+def device_disable(device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Refuse the device's logins from now on and close its connections."""
+    _device_call("PATCH", device, "", admin_url, token, json={"enabled": False})
+    console.print(f"device {device} disabled")
+
+
+@device_app.command("enable")
+def device_enable(device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Accept the device's logins again."""
+    _device_call("PATCH", device, "", admin_url, token, json={"enabled": True})
+    console.print(f"device {device} enabled")
+
+
+@device_app.command("delete")
+def device_delete(device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Delete a device with no unfinished task (its task history stays)."""
+    _device_call("DELETE", device, "", admin_url, token)
+    console.print(f"device {device} deleted")
+
+
+@device_app.command("rotate-secret")
+def device_rotate_secret(
+    device: str,
+    secret: Annotated[str | None, typer.Option(help="The new secret (default: generated).")] = None,
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Give the device a new secret; its open connections are closed and must log in again."""
+    answer = _device_call(
+        "POST", device, "/secret", admin_url, token, json={"device_secret": secret} if secret else {}
+    )
+    console.print(f"device_secret: {answer['device_secret']}", highlight=False)
+
+
+@device_app.command("import")
+def device_import(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Register devices from a CSV file (product_key,device_name[,device_secret]); prints the created devices
+    with their secrets as CSV on stdout, and a summary on stderr."""
+    answer = Api(admin_url, token).call(
+        "POST", "/devices/import", content=file.read_bytes(), headers={"Content-Type": "text/csv"}
+    )
+    for d in answer["created"]:
+        print(f"{d['product_key']},{d['device_name']},{d['device_secret']}")
+    for e in answer["errors"]:
+        err.print(f"line {e['line']}: {e['message']}", highlight=False)
+    err.print(
+        f"{len(answer['created'])} created, {answer['existing']} already existed, {len(answer['errors'])} refused"
+    )
+    if answer["errors"]:
+        raise typer.Exit(1)
 
 
 @device_app.command("list")

@@ -16,13 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from amqtt.broker import BrokerContext
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import ApplicationMessage, Session
 
 from firmware_store import FirmwareStore, LinkSigner
-from firmware_store.server import download_app, start_site
+from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls
 from plugins.ota.api import admin_app
 from plugins.ota.repository import Repository
@@ -52,7 +51,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         self.public_url = ""
         self.tls: TlsFiles | None = None
         self._repo: Repository | None = None
-        self._runners: list[web.AppRunner] = []
+        self._sites: list[Site] = []
         self._ticker: asyncio.Task[None] | None = None
         self._client_device: dict[str, DeviceRef] = {}
         self._device_clients: dict[DeviceRef, list[str]] = {}  # newest last
@@ -93,25 +92,50 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             signer,
             self,
             self.clock,
-            auto_register=s.auth_mode == "open",
+            auto_register=self.open_mode,
             max_payload_bytes=s.max_payload_bytes,
+            progress_per_second=s.progress_per_second,
+            progress_burst=s.progress_burst,
         )
-        dl = download_app(store, signer, service.resolve_blob, service.may_download, self.clock)
-        runner, self.https_address = await start_site(
-            dl, s.https_bind.host, s.https_bind.port, self.tls.server_context()
+        dl = download_app(
+            store,
+            signer,
+            service.resolve_blob,
+            service.may_download,
+            self.clock,
+            max_per_subject=s.max_downloads_per_device,
         )
-        self._runners.append(runner)
+        site = await start_site(
+            dl,
+            s.https_bind.host,
+            s.https_bind.port,
+            self.tls.server_context(),
+            header_timeout_s=s.http_header_timeout_s,
+        )
+        self._sites.append(site)
+        self.https_address = site.address
         self.public_url = signer.base_url = s.public_url_for(self.https_address[1])
         log.info(
             "https listening on %s (devices download from %s)", _fmt(self.https_address), self.public_url
         )
-        runner, self.admin_address = await start_site(
-            admin_app(service, token), s.admin_bind.host, s.admin_bind.port, None
+        site = await start_site(
+            admin_app(service, token),
+            s.admin_bind.host,
+            s.admin_bind.port,
+            self.tls.server_context() if s.admin_tls else None,
+            header_timeout_s=s.http_header_timeout_s,
         )
-        self._runners.append(runner)
-        log.info("admin api listening on http://%s/api/v1", _fmt(self.admin_address))
-        if s.auth_mode == "open":
-            log.warning("auth mode is 'open': any client may connect and act as any device (lab use only)")
+        self._sites.append(site)
+        self.admin_address = site.address
+        scheme = "https" if s.admin_tls else "http"
+        log.info("admin api listening on %s://%s/api/v1", scheme, _fmt(self.admin_address))
+        if self.open_mode:
+            log.warning(
+                "AUTH MODE IS 'open': any client may connect without credentials and act as any device. "
+                "Use it only on a trusted lab network; set OTA_AUTH_MODE=device-secret otherwise."
+            )
+        else:
+            log.info("auth mode: device-secret (devices log in with Aliyun one-device-one-secret signatures)")
         self._ticker = asyncio.create_task(self._tick_loop())
 
     async def _tick_loop(self) -> None:
@@ -127,9 +151,9 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
+        for site in self._sites:
+            await site.close()
+        self._sites.clear()
 
     async def close(self) -> None:
         """After the broker closed its sessions: finish in-flight work, then close the database."""
@@ -141,6 +165,21 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         if self._repo is not None:
             await self._repo.close()
             self._repo = None
+
+    # ------------------------------------------------------------------ DeviceDirectory (for auth)
+
+    @property
+    def open_mode(self) -> bool:
+        return self.settings.auth_mode == "open"
+
+    @property
+    def auth_mode(self) -> str:
+        return self.settings.auth_mode
+
+    async def device_login(self, device: DeviceRef) -> tuple[str, bool] | None:
+        if self._repo is None:
+            return None
+        return await self._repo.device_login(device)
 
     # ------------------------------------------------------------------------------- broker events
 
@@ -165,7 +204,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
 
     async def on_broker_client_subscribed(self, *, client_id: str, topic: str, qos: int) -> None:
         parsed = _parse(topic)
-        if parsed is None or parsed.kind.device_to_server or self.service is None:
+        if parsed is None or parsed.kind.device_to_server or self.service is None or not self.open_mode:
             return
         if self._bind(client_id, parsed.device):
             await self.service.device_connected(parsed.device)
@@ -211,8 +250,12 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         return True
 
     def _may_act_for(self, client_id: str, device: DeviceRef) -> bool:
+        """Whether this client may speak for `device`. The broker fires its message event before any
+        topic ACL check, so the OTA service checks the sender itself."""
         bound = self._client_device.get(client_id)
-        return bound is None or bound == device
+        if self.open_mode:
+            return bound is None or bound == device
+        return bound == device  # device-secret: the device it authenticated as
 
     def _session(self, device: DeviceRef) -> tuple[str, Session] | None:
         for client_id in reversed(self._device_clients.get(device, [])):
@@ -250,6 +293,13 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             self._deliveries.add(task)
             task.add_done_callback(self._delivery_done)
         return True
+
+    async def disconnect(self, device: DeviceRef) -> None:
+        for client_id in list(self._device_clients.get(device, [])):
+            found = self.context._broker_instance.sessions.get(client_id)  # amqtt offers no public handle
+            if found is not None:
+                log.info("closing the connection of %s (client %r)", device, client_id)
+                await found[1].handle_connection_closed()
 
     def _delivery_done(self, task: asyncio.Task[Any]) -> None:
         self._deliveries.discard(task)

@@ -289,6 +289,62 @@ class Repository:
                 modules.setdefault((m["product_key"], m["device_name"]), {})[m["module"]] = m["version"]
         return [_device(r, modules.get((r["product_key"], r["device_name"]), {})) for r in rows]
 
+    async def device_login(self, ref: DeviceRef) -> tuple[str, bool] | None:
+        row = await self._one(
+            "SELECT device_secret, enabled FROM devices WHERE product_key=? AND device_name=?",
+            (ref.product_key, ref.device_name),
+        )
+        return None if row is None else (str(row["device_secret"]), bool(row["enabled"]))
+
+    async def set_enabled(self, ref: DeviceRef, enabled: bool) -> None:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE devices SET enabled=? WHERE product_key=? AND device_name=?",
+                (int(enabled), ref.product_key, ref.device_name),
+            )
+            if cur.rowcount != 1:
+                raise NotFound(f"device {ref} does not exist")
+
+    async def set_secret(self, ref: DeviceRef, secret: str) -> None:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE devices SET device_secret=? WHERE product_key=? AND device_name=?",
+                (secret, ref.product_key, ref.device_name),
+            )
+            if cur.rowcount != 1:
+                raise NotFound(f"device {ref} does not exist")
+
+    async def delete_device(self, ref: DeviceRef) -> None:
+        """Delete the device and its module versions; Conflict while it has an unfinished task."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                f"SELECT COUNT(*) FROM tasks WHERE product_key=? AND device_name=? AND state IN {_UNFINISHED_SQL}",  # noqa: S608
+                (ref.product_key, ref.device_name),
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                raise Conflict(f"device {ref} has {row[0]} unfinished task(s); cancel them first")
+            cur = await db.execute(
+                "DELETE FROM devices WHERE product_key=? AND device_name=?",
+                (ref.product_key, ref.device_name),
+            )
+            if cur.rowcount != 1:
+                raise NotFound(f"device {ref} does not exist")
+
+    async def add_devices(self, rows: Sequence[tuple[DeviceRef, str]], now: float) -> list[DeviceRef]:
+        """Insert the devices that do not exist yet, in one transaction; returns those created."""
+        created: list[DeviceRef] = []
+        async with self._tx() as db:
+            for ref, secret in rows:
+                cur = await db.execute(
+                    "INSERT OR IGNORE INTO devices (product_key, device_name, device_secret, created_at)"
+                    " VALUES (?,?,?,?)",
+                    (ref.product_key, ref.device_name, secret, now),
+                )
+                if cur.rowcount == 1:
+                    created.append(ref)
+        return created
+
     async def set_online(self, ref: DeviceRef, online: bool, now: float) -> None:
         async with self._tx() as db:
             await db.execute(

@@ -11,6 +11,8 @@ against the stored task, and task writes are compare-and-set.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 from firmware_store import Blob, FirmwareStore, LinkSigner
 from plugins.ota import machine, messages
 from plugins.ota.errors import Conflict, InvalidInput
+from plugins.ota.limits import RateLimiter
 from plugins.ota.machine import (
     CancelRequested,
     Delivery,
@@ -64,6 +67,17 @@ class DeviceChannel(Protocol):
         """Deliver to the device's own session (whether or not it subscribed); False when offline."""
         ...
 
+    async def disconnect(self, device: DeviceRef) -> None:
+        """Close the device's connections (it was disabled, deleted or given a new secret)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    created: list[tuple[DeviceRef, str]]
+    existing: int
+    errors: list[tuple[int, str]]
+
 
 @dataclass(frozen=True, slots=True)
 class PullReply:
@@ -84,6 +98,8 @@ class OtaService:
         *,
         auto_register: bool,
         max_payload_bytes: int,
+        progress_per_second: float = 5.0,
+        progress_burst: float = 20.0,
     ) -> None:
         self.repo = repo
         self.store = store
@@ -93,6 +109,7 @@ class OtaService:
         self.auto_register = auto_register
         self.max_payload_bytes = max_payload_bytes
         self.rejected: Counter[str] = Counter()
+        self.progress_limit = RateLimiter(progress_per_second, progress_burst)
         self._locks: dict[DeviceRef, asyncio.Lock] = {}
         self._lock_users: Counter[DeviceRef] = Counter()
         self._background: set[asyncio.Task[None]] = set()
@@ -139,6 +156,8 @@ class OtaService:
     async def handle_publish(self, topic: OtaTopic, payload: bytes) -> None:
         """One device publish on an OTA topic. Never raises: failures are logged with the device."""
         device = topic.device
+        if topic.kind is TopicKind.PROGRESS and not self._progress_allowed(device):
+            return
         try:
             async with self._device_lock(device):
                 match topic.kind:
@@ -165,6 +184,20 @@ class OtaService:
         except Exception:
             self.rejected["internal_error"] += 1
             log.exception("failed to handle %s from %s", topic.kind, device)
+
+    def _progress_allowed(self, device: DeviceRef) -> bool:
+        now = self.clock()
+        if self.progress_limit.allow(device, now):
+            return True
+        self.rejected["progress_rate_limited"] += 1
+        if dropped := self.progress_limit.should_warn(device, now):
+            log.warning(
+                "rejected from %s: progress_rate_limited: %d report(s) over %g/s dropped",
+                device,
+                dropped,
+                self.progress_limit.rate,
+            )
+        return False
 
     async def device_connected(self, device: DeviceRef) -> None:
         """The device's session is up: record it online and hand it any pending notice."""
@@ -313,7 +346,62 @@ class OtaService:
     # ------------------------------------------------------------------------------ operator calls
 
     async def add_device(self, device: DeviceRef, secret: str | None) -> DeviceRecord:
-        return await self.repo.add_device(device, secret or new_device_secret(), self.clock())
+        record = await self.repo.add_device(device, secret or new_device_secret(), self.clock())
+        log.info("device %s registered", device)
+        return record
+
+    async def set_device_enabled(self, device: DeviceRef, enabled: bool) -> DeviceRecord:
+        await self.repo.set_enabled(device, enabled)
+        log.info("device %s %s", device, "enabled" if enabled else "disabled")
+        if not enabled:
+            await self.channel.disconnect(device)
+        return await self.repo.get_device(device)
+
+    async def rotate_secret(self, device: DeviceRef, secret: str | None) -> str:
+        new = secret or new_device_secret()
+        await self.repo.set_secret(device, new)
+        log.info("device %s has a new secret; its connections are closed", device)
+        await self.channel.disconnect(device)
+        return new
+
+    async def delete_device(self, device: DeviceRef) -> None:
+        await self.repo.delete_device(device)
+        log.info("device %s deleted", device)
+        await self.channel.disconnect(device)
+
+    async def import_devices(self, text: str) -> ImportResult:
+        """Register devices from CSV rows `product_key,device_name[,device_secret]` (a header is allowed)."""
+        rows: list[tuple[DeviceRef, str]] = []
+        errors: list[tuple[int, str]] = []
+        seen: set[DeviceRef] = set()
+        for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+            cells = [c.strip() for c in row]
+            if not cells or not any(cells) or (line_no == 1 and cells[0].lower() == "product_key"):
+                continue
+            if len(cells) not in (2, 3):
+                errors.append((line_no, "expected product_key,device_name[,device_secret]"))
+                continue
+            try:
+                ref = DeviceRef(cells[0], cells[1])
+            except ValueError as e:
+                errors.append((line_no, str(e)))
+                continue
+            secret = cells[2] if len(cells) == 3 and cells[2] else new_device_secret()
+            if len(secret) > 128 or not secret.isprintable():
+                errors.append((line_no, "device_secret must be at most 128 printable characters"))
+            elif ref in seen:
+                errors.append((line_no, f"{ref} is listed twice"))
+            else:
+                seen.add(ref)
+                rows.append((ref, secret))
+        created = set(await self.repo.add_devices(rows, self.clock()))
+        log.info(
+            "imported %d device(s); %d existed; %d line(s) refused",
+            len(created),
+            len(rows) - len(created),
+            len(errors),
+        )
+        return ImportResult([(r, s) for r, s in rows if r in created], len(rows) - len(created), errors)
 
     async def add_firmware(
         self,

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 PLUGIN_KEY = "plugins.ota.plugin.OtaPlugin"
-AUTH_MODES = ("open",)
+AUTH_MODES = ("device-secret", "open")
 
 
 class ConfigError(ValueError):
@@ -27,17 +27,22 @@ class OtaConfig:
     """Keys of the OTA plugin's entry in `config.yaml`, with their defaults (SPEC §2)."""
 
     data_dir: str = "./data"
-    auth_mode: str = "open"
+    auth_mode: str = "device-secret"
     https_bind: str = "0.0.0.0:8443"
     public_url: str = ""
     admin_bind: str = "127.0.0.1:8080"
     admin_token: str = ""
+    admin_tls: bool = False
     mqtts_bind: str = "0.0.0.0:8883"
     tls_cert: str = ""
     tls_key: str = ""
     link_ttl_hours: float = 24.0
     max_payload_bytes: int = 65536
     max_upload_mb: int = 1024
+    progress_per_second: float = 5.0
+    progress_burst: int = 20
+    max_downloads_per_device: int = 2
+    http_header_timeout_s: float = 10.0
     tick_seconds: float = 5.0
 
 
@@ -68,12 +73,17 @@ class Settings:
     public_url: str  # may carry port 0: replaced by the port the HTTPS endpoint bound
     admin_bind: Bind
     admin_token: str
+    admin_tls: bool
     mqtts_bind: Bind | None
     tls_cert: Path | None
     tls_key: Path | None
     link_ttl_s: int
     max_payload_bytes: int
     max_upload_bytes: int
+    progress_per_second: float
+    progress_burst: int
+    max_downloads_per_device: int
+    http_header_timeout_s: float
     tick_seconds: float
 
     @property
@@ -121,7 +131,17 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         raise ConfigError(f"{key}.public_url: {public_url!r} must be an https:// URL with a host")
     if (cfg.tls_cert == "") != (cfg.tls_key == ""):
         raise ConfigError(f"{key}.tls_cert/tls_key: give both or neither")
-    for name in ("link_ttl_hours", "max_payload_bytes", "max_upload_mb", "tick_seconds"):
+    numbers = (
+        "link_ttl_hours",
+        "max_payload_bytes",
+        "max_upload_mb",
+        "progress_per_second",
+        "progress_burst",
+        "max_downloads_per_device",
+        "http_header_timeout_s",
+        "tick_seconds",
+    )
+    for name in numbers:
         if not isinstance(getattr(cfg, name), int | float) or getattr(cfg, name) <= 0:
             raise ConfigError(f"{key}.{name}: must be a positive number")
     return Settings(
@@ -131,11 +151,16 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         public_url=public_url,
         admin_bind=parse_bind(cfg.admin_bind, f"{key}.admin_bind"),
         admin_token=cfg.admin_token,
+        admin_tls=bool(cfg.admin_tls),
         mqtts_bind=parse_bind(cfg.mqtts_bind, f"{key}.mqtts_bind") if cfg.mqtts_bind.strip() else None,
         tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
         tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
         link_ttl_s=int(cfg.link_ttl_hours * 3600),
         max_payload_bytes=int(cfg.max_payload_bytes),
         max_upload_bytes=int(cfg.max_upload_mb) * 1024 * 1024,
+        progress_per_second=float(cfg.progress_per_second),
+        progress_burst=int(cfg.progress_burst),
+        max_downloads_per_device=int(cfg.max_downloads_per_device),
+        http_header_timeout_s=float(cfg.http_header_timeout_s),
         tick_seconds=float(cfg.tick_seconds),
     )

@@ -74,6 +74,7 @@ class BrokerProcess:
             OTA_HTTPS_BIND="127.0.0.1:0",
             OTA_ADMIN_BIND="127.0.0.1:0",
             OTA_PUBLIC_URL="https://127.0.0.1:0",
+            OTA_AUTH_MODE="open",
             PYTHONUNBUFFERED="1",
         )
         self.proc = subprocess.Popen(

@@ -18,11 +18,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 import pytest
 import trustme
-from aiohttp import web
 from multidict import CIMultiDict
 
 from firmware_store import Blob, FirmwareStore, LinkSigner
-from firmware_store.server import download_app, start_site
+from firmware_store.server import Site, download_app, start_site
 
 KEY = b"download-link-key, 32 bytes long"
 TTL_S = 3600
@@ -153,21 +152,22 @@ def store(tmp_path: Path) -> FirmwareStore:
 @pytest.fixture
 async def start(server_ssl: ssl.SSLContext, catalog: Catalog, clock: Clock) -> AsyncIterator[Start]:
     """Starts download endpoints over a given store on 127.0.0.1:0; all are cleaned up afterwards."""
-    runners: list[web.AppRunner] = []
+    sites: list[Site] = []
 
     async def _start(store: FirmwareStore) -> Endpoint:
         signer = LinkSigner(KEY, "https://unused.invalid", TTL_S)
         app = download_app(store, signer, catalog.resolve, catalog.authorize, clock)
-        runner, (host, port) = await start_site(app, "127.0.0.1", 0, server_ssl)
-        runners.append(runner)
+        site = await start_site(app, "127.0.0.1", 0, server_ssl)
+        sites.append(site)
+        host, port = site.address
         base = f"https://{host}:{port}"
         return Endpoint(base, LinkSigner(KEY, base, TTL_S), clock)
 
     try:
         yield _start
     finally:
-        for runner in runners:
-            await runner.cleanup()
+        for site in sites:
+            await site.close()
 
 
 @pytest.fixture

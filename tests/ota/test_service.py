@@ -73,6 +73,8 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[OtaService, FakeChannel, 
         clock,
         auto_register=True,
         max_payload_bytes=4096,
+        progress_per_second=5,
+        progress_burst=100,
     )
     yield service, channel, clock
     await service.drain()
@@ -245,3 +247,19 @@ async def test_pull_without_task_answers_empty(world) -> None:
     [(_, topic, reply)] = channel.sent
     assert topic == "/sys/pk/dev1/thing/ota/firmware/get_reply"
     assert reply == {"id": "abc", "code": 200, "data": {}, "message": "success"}
+
+
+async def test_progress_flood_is_rate_limited(world, caplog: pytest.LogCaptureFixture) -> None:
+    """Progress beyond the per-device budget is dropped and counted, with one warning, and the budget refills."""
+    service, channel, clock = world
+    channel.connect(DEV)
+    await inform(service, DEV, "1.0.0")
+    job_id = await start_job(service, [DEV])
+    for step in range(1, 151):
+        await progress(service, DEV, str(min(step, 100)))
+    assert service.rejected["progress_rate_limited"] == 50
+    assert [r for r in caplog.records if "progress_rate_limited" in r.getMessage()] != []
+    assert (await task_of(service, job_id)).progress == 100
+    clock.now += 1  # five more reports per second
+    await progress(service, DEV, "-2")
+    assert (await task_of(service, job_id)).state is TaskState.FAILED

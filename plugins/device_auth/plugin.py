@@ -1,0 +1,186 @@
+"""`plugins.device_auth.plugin.DeviceAuthPlugin`: who may connect, and which topics each client may use.
+
+In `device-secret` mode a device logs in with Aliyun's one-device-one-secret signature (`signing`); an
+application (dashboard, script) logs in with an account from this plugin's configuration, whose password
+is stored only as an argon2 hash and checked off the event loop. Every refused CONNECT is logged once
+with the peer, the clientId and the reason, never the secret or the password. In `open` mode (labs)
+everyone may connect and use any topic.
+
+The device registry lives in the OTA service; this plugin asks it through the `DeviceDirectory`
+protocol, which the OTA plugin implements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from amqtt.broker import BrokerContext
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from plugins.device_auth import acl
+from plugins.device_auth.signing import CredentialsError, DeviceCredentials, Refusal, verify
+from plugins.ota.topics import DeviceRef
+
+log = logging.getLogger("ota.auth")
+
+OPEN = "open"
+
+
+@runtime_checkable
+class DeviceDirectory(Protocol):
+    """What the auth plugin needs to know about devices (implemented by the OTA plugin)."""
+
+    @property
+    def auth_mode(self) -> str: ...
+
+    async def device_login(self, device: DeviceRef) -> tuple[str, bool] | None:
+        """The device's secret and whether it is enabled; None for an unknown device."""
+        ...
+
+
+@dataclass
+class AccountConfig:
+    """An application account: an argon2 password hash and the topic patterns it may use."""
+
+    password_hash: str
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeviceAuthConfig:
+    accounts: dict[str, AccountConfig] = field(default_factory=dict)
+    # When > 0, a device CONNECT whose clientId carries `timestamp=<ms or s>` further than this many
+    # seconds from the broker's clock is refused: this bounds how long a captured password can be
+    # replayed. 0 (the default) accepts any timestamp, as some SDKs send a fixed one.
+    max_timestamp_skew_s: float = 0.0
+
+
+class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
+    Config = DeviceAuthConfig
+
+    def __init__(self, context: BrokerContext) -> None:
+        super().__init__(context)
+        self._hasher = PasswordHasher()
+        self._directory: DeviceDirectory | None = None
+        for name, account in self.config.accounts.items():
+            if "&" in name:
+                raise ValueError(
+                    f"accounts.{name}: account names may not contain '&' (that form names a device)"
+                )
+            if not account.password_hash.startswith("$argon2"):
+                raise ValueError(
+                    f"accounts.{name}.password_hash: expected an argon2 hash (ota-broker hash-password)"
+                )
+
+    # ---------------------------------------------------------------------------------- directory
+
+    def directory(self) -> DeviceDirectory | None:
+        if self._directory is None:
+            manager = self.context._broker_instance.plugins_manager  # amqtt offers no public handle
+            for plugin in manager.plugins:
+                if isinstance(plugin, DeviceDirectory) and plugin is not self:
+                    self._directory = plugin
+        return self._directory
+
+    def _open(self) -> bool:
+        found = self.directory()
+        return found is not None and found.auth_mode == OPEN
+
+    # ------------------------------------------------------------------------------ authentication
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        if self._open():
+            return True
+        peer = f"{session.remote_address}:{session.remote_port}"
+        client_id = str(session.client_id or "")[:96]
+        account = self.config.accounts.get(session.username or "")
+        if account is not None:
+            ok = await asyncio.to_thread(self._check_password, account.password_hash, session.password)
+            if not ok:
+                log.warning(
+                    "refused CONNECT from %s (account %r): %s", peer, session.username, Refusal.BAD_PASSWORD
+                )
+            return ok
+        try:
+            await self._check_device(session)
+        except CredentialsError as e:
+            log.warning(
+                "refused CONNECT from %s (clientId %r, username %r): %s",
+                peer,
+                client_id,
+                str(session.username or "")[:80],
+                e,
+            )
+            return False
+        return True
+
+    def _check_password(self, password_hash: str, password: Any) -> bool:
+        if password is None:
+            return False
+        try:
+            return bool(self._hasher.verify(password_hash, password))
+        except (VerificationError, InvalidHashError):
+            return False
+
+    async def _check_device(self, session: Session) -> None:
+        creds = DeviceCredentials.parse(session.client_id, session.username, session.password)
+        directory = self.directory()
+        found = None if directory is None else await directory.device_login(creds.device)
+        if found is None:
+            raise CredentialsError(Refusal.UNKNOWN_DEVICE, str(creds.device))
+        secret, enabled = found
+        if not verify(creds, secret):
+            raise CredentialsError(Refusal.BAD_SIGNATURE, str(creds.device))
+        if not enabled:
+            raise CredentialsError(Refusal.DISABLED, str(creds.device))
+        skew = self.config.max_timestamp_skew_s
+        if skew > 0 and creds.timestamp is not None and not _fresh(creds.timestamp, time.time(), skew):
+            raise CredentialsError(Refusal.STALE_TIMESTAMP, str(creds.device))
+
+    # ---------------------------------------------------------------------------- topic isolation
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        if self._open():
+            return True
+        if session is None or topic is None:
+            return False
+        account = self.config.accounts.get(session.username or "")
+        if account is not None:
+            if action == Action.PUBLISH:
+                return acl.any_matches(account.publish, topic)
+            if action == Action.SUBSCRIBE:
+                return acl.any_covers(account.subscribe, topic)
+            return acl.any_matches(account.subscribe, topic)
+        device = DeviceRef.from_username(session.username)
+        if device is None:
+            return False
+        if action == Action.PUBLISH:
+            allowed = acl.device_may_publish(device, topic)
+        elif action == Action.SUBSCRIBE:
+            allowed = acl.device_may_subscribe(device, topic)
+        else:
+            return acl.device_may_receive(device, topic)
+        if not allowed:
+            log.warning(
+                "refused %s by %s on %r: outside the device's own topics", action, device, topic[:128]
+            )
+        return allowed
+
+
+def _fresh(timestamp: str, now: float, skew: float) -> bool:
+    if not timestamp.isdigit() or len(timestamp) > 16:
+        return False
+    value = int(timestamp)
+    seconds = value / 1000 if value > 10**11 else value  # Aliyun SDKs send ms or s
+    return abs(now - seconds) <= skew

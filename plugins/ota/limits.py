@@ -1,0 +1,46 @@
+"""Per-device rate limits (pure: time is an argument)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+    dropped: int = 0
+    last_warned: float = float("-inf")
+
+
+@dataclass
+class RateLimiter:
+    """A token bucket per key: `rate` per second, bursts up to `burst`."""
+
+    rate: float
+    burst: float
+    _buckets: dict[object, _Bucket] = field(default_factory=dict)
+
+    def allow(self, key: object, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return True
+        bucket.dropped += 1
+        return False
+
+    def should_warn(self, key: object, now: float, every_s: float = 10.0) -> int:
+        """How many were dropped since the last warning, when a warning is due now (else 0)."""
+        bucket = self._buckets.get(key)
+        if bucket is None or not bucket.dropped or now - bucket.last_warned < every_s:
+            return 0
+        dropped, bucket.dropped, bucket.last_warned = bucket.dropped, 0, now
+        return dropped
+
+    def forget_idle(self, now: float, idle_s: float = 300.0) -> None:
+        for key in [k for k, b in self._buckets.items() if now - b.stamp > idle_s]:
+            del self._buckets[key]
