@@ -221,10 +221,10 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             return
         if not self._may_act_for(client_id, parsed.device):
             self.service.reject(
-                parsed.device, "foreign_publish", f"client {client_id!r} is bound to another device"
+                parsed.device, "foreign_publish", f"client {client_id[:96]!r} is not this device"
             )
             return
-        if self._bind(client_id, parsed.device):
+        if self.open_mode and self._bind(client_id, parsed.device):
             await self.service.mark_online(parsed.device)
         await self.service.handle_publish(parsed, bytes(message.data or b""))
 
