@@ -1,11 +1,13 @@
 """The operator's CLI (`ota-broker device|firmware|job ...`): a client of the management API, nothing
 more. It finds the API at `--admin-url` / `OTA_ADMIN_URL` (default http://127.0.0.1:8080) and its token
-in `--token` / `OTA_ADMIN_TOKEN`, else in `<OTA_DATA_DIR or ./data>/admin.token`."""
+in `--token` / `OTA_ADMIN_TOKEN`, else in `<OTA_DATA_DIR or ./data>/admin.token`. An https API is checked
+against `OTA_ADMIN_CACERT`, else `<OTA_DATA_DIR or ./data>/tls/ca.crt` when it exists."""
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -45,16 +47,25 @@ def fail(message: str) -> NoReturn:
 
 class Api:
     def __init__(self, url: str, token: str | None) -> None:
+        data_dir = Path(os.environ.get("OTA_DATA_DIR", "./data"))
         if token is None:
-            path = Path(os.environ.get("OTA_DATA_DIR", "./data")) / "admin.token"
+            path = data_dir / "admin.token"
             try:
                 token = path.read_text().strip()
             except OSError:
                 fail(f"no admin token: pass --token, set OTA_ADMIN_TOKEN, or run where {path} exists")
         self.url = url.rstrip("/")
         self.host = httpx.URL(self.url).host or "127.0.0.1"
+        # An https admin API (admin_tls) serves the broker's own certificate: trust its CA when present.
+        ca = os.environ.get("OTA_ADMIN_CACERT") or str(data_dir / "tls" / "ca.crt")
+        verify: ssl.SSLContext | bool = True
+        if self.url.startswith("https://") and Path(ca).exists():
+            verify = ssl.create_default_context(cafile=ca)
         self.client = httpx.Client(
-            base_url=f"{self.url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=60
+            base_url=f"{self.url}/api/v1",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+            verify=verify,
         )
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
