@@ -70,7 +70,8 @@ class Api:
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            response = self.client.request(method, path, **kwargs)
+            with httpx.Client(**self._client_args) as client:
+                response = client.request(method, path, **kwargs)
         except httpx.TransportError as e:
             fail(f"cannot reach the management API at {self.url} ({e}); is `ota-broker run` running?")
         if response.status_code >= 400:
