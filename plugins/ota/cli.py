@@ -61,12 +61,12 @@ class Api:
         verify: ssl.SSLContext | bool = True
         if self.url.startswith("https://") and Path(ca).exists():
             verify = ssl.create_default_context(cafile=ca)
-        self.client = httpx.Client(
-            base_url=f"{self.url}/api/v1",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=60,
-            verify=verify,
-        )
+        self._client_args: dict[str, Any] = {
+            "base_url": f"{self.url}/api/v1",
+            "headers": {"Authorization": f"Bearer {token}"},
+            "timeout": 60,
+            "verify": verify,
+        }
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
