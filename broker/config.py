@@ -12,9 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dacite import Config as DaciteConfig
+from dacite import DaciteError, from_dict
 
 from firmware_store.tls import ensure_tls
+from plugins.device_auth.plugin import DeviceAuthConfig, config_problem
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings, parse_bind, resolve
+
+AUTH_PLUGIN_KEY = "plugins.device_auth.plugin.DeviceAuthPlugin"
 
 __all__ = ["ConfigError", "Loaded", "default_config_text", "load", "prepare"]
 
@@ -70,10 +75,26 @@ def ota_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     return resolve(OtaConfig(**entry), env)
 
 
+def check_auth(raw: Mapping[str, Any]) -> None:
+    """Check the device-auth plugin's entry (accounts, patterns, options), naming the key."""
+    entry = raw["plugins"].get(AUTH_PLUGIN_KEY)
+    if entry is None:
+        return
+    key = f"plugins.{AUTH_PLUGIN_KEY}"
+    try:
+        config = from_dict(DeviceAuthConfig, entry or {}, config=DaciteConfig(strict=True))
+    except DaciteError as e:
+        raise ConfigError(f"{key}: {e}") from e
+    problem = config_problem(config)
+    if problem:
+        raise ConfigError(f"{key}.{problem}")
+
+
 def prepare(loaded: Loaded, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], Settings]:
     """The amqtt configuration to run, with overrides applied and TLS material in place."""
     env = os.environ if env is None else env
     cfg = copy.deepcopy(loaded.raw)
+    check_auth(cfg)
     if "OTA_MQTT_BIND" in env:
         cfg["listeners"]["default"]["bind"] = str(parse_bind(env["OTA_MQTT_BIND"], "OTA_MQTT_BIND"))
     else:

@@ -71,15 +71,9 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
         super().__init__(context)
         self._hasher = PasswordHasher()
         self._directory: DeviceDirectory | None = None
-        for name, account in self.config.accounts.items():
-            if "&" in name:
-                raise ValueError(
-                    f"accounts.{name}: account names may not contain '&' (that form names a device)"
-                )
-            if not account.password_hash.startswith("$argon2"):
-                raise ValueError(
-                    f"accounts.{name}.password_hash: expected an argon2 hash (ota-broker hash-password)"
-                )
+        problem = config_problem(self.config)
+        if problem:
+            raise ValueError(problem)
 
     # ---------------------------------------------------------------------------------- directory
 
@@ -176,6 +170,31 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
                 "refused %s by %s on %r: outside the device's own topics", action, device, topic[:128]
             )
         return allowed
+
+
+def config_problem(config: DeviceAuthConfig) -> str | None:
+    """What is wrong with the plugin's configuration (key path and reason), or None."""
+    for name, account in config.accounts.items():
+        key = f"accounts.{name}"
+        if not name or "&" in name:
+            return f"{key}: account names may not be empty or contain '&' (that form names a device)"
+        if not account.password_hash.startswith("$argon2"):
+            return f"{key}.password_hash: expected an argon2 hash (make one with `ota-broker hash-password`)"
+        for action in ("publish", "subscribe"):
+            for i, pattern in enumerate(getattr(account, action)):
+                if not valid_filter(pattern):
+                    return f"{key}.{action}[{i}]: {pattern!r} is not an MQTT topic filter"
+    if config.max_timestamp_skew_s < 0:
+        return "max_timestamp_skew_s: must be 0 (off) or a positive number of seconds"
+    return None
+
+
+def valid_filter(pattern: str) -> bool:
+    levels = pattern.split("/")
+    return bool(pattern) and all(
+        ("#" not in lv or (lv == "#" and i == len(levels) - 1)) and ("+" not in lv or lv == "+")
+        for i, lv in enumerate(levels)
+    )
 
 
 def _fresh(timestamp: str, now: float, skew: float) -> bool:

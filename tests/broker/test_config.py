@@ -125,3 +125,23 @@ async def test_stock_amqtt_loads_the_repo_config(tmp_path: Path, monkeypatch: py
     broker = Broker(yaml.safe_load((REPO / "config.yaml").read_text()))
     plugin = broker.plugins_manager.get_plugin("OtaPlugin")
     assert plugin is not None and plugin.settings.data_dir == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("auth", "key"),
+    [
+        ({"accounts": {"a&b": {"password_hash": "$argon2id$x"}}}, "accounts.a&b"),
+        ({"accounts": {"dash": {"password_hash": "plaintext"}}}, "accounts.dash.password_hash"),
+        ({"accounts": {"dash": {"password_hash": "$argon2id$x", "subscribe": ["a/#/b"]}}}, r"subscribe\[0\]"),
+        ({"accounts": {"dash": {"password": "x"}}}, "DeviceAuthPlugin"),
+        ({"max_timestamp_skew_s": -1}, "max_timestamp_skew_s"),
+    ],
+)
+def test_bad_auth_settings_fail_with_the_key(tmp_path: Path, auth: dict, key: str) -> None:
+    """The device-auth plugin's accounts and options are checked at load, naming the key."""
+    raw = yaml.safe_load(default_config_text())
+    raw["plugins"]["plugins.device_auth.plugin.DeviceAuthPlugin"] = auth
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=key):
+        prepare(load(path), {"OTA_DATA_DIR": str(tmp_path)})
