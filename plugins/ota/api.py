@@ -6,8 +6,10 @@ statuses in exactly one table, `STATUS_OF`; a 5xx never carries a traceback.
 
 from __future__ import annotations
 
+import csv
 import datetime
 import hmac
+import io
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +22,18 @@ from plugins.ota import machine
 from plugins.ota.errors import Conflict, InvalidInput, NotFound, OtaError
 from plugins.ota.messages import MAX_VERSION_LEN
 from plugins.ota.messages import MODULE_PATTERN as _MODULE
-from plugins.ota.model import DEFAULT_MODULE, Firmware, JobType, SignMethod, Task, TaskState
+from plugins.ota.model import (
+    DEFAULT_MODULE,
+    Firmware,
+    JobSpec,
+    JobState,
+    JobType,
+    Rollout,
+    SignMethod,
+    Task,
+    TaskState,
+)
+from plugins.ota.openapi import OPENAPI
 from plugins.ota.repository import DeviceRecord, JobRecord
 from plugins.ota.service import OtaService
 from plugins.ota.topics import DeviceRef, InvalidDeviceRef
@@ -83,7 +96,15 @@ def admin_app(service: OtaService, token: str) -> web.Application:
     r.add_get("/api/v1/jobs", list_jobs)
     r.add_get("/api/v1/jobs/{id}", show_job)
     r.add_get("/api/v1/jobs/{id}/tasks", job_tasks)
+    r.add_get("/api/v1/jobs/{id}/report.csv", job_report)
     r.add_post("/api/v1/jobs/{id}/cancel", cancel_job)
+    r.add_post("/api/v1/jobs/{id}/pause", pause_job)
+    r.add_post("/api/v1/jobs/{id}/resume", resume_job)
+    r.add_post("/api/v1/jobs/{id}/confirm", confirm_job)
+    r.add_post("/api/v1/jobs/{id}/rerun", rerun_job)
+    r.add_post("/api/v1/jobs/{id}/tasks/{pk}/{dn}/cancel", cancel_task)
+    r.add_get("/api/v1/jobs/{id}/tasks/{pk}/{dn}/history", task_history)
+    r.add_get("/api/v1/openapi.json", openapi)
     return app
 
 
@@ -129,15 +150,27 @@ def firmware_view(f: Firmware) -> dict[str, Any]:
     }
 
 
-def job_view(j: JobRecord) -> dict[str, Any]:
+def job_view(j: JobRecord, now: float) -> dict[str, Any]:
+    finished = sum(n for s, n in j.counts.items() if s.terminal and s is not TaskState.SKIPPED)
+    succeeded = j.counts.get(TaskState.SUCCEEDED, 0)
+    started = j.schedule_at if j.schedule_at is not None else j.created_at
+    minutes = max(
+        (min(now, j.updated_at if j.stored_state is not JobState.RUNNING else now) - started) / 60, 1 / 60
+    )
     return {
         "id": j.id,
         "firmware_id": j.firmware_id,
         "type": str(j.type),
-        "state": str(machine.job_state(j.stored_state, j.counts)),
+        "state": str(machine.job_state(j.stored_state, j.counts, schedule_at=j.schedule_at, now=now)),
+        "pause_reason": j.pause_reason or None,
         "counts": {str(s): j.counts.get(s, 0) for s in TaskState},
         "total": sum(j.counts.values()),
-        "options": j.options,
+        "success_rate": round(succeeded / finished, 4) if finished else None,
+        "throughput_per_minute": round(succeeded / minutes, 2) if now >= started else 0.0,
+        "current_phase": j.current_group + 1,
+        "options": {k: v for k, v in j.options.items() if k not in ("seed", "acknowledged_failures")},
+        "schedule_at": iso(j.schedule_at),
+        "end_at": iso(j.end_at),
         "created_at": iso(j.created_at),
         "updated_at": iso(j.updated_at),
     }
@@ -403,7 +436,65 @@ async def delete_firmware(request: web.Request) -> web.Response:
 
 
 async def create_job(request: web.Request) -> web.Response:
-    body = await _json_object(request)
+    service = _service(request)
+    spec = parse_job_spec(await _json_object(request), service.clock())
+    job = await service.create_job(spec)
+    return web.json_response(job_view(job, service.clock()), status=201)
+
+
+def _number(body: dict[str, Any], field: str, *, low: float, high: float, integer: bool = False) -> Any:
+    value = body.get(field)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
+    ):
+        raise InvalidInput(field, "must be a whole number" if integer else "must be a number")
+    if not low <= value <= high:
+        raise InvalidInput(field, f"must be from {low:g} to {high:g}")
+    return value
+
+
+def _flag(body: dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(field, "must be true or false")
+    return value
+
+
+def _time(body: dict[str, Any], field: str) -> float | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as e:
+            raise InvalidInput(field, "must be an ISO 8601 time such as 2026-12-01T02:00:00Z") from e
+        if parsed.tzinfo is None:
+            raise InvalidInput(field, "must carry a time zone (Z or +hh:mm)")
+        return parsed.timestamp()
+    raise InvalidInput(field, "must be an ISO 8601 time such as 2026-12-01T02:00:00Z")
+
+
+def _device_list(raw: Any, field: str) -> tuple[DeviceRef, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidInput(field, "must be a non-empty list of 'product_key/device_name'")
+    devices = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise InvalidInput(f"{field}[{i}]", "must be a 'product_key/device_name' string")
+        try:
+            devices.append(DeviceRef.parse(item))
+        except InvalidDeviceRef as e:
+            raise InvalidInput(f"{field}[{i}]", str(e)) from e
+    return tuple(devices)
+
+
+def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
+    """POST /jobs body → JobSpec, naming the field of the first problem."""
     fw = body.get("firmware_id")
     if isinstance(fw, bool) or not isinstance(fw, int):
         raise InvalidInput("firmware_id", "must be an integer")
@@ -411,37 +502,78 @@ async def create_job(request: web.Request) -> web.Response:
         job_type = JobType(body.get("type", "static"))
     except ValueError as e:
         raise InvalidInput("type", "must be 'static', 'dynamic' or 'verify'") from e
-    devices: list[DeviceRef] | None = None
-    if body.get("devices") is not None:
-        raw = body["devices"]
-        if not isinstance(raw, list) or not raw:
-            raise InvalidInput("devices", "must be a non-empty list of 'product_key/device_name'")
-        devices = []
-        for i, item in enumerate(raw):
-            if not isinstance(item, str):
-                raise InvalidInput(f"devices[{i}]", "must be a 'product_key/device_name' string")
-            try:
-                devices.append(DeviceRef.parse(item))
-            except InvalidDeviceRef as e:
-                raise InvalidInput(f"devices[{i}]", str(e)) from e
+    devices = None if body.get("devices") is None else _device_list(body["devices"], "devices")
     src_versions = body.get("src_versions") or []
     if not isinstance(src_versions, list) or not all(isinstance(v, str) and v for v in src_versions):
         raise InvalidInput("src_versions", "must be a list of version strings")
-    timeout = body.get("timeout_minutes")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    schedule_at, end_at = _time(body, "schedule_at"), _time(body, "end_at")
+    if end_at is not None and end_at <= max(now, schedule_at or now):
+        raise InvalidInput("end_at", "must be later than now and than schedule_at")
+    timeout = _number(body, "timeout_minutes", low=0.001, high=1440 * 30)
+    tags = body.get("tags") or {}
+    if not isinstance(tags, dict) or len(tags) > 10:
+        raise InvalidInput("tags", "must be an object of at most 10 string values")
+    for k, v in tags.items():
+        if not isinstance(v, str) or not k or len(k) > 64 or len(v) > 1024:
+            raise InvalidInput(f"tags.{k}", "keys are 1-64 characters, values strings of at most 1024")
+    rollout = _rollout_spec(body.get("rollout"))
+    return JobSpec(
+        firmware_id=fw,
+        type=job_type,
+        devices=devices,
+        src_versions=tuple(src_versions),
+        gray_percent=_number(body, "gray_percent", low=0.01, high=100),
+        overwrite=_flag(body, "overwrite"),
+        force=_flag(body, "force"),
+        need_confirm=_flag(body, "need_confirm"),
+        schedule_at=schedule_at,
+        end_at=end_at,
+        rate_per_minute=_number(body, "rate_per_minute", low=1, high=100_000, integer=True),
+        timeout_minutes=timeout,
+        retry_count=_number(body, "retry_count", low=0, high=10, integer=True) or 0,
+        retry_interval_minutes=_number(body, "retry_interval_minutes", low=0, high=1440) or 0.0,
+        rollout=rollout,
+        tags=tuple((str(k), str(v)) for k, v in tags.items()),
+    )
+
+
+def _rollout_spec(raw: Any) -> Rollout | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidInput("rollout", "must be an object with 'phases'")
+    phases = raw.get("phases")
+    if (
+        not isinstance(phases, list)
+        or not 1 <= len(phases) <= 20
+        or not all(isinstance(p, int | float) and not isinstance(p, bool) and p > 0 for p in phases)
     ):
-        raise InvalidInput("timeout_minutes", "must be a positive number")
-    job = await _service(request).create_job(fw, job_type, devices, src_versions, timeout)
-    return web.json_response(job_view(job), status=201)
+        raise InvalidInput("rollout.phases", "must be a list of 1-20 positive percentages")
+    if abs(sum(phases) - 100) > 0.01:
+        raise InvalidInput("rollout.phases", "must add up to 100")
+    try:
+        return Rollout(
+            phases=tuple(float(p) for p in phases),
+            success_threshold=_number(raw, "success_threshold", low=0, high=100) or 100.0,
+            error_threshold_count=_number(raw, "error_threshold_count", low=1, high=10**9, integer=True),
+            error_threshold_percent=_number(raw, "error_threshold_percent", low=0.01, high=100),
+        )
+    except InvalidInput as e:
+        raise InvalidInput(f"rollout.{e.field}", e.message.removeprefix(f"{e.field}: ")) from e
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    return web.json_response([job_view(j) for j in await _service(request).repo.list_jobs()])
+    service = _service(request)
+    now = service.clock()
+    return web.json_response([job_view(j, now) for j in await service.repo.list_jobs()])
+
+
+async def _job_answer(request: web.Request, job: JobRecord) -> web.Response:
+    return web.json_response(job_view(job, _service(request).clock()))
 
 
 async def show_job(request: web.Request) -> web.Response:
-    return web.json_response(job_view(await _service(request).repo.get_job(_int_path(request))))
+    return await _job_answer(request, await _service(request).repo.get_job(_int_path(request)))
 
 
 async def job_tasks(request: web.Request) -> web.Response:
@@ -451,5 +583,97 @@ async def job_tasks(request: web.Request) -> web.Response:
     return web.json_response([task_view(t) for t in await service.repo.tasks_of_job(job_id)])
 
 
+async def job_report(request: web.Request) -> web.Response:
+    """Every task of the job as CSV, for spreadsheets and audits."""
+    service = _service(request)
+    job_id = _int_path(request)
+    await service.repo.get_job(job_id)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        ["device", "module", "target_version", "state", "progress", "attempts", "desc", "updated_at"]
+    )
+    for t in await service.repo.tasks_of_job(job_id):
+        writer.writerow(
+            [
+                str(t.device),
+                t.module,
+                t.target_version,
+                t.state,
+                t.progress,
+                t.attempts,
+                t.desc,
+                iso(t.updated_at),
+            ]
+        )
+    return web.Response(
+        text=out.getvalue(),
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'},
+    )
+
+
+async def _optional_body(request: web.Request) -> dict[str, Any]:
+    return await _json_object(request) if request.can_read_body else {}
+
+
 async def cancel_job(request: web.Request) -> web.Response:
-    return web.json_response(job_view(await _service(request).cancel_job(_int_path(request))))
+    """Body (optional): {"states": ["queued", "notified", "in_progress", "confirm"]} (default: all)."""
+    body = await _optional_body(request)
+    states = body.get("states")
+    parsed: list[TaskState] | None = None
+    if states is not None:
+        if not isinstance(states, list) or not states:
+            raise InvalidInput("states", "must be a non-empty list of task states")
+        try:
+            parsed = [TaskState(x) for x in states]
+        except ValueError as e:
+            raise InvalidInput(
+                "states", "must name task states: confirm, queued, notified, in_progress"
+            ) from e
+    return await _job_answer(request, await _service(request).cancel_job(_int_path(request), parsed))
+
+
+async def pause_job(request: web.Request) -> web.Response:
+    return await _job_answer(request, await _service(request).pause_job(_int_path(request)))
+
+
+async def resume_job(request: web.Request) -> web.Response:
+    return await _job_answer(request, await _service(request).resume_job(_int_path(request)))
+
+
+async def confirm_job(request: web.Request) -> web.Response:
+    """Body (optional): {"devices": ["pk/dn", ...]} (default: every task waiting in confirm)."""
+    body = await _optional_body(request)
+    devices = None if body.get("devices") is None else _device_list(body["devices"], "devices")
+    return await _job_answer(request, await _service(request).confirm_tasks(_int_path(request), devices))
+
+
+async def rerun_job(request: web.Request) -> web.Response:
+    return await _job_answer(request, await _service(request).rerun_failed(_int_path(request)))
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    task = await _service(request).cancel_task(_int_path(request), _path_device(request))
+    return web.json_response(task_view(task))
+
+
+async def task_history(request: web.Request) -> web.Response:
+    service = _service(request)
+    task = await service.repo.job_task_of_device(_int_path(request), _path_device(request))
+    if task is None:
+        raise NotFound("no such task")
+    history = await service.repo.task_history(task.id)
+    return web.json_response(
+        {
+            "task": task_view(task),
+            "history": [
+                {"at": iso(h["at"]), "state": h["state"], "progress": h["progress"], "desc": h["desc"]}
+                for h in history
+            ],
+        }
+    )
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)

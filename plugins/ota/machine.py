@@ -19,6 +19,7 @@ Rules (SPEC §3):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -27,6 +28,7 @@ from plugins.ota.model import (
     UNFINISHED,
     Firmware,
     JobState,
+    Rollout,
     SkipReason,
     Task,
     TaskState,
@@ -83,6 +85,11 @@ class Confirmed:
 
 
 @dataclass(frozen=True, slots=True)
+class RerunRequested:
+    """The operator re-runs a failed or timed-out task."""
+
+
+@dataclass(frozen=True, slots=True)
 class Ticked:
     """Time passed; timeouts are checked against `now`."""
 
@@ -94,6 +101,7 @@ Event = (
     | ProgressReported
     | CancelRequested
     | Confirmed
+    | RerunRequested
     | Ticked
 )
 
@@ -156,6 +164,8 @@ def _session_had_notice(task: Task, session_started_at: float | None) -> bool:
 
 def _notify(task: Task, event: Event, now: float) -> Decision:
     first = task.state is TaskState.QUEUED
+    if first and task.not_before is not None and now < task.not_before:
+        return Decision(task)  # waiting for its retry interval
     if (
         not first
         and isinstance(event, DeviceAvailable | VersionReported)
@@ -168,6 +178,7 @@ def _notify(task: Task, event: Event, now: float) -> Decision:
         attempts=task.attempts + 1 if first else task.attempts,
         notified_at=now if first else task.notified_at,
         noticed_at=now,
+        not_before=None,
         updated_at=now,
     )
     return Decision(new, (SendNotice(Delivery.PUSH),), "notified" if first else "notice sent again")
@@ -205,12 +216,7 @@ def _version_in_progress(task: Task, event: Event, now: float) -> Decision:
     assert isinstance(event, VersionReported)
     if event.version == task.target_version:
         return _finish(task, TaskState.SUCCEEDED, f"informed {event.version}", now)
-    return _finish(
-        task,
-        TaskState.FAILED,
-        f"version mismatch: informed {event.version}, expected {task.target_version}",
-        now,
-    )
+    return _fail(task, f"version mismatch: informed {event.version}, expected {task.target_version}", now)
 
 
 def _progress(task: Task, event: Event, now: float) -> Decision:
@@ -218,9 +224,7 @@ def _progress(task: Task, event: Event, now: float) -> Decision:
     desc = event.desc[:DESC_MAX]
     if event.step < 0:
         reason = FAILURE_STEPS.get(event.step, f"step {event.step}")
-        return _finish(
-            task, TaskState.FAILED, f"{reason}: {desc}" if desc else reason, now, progress=task.progress
-        )
+        return _fail(task, f"{reason}: {desc}" if desc else reason, now)
     if task.state is TaskState.IN_PROGRESS and event.step == task.progress and desc == task.desc:
         return Decision(task)  # the same report twice is a no-op
     new = replace(
@@ -232,6 +236,39 @@ def _progress(task: Task, event: Event, now: float) -> Decision:
         updated_at=now,
     )
     return Decision(new, (), f"progress {event.step}%")
+
+
+def _fail(task: Task, desc: str, now: float) -> Decision:
+    """Failed: queued again after the retry interval while retries are left, else failed for good."""
+    retries_used = max(task.attempts - 1, 0)
+    if retries_used >= task.retry_count:
+        return _finish(task, TaskState.FAILED, desc, now)
+    note = f"{desc}; retry {retries_used + 1} of {task.retry_count}"
+    new = replace(
+        task,
+        state=TaskState.QUEUED,
+        desc=note[:DESC_MAX],
+        progress=0,
+        started_at=None,
+        noticed_at=None,
+        not_before=now + task.retry_interval_s,
+        updated_at=now,
+    )
+    return Decision(new, (), note)
+
+
+def _rerun(task: Task, _event: Event, now: float) -> Decision:
+    new = replace(
+        task,
+        state=TaskState.QUEUED,
+        desc="re-run by operator",
+        progress=0,
+        started_at=None,
+        noticed_at=None,
+        not_before=None,
+        updated_at=now,
+    )
+    return Decision(new, (), "re-run by operator")
 
 
 def _cancel(task: Task, event: Event, now: float) -> Decision:
@@ -275,15 +312,17 @@ TRANSITIONS: Mapping[tuple[TaskState, type], Rule] = {
     (_S.NOTIFIED, DeviceAvailable): Rule((_S.NOTIFIED,), _notify),
     (_S.NOTIFIED, FirmwareRequested): Rule((), _reply),
     (_S.NOTIFIED, VersionReported): Rule((_S.SUCCEEDED, _S.NOTIFIED), _version_before_progress),
-    (_S.NOTIFIED, ProgressReported): Rule((_S.IN_PROGRESS, _S.FAILED), _progress),
+    (_S.NOTIFIED, ProgressReported): Rule((_S.IN_PROGRESS, _S.FAILED, _S.QUEUED), _progress),
     (_S.NOTIFIED, CancelRequested): Rule((_S.CANCELLED,), _cancel),
     (_S.NOTIFIED, Ticked): Rule((), _ignore),
     (_S.IN_PROGRESS, DeviceAvailable): Rule((), _ignore),
     (_S.IN_PROGRESS, FirmwareRequested): Rule((), _reply),
-    (_S.IN_PROGRESS, VersionReported): Rule((_S.SUCCEEDED, _S.FAILED), _version_in_progress),
-    (_S.IN_PROGRESS, ProgressReported): Rule((_S.IN_PROGRESS, _S.FAILED), _progress),
+    (_S.IN_PROGRESS, VersionReported): Rule((_S.SUCCEEDED, _S.FAILED, _S.QUEUED), _version_in_progress),
+    (_S.IN_PROGRESS, ProgressReported): Rule((_S.IN_PROGRESS, _S.FAILED, _S.QUEUED), _progress),
     (_S.IN_PROGRESS, CancelRequested): Rule((_S.CANCELLED,), _cancel),
     (_S.IN_PROGRESS, Ticked): Rule((_S.TIMED_OUT,), _tick),
+    (_S.FAILED, RerunRequested): Rule((_S.QUEUED,), _rerun),
+    (_S.TIMED_OUT, RerunRequested): Rule((_S.QUEUED,), _rerun),
 }
 
 
@@ -298,10 +337,14 @@ def apply(task: Task, event: Event, now: float) -> Decision:
 # --------------------------------------------------------------------------------------------- jobs
 
 
-def job_state(stored: JobState, counts: Mapping[TaskState, int]) -> JobState:
-    """A job's state, derived from its stored state and its tasks' counts per state."""
+def job_state(
+    stored: JobState, counts: Mapping[TaskState, int], *, schedule_at: float | None = None, now: float = 0.0
+) -> JobState:
+    """A job's state, derived from its stored state, its start time and its tasks' counts per state."""
     if stored is not JobState.RUNNING:
         return stored
+    if schedule_at is not None and now < schedule_at:
+        return JobState.SCHEDULED
     return JobState.RUNNING if any(counts.get(s, 0) for s in UNFINISHED) else JobState.COMPLETED
 
 
@@ -320,6 +363,14 @@ class PlannedTask:
     device: DeviceRef
     state: TaskState
     desc: str = ""
+    group_no: int = 0
+    replaces_busy: bool = False  # the device's older unfinished task is to be cancelled ("overwrite")
+
+
+def in_gray_sample(seed: str, device: DeviceRef, percent: float) -> bool:
+    """A deterministic sample: the same seed and device always give the same answer."""
+    digest = hashlib.sha256(f"{seed}\n{device}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100 < percent
 
 
 def plan_tasks(
@@ -328,29 +379,94 @@ def plan_tasks(
     *,
     src_versions: Sequence[str] = (),
     need_confirm: bool = False,
+    overwrite: bool = False,
+    gray_percent: float | None = None,
+    seed: str = "",
+    phases: Sequence[float] = (),
 ) -> list[PlannedTask]:
-    """The tasks a new job creates: one per matched device, queued or skipped with a reason.
+    """The tasks a new job creates: one per matched device, queued (or in confirm) or skipped with a reason.
 
     Devices matched by product (not listed) whose version the job does not take are left out; listed
-    ones are recorded as skipped so the operator sees why.
+    ones are recorded as skipped so the operator sees why. A gray percentage keeps a deterministic
+    sample of what matched; phases split the tasks that will run, in device order, into groups.
     """
     wanted = set(src_versions)
     if firmware.src_version is not None:
         wanted = {firmware.src_version}
     start = TaskState.CONFIRM if need_confirm else TaskState.QUEUED
     planned: list[PlannedTask] = []
-    for c in candidates:
+    for c in sorted(candidates, key=lambda c: c.device):
         if wanted and c.current_version not in wanted:
             if c.listed:
                 planned.append(PlannedTask(c.device, TaskState.SKIPPED, SkipReason.SRC_VERSION_MISMATCH))
             continue
+        if gray_percent is not None and not in_gray_sample(seed, c.device, gray_percent):
+            continue
         if c.current_version == firmware.version:
             planned.append(PlannedTask(c.device, TaskState.SKIPPED, SkipReason.ALREADY_ON_TARGET))
-        elif c.busy:
+        elif c.busy and not overwrite:
             planned.append(PlannedTask(c.device, TaskState.SKIPPED, SkipReason.BUSY))
         else:
-            planned.append(PlannedTask(c.device, start))
-    return planned
+            planned.append(PlannedTask(c.device, start, replaces_busy=c.busy))
+    groups = iter(assign_phases(sum(1 for p in planned if p.state is start), phases))
+    return [replace(p, group_no=next(groups)) if p.state is start else p for p in planned]
+
+
+def assign_phases(count: int, phases: Sequence[float]) -> list[int]:
+    """The phase of each of `count` tasks, in order: phase i takes its share of them (rounded, at least
+    one while tasks remain), the last phase the rest."""
+    if not phases:
+        return [0] * count
+    sizes: list[int] = []
+    total, given = sum(phases), 0
+    for i, percent in enumerate(phases):
+        left = count - given
+        size = (
+            left if i == len(phases) - 1 else min(left, max(1, round(count * percent / total))) if left else 0
+        )
+        sizes.append(size)
+        given += size
+    return [i for i, size in enumerate(sizes) for _ in range(size)]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutDecision:
+    current_group: int
+    pause_reason: str | None = None
+
+
+def rollout_step(
+    rollout: Rollout,
+    current_group: int,
+    counts_by_group: Sequence[Mapping[TaskState, int]],
+    acknowledged_failures: int = 0,
+) -> RolloutDecision:
+    """Where a phased job goes next: pause on the error threshold (failures beyond those the operator
+    acknowledged by resuming), else advance past every phase that has reached its success threshold."""
+    failed = sum(c.get(TaskState.FAILED, 0) + c.get(TaskState.TIMED_OUT, 0) for c in counts_by_group)
+    failed = max(failed - acknowledged_failures, 0)
+    finished = sum(
+        n for c in counts_by_group for s, n in c.items() if s.terminal and s is not TaskState.SKIPPED
+    )
+    if rollout.error_threshold_count is not None and failed >= rollout.error_threshold_count:
+        return RolloutDecision(
+            current_group, f"{failed} task(s) failed (threshold {rollout.error_threshold_count})"
+        )
+    if rollout.error_threshold_percent is not None and finished:
+        share = failed * 100 / finished
+        if share >= rollout.error_threshold_percent:
+            return RolloutDecision(
+                current_group,
+                f"{share:.0f}% of finished tasks failed (threshold {rollout.error_threshold_percent:g}%)",
+            )
+    group = current_group
+    while group + 1 < len(counts_by_group):
+        counts = counts_by_group[group]
+        total = sum(n for s, n in counts.items() if s is not TaskState.SKIPPED)
+        if total and counts.get(TaskState.SUCCEEDED, 0) * 100 / total < rollout.success_threshold:
+            break
+        group += 1
+    return RolloutDecision(group)
 
 
 # ------------------------------------------------------------------------------------------ diagram

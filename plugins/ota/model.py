@@ -111,10 +111,48 @@ class Task:
     state: TaskState
     progress: int
     desc: str
-    attempts: int
+    attempts: int  # notified cycles: 1 for the first notice, +1 per retry or re-run
     timeout_s: float | None
     notified_at: float | None  # first notice
     noticed_at: float | None  # latest notice (push or pull reply)
     started_at: float | None  # first progress report
     updated_at: float
     rev: int = 0
+    group_no: int = 0  # rollout phase
+    not_before: float | None = None  # a queued task waits until then (retry interval, schedule)
+    retry_count: int = 0
+    retry_interval_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """A phased rollout: the job's devices split into ordered phases (percent of the devices each); the
+    next phase starts when the current one has `success_threshold` percent succeeded; the job pauses
+    when failures reach `error_threshold_count` or `error_threshold_percent` of the tasks finished."""
+
+    phases: tuple[float, ...]
+    success_threshold: float = 100.0
+    error_threshold_count: int | None = None
+    error_threshold_percent: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What an operator asks of a new job (validated at the API)."""
+
+    firmware_id: int
+    type: JobType = JobType.STATIC
+    devices: tuple[DeviceRef, ...] | None = None  # None: every device of the firmware's product
+    src_versions: tuple[str, ...] = ()
+    gray_percent: float | None = None
+    overwrite: bool = False
+    force: bool = False
+    need_confirm: bool = False
+    schedule_at: float | None = None
+    end_at: float | None = None
+    rate_per_minute: int | None = None
+    timeout_minutes: float | None = None
+    retry_count: int = 0
+    retry_interval_minutes: float = 0.0
+    rollout: Rollout | None = None
+    tags: tuple[tuple[str, str], ...] = ()

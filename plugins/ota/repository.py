@@ -110,6 +110,19 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX task_history_by_task ON task_history (task_id, id);
     """,
+    # 2: campaigns (phases, retries, schedules)
+    """
+    ALTER TABLE tasks ADD COLUMN group_no INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN not_before REAL;
+    ALTER TABLE tasks ADD COLUMN retry_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN retry_interval_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN current_group INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN schedule_at REAL;
+    ALTER TABLE jobs ADD COLUMN end_at REAL;
+    ALTER TABLE jobs ADD COLUMN pause_reason TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_by_state ON jobs (state);
+    CREATE INDEX tasks_by_job_group ON tasks (job_id, state, group_no)
+    """,
 )
 
 _UNFINISHED_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(UNFINISHED)) + ")"
@@ -136,6 +149,19 @@ class JobRecord:
     created_at: float
     updated_at: float
     counts: dict[TaskState, int]
+    current_group: int = 0
+    schedule_at: float | None = None
+    end_at: float | None = None
+    pause_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPolicy:
+    """What every task of a job carries from the job's options."""
+
+    timeout_s: float | None = None
+    retry_count: int = 0
+    retry_interval_s: float = 0.0
 
 
 def new_device_secret() -> str:
@@ -374,6 +400,7 @@ class Repository:
     async def add_firmware(
         self,
         *,
+        status: FirmwareStatus = FirmwareStatus.NO_VERIFY_NEEDED,
         product_key: str,
         module: str,
         version: str,
@@ -400,7 +427,7 @@ class Repository:
                         sha256,
                         sign_method.value,
                         description,
-                        FirmwareStatus.UNVERIFIED.value,
+                        status.value,
                         now,
                     ),
                 )
@@ -458,39 +485,135 @@ class Repository:
         job_type: JobType,
         options: dict[str, Any],
         planned: Sequence[PlannedTask],
-        timeout_s: float | None,
+        policy: TaskPolicy,
         now: float,
+        *,
+        schedule_at: float | None = None,
+        end_at: float | None = None,
     ) -> int:
         async with self._tx() as db:
             cur = await db.execute(
-                "INSERT INTO jobs (firmware_id, type, state, options, created_at, updated_at) VALUES (?,?,?,?,?,?)",
-                (firmware.id, job_type.value, JobState.RUNNING.value, json.dumps(options), now, now),
+                "INSERT INTO jobs (firmware_id, type, state, options, created_at, updated_at, schedule_at, end_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    firmware.id,
+                    job_type.value,
+                    JobState.RUNNING.value,
+                    json.dumps(options),
+                    now,
+                    now,
+                    schedule_at,
+                    end_at,
+                ),
             )
             job_id = cur.lastrowid
             assert job_id is not None
-            for p in planned:
-                cur = await db.execute(
-                    "INSERT INTO tasks (job_id, firmware_id, product_key, device_name, module, target_version,"
-                    " state, desc, timeout_s, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        job_id,
-                        firmware.id,
-                        p.device.product_key,
-                        p.device.device_name,
-                        firmware.module,
-                        firmware.version,
-                        p.state.value,
-                        p.desc,
-                        timeout_s,
-                        now,
-                        now,
-                    ),
-                )
-                await db.execute(
-                    "INSERT INTO task_history (task_id, at, state, progress, desc) VALUES (?,?,?,?,?)",
-                    (cur.lastrowid, now, p.state.value, 0, p.desc or "created"),
-                )
+            await self._insert_tasks(db, job_id, firmware, planned, policy, now)
         return job_id
+
+    async def add_tasks(
+        self, job_id: int, firmware: Firmware, planned: Sequence[PlannedTask], policy: TaskPolicy, now: float
+    ) -> None:
+        async with self._tx() as db:
+            await self._insert_tasks(db, job_id, firmware, planned, policy, now)
+
+    @staticmethod
+    async def _insert_tasks(
+        db: aiosqlite.Connection,
+        job_id: int,
+        firmware: Firmware,
+        planned: Sequence[PlannedTask],
+        policy: TaskPolicy,
+        now: float,
+    ) -> None:
+        for p in planned:
+            cur = await db.execute(
+                "INSERT INTO tasks (job_id, firmware_id, product_key, device_name, module, target_version,"
+                " state, desc, timeout_s, retry_count, retry_interval_s, group_no, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job_id,
+                    firmware.id,
+                    p.device.product_key,
+                    p.device.device_name,
+                    firmware.module,
+                    firmware.version,
+                    p.state.value,
+                    p.desc,
+                    policy.timeout_s,
+                    policy.retry_count,
+                    policy.retry_interval_s,
+                    p.group_no,
+                    now,
+                    now,
+                ),
+            )
+            await db.execute(
+                "INSERT INTO task_history (task_id, at, state, progress, desc) VALUES (?,?,?,?,?)",
+                (cur.lastrowid, now, p.state.value, 0, p.desc or "created"),
+            )
+
+    async def running_jobs(self) -> list[JobRecord]:
+        """Jobs stored as running (scheduled ones included: their start time is checked by the caller)."""
+        rows = await self._all("SELECT id FROM jobs WHERE state=? ORDER BY id", (JobState.RUNNING.value,))
+        return [await self.get_job(int(r["id"])) for r in rows]
+
+    async def update_job(
+        self,
+        job_id: int,
+        now: float,
+        *,
+        state: JobState | None = None,
+        current_group: int | None = None,
+        pause_reason: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        sets: list[str] = ["updated_at=?"]
+        args: list[float | int | str] = [now]
+        if options is not None:
+            sets.append("options=?")
+            args.append(json.dumps(options))
+        for column, value in (
+            ("state", state),
+            ("current_group", current_group),
+            ("pause_reason", pause_reason),
+        ):
+            if value is not None:
+                sets.append(f"{column}=?")
+                args.append(value.value if isinstance(value, JobState) else value)
+        async with self._tx() as db:
+            await db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", (*args, job_id))  # noqa: S608
+
+    async def group_counts(self, job_id: int) -> list[dict[TaskState, int]]:
+        rows = await self._all(
+            "SELECT group_no, state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY group_no, state",
+            (job_id,),
+        )
+        groups: list[dict[TaskState, int]] = []
+        for r in rows:
+            while len(groups) <= int(r["group_no"]):
+                groups.append({})
+            groups[int(r["group_no"])][TaskState(r["state"])] = int(r["n"])
+        return groups
+
+    async def dispatchable_tasks(self, job_id: int, max_group: int, now: float, limit: int) -> list[Task]:
+        rows = await self._all(
+            "SELECT * FROM tasks WHERE job_id=? AND state='queued' AND group_no<=?"
+            " AND (not_before IS NULL OR not_before<=?) ORDER BY group_no, id LIMIT ?",
+            (job_id, max_group, now, limit),
+        )
+        return [_task(r) for r in rows]
+
+    async def job_task_of_device(self, job_id: int, ref: DeviceRef) -> Task | None:
+        row = await self._one(
+            "SELECT * FROM tasks WHERE job_id=? AND product_key=? AND device_name=? ORDER BY id DESC LIMIT 1",
+            (job_id, ref.product_key, ref.device_name),
+        )
+        return None if row is None else _task(row)
+
+    async def set_firmware_status(self, firmware_id: int, status: FirmwareStatus) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE firmware SET status=? WHERE id=?", (status.value, firmware_id))
 
     async def find_job(self, job_id: int) -> JobRecord | None:
         row = await self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -581,7 +704,7 @@ class Repository:
         async with self._tx() as db:
             cur = await db.execute(
                 "UPDATE tasks SET state=?, progress=?, desc=?, attempts=?, notified_at=?, noticed_at=?,"
-                " started_at=?, updated_at=?, rev=rev+1 WHERE id=? AND rev=?",
+                " started_at=?, not_before=?, updated_at=?, rev=rev+1 WHERE id=? AND rev=?",
                 (
                     task.state.value,
                     task.progress,
@@ -590,6 +713,7 @@ class Repository:
                     task.notified_at,
                     task.noticed_at,
                     task.started_at,
+                    task.not_before,
                     task.updated_at,
                     task.id,
                     task.rev,
@@ -660,6 +784,10 @@ def _job(row: sqlite3.Row, counts: dict[TaskState, int]) -> JobRecord:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         counts=counts,
+        current_group=row["current_group"],
+        schedule_at=row["schedule_at"],
+        end_at=row["end_at"],
+        pause_reason=row["pause_reason"],
     )
 
 
@@ -681,4 +809,8 @@ def _task(row: sqlite3.Row) -> Task:
         started_at=row["started_at"],
         updated_at=row["updated_at"],
         rev=row["rev"],
+        group_no=row["group_no"],
+        not_before=row["not_before"],
+        retry_count=row["retry_count"],
+        retry_interval_s=row["retry_interval_s"],
     )

@@ -22,15 +22,17 @@ from typing import Any, Protocol
 
 from firmware_store import Blob, FirmwareStore, LinkSigner
 from plugins.ota import machine, messages
-from plugins.ota.errors import Conflict, InvalidInput
+from plugins.ota.errors import Conflict, InvalidInput, NotFound
 from plugins.ota.limits import RateLimiter
 from plugins.ota.machine import (
     CancelRequested,
+    Confirmed,
     Delivery,
     DeviceAvailable,
     Event,
     FirmwareRequested,
     ProgressReported,
+    RerunRequested,
     SendNotice,
     Ticked,
     VersionReported,
@@ -40,13 +42,16 @@ from plugins.ota.model import (
     PENDING,
     UNFINISHED,
     Firmware,
+    FirmwareStatus,
+    JobSpec,
     JobState,
     JobType,
+    Rollout,
     SignMethod,
     Task,
     TaskState,
 )
-from plugins.ota.repository import DeviceRecord, JobRecord, Repository, new_device_secret
+from plugins.ota.repository import DeviceRecord, JobRecord, Repository, TaskPolicy, new_device_secret
 from plugins.ota.topics import DeviceRef, OtaTopic, TopicKind, topic_name
 
 log = logging.getLogger("ota.service")
@@ -110,6 +115,7 @@ class OtaService:
         self.max_payload_bytes = max_payload_bytes
         self.rejected: Counter[str] = Counter()
         self.progress_limit = RateLimiter(progress_per_second, progress_burst)
+        self._job_pacers: dict[int, RateLimiter] = {}
         self._locks: dict[DeviceRef, asyncio.Lock] = {}
         self._lock_users: Counter[DeviceRef] = Counter()
         self._background: set[asyncio.Task[None]] = set()
@@ -207,6 +213,8 @@ class OtaService:
                     return
                 await self.repo.set_online(device, True, self.clock())
                 for task in await self.repo.unfinished_tasks_of_device(device):
+                    if task.state is TaskState.QUEUED and not await self._dispatch_now(task):
+                        continue  # its job's dispatcher notifies it when its turn comes
                     await self._drive(task, DeviceAvailable(self._session_start(device)))
         except Exception:
             log.exception("failed to handle the connection of %s", device)
@@ -249,8 +257,18 @@ class OtaService:
         await self.repo.record_version(device, msg.module, msg.version, self.clock())
         log.info("%s informed %s version %s", device, msg.module, msg.version)
         task = await self.repo.unfinished_task(device, msg.module)
-        if task is not None:
-            await self._drive(task, VersionReported(msg.version, self.channel.session_started_at(device)))
+        if task is None:
+            await self._match_dynamic_jobs(device, msg.module, msg.version)
+            task = await self.repo.unfinished_task(device, msg.module)
+        if task is None:
+            return
+        if (
+            task.state is TaskState.QUEUED
+            and msg.version != task.target_version
+            and not await self._dispatch_now(task)
+        ):
+            return
+        await self._drive(task, VersionReported(msg.version, self.channel.session_started_at(device)))
 
     async def _on_progress(self, device: DeviceRef, msg: messages.Progress) -> None:
         if not await self._known(device, "progress"):
@@ -267,7 +285,11 @@ class OtaService:
         if not await self._known(device, "pull"):
             return
         task = await self.repo.unfinished_task(device, module)
-        if task is not None and task.state in PENDING:
+        if (
+            task is not None
+            and task.state in PENDING
+            and (task.state is not TaskState.QUEUED or await self._dispatch_now(task, pulled=True))
+        ):
             await self._drive(task, FirmwareRequested(), reply=reply)
         elif reply.kind is TopicKind.FIRMWARE_GET_REPLY:
             await self.channel.send(
@@ -310,9 +332,10 @@ class OtaService:
 
     async def _carry_out(self, task: Task, effect: SendNotice, reply: PullReply | None) -> None:
         firmware = await self.repo.get_firmware(task.firmware_id)
+        job = await self.repo.get_job(task.job_id)
         now = self.clock()
         url = self.signer.mint(str(firmware.id), str(task.device), now)
-        data = messages.notice_data(firmware, url)
+        data = messages.notice_data(firmware, url, dict(job.options.get("tags", {})))
         device = task.device
         if effect.delivery is Delivery.REPLY and reply is not None:
             if reply.kind is TopicKind.FIRMWARE_GET_REPLY:
@@ -342,6 +365,11 @@ class OtaService:
                 and now >= task.started_at + task.timeout_s
             ):
                 await self._drive_by_id(task.id, Ticked())
+        for job in await self.repo.running_jobs():
+            try:
+                await self._advance_job(job, now)
+            except Exception:
+                log.exception("job %d: periodic step failed", job.id)
 
     # ------------------------------------------------------------------------------ operator calls
 
@@ -447,31 +475,73 @@ class OtaService:
         await self._drop_blob_if_unused(Blob(firmware.sha256, firmware.md5, firmware.size))
         log.info("firmware %d deleted", firmware_id)
 
-    async def create_job(
-        self,
-        firmware_id: int,
-        job_type: JobType,
-        devices: Sequence[DeviceRef] | None,
-        src_versions: Sequence[str],
-        timeout_minutes: float | None,
-    ) -> JobRecord:
-        if job_type is not JobType.STATIC:
-            raise InvalidInput("type", f"'{job_type}' jobs are not available yet; use 'static'")
-        firmware = await self.repo.find_firmware(firmware_id)
+    async def create_job(self, spec: JobSpec) -> JobRecord:
+        firmware = await self.repo.find_firmware(spec.firmware_id)
         if firmware is None:
-            raise InvalidInput("firmware_id", f"firmware {firmware_id} does not exist")
-        candidates = await self._candidates(firmware, devices)
-        planned = machine.plan_tasks(firmware, candidates, src_versions=src_versions)
-        if not planned:
-            raise InvalidInput("devices", "no device of the product matches the job")
-        options: dict[str, Any] = {"src_versions": list(src_versions)}
-        if timeout_minutes is not None:
-            options["timeout_minutes"] = timeout_minutes
-        timeout_s = None if timeout_minutes is None else timeout_minutes * 60
-        job_id = await self.repo.create_job(firmware, job_type, options, planned, timeout_s, self.clock())
-        log.info("job %d created for firmware %d: %d task(s)", job_id, firmware.id, len(planned))
-        self.spawn(self._dispatch(job_id), f"dispatching job {job_id}")
+            raise InvalidInput("firmware_id", f"firmware {spec.firmware_id} does not exist")
+        await self._check_firmware_for(firmware, spec)
+        candidates = await self._candidates(firmware, spec.devices)
+        seed = f"{firmware.id}:{self.clock()}"
+        planned = machine.plan_tasks(
+            firmware,
+            candidates,
+            src_versions=spec.src_versions,
+            need_confirm=spec.need_confirm,
+            overwrite=spec.overwrite,
+            gray_percent=spec.gray_percent,
+            seed=seed,
+            phases=spec.rollout.phases if spec.rollout else (),
+        )
+        if not planned and spec.type is not JobType.DYNAMIC:
+            raise InvalidInput("devices", "no device matches the job")
+        now = self.clock()
+        options = _job_options(spec, seed)
+        job_id = await self.repo.create_job(
+            firmware,
+            spec.type,
+            options,
+            planned,
+            _policy(spec),
+            now,
+            schedule_at=spec.schedule_at,
+            end_at=spec.end_at,
+        )
+        if spec.type is JobType.VERIFY:
+            await self.repo.set_firmware_status(firmware.id, FirmwareStatus.VERIFYING)
+        for p in planned:
+            if p.replaces_busy:
+                await self._cancel_older(p.device, firmware.module, job_id)
+        log.info(
+            "job %d (%s) created for firmware %d: %d task(s)", job_id, spec.type, firmware.id, len(planned)
+        )
+        self.spawn(self._advance_job_by_id(job_id), f"starting job {job_id}")
         return await self.repo.get_job(job_id)
+
+    async def _check_firmware_for(self, firmware: Firmware, spec: JobSpec) -> None:
+        if spec.type is JobType.VERIFY:
+            if spec.devices is None or not 1 <= len(spec.devices) <= 10:
+                raise InvalidInput("devices", "a verify job names 1 to 10 devices")
+            if firmware.status is FirmwareStatus.VERIFYING:
+                raise Conflict(f"firmware {firmware.id} is already being verified")
+            return
+        if spec.type is JobType.DYNAMIC:
+            for job in await self.repo.running_jobs():
+                if job.type is JobType.DYNAMIC and job.firmware_id == firmware.id:
+                    raise Conflict(
+                        f"firmware {firmware.id} already has dynamic job {job.id}; cancel it first"
+                    )
+        if not spec.force and firmware.status not in (
+            FirmwareStatus.VERIFIED,
+            FirmwareStatus.NO_VERIFY_NEEDED,
+        ):
+            raise Conflict(
+                f"firmware {firmware.id} is {firmware.status}: run a verify job first, or pass force to skip it"
+            )
+
+    async def _cancel_older(self, device: DeviceRef, module: str, job_id: int) -> None:
+        for task in await self.repo.unfinished_tasks_of_device(device):
+            if task.module == module and task.job_id != job_id:
+                await self._drive_by_id(task.id, CancelRequested(f"overwritten by job {job_id}"))
 
     async def _candidates(
         self, firmware: Firmware, devices: Sequence[DeviceRef] | None
@@ -497,22 +567,192 @@ class OtaService:
             for r in records
         ]
 
-    async def _dispatch(self, job_id: int) -> None:
-        """Notify the job's queued tasks whose devices are online now; the others wait for a connect."""
-        for task in await self.repo.tasks_of_job(job_id, [TaskState.QUEUED]):
-            if self.channel.is_online(task.device):
+    # ------------------------------------------------------------------------------ running jobs
+
+    async def _dispatch_now(self, task: Task, *, pulled: bool = False) -> bool:
+        """May this queued task be notified right now, outside its job's dispatcher? Not while the job is
+        scheduled, paused or cancelled, nor before its phase has started, nor (for a push) when the job is
+        paced: paced jobs notify only through their dispatcher."""
+        job = await self.repo.get_job(task.job_id)
+        now = self.clock()
+        if machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=now) not in (
+            JobState.RUNNING,
+            JobState.COMPLETED,
+        ):
+            return False
+        if task.group_no > job.current_group:
+            return False
+        return pulled or not job.options.get("rate_per_minute")
+
+    async def _advance_job_by_id(self, job_id: int) -> None:
+        job = await self.repo.get_job(job_id)
+        if job.stored_state is JobState.RUNNING:
+            await self._advance_job(job, self.clock())
+
+    async def _advance_job(self, job: JobRecord, now: float) -> None:
+        """One step of a running job: start, end, phase and pause decisions, then notices for the tasks
+        whose turn it is (paced by `rate_per_minute`), then completion."""
+        if job.schedule_at is not None and now < job.schedule_at:
+            return
+        if job.end_at is not None and now >= job.end_at:
+            for task in await self.repo.tasks_of_job(job.id, UNFINISHED):
+                await self._drive_by_id(task.id, CancelRequested("the job reached its end time"))
+            await self._finish_job(await self.repo.get_job(job.id), now)
+            return
+        rollout = _rollout(job.options)
+        if rollout is not None:
+            decision = machine.rollout_step(
+                rollout,
+                job.current_group,
+                await self.repo.group_counts(job.id),
+                int(job.options.get("acknowledged_failures", 0)),
+            )
+            if decision.pause_reason is not None:
+                await self.repo.update_job(
+                    job.id, now, state=JobState.PAUSED, pause_reason=decision.pause_reason
+                )
+                log.warning("job %d paused: %s", job.id, decision.pause_reason)
+                return
+            if decision.current_group != job.current_group:
+                log.info("job %d: phase %d starts", job.id, decision.current_group + 1)
+                await self.repo.update_job(job.id, now, current_group=decision.current_group)
+                job = await self.repo.get_job(job.id)
+        await self._dispatch(job, now)
+        job = await self.repo.get_job(job.id)
+        if job.type is not JobType.DYNAMIC and not any(job.counts.get(s, 0) for s in UNFINISHED):
+            await self._finish_job(job, now)
+
+    async def _dispatch(self, job: JobRecord, now: float) -> None:
+        rate = job.options.get("rate_per_minute")
+        pacer = None
+        if rate:
+            pacer = self._job_pacers.setdefault(job.id, RateLimiter(rate / 60, max(1.0, rate / 60)))
+        offset = 0
+        while True:
+            page = await self.repo.dispatchable_tasks(job.id, job.current_group, now, limit=500 + offset)
+            page = page[offset:]
+            if not page:
+                return
+            offset += len(page)
+            for task in page:
+                if not self.channel.is_online(task.device):
+                    continue
+                if pacer is not None and not pacer.allow(job.id, self.clock()):
+                    return
                 await self._drive_by_id(task.id, DeviceAvailable(self._session_start(task.device)))
 
-    async def cancel_job(self, job_id: int) -> JobRecord:
+    async def _finish_job(self, job: JobRecord, now: float) -> None:
+        self._job_pacers.pop(job.id, None)
+        await self.repo.update_job(job.id, now, state=JobState.COMPLETED)
+        if job.type is JobType.VERIFY:
+            ran = {s: n for s, n in job.counts.items() if s is not TaskState.SKIPPED}
+            verified = bool(ran) and set(ran) == {TaskState.SUCCEEDED}
+            status = FirmwareStatus.VERIFIED if verified else FirmwareStatus.VERIFY_FAILED
+            await self.repo.set_firmware_status(job.firmware_id, status)
+            log.info("firmware %d: %s by job %d", job.firmware_id, status, job.id)
+        log.info("job %d completed", job.id)
+
+    async def _match_dynamic_jobs(self, device: DeviceRef, module: str, version: str) -> None:
+        """A device that informs a version a running dynamic job takes joins that job."""
+        for job in await self.repo.running_jobs():
+            if job.type is not JobType.DYNAMIC:
+                continue
+            firmware = await self.repo.get_firmware(job.firmware_id)
+            if firmware.product_key != device.product_key or firmware.module != module:
+                continue
+            if await self.repo.job_task_of_device(job.id, device) is not None:
+                continue  # a device joins a dynamic job once
+            candidate = machine.Candidate(device, version, busy=False, listed=False)
+            planned = machine.plan_tasks(
+                firmware,
+                [candidate],
+                src_versions=job.options.get("src_versions", []),
+                need_confirm=bool(job.options.get("need_confirm")),
+                gray_percent=job.options.get("gray_percent"),
+                seed=job.options.get("seed", ""),
+            )
+            planned = [p for p in planned if p.state is not TaskState.SKIPPED]
+            if planned:
+                await self.repo.add_tasks(job.id, firmware, planned, _policy_of(job.options), self.clock())
+                log.info("%s joined dynamic job %d", device, job.id)
+                return
+
+    # ------------------------------------------------------------------------------ job controls
+
+    async def cancel_job(self, job_id: int, states: Sequence[TaskState] | None = None) -> JobRecord:
+        """Cancel the job's unfinished tasks in `states` (all unfinished by default); cancelling them all
+        cancels the job (a dynamic job stops taking devices)."""
+        job = await self.repo.get_job(job_id)
+        wanted = set(states) if states else set(UNFINISHED)
+        if not wanted <= UNFINISHED:
+            raise InvalidInput(
+                "states", "only unfinished states (confirm, queued, notified, in_progress) can be cancelled"
+            )
+        if job.stored_state in (JobState.CANCELLED, JobState.COMPLETED) and wanted == set(UNFINISHED):
+            if job.stored_state is JobState.CANCELLED:
+                return job
+            raise Conflict(f"job {job_id} has completed; there is nothing to cancel")
+        if wanted == set(UNFINISHED):
+            await self.repo.update_job(job_id, self.clock(), state=JobState.CANCELLED)
+            if job.type is JobType.VERIFY:
+                await self.repo.set_firmware_status(job.firmware_id, FirmwareStatus.UNVERIFIED)
+        for task in await self.repo.tasks_of_job(job_id, sorted(wanted)):
+            await self._drive_by_id(task.id, CancelRequested())
+        log.info("job %d: cancelled tasks in %s", job_id, ", ".join(sorted(wanted)))
+        return await self.repo.get_job(job_id)
+
+    async def cancel_task(self, job_id: int, device: DeviceRef) -> Task:
+        task = await self.repo.job_task_of_device(job_id, device)
+        if task is None:
+            raise NotFound(f"job {job_id} has no task for {device}")
+        if task.state.terminal:
+            raise Conflict(f"the task of {device} is {task.state}; there is nothing to cancel")
+        await self._drive_by_id(task.id, CancelRequested())
+        return await self.repo.get_task(task.id)
+
+    async def pause_job(self, job_id: int) -> JobRecord:
+        job = await self.repo.get_job(job_id)
+        if job.stored_state is not JobState.RUNNING:
+            raise Conflict(f"job {job_id} is {job.stored_state}; only a running job can be paused")
+        await self.repo.update_job(
+            job_id, self.clock(), state=JobState.PAUSED, pause_reason="paused by operator"
+        )
+        return await self.repo.get_job(job_id)
+
+    async def resume_job(self, job_id: int) -> JobRecord:
+        job = await self.repo.get_job(job_id)
+        if job.stored_state is not JobState.PAUSED:
+            raise Conflict(f"job {job_id} is {job.stored_state}; only a paused job can be resumed")
+        failed = sum(job.counts.get(s, 0) for s in (TaskState.FAILED, TaskState.TIMED_OUT))
+        options = {**job.options, "acknowledged_failures": failed}
+        await self.repo.update_job(
+            job_id, self.clock(), state=JobState.RUNNING, pause_reason="", options=options
+        )
+        self.spawn(self._advance_job_by_id(job_id), f"resuming job {job_id}")
+        return await self.repo.get_job(job_id)
+
+    async def confirm_tasks(self, job_id: int, devices: Sequence[DeviceRef] | None) -> JobRecord:
+        await self.repo.get_job(job_id)
+        for task in await self.repo.tasks_of_job(job_id, [TaskState.CONFIRM]):
+            if devices is None or task.device in devices:
+                await self._drive_by_id(task.id, Confirmed())
+        self.spawn(self._advance_job_by_id(job_id), f"dispatching job {job_id}")
+        return await self.repo.get_job(job_id)
+
+    async def rerun_failed(self, job_id: int) -> JobRecord:
+        """Queue the job's failed and timed-out tasks again (devices busy elsewhere stay as they are)."""
         job = await self.repo.get_job(job_id)
         if job.stored_state is JobState.CANCELLED:
-            return job
-        if machine.job_state(job.stored_state, job.counts) is JobState.COMPLETED:
-            raise Conflict(f"job {job_id} has completed; there is nothing to cancel")
-        await self.repo.set_job_state(job_id, JobState.CANCELLED, self.clock())
-        for task in await self.repo.tasks_of_job(job_id, UNFINISHED):
-            await self._drive_by_id(task.id, CancelRequested())
-        log.info("job %d cancelled", job_id)
+            raise Conflict(f"job {job_id} is cancelled")
+        rerun = 0
+        for task in await self.repo.tasks_of_job(job_id, [TaskState.FAILED, TaskState.TIMED_OUT]):
+            if await self.repo.unfinished_task(task.device, task.module) is None:
+                await self._drive_by_id(task.id, RerunRequested())
+                rerun += 1
+        if rerun:
+            await self.repo.update_job(job_id, self.clock(), state=JobState.RUNNING, pause_reason="")
+            self.spawn(self._advance_job_by_id(job_id), f"re-running job {job_id}")
+        log.info("job %d: %d task(s) re-run", job_id, rerun)
         return await self.repo.get_job(job_id)
 
     # ------------------------------------------------------------------------- download questions
@@ -529,3 +769,61 @@ class OtaService:
         except ValueError:
             return False
         return resource.isdigit() and await self.repo.may_download(int(resource), device)
+
+
+def _job_options(spec: JobSpec, seed: str) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "src_versions": list(spec.src_versions),
+        "seed": seed,
+        "tags": dict(spec.tags),
+    }
+    for key in (
+        "gray_percent",
+        "overwrite",
+        "force",
+        "need_confirm",
+        "rate_per_minute",
+        "timeout_minutes",
+        "retry_count",
+        "retry_interval_minutes",
+    ):
+        value = getattr(spec, key)
+        if value not in (None, False, 0, 0.0):
+            options[key] = value
+    if spec.rollout is not None:
+        options["rollout"] = {
+            "phases": list(spec.rollout.phases),
+            "success_threshold": spec.rollout.success_threshold,
+            "error_threshold_count": spec.rollout.error_threshold_count,
+            "error_threshold_percent": spec.rollout.error_threshold_percent,
+        }
+    return options
+
+
+def _policy(spec: JobSpec) -> TaskPolicy:
+    return TaskPolicy(
+        timeout_s=None if spec.timeout_minutes is None else spec.timeout_minutes * 60,
+        retry_count=spec.retry_count,
+        retry_interval_s=spec.retry_interval_minutes * 60,
+    )
+
+
+def _policy_of(options: dict[str, Any]) -> TaskPolicy:
+    timeout = options.get("timeout_minutes")
+    return TaskPolicy(
+        timeout_s=None if timeout is None else float(timeout) * 60,
+        retry_count=int(options.get("retry_count", 0)),
+        retry_interval_s=float(options.get("retry_interval_minutes", 0)) * 60,
+    )
+
+
+def _rollout(options: dict[str, Any]) -> Rollout | None:
+    raw = options.get("rollout")
+    if not raw:
+        return None
+    return Rollout(
+        tuple(raw["phases"]),
+        raw.get("success_threshold", 100.0),
+        raw.get("error_threshold_count"),
+        raw.get("error_threshold_percent"),
+    )

@@ -43,7 +43,7 @@ class OtaConfig:
     progress_burst: int = 20
     max_downloads_per_device: int = 2
     http_header_timeout_s: float = 10.0
-    tick_seconds: float = 5.0
+    tick_seconds: float = 1.0
 
 
 ENV: Mapping[str, str] = {

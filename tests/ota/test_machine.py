@@ -16,6 +16,7 @@ from plugins.ota.machine import (
     CancelRequested,
     Candidate,
     Confirmed,
+    RerunRequested,
     Decision,
     Delivery,
     DeviceAvailable,
@@ -110,14 +111,19 @@ SAMPLE_EVENTS: dict[type, list[Event]] = {
     ProgressReported: [ProgressReported(50, "downloading"), ProgressReported(-2, "http 404")],
     CancelRequested: [CancelRequested()],
     Confirmed: [Confirmed()],
+    RerunRequested: [RerunRequested()],
     Ticked: [Ticked()],
 }
 ALL_EVENTS: list[Event] = [e for events in SAMPLE_EVENTS.values() for e in events]
 
 
-def table_task(state: TaskState) -> Task:
-    """A task in `state` whose timeout has long expired at NOW, so Ticked can reach timed_out."""
-    return make_task(state, timeout_s=30.0)
+def table_tasks(state: TaskState) -> list[Task]:
+    """Tasks in `state` whose timeout has long expired at NOW (so Ticked can reach timed_out), one with no
+    retries left and one with a retry left (so a failure can reach both failed and queued)."""
+    return [
+        make_task(state, timeout_s=30.0),
+        make_task(state, timeout_s=30.0, retry_count=1, retry_interval_s=60.0),
+    ]
 
 
 # ---------------------------------------------------------------------------------------- the table
@@ -136,20 +142,23 @@ def test_sample_events_cover_every_event_type() -> None:
 def test_table_row_reaches_exactly_its_declared_targets(state: TaskState, etype: type) -> None:
     """Each row leads only to its declared targets (or stays put), and each declared target is reachable."""
     rule = TRANSITIONS[(state, etype)]
-    task = table_task(state)
     reached = set()
-    for event in SAMPLE_EVENTS[etype]:
-        decision = apply(task, event, NOW)
-        assert isinstance(decision, Decision)
-        assert decision.task.id == task.id and decision.task.device == task.device
-        reached.add(decision.task.state)
+    for task in table_tasks(state):
+        for event in SAMPLE_EVENTS[etype]:
+            decision = apply(task, event, NOW)
+            assert isinstance(decision, Decision)
+            assert decision.task.id == task.id and decision.task.device == task.device
+            reached.add(decision.task.state)
     assert reached <= {*rule.targets, state}
     assert set(rule.targets) <= reached
 
 
-def test_no_row_starts_in_a_terminal_state() -> None:
-    """The table has no row for a terminal source state."""
-    assert all(not state.terminal for state, _ in TRANSITIONS)
+def test_only_an_operator_rerun_leaves_a_terminal_state() -> None:
+    """The only rows from a terminal state are the operator's re-run of failed and timed-out tasks."""
+    assert {(s, e) for s, e in TRANSITIONS if s.terminal} == {
+        (TaskState.FAILED, RerunRequested),
+        (TaskState.TIMED_OUT, RerunRequested),
+    }
 
 
 ILLEGAL = [(s, e) for s, e in itertools.product(TaskState, SAMPLE_EVENTS) if (s, e) not in TRANSITIONS]
@@ -158,7 +167,7 @@ ILLEGAL = [(s, e) for s, e in itertools.product(TaskState, SAMPLE_EVENTS) if (s,
 @pytest.mark.parametrize(("state", "etype"), ILLEGAL, ids=[f"{s}-{e.__name__}" for s, e in ILLEGAL])
 def test_illegal_pair_raises_and_changes_nothing(state: TaskState, etype: type) -> None:
     """A (state, event) pair missing from the table raises IllegalTransition naming both; the task is intact."""
-    task = table_task(state)
+    task = table_tasks(state)[0]
     before = replace(task)
     for event in SAMPLE_EVENTS[etype]:
         with pytest.raises(IllegalTransition) as info:
@@ -171,9 +180,11 @@ def test_illegal_pair_raises_and_changes_nothing(state: TaskState, etype: type) 
 
 @pytest.mark.parametrize("state", TERMINAL)
 def test_terminal_state_refuses_every_event(state: TaskState) -> None:
-    """succeeded, failed, timed_out, cancelled and skipped accept no event at all."""
+    """succeeded, failed, timed_out, cancelled and skipped accept no device or time event at all."""
     task = make_task(state, progress=100, started_at=STARTED)
     for event in ALL_EVENTS:
+        if isinstance(event, RerunRequested) and state in (TaskState.FAILED, TaskState.TIMED_OUT):
+            continue
         with pytest.raises(IllegalTransition):
             apply(task, event, NOW)
 

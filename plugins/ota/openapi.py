@@ -1,0 +1,206 @@
+"""The OpenAPI 3.1 document of the management API, served at `/api/v1/openapi.json`.
+
+A test checks that every route the API registers is described here and nothing else is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _op(
+    summary: str,
+    ok: str = "200",
+    answer: dict[str, Any] | None = None,
+    body: dict[str, Any] | None = None,
+    *,
+    errors: tuple[str, ...] = ("401", "404", "422"),
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {ok: {"description": "success", **(_json(answer) if answer else {})}}
+    for code in errors:
+        responses[code] = {"description": "error", **_json(_ref("Error"))}
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if body is not None:
+        op["requestBody"] = {"required": True, **body}
+    return op
+
+
+_PK_DN = [
+    {"name": "pk", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "dn", "in": "path", "required": True, "schema": {"type": "string"}},
+]
+_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+_LIST = {"type": "array", "items": {}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "ota-broker management API", "version": "1"},
+    "servers": [{"url": "/api/v1"}],
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "message"],
+                "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+            },
+            "Device": {
+                "type": "object",
+                "properties": {
+                    "product_key": {"type": "string"},
+                    "device_name": {"type": "string"},
+                    "enabled": {"type": "boolean"},
+                    "online": {"type": "boolean"},
+                    "last_seen": {"type": ["string", "null"], "format": "date-time"},
+                    "modules": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+            "Firmware": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "product_key": {"type": "string"},
+                    "module": {"type": "string"},
+                    "version": {"type": "string"},
+                    "src_version": {"type": ["string", "null"]},
+                    "size": {"type": "integer"},
+                    "md5": {"type": "string"},
+                    "sha256": {"type": "string"},
+                    "sign_method": {"enum": ["Md5", "SHA256"]},
+                    "sign": {"type": "string"},
+                    "status": {
+                        "enum": ["unverified", "verifying", "verified", "verify_failed", "no_verify_needed"]
+                    },
+                },
+            },
+            "JobRequest": {
+                "type": "object",
+                "required": ["firmware_id"],
+                "properties": {
+                    "firmware_id": {"type": "integer"},
+                    "type": {"enum": ["static", "dynamic", "verify"]},
+                    "devices": {"type": "array", "items": {"type": "string", "description": "pk/dn"}},
+                    "src_versions": {"type": "array", "items": {"type": "string"}},
+                    "gray_percent": {"type": "number"},
+                    "overwrite": {"type": "boolean"},
+                    "force": {"type": "boolean"},
+                    "need_confirm": {"type": "boolean"},
+                    "schedule_at": {"type": "string", "format": "date-time"},
+                    "end_at": {"type": "string", "format": "date-time"},
+                    "rate_per_minute": {"type": "integer"},
+                    "timeout_minutes": {"type": "number"},
+                    "retry_count": {"type": "integer"},
+                    "retry_interval_minutes": {"type": "number"},
+                    "rollout": {
+                        "type": "object",
+                        "properties": {
+                            "phases": {"type": "array", "items": {"type": "number"}},
+                            "success_threshold": {"type": "number"},
+                            "error_threshold_count": {"type": "integer"},
+                            "error_threshold_percent": {"type": "number"},
+                        },
+                    },
+                    "tags": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+            "Job": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "firmware_id": {"type": "integer"},
+                    "type": {"type": "string"},
+                    "state": {"enum": ["scheduled", "running", "paused", "completed", "cancelled"]},
+                    "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "success_rate": {"type": ["number", "null"]},
+                    "throughput_per_minute": {"type": "number"},
+                },
+            },
+            "Task": {
+                "type": "object",
+                "properties": {
+                    "device": {"type": "string"},
+                    "state": {"type": "string"},
+                    "progress": {"type": "integer"},
+                    "desc": {"type": "string"},
+                    "attempts": {"type": "integer"},
+                    "updated_at": {"type": "string", "format": "date-time"},
+                },
+            },
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/health": {"get": {**_op("Liveness", errors=()), "security": []}},
+        "/openapi.json": {"get": _op("This document", errors=("401",))},
+        "/devices": {
+            "post": _op("Register a device", "201", _ref("Device"), _json(_ref("Device"))),
+            "get": _op("List devices", answer={"type": "array", "items": _ref("Device")}),
+        },
+        "/devices/import": {
+            "post": _op(
+                "Register devices from CSV", body={"content": {"text/csv": {"schema": {"type": "string"}}}}
+            )
+        },
+        "/devices/{pk}/{dn}": {
+            "parameters": _PK_DN,
+            "get": _op("A device with its tasks", answer=_ref("Device")),
+            "patch": _op("Enable or disable", answer=_ref("Device"), body=_json({"type": "object"})),
+            "delete": _op("Delete a device", "204", errors=("401", "404", "409")),
+        },
+        "/devices/{pk}/{dn}/secret": {"parameters": _PK_DN, "post": _op("Rotate the device secret")},
+        "/firmware": {
+            "post": _op(
+                "Upload firmware",
+                "201",
+                _ref("Firmware"),
+                {"content": {"multipart/form-data": {"schema": {"type": "object"}}}},
+                errors=("401", "409", "413", "422"),
+            ),
+            "get": _op("List firmware", answer={"type": "array", "items": _ref("Firmware")}),
+        },
+        "/firmware/{id}": {
+            "parameters": _ID,
+            "get": _op("One firmware", answer=_ref("Firmware")),
+            "delete": _op("Delete firmware", "204", errors=("401", "404", "409")),
+        },
+        "/jobs": {
+            "post": _op(
+                "Start a job", "201", _ref("Job"), _json(_ref("JobRequest")), errors=("401", "409", "422")
+            ),
+            "get": _op("List jobs", answer={"type": "array", "items": _ref("Job")}),
+        },
+        "/jobs/{id}": {"parameters": _ID, "get": _op("One job", answer=_ref("Job"))},
+        "/jobs/{id}/tasks": {
+            "parameters": _ID,
+            "get": _op("The job's tasks", answer={"type": "array", "items": _ref("Task")}),
+        },
+        "/jobs/{id}/report.csv": {"parameters": _ID, "get": _op("The job's tasks as CSV")},
+        "/jobs/{id}/cancel": {"parameters": _ID, "post": _op("Cancel tasks by state", answer=_ref("Job"))},
+        "/jobs/{id}/pause": {
+            "parameters": _ID,
+            "post": _op("Pause", answer=_ref("Job"), errors=("401", "404", "409")),
+        },
+        "/jobs/{id}/resume": {
+            "parameters": _ID,
+            "post": _op("Resume", answer=_ref("Job"), errors=("401", "404", "409")),
+        },
+        "/jobs/{id}/confirm": {"parameters": _ID, "post": _op("Confirm waiting tasks", answer=_ref("Job"))},
+        "/jobs/{id}/rerun": {"parameters": _ID, "post": _op("Re-run failed tasks", answer=_ref("Job"))},
+        "/jobs/{id}/tasks/{pk}/{dn}/cancel": {
+            "parameters": _ID + _PK_DN,
+            "post": _op("Cancel one task", answer=_ref("Task"), errors=("401", "404", "409")),
+        },
+        "/jobs/{id}/tasks/{pk}/{dn}/history": {
+            "parameters": _ID + _PK_DN,
+            "get": _op("A task's history", answer={"type": "object"}),
+        },
+    },
+}
