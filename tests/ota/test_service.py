@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from firmware_store import FirmwareStore, LinkSigner
-from plugins.ota.model import JobType, SignMethod, TaskState
-from plugins.ota.repository import Repository
+from plugins.ota.model import JobSpec, JobType, SignMethod, TaskState
+from plugins.ota.repository import MIGRATIONS, Repository
 from plugins.ota.service import OtaService
 from plugins.ota.topics import DeviceRef, OtaTopic
 
@@ -108,7 +108,7 @@ async def start_job(service: OtaService, devices: list[DeviceRef], **kwargs: obj
         src_version=None,
         description="",
     )
-    job = await service.create_job(fw.id, JobType.STATIC, devices, [], kwargs.get("timeout_minutes"))  # type: ignore[arg-type]
+    job = await service.create_job(JobSpec(fw.id, JobType.STATIC, tuple(devices), **kwargs))  # type: ignore[arg-type]
     await service.drain()
     return job.id
 
@@ -235,7 +235,7 @@ async def test_state_survives_reopening_the_database(world, tmp_path: Path) -> N
     async with repo.db.execute("PRAGMA journal_mode") as cur:
         assert (await cur.fetchone())[0] == "wal"
     async with repo.db.execute("PRAGMA user_version") as cur:
-        assert (await cur.fetchone())[0] == 1
+        assert (await cur.fetchone())[0] == len(MIGRATIONS)
 
 
 async def test_pull_without_task_answers_empty(world) -> None:
