@@ -287,17 +287,19 @@ async def test_replayed_connect_is_accepted_without_timestamp_window(secure: Env
 
 
 async def test_timestamp_window_refuses_stale_logins(skewed: Env, caplog: pytest.LogCaptureFixture) -> None:
-    """With max_timestamp_skew_s = 300, a correctly signed login whose timestamp is an hour old is refused
-    ("timestamp outside the allowed window"); a fresh one (ms or s) is accepted."""
+    """With max_timestamp_skew_s = 300, a correctly signed login whose timestamp is an hour off, or missing,
+    is refused ("timestamp missing or outside the allowed window"); a fresh one (ms or s) is accepted."""
     env = skewed
     caplog.set_level(logging.WARNING, logger="ota.auth")
     secret = await register(env, "pk", "a")
     stale = signed(env, "pk", "a", secret, timestamp=now_ms(-3600), client_id_part="stale")
     assert await stale.attempt() == REFUSED
     [line] = refusals(caplog)
-    assert "timestamp outside the allowed window" in line and secret not in line
+    assert "timestamp missing or outside the allowed window" in line and secret not in line
     future = signed(env, "pk", "a", secret, timestamp=now_ms(+3600), client_id_part="future")
     assert await future.attempt() == REFUSED
+    bare = signed(env, "pk", "a", secret, client_id_part="bare")
+    assert await bare.attempt() == REFUSED
     fresh = signed(env, "pk", "a", secret, timestamp=now_ms(), client_id_part="fresh")
     assert await fresh.attempt() == 0
     seconds = signed(env, "pk", "a", secret, timestamp=str(int(time.time())), client_id_part="secs")
