@@ -58,9 +58,9 @@ class AccountConfig:
 @dataclass
 class DeviceAuthConfig:
     accounts: dict[str, AccountConfig] = field(default_factory=dict)
-    # When > 0, a device CONNECT whose clientId carries `timestamp=<ms or s>` further than this many
-    # seconds from the broker's clock is refused: this bounds how long a captured password can be
-    # replayed. 0 (the default) accepts any timestamp, as some SDKs send a fixed one.
+    # When > 0, a device CONNECT whose clientId has no `timestamp=<ms or s>`, or one further than this
+    # many seconds from the broker's clock, is refused: this bounds how long a captured password can be
+    # replayed. 0 (the default) accepts any timestamp or none, as some SDKs send a fixed one.
     max_timestamp_skew_s: float = 0.0
 
 
@@ -137,7 +137,7 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
         if not enabled:
             raise CredentialsError(Refusal.DISABLED, str(creds.device))
         skew = self.config.max_timestamp_skew_s
-        if skew > 0 and creds.timestamp is not None and not _fresh(creds.timestamp, time.time(), skew):
+        if skew > 0 and (creds.timestamp is None or not _fresh(creds.timestamp, time.time(), skew)):
             raise CredentialsError(Refusal.STALE_TIMESTAMP, str(creds.device))
 
     # ---------------------------------------------------------------------------- topic isolation

@@ -29,7 +29,7 @@ class Refusal(StrEnum):
     UNKNOWN_DEVICE = "unknown device"
     DISABLED = "device disabled"
     BAD_SIGNATURE = "bad signature"
-    STALE_TIMESTAMP = "timestamp outside the allowed window"
+    STALE_TIMESTAMP = "timestamp missing or outside the allowed window"
     BAD_PASSWORD = "bad account password"  # noqa: S105 - a refusal reason, not a password
 
 

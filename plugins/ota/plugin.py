@@ -13,6 +13,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         self._ticker: asyncio.Task[None] | None = None
         self._client_device: dict[str, DeviceRef] = {}
         self._device_clients: dict[DeviceRef, list[str]] = {}  # newest last
-        self._connected_at: dict[str, float] = {}
+        self._conns: dict[str, _Connection] = {}  # client id -> the connection that authenticated
         self._deliveries: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -184,13 +185,33 @@ class OtaPlugin(BasePlugin[BrokerContext]):
     # ------------------------------------------------------------------------------- broker events
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
-        self._connected_at[client_id] = self.clock()
+        """Record the connection that authenticated. amqtt looks sessions up by client id, and a refused
+        CONNECT reusing a client id replaces the entry; the OTA service delivers through this record."""
+        entry = self.context._broker_instance.sessions.get(client_id)  # amqtt offers no public handle
+        if entry is None or entry[0] is not client_session:
+            return
+        old = self._conns.get(client_id)
         device = DeviceRef.from_username(client_session.username)
-        if device is not None and self.service is not None and self._bind(client_id, device):
+        self._conns[client_id] = _Connection(client_session, entry[1], self.clock())
+        if old is not None and old.handler is not entry[1] and old.session is not client_session:
+            # MQTT-3.1.4-2: a new connection with the client id of a live one takes over; amqtt leaves the
+            # old connection open when the new one asks for a clean session.
+            log.info("client %r connected again: closing its older connection", client_id[:96])
+            await old.handler.handle_connection_closed()
+        if (
+            device is not None
+            and self.service is not None
+            and (self._bind(client_id, device) or old is not None)
+        ):
             await self.service.device_connected(device)
 
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
-        self._connected_at.pop(client_id, None)
+        conn = self._conns.get(client_id)
+        if conn is None or conn.session is not client_session:
+            return  # an older connection of a client id that has connected again
+        if conn.session.transitions.state == "connected":
+            return  # the same session taken over by a new connection (clean session off)
+        del self._conns[client_id]
         device = self._client_device.pop(client_id, None)
         if device is None:
             return
@@ -257,38 +278,36 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             return bound is None or bound == device
         return bound == device  # device-secret: the device it authenticated as
 
-    def _session(self, device: DeviceRef) -> tuple[str, Session] | None:
+    def _connection(self, device: DeviceRef) -> _Connection | None:
         for client_id in reversed(self._device_clients.get(device, [])):
-            session = self.context.get_session(client_id)
-            if session is not None and session.transitions.state == "connected":
-                return client_id, session
+            conn = self._conns.get(client_id)
+            if conn is not None and conn.session.transitions.state == "connected":
+                return conn
         return None
 
     def is_online(self, device: DeviceRef) -> bool:
-        return self._session(device) is not None
+        return self._connection(device) is not None
 
     def session_started_at(self, device: DeviceRef) -> float | None:
-        found = self._session(device)
-        return None if found is None else self._connected_at.get(found[0])
+        conn = self._connection(device)
+        return None if conn is None else conn.connected_at
 
     async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
         """Deliver to the device's own session, plus any other subscribers of `topic`."""
-        found = self._session(device)
-        subscribed = False
-        if found is not None:
-            client_id = found[0]
-            subscribed = any(
-                filter_matches(topic_filter, topic) and any(s.client_id == client_id for s, _ in subscribers)
-                for topic_filter, subscribers in self.context.subscriptions.items()
-            )
+        conn = self._connection(device)
+        subscribed = conn is not None and any(
+            filter_matches(topic_filter, topic) and any(s is conn.session for s, _ in subscribers)
+            for topic_filter, subscribers in self.context.subscriptions.items()
+        )
         # Subscribers, the device among them if it subscribed, get it through the broker's routing.
         await self.context.broadcast_message(topic, payload)  # each at its granted QoS
-        if found is None:
+        if conn is None:
             return False
         if not subscribed:
-            handler = self.context._broker_instance.sessions[found[0]][1]  # amqtt offers no public handle
             task = asyncio.create_task(
-                handler.mqtt_publish(topic, payload, NOTICE_QOS, retain=False, ack_timeout=_ACK_TIMEOUT_S)
+                conn.handler.mqtt_publish(
+                    topic, payload, NOTICE_QOS, retain=False, ack_timeout=_ACK_TIMEOUT_S
+                )
             )
             self._deliveries.add(task)
             task.add_done_callback(self._delivery_done)
@@ -296,15 +315,22 @@ class OtaPlugin(BasePlugin[BrokerContext]):
 
     async def disconnect(self, device: DeviceRef) -> None:
         for client_id in list(self._device_clients.get(device, [])):
-            found = self.context._broker_instance.sessions.get(client_id)  # amqtt offers no public handle
-            if found is not None:
-                log.info("closing the connection of %s (client %r)", device, client_id)
-                await found[1].handle_connection_closed()
+            conn = self._conns.get(client_id)
+            if conn is not None:
+                log.info("closing the connection of %s (client %r)", device, client_id[:96])
+                await conn.handler.handle_connection_closed()
 
     def _delivery_done(self, task: asyncio.Task[Any]) -> None:
         self._deliveries.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.info("a notice was not acknowledged: %s", task.exception())
+
+
+@dataclass(slots=True)
+class _Connection:
+    session: Session
+    handler: Any  # amqtt's BrokerProtocolHandler of this connection
+    connected_at: float
 
 
 def _parse(topic: str) -> OtaTopic | None:
