@@ -418,7 +418,15 @@ def _firmware_fields(fields: dict[str, str]) -> dict[str, Any]:
             fields.get("src_version") or None, "src_version", max_len=MAX_VERSION_LEN, required=False
         ),
         "description": fields.get("description", ""),
+        "verify": _form_flag(fields, "verify"),
     }
+
+
+def _form_flag(fields: dict[str, str], name: str) -> bool:
+    value = fields.get(name, "false").strip().lower()
+    if value not in ("true", "false", "1", "0", ""):
+        raise InvalidInput(name, "must be true or false")
+    return value in ("true", "1")
 
 
 async def list_firmware(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -277,6 +278,7 @@ def firmware_add(
         str | None, typer.Option("--src-version", help="Differential package from.")
     ] = None,
     description: Annotated[str, typer.Option("--description")] = "",
+    verify: Annotated[bool, typer.Option("--verify", help="Require a verify job before batch jobs.")] = False,
     admin_url: AdminUrl = DEFAULT_URL,
     token: Token = None,
     as_json: AsJson = False,
@@ -288,6 +290,7 @@ def firmware_add(
         "module": module,
         "sign_method": sign_method,
         "description": description,
+        "verify": "true" if verify else "false",
     }
     if src_version:
         data["src_version"] = src_version
@@ -351,25 +354,161 @@ def job_create(
     device: Annotated[
         list[str] | None, typer.Option("--device", help="pk/dn; repeat. Default: the product.")
     ] = None,
+    devices_file: Annotated[
+        Path | None, typer.Option("--devices-file", help="CSV or text: pk/dn or pk,dn per line.", exists=True)
+    ] = None,
     src_version: Annotated[
         list[str] | None, typer.Option("--src-version", help="Only devices on it; repeat.")
     ] = None,
+    job_type: Annotated[str, typer.Option("--type", help="static, dynamic or verify.")] = "static",
+    gray: Annotated[
+        float | None, typer.Option("--gray", help="Percent of the matched devices (sample).")
+    ] = None,
+    schedule_at: Annotated[str | None, typer.Option("--schedule-at", help="ISO 8601 start time.")] = None,
+    end_at: Annotated[
+        str | None, typer.Option("--end-at", help="ISO 8601 end: unfinished tasks cancelled.")
+    ] = None,
+    rate: Annotated[int | None, typer.Option("--rate", help="At most this many notices per minute.")] = None,
     timeout_minutes: Annotated[float | None, typer.Option("--timeout-minutes")] = None,
-    job_type: Annotated[str, typer.Option("--type")] = "static",
+    retries: Annotated[
+        int, typer.Option("--retries", help="Re-notify a failed task up to this many times.")
+    ] = 0,
+    retry_interval: Annotated[float, typer.Option("--retry-interval-minutes")] = 0.0,
+    phases: Annotated[str | None, typer.Option("--phases", help="Percentages, e.g. 10,30,60.")] = None,
+    success_threshold: Annotated[
+        float | None, typer.Option("--success-threshold", help="% to start next")
+    ] = None,
+    error_count: Annotated[
+        int | None, typer.Option("--error-threshold-count", help="Pause at this many")
+    ] = None,
+    error_percent: Annotated[float | None, typer.Option("--error-threshold-percent")] = None,
+    confirm: Annotated[bool, typer.Option("--confirm", help="Tasks wait for confirmation.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Cancel devices' tasks in other jobs.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Run unverified firmware.")] = False,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="key=value for the notice's extData.")
+    ] = None,
     admin_url: AdminUrl = DEFAULT_URL,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Start an upgrade job."""
+    """Start an upgrade job (every option of POST /api/v1/jobs)."""
     body: dict[str, Any] = {"firmware_id": firmware, "type": job_type}
-    if device:
-        body["devices"] = device
-    if src_version:
-        body["src_versions"] = src_version
-    if timeout_minutes is not None:
-        body["timeout_minutes"] = timeout_minutes
+    listed = list(device or [])
+    if devices_file is not None:
+        listed += _read_device_list(devices_file)
+    optional = {
+        "devices": listed or None,
+        "src_versions": src_version or None,
+        "gray_percent": gray,
+        "schedule_at": schedule_at,
+        "end_at": end_at,
+        "rate_per_minute": rate,
+        "timeout_minutes": timeout_minutes,
+        "retry_count": retries or None,
+        "retry_interval_minutes": retry_interval or None,
+        "need_confirm": confirm or None,
+        "overwrite": overwrite or None,
+        "force": force or None,
+    }
+    body |= {k: v for k, v in optional.items() if v is not None}
+    if phases:
+        try:
+            rollout: dict[str, Any] = {"phases": [float(p) for p in phases.split(",")]}
+        except ValueError:
+            fail("--phases takes percentages separated by commas, e.g. 10,30,60")
+        for key, value in (
+            ("success_threshold", success_threshold),
+            ("error_threshold_count", error_count),
+            ("error_threshold_percent", error_percent),
+        ):
+            if value is not None:
+                rollout[key] = value
+        body["rollout"] = rollout
+    if tag:
+        pairs = [t.partition("=") for t in tag]
+        if any(not sep or not k for k, sep, _ in pairs):
+            fail("--tag takes key=value")
+        body["tags"] = {k: v for k, _, v in pairs}
     job = Api(admin_url, token).call("POST", "/jobs", json=body)
     show_json(job) if as_json else console.print(_job_line(job), highlight=False)
+
+
+def _read_device_list(path: Path) -> list[str]:
+    devices = []
+    for raw in path.read_text(encoding="utf-8-sig").splitlines():
+        line = raw.strip()
+        if not line or line.lower().startswith("product_key"):
+            continue
+        pk, sep, dn = line.partition("," if "," in line else "/")
+        devices.append(f"{pk.strip()}/{dn.split(',')[0].strip()}" if sep else line)
+    return devices
+
+
+def _job_action(action: str, job_id: int, admin_url: str, token: str | None, **kwargs: Any) -> None:
+    job = Api(admin_url, token).call("POST", f"/jobs/{job_id}/{action}", **kwargs)
+    console.print(_job_line(job), highlight=False)
+
+
+@job_app.command("pause")
+def job_pause(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Stop sending new notices (devices already upgrading carry on)."""
+    _job_action("pause", job_id, admin_url, token)
+
+
+@job_app.command("resume")
+def job_resume(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Resume a paused job (failures so far no longer count toward its error threshold)."""
+    _job_action("resume", job_id, admin_url, token)
+
+
+@job_app.command("confirm")
+def job_confirm(
+    job_id: int,
+    device: Annotated[list[str] | None, typer.Option("--device", help="pk/dn; repeat. Default: all.")] = None,
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Confirm tasks waiting in `confirm`."""
+    _job_action("confirm", job_id, admin_url, token, json={"devices": device} if device else {})
+
+
+@job_app.command("rerun")
+def job_rerun(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Queue the job's failed and timed-out tasks again."""
+    _job_action("rerun", job_id, admin_url, token)
+
+
+@job_app.command("history")
+def job_history(job_id: int, device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """Every state change and progress report of one device's task."""
+    try:
+        ref = DeviceRef.parse(device)
+    except ValueError as e:
+        fail(str(e))
+    found = Api(admin_url, token).call(
+        "GET", f"/jobs/{job_id}/tasks/{ref.product_key}/{ref.device_name}/history"
+    )
+    table = Table("at", "state", "progress", "desc")
+    for h in found["history"]:
+        table.add_row(h["at"], h["state"], f"{h['progress']}%", h["desc"])
+    console.print(table)
+
+
+@job_app.command("report")
+def job_report(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+    """The job's tasks as CSV on stdout."""
+    api = Api(admin_url, token)
+    try:
+        with httpx.Client(**api._client_args) as client:
+            response = client.get(f"/jobs/{job_id}/report.csv")
+    except httpx.TransportError as e:
+        fail(f"cannot reach the management API at {api.url} ({e})")
+    if response.status_code >= 400:
+        fail(f"{response.status_code} {response.text[:200]}")
+    sys.stdout.write(response.text)
 
 
 @job_app.command("list")
@@ -434,7 +573,25 @@ def job_tasks(
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
-    """Cancel a job's unfinished tasks."""
-    job = Api(admin_url, token).call("POST", f"/jobs/{job_id}/cancel")
-    console.print(_job_line(job), highlight=False)
+def job_cancel(
+    job_id: int,
+    state: Annotated[
+        list[str] | None,
+        typer.Option("--state", help="Only tasks in this state (queued, notified, ...); repeat."),
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Only this device's task (pk/dn).")] = None,
+    admin_url: AdminUrl = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Cancel a job's unfinished tasks (all, those in some states, or one device's)."""
+    if device:
+        try:
+            ref = DeviceRef.parse(device)
+        except ValueError as e:
+            fail(str(e))
+        task = Api(admin_url, token).call(
+            "POST", f"/jobs/{job_id}/tasks/{ref.product_key}/{ref.device_name}/cancel"
+        )
+        console.print(f"{task['device']}: {task['state']}", highlight=False)
+        return
+    _job_action("cancel", job_id, admin_url, token, json={"states": state} if state else {})

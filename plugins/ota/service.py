@@ -441,8 +441,10 @@ class OtaService:
         sign_method: SignMethod,
         src_version: str | None,
         description: str,
+        verify: bool = False,
     ) -> Firmware:
-        """Record an uploaded blob as firmware; the caller discards the blob if this raises."""
+        """Record an uploaded blob as firmware; the caller discards the blob if this raises. Firmware
+        uploaded with `verify` must pass a verify job before batch jobs take it (as Aliyun's NeedToVerify)."""
         if blob.size == 0:
             raise InvalidInput("file", "the firmware file is empty")
         firmware = await self.repo.add_firmware(
@@ -456,6 +458,7 @@ class OtaService:
             sign_method=sign_method,
             description=description,
             now=self.clock(),
+            status=FirmwareStatus.UNVERIFIED if verify else FirmwareStatus.NO_VERIFY_NEEDED,
         )
         log.info(
             "firmware %d added: %s/%s %s, %d bytes", firmware.id, product_key, module, version, blob.size
