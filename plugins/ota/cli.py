@@ -138,11 +138,15 @@ def _print_login_examples(product_key: str, device_name: str, secret: str, host:
     )
 
 
-def _device_call(method: str, device: str, suffix: str, admin_url: str, token: str | None, **kw: Any) -> Any:
+def _parse_device(text: str) -> DeviceRef:
     try:
-        ref = DeviceRef.parse(device)
+        return DeviceRef.parse(text)
     except ValueError as e:
         fail(str(e))
+
+
+def _device_call(method: str, device: str, suffix: str, admin_url: str, token: str | None, **kw: Any) -> Any:
+    ref = _parse_device(device)
     return Api(admin_url, token).call(method, f"/devices/{ref.product_key}/{ref.device_name}{suffix}", **kw)
 
 
@@ -484,10 +488,7 @@ def job_rerun(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = Non
 @job_app.command("history")
 def job_history(job_id: int, device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
     """Every state change and progress report of one device's task."""
-    try:
-        ref = DeviceRef.parse(device)
-    except ValueError as e:
-        fail(str(e))
+    ref = _parse_device(device)
     found = Api(admin_url, token).call(
         "GET", f"/jobs/{job_id}/tasks/{ref.product_key}/{ref.device_name}/history"
     )
@@ -585,10 +586,7 @@ def job_cancel(
 ) -> None:
     """Cancel a job's unfinished tasks (all, those in some states, or one device's)."""
     if device:
-        try:
-            ref = DeviceRef.parse(device)
-        except ValueError as e:
-            fail(str(e))
+        ref = _parse_device(device)
         task = Api(admin_url, token).call(
             "POST", f"/jobs/{job_id}/tasks/{ref.product_key}/{ref.device_name}/cancel"
         )
