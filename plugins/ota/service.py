@@ -630,19 +630,12 @@ class OtaService:
         pacer = None
         if rate:
             pacer = self._job_pacers.setdefault(job.id, RateLimiter(rate / 60, max(1.0, rate / 60)))
-        offset = 0
-        while True:
-            page = await self.repo.dispatchable_tasks(job.id, job.current_group, now, limit=500 + offset)
-            page = page[offset:]
-            if not page:
+        for task in await self.repo.dispatchable_tasks(job.id, job.current_group, now, limit=1_000_000):
+            if not self.channel.is_online(task.device):
+                continue  # notified when it connects (unless the job is paced: then by a later step)
+            if pacer is not None and not pacer.allow(job.id, self.clock()):
                 return
-            offset += len(page)
-            for task in page:
-                if not self.channel.is_online(task.device):
-                    continue
-                if pacer is not None and not pacer.allow(job.id, self.clock()):
-                    return
-                await self._drive_by_id(task.id, DeviceAvailable(self._session_start(task.device)))
+            await self._drive_by_id(task.id, DeviceAvailable(self._session_start(task.device)))
 
     async def _finish_job(self, job: JobRecord, now: float) -> None:
         self._job_pacers.pop(job.id, None)
