@@ -185,6 +185,7 @@ def _notify(task: Task, event: Event, now: float) -> Decision:
 
 
 def _reply(task: Task, _event: Event, now: float) -> Decision:
+    """A pull is answered with the notice: the device asked, so a retry interval does not hold it back."""
     if task.state is TaskState.QUEUED:
         new = replace(
             task,
@@ -192,6 +193,7 @@ def _reply(task: Task, _event: Event, now: float) -> Decision:
             attempts=task.attempts + 1,
             notified_at=now,
             noticed_at=now,
+            not_before=None,
             updated_at=now,
         )
         return Decision(new, (SendNotice(Delivery.REPLY),), "notified (pulled)")
