@@ -15,7 +15,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from firmware_store import Blob, BlobTooLarge
 from plugins.ota import machine
@@ -46,6 +47,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE = web.AppKey("service", OtaService)
 _CHUNK = 256 * 1024
 _IMPORT_MAX = 64 * 1024 * 1024
+_ID_MAX = 2**63 - 1
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -350,11 +352,14 @@ async def add_firmware(request: web.Request) -> web.Response:
     if not request.content_type.startswith("multipart/"):
         raise InvalidInput("body", "must be multipart/form-data with a 'file' part")
     service = _service(request)
-    reader = await request.multipart()
+    try:
+        reader = await request.multipart()
+    except ValueError as e:
+        raise InvalidInput("body", f"malformed multipart/form-data: {e}") from e
     fields: dict[str, str] = {}
     blob: Blob | None = None
     try:
-        while (part := await reader.next()) is not None:
+        while (part := await _next_part(reader)) is not None:
             if not isinstance(part, BodyPartReader):
                 raise InvalidInput("body", "nested multipart is not accepted")
             name = part.name or ""
@@ -380,6 +385,14 @@ async def add_firmware(request: web.Request) -> web.Response:
             await service.discard_upload(blob)
         raise
     return web.json_response(firmware_view(firmware), status=201)
+
+
+async def _next_part(reader: MultipartReader) -> Any:
+    """The next part, with aiohttp's framing errors answered as a 422 naming the body."""
+    try:
+        return await reader.next()
+    except (ValueError, HttpProcessingError) as e:
+        raise InvalidInput("body", f"malformed multipart/form-data: {str(e)[:120]}") from e
 
 
 async def _store_stream(service: OtaService, part: BodyPartReader) -> Blob:
@@ -504,8 +517,8 @@ def _device_list(raw: Any, field: str) -> tuple[DeviceRef, ...]:
 def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
     """POST /jobs body → JobSpec, naming the field of the first problem."""
     fw = body.get("firmware_id")
-    if isinstance(fw, bool) or not isinstance(fw, int):
-        raise InvalidInput("firmware_id", "must be an integer")
+    if isinstance(fw, bool) or not isinstance(fw, int) or not 1 <= fw <= _ID_MAX:
+        raise InvalidInput("firmware_id", "must be a firmware id (a positive integer)")
     try:
         job_type = JobType(body.get("type", "static"))
     except ValueError as e:

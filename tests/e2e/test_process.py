@@ -1,5 +1,7 @@
 """End-to-end: `python -m broker run` as a real subprocess on built-in defaults, driven through its
-listeners, its management API, its CLI (as subprocesses too) and real paho-mqtt devices.
+listeners, its management API, its CLI (as subprocesses too) and real paho-mqtt devices. The defaults
+and CLI tests run in the default auth mode (device-secret: devices log in with Aliyun signatures); the
+restart tests run in open mode.
 
 Every process here is started by these tests and stopped by them, by its own PID; every wait is bounded;
 everything talks to 127.0.0.1 only.
@@ -26,13 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import paho.mqtt.client as mqtt
 import pytest
 
+from plugins.device_auth.signing import LoginExample, login_for
+from plugins.ota.topics import DeviceRef
 from tests.support import Device, eventually
 
 READY_S = 20.0  # the process must log `ready` within this
 STOP_S = 10.0  # a stopping process must have exited within this
 CLI_S = 30.0  # one CLI call
+OPEN = {"OTA_AUTH_MODE": "open"}  # lab mode, for tests whose devices do not sign their logins
 FIRMWARE = bytes(range(256)) * 400 + b"ota-broker e2e firmware"
 
 LISTENER_LINES = {
@@ -52,10 +58,12 @@ def clean_env(**overrides: str) -> dict[str, str]:
 
 
 class BrokerProcess:
-    """One `python -m broker run` started by this test in `workdir` (so ./data is `workdir/data`)."""
+    """One `python -m broker run` started by this test in `workdir` (so ./data is `workdir/data`), with
+    `env` added to its environment (by default none: the product's own auth mode, device-secret)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.extra_env = dict(env or {})
         self.data_dir = workdir / "data"
         self.proc: subprocess.Popen[str] | None = None
         self.ports: dict[str, int] = {}
@@ -68,14 +76,16 @@ class BrokerProcess:
 
     def start(self) -> BrokerProcess:
         assert not (self.workdir / "config.yaml").exists(), "the built-in defaults must be used"
-        env = clean_env(
-            OTA_MQTT_BIND="127.0.0.1:0",
-            OTA_MQTTS_BIND="127.0.0.1:0",
-            OTA_HTTPS_BIND="127.0.0.1:0",
-            OTA_ADMIN_BIND="127.0.0.1:0",
-            OTA_PUBLIC_URL="https://127.0.0.1:0",
-            OTA_AUTH_MODE="open",
-            PYTHONUNBUFFERED="1",
+        env = (
+            clean_env(
+                OTA_MQTT_BIND="127.0.0.1:0",
+                OTA_MQTTS_BIND="127.0.0.1:0",
+                OTA_HTTPS_BIND="127.0.0.1:0",
+                OTA_ADMIN_BIND="127.0.0.1:0",
+                OTA_PUBLIC_URL="https://127.0.0.1:0",
+                PYTHONUNBUFFERED="1",
+            )
+            | self.extra_env
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "run"],
@@ -271,16 +281,48 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
+REFUSED = 5  # CONNACK "not authorized"
+
+
+def printed_login(out: str, command: str) -> LoginExample:
+    """The clientId, username and password of the `command` example line `device add` printed."""
+    found = re.search(rf"{command} .*-i '([^']+)' -u '([^']+)' -P '([^']+)'", out)
+    assert found, f"no {command} line with -i/-u/-P in:\n{out}"
+    return LoginExample(*found.groups())
+
+
+async def login_code(broker: BrokerProcess, login: LoginExample) -> int:
+    """CONNECT once with `login` (no reconnecting) and answer the CONNACK return code (0: accepted)."""
+    codes: list[int] = []
+    client = mqtt.Client(
+        client_id=login.client_id, clean_session=True, protocol=mqtt.MQTTv311, reconnect_on_failure=False
+    )
+    client.username_pw_set(login.username, login.password)
+    client.on_connect = lambda _c, _u, _f, rc: codes.append(rc)
+    client.connect("127.0.0.1", broker.ports["mqtt"], keepalive=30)
+    client.loop_start()
+    try:
+        await eventually(lambda: codes, what=f"CONNACK for {login.client_id}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codes[0]
+
+
 # ------------------------------------------------------------------------------------------ fixtures
 
 
+Launch = Callable[..., BrokerProcess]
+
+
 @pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Callable[[], BrokerProcess]]:
-    """Start `python -m broker run` in tmp_path (same data dir each time); all are stopped at teardown."""
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Start `python -m broker run` in tmp_path (same data dir each time), with optional extra environment
+    variables; all are stopped at teardown."""
     started: list[BrokerProcess] = []
 
-    def start() -> BrokerProcess:
-        broker = BrokerProcess(tmp_path)
+    def start(env: dict[str, str] | None = None) -> BrokerProcess:
+        broker = BrokerProcess(tmp_path, env)
         started.append(broker)
         return broker.start()
 
@@ -295,13 +337,22 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+Devices = Callable[..., Device]
+
+
 @pytest.fixture
-def devices() -> Iterator[Callable[[BrokerProcess, str, str], Device]]:
-    """Make paho devices (Aliyun username `dn&pk`) for a broker; all are disconnected at teardown."""
+def devices() -> Iterator[Devices]:
+    """Make paho devices for a broker: `make(broker, pk, dn)` logs in with the Aliyun username `dn&pk`
+    only (open mode), `make(broker, pk, dn, login)` with a signed clientId, username and password. All
+    are disconnected at teardown."""
     made: list[Device] = []
 
-    def make(broker: BrokerProcess, pk: str, dn: str) -> Device:
-        device = Device(broker.ports["mqtt"], pk, dn, username=f"{dn}&{pk}")
+    def make(broker: BrokerProcess, pk: str, dn: str, login: LoginExample | None = None) -> Device:
+        if login is None:
+            device = Device(broker.ports["mqtt"], pk, dn, username=f"{dn}&{pk}")
+        else:
+            device = Device(broker.ports["mqtt"], pk, dn, client_id=login.client_id)
+            device.client.username_pw_set(login.username, login.password)
         made.append(device)
         return device
 
@@ -314,14 +365,16 @@ def devices() -> Iterator[Callable[[BrokerProcess, str, str], Device]]:
 
 
 async def test_defaults_start_listen_protect_and_stop_cleanly(
-    launch: Callable[[], BrokerProcess], http: aiohttp.ClientSession
+    launch: Launch, http: aiohttp.ClientSession
 ) -> None:
-    """Defaults: one log line per listener, CA and 0600 token made, API needs the token, SIGTERM exits 0."""
+    """Defaults: one line per listener, device-secret auth, CA and 0600 token, API needs the token, SIGTERM exits 0."""
     broker = await asyncio.to_thread(launch)
 
     for name, pattern in LISTENER_LINES.items():
         matching = [line for line in broker.lines if pattern.search(line)]
         assert len(matching) == 1, f"expected one '{name} listening' line, got {matching}"
+    assert any("auth mode: device-secret" in line for line in broker.lines), broker.log
+    assert not any("AUTH MODE IS 'open'" in line for line in broker.lines), broker.log
     assert broker.public_url == f"https://127.0.0.1:{broker.ports['https']}"
     for name in ("mqtt", "mqtts"):
         with socket.create_connection(("127.0.0.1", broker.ports[name]), timeout=5):
@@ -356,12 +409,12 @@ async def test_defaults_start_listen_protect_and_stop_cleanly(
 
 
 async def test_cli_drives_a_device_upgrade_end_to_end(
-    launch: Callable[[], BrokerProcess],
+    launch: Launch,
     http: aiohttp.ClientSession,
-    devices: Callable[[BrokerProcess, str, str], Device],
+    devices: Devices,
     tmp_path: Path,
 ) -> None:
-    """The CLI adds a device and firmware, follows a job to completion, deletes it, refuses a bad token."""
+    """The CLI adds a device whose printed login works, drives its upgrade, disables/enables it, refuses a bad token."""
     broker = await asyncio.to_thread(launch)
     admin = Admin(http, broker)
 
@@ -369,8 +422,15 @@ async def test_cli_drives_a_device_upgrade_end_to_end(
     secret = re.search(r"device_secret: (\S+)", out)
     assert secret, out
     assert len(secret.group(1)) >= 16, out
+    sub, pub = printed_login(out, "mosquitto_sub"), printed_login(out, "mosquitto_pub")
+    ref = DeviceRef("pk", "dev1")
+    assert sub == login_for(ref, secret.group(1), client_id_part=sub.client_id.split("|")[0]), out
+    assert pub == login_for(ref, secret.group(1), client_id_part=pub.client_id.split("|")[0]), out
+    assert sub.client_id != pub.client_id, out
+    assert await login_code(broker, LoginExample(sub.client_id, sub.username, "0" * 64)) == REFUSED
 
-    device = await devices(broker, "pk", "dev1").connect()
+    device = await devices(broker, "pk", "dev1", sub).connect()
+    assert device.client.is_connected(), "the login printed by `device add` was refused"
     await device.inform("1.0.0")
     await admin.device_on("pk/dev1", "1.0.0")
     out = ok(await cli(broker, "device", "list"))
@@ -431,6 +491,17 @@ async def test_cli_drives_a_device_upgrade_end_to_end(
     assert f"firmware {fw_id} deleted" in out
     await admin.call("GET", f"/firmware/{fw_id}", expect=404)
 
+    # Disabled, the device is cut off and its next login refused; enabled, it logs in again.
+    cut_off = threading.Event()
+    device.client.on_disconnect = lambda *_a: cut_off.set()
+    out = ok(await cli(broker, "device", "disable", "pk/dev1"))
+    assert "device pk/dev1 disabled" in out, out
+    await eventually(cut_off.is_set, what="the disabled device's connection to be closed")
+    assert await login_code(broker, pub) == REFUSED
+    out = ok(await cli(broker, "device", "enable", "pk/dev1"))
+    assert "device pk/dev1 enabled" in out, out
+    assert await login_code(broker, pub) == 0
+
     wrong = await cli(broker, "device", "list", "--token", "nope")
     assert wrong.returncode != 0
     assert "error" in wrong.stderr, wrong.stderr
@@ -441,12 +512,12 @@ async def test_cli_drives_a_device_upgrade_end_to_end(
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 async def test_restart_mid_job_keeps_state_and_finishes_the_job(
     how: str,
-    launch: Callable[[], BrokerProcess],
+    launch: Launch,
     http: aiohttp.ClientSession,
-    devices: Callable[[BrokerProcess, str, str], Device],
+    devices: Devices,
 ) -> None:
     """A job survives SIGTERM or kill -9 mid-way: progress kept, notified device renotified, job completes."""
-    first = await asyncio.to_thread(launch)
+    first = await asyncio.to_thread(launch, OPEN)
     admin = Admin(http, first)
     a = await devices(first, "pk", "devA").connect()
     b = await devices(first, "pk", "devB").connect()
@@ -478,7 +549,7 @@ async def test_restart_mid_job_keeps_state_and_finishes_the_job(
     a.disconnect()
     b.disconnect()
 
-    second = await asyncio.to_thread(launch)
+    second = await asyncio.to_thread(launch, OPEN)
     assert second.token == token
     admin = Admin(http, second)
     listed = {f"{d['product_key']}/{d['device_name']}": d for d in await admin.call("GET", "/devices")}
@@ -514,3 +585,24 @@ async def test_restart_mid_job_keeps_state_and_finishes_the_job(
 
     done = await eventually(completed, what=f"job {job_id} to complete")
     assert done["counts"]["succeeded"] == 2, done
+
+
+async def test_hash_password_prints_an_argon2_hash(tmp_path: Path) -> None:
+    """`hash-password --password x` prints an argon2 hash of x (for an application account's config)."""
+    from argon2 import PasswordHasher
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        cli_command("hash-password", "--password", "x"),
+        cwd=tmp_path,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CLI_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    hashed = result.stdout.strip()
+    assert hashed.startswith("$argon2"), result.stdout
+    assert PasswordHasher().verify(hashed, "x")
