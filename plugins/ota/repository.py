@@ -555,7 +555,13 @@ class Repository:
 
     async def running_jobs(self) -> list[JobRecord]:
         """Jobs stored as running (scheduled ones included: their start time is checked by the caller)."""
-        rows = await self._all("SELECT id FROM jobs WHERE state=? ORDER BY id", (JobState.RUNNING.value,))
+        return await self.jobs_in_states(JobState.RUNNING)
+
+    async def jobs_in_states(self, *states: JobState) -> list[JobRecord]:
+        rows = await self._all(
+            "SELECT id FROM jobs WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (json.dumps([s.value for s in states]),),
+        )
         return [await self.get_job(int(r["id"])) for r in rows]
 
     async def update_job(

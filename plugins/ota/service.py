@@ -365,9 +365,12 @@ class OtaService:
                 and now >= task.started_at + task.timeout_s
             ):
                 await self._drive_by_id(task.id, Ticked())
-        for job in await self.repo.running_jobs():
+        for job in await self.repo.jobs_in_states(JobState.RUNNING, JobState.PAUSED):
             try:
-                await self._advance_job(job, now)
+                if job.stored_state is JobState.RUNNING:
+                    await self._advance_job(job, now)
+                elif job.end_at is not None and now >= job.end_at:
+                    await self._end_job(job, now)  # a paused job still ends on time
             except Exception:
                 log.exception("job %d: periodic step failed", job.id)
 
@@ -598,9 +601,7 @@ class OtaService:
         if job.schedule_at is not None and now < job.schedule_at:
             return
         if job.end_at is not None and now >= job.end_at:
-            for task in await self.repo.tasks_of_job(job.id, UNFINISHED):
-                await self._drive_by_id(task.id, CancelRequested("the job reached its end time"))
-            await self._finish_job(await self.repo.get_job(job.id), now)
+            await self._end_job(job, now)
             return
         rollout = _rollout(job.options)
         if rollout is not None:
@@ -624,6 +625,11 @@ class OtaService:
         job = await self.repo.get_job(job.id)
         if job.type is not JobType.DYNAMIC and not any(job.counts.get(s, 0) for s in UNFINISHED):
             await self._finish_job(job, now)
+
+    async def _end_job(self, job: JobRecord, now: float) -> None:
+        for task in await self.repo.tasks_of_job(job.id, UNFINISHED):
+            await self._drive_by_id(task.id, CancelRequested("the job reached its end time"))
+        await self._finish_job(await self.repo.get_job(job.id), now)
 
     async def _dispatch(self, job: JobRecord, now: float) -> None:
         rate = job.options.get("rate_per_minute")
@@ -656,6 +662,9 @@ class OtaService:
             firmware = await self.repo.get_firmware(job.firmware_id)
             if firmware.product_key != device.product_key or firmware.module != module:
                 continue
+            listed = job.options.get("devices")
+            if listed is not None and str(device) not in listed:
+                continue  # a dynamic job with a device list takes only those devices
             if await self.repo.job_task_of_device(job.id, device) is not None:
                 continue  # a device joins a dynamic job once
             candidate = machine.Candidate(device, version, busy=False, listed=False)
@@ -746,7 +755,12 @@ class OtaService:
                 await self._drive_by_id(task.id, RerunRequested())
                 rerun += 1
         if rerun:
-            await self.repo.update_job(job_id, self.clock(), state=JobState.RUNNING, pause_reason="")
+            # Failures re-run are no longer failures the operator acknowledged by resuming.
+            acknowledged = max(int(job.options.get("acknowledged_failures", 0)) - rerun, 0)
+            options = {**job.options, "acknowledged_failures": acknowledged}
+            await self.repo.update_job(
+                job_id, self.clock(), state=JobState.RUNNING, pause_reason="", options=options
+            )
             self.spawn(self._advance_job_by_id(job_id), f"re-running job {job_id}")
         log.info("job %d: %d task(s) re-run", job_id, rerun)
         return await self.repo.get_job(job_id)
@@ -773,6 +787,8 @@ def _job_options(spec: JobSpec, seed: str) -> dict[str, Any]:
         "seed": seed,
         "tags": dict(spec.tags),
     }
+    if spec.type is JobType.DYNAMIC and spec.devices is not None:
+        options["devices"] = [str(d) for d in spec.devices]
     for key in (
         "gray_percent",
         "overwrite",
