@@ -111,6 +111,7 @@ def login_for(
     timestamp: str | None = None,
 ) -> LoginExample:
     """The CONNECT fields a device would send: for examples, tests and the fleet simulator."""
+    timestamp = timestamp or None
     part = client_id_part or f"{device.product_key}.{device.device_name}"
     params = f"securemode={securemode},signmethod={method}" + (f",timestamp={timestamp}" if timestamp else "")
     creds = DeviceCredentials(device, part, method, timestamp, {}, "")
