@@ -2,7 +2,8 @@
 
 A device lives in its own namespaces: the OTA topics that name it, `/sys/{pk}/{dn}/...` and
 `/{pk}/{dn}/user/...`. It may publish there (but not on the topics the server sends it: upgrade notices
-and pull replies), subscribe to filters that stay inside them, and receive only what is inside them.
+and pull replies), subscribe to filters that stay inside the topics the server sends it (not its own OTA
+uplink topics), and receive only what is inside its namespaces.
 An application account has MQTT filter patterns per action; a subscription is allowed only when a
 pattern covers every topic the requested filter could match (`x/+` does not admit `x/#`).
 """
@@ -37,8 +38,20 @@ def device_may_publish(device: DeviceRef, topic: str) -> bool:
     return any(filter_matches(ns, topic) for ns in _namespaces(device))
 
 
+def _subscribable(device: DeviceRef) -> tuple[str, ...]:
+    """Where a device may subscribe: the topics the server sends it (its OTA notices, the legacy request
+    topic it is answered on, its `/sys` and user namespaces), not its own OTA uplink topics."""
+    pk, dn = device.product_key, device.device_name
+    return (
+        f"/ota/device/upgrade/{pk}/{dn}",
+        f"/ota/device/request/{pk}/{dn}",
+        f"/sys/{pk}/{dn}/#",
+        f"/{pk}/{dn}/user/#",
+    )
+
+
 def device_may_subscribe(device: DeviceRef, topic_filter: str) -> bool:
-    return any(filter_covers(ns, topic_filter) for ns in _namespaces(device))
+    return any(filter_covers(ns, topic_filter) for ns in _subscribable(device))
 
 
 def device_may_receive(device: DeviceRef, topic: str) -> bool:

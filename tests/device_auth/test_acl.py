@@ -335,3 +335,12 @@ def test_device_subscription_never_admits_foreign_topics(topic_filter: str) -> N
         for topic in UNIVERSE:
             if filter_matches(topic_filter, topic):
                 assert device_may_receive(ME, topic), topic
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    ["/ota/device/inform/pk/dn", "/ota/device/progress/pk/dn", "/ota/device/+/pk/dn"],
+)
+def test_device_may_not_subscribe_to_its_own_uplink_topics(topic_filter: str) -> None:
+    """SPEC §4: a device subscribes only to its server→device topics, not to its own inform/progress."""
+    assert not device_may_subscribe(ME, topic_filter)
