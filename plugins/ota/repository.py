@@ -172,7 +172,7 @@ class Repository:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
-        self._write = asyncio.Lock()
+        self._write = asyncio.Lock()  # one statement or transaction at a time on the shared connection
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -224,13 +224,15 @@ class Repository:
             await db.execute("COMMIT")
 
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self.db.execute(sql, tuple(args)) as cur:
-            row: sqlite3.Row | None = await cur.fetchone()
-            return row
+        rows = await self._all(sql, args)
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self.db.execute(sql, tuple(args)) as cur:
-            return list(await cur.fetchall())
+        """One query, run and fetched as a whole: a read never interleaves with a write transaction on
+        the shared connection (a cursor fetched across awaits can see its statement reset under it)."""
+        async with self._write:
+            rows = await self.db.execute_fetchall(sql, tuple(args))
+        return list(rows)
 
     # --------------------------------------------------------------------------------------- devices
 
