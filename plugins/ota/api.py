@@ -478,6 +478,10 @@ def _number(body: dict[str, Any], field: str, *, low: float, high: float, intege
     return value
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def _flag(body: dict[str, Any], field: str) -> bool:
     value = body.get(field, False)
     if not isinstance(value, bool):
@@ -551,8 +555,8 @@ def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
         end_at=end_at,
         rate_per_minute=_number(body, "rate_per_minute", low=1, high=100_000, integer=True),
         timeout_minutes=timeout,
-        retry_count=_number(body, "retry_count", low=0, high=10, integer=True) or 0,
-        retry_interval_minutes=_number(body, "retry_interval_minutes", low=0, high=1440) or 0.0,
+        retry_count=_or(_number(body, "retry_count", low=0, high=10, integer=True), 0),
+        retry_interval_minutes=_or(_number(body, "retry_interval_minutes", low=0, high=1440), 0.0),
         rollout=rollout,
         tags=tuple((str(k), str(v)) for k, v in tags.items()),
     )
@@ -575,7 +579,7 @@ def _rollout_spec(raw: Any) -> Rollout | None:
     try:
         return Rollout(
             phases=tuple(float(p) for p in phases),
-            success_threshold=_number(raw, "success_threshold", low=0, high=100) or 100.0,
+            success_threshold=_or(_number(raw, "success_threshold", low=0, high=100), 100.0),
             error_threshold_count=_number(raw, "error_threshold_count", low=1, high=10**9, integer=True),
             error_threshold_percent=_number(raw, "error_threshold_percent", low=0.01, high=100),
         )

@@ -97,6 +97,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             max_payload_bytes=s.max_payload_bytes,
             progress_per_second=s.progress_per_second,
             progress_burst=s.progress_burst,
+            step_s=s.tick_seconds,
         )
         dl = download_app(
             store,
@@ -245,9 +246,8 @@ class OtaPlugin(BasePlugin[BrokerContext]):
                 parsed.device, "foreign_publish", f"client {client_id[:96]!r} is not this device"
             )
             return
-        if self.open_mode and self._bind(client_id, parsed.device):
-            await self.service.mark_online(parsed.device)
-        await self.service.handle_publish(parsed, bytes(message.data or b""))
+        newly = self.open_mode and self._bind(client_id, parsed.device)
+        await self.service.handle_publish(parsed, bytes(message.data or b""), now_online=newly)
 
     # ------------------------------------------------------------------ sessions and device identity
 

@@ -105,6 +105,7 @@ class OtaService:
         max_payload_bytes: int,
         progress_per_second: float = 5.0,
         progress_burst: float = 20.0,
+        step_s: float = 1.0,
     ) -> None:
         self.repo = repo
         self.store = store
@@ -116,6 +117,7 @@ class OtaService:
         self.rejected: Counter[str] = Counter()
         self.progress_limit = RateLimiter(progress_per_second, progress_burst)
         self._job_pacers: dict[int, RateLimiter] = {}
+        self.step_s = step_s  # how often tick() runs
         self._locks: dict[DeviceRef, asyncio.Lock] = {}
         self._lock_users: Counter[DeviceRef] = Counter()
         self._background: set[asyncio.Task[None]] = set()
@@ -159,13 +161,16 @@ class OtaService:
 
     # ------------------------------------------------------------------------------- device events
 
-    async def handle_publish(self, topic: OtaTopic, payload: bytes) -> None:
+    async def handle_publish(self, topic: OtaTopic, payload: bytes, *, now_online: bool = False) -> None:
         """One device publish on an OTA topic. Never raises: failures are logged with the device."""
         device = topic.device
         if topic.kind is TopicKind.PROGRESS and not self._progress_allowed(device):
             return
         try:
             async with self._device_lock(device):
+                if now_online and await self.repo.find_device(device) is not None:
+                    # Marked under the same lock as the message: the device's messages keep their order.
+                    await self.repo.set_online(device, True, self.clock())
                 match topic.kind:
                     case TopicKind.INFORM:
                         await self._on_inform(device, messages.parse_inform(payload, self.max_payload_bytes))
@@ -218,15 +223,6 @@ class OtaService:
                     await self._drive(task, DeviceAvailable(self._session_start(device)))
         except Exception:
             log.exception("failed to handle the connection of %s", device)
-
-    async def mark_online(self, device: DeviceRef) -> None:
-        """The device's session became known by what it published: record it online."""
-        try:
-            async with self._device_lock(device):
-                if await self.repo.find_device(device) is not None:
-                    await self.repo.set_online(device, True, self.clock())
-        except Exception:
-            log.exception("failed to record %s online", device)
 
     async def device_disconnected(self, device: DeviceRef) -> None:
         try:
@@ -300,7 +296,8 @@ class OtaService:
 
     async def _drive(self, task: Task, event: Event, *, reply: PullReply | None = None) -> Task:
         """Apply `event` to `task` through the core, store the result (compare-and-set, reloading on a
-        conflict) and carry out its effects."""
+        conflict) and carry out its effects. Notices are built before the state is stored, so a task is
+        never recorded as notified for a notice that could not be made."""
         for _ in range(_CAS_RETRIES):
             now = self.clock()
             try:
@@ -308,6 +305,7 @@ class OtaService:
             except machine.IllegalTransition as e:
                 log.info("%s: task %d ignored %s", task.device, task.id, e)
                 return task
+            outgoing = [await self._notice(decision.task, effect, reply, now) for effect in decision.effects]
             saved = task
             if decision.task != task:
                 stored = await self.repo.save_task(decision.task, decision.note or decision.task.state)
@@ -324,31 +322,28 @@ class OtaService:
                         saved.state,
                         decision.note,
                     )
-            for effect in decision.effects:
-                await self._carry_out(saved, effect, reply)
+            for topic, payload in outgoing:
+                delivered = await self.channel.send(saved.device, topic, payload)
+                if not delivered and topic.startswith("/ota/device/upgrade/"):
+                    log.info("%s: offline; the notice waits for its next connect", saved.device)
             return saved
         log.error("%s: task %d kept changing under %s; gave up", task.device, task.id, type(event).__name__)
         return task
 
-    async def _carry_out(self, task: Task, effect: SendNotice, reply: PullReply | None) -> None:
+    async def _notice(
+        self, task: Task, effect: SendNotice, reply: PullReply | None, now: float
+    ) -> tuple[str, bytes]:
+        """The topic and payload that carry out `effect`: a push notice, or the answer to a pull."""
         firmware = await self.repo.get_firmware(task.firmware_id)
         job = await self.repo.get_job(task.job_id)
-        now = self.clock()
         url = self.signer.mint(str(firmware.id), str(task.device), now)
         data = messages.notice_data(firmware, url, dict(job.options.get("tags", {})))
         device = task.device
         if effect.delivery is Delivery.REPLY and reply is not None:
             if reply.kind is TopicKind.FIRMWARE_GET_REPLY:
-                payload = messages.get_reply(reply.request_id, data)
-            else:
-                payload = messages.push_notice(int(now * 1000), data)
-            await self.channel.send(device, topic_name(reply.kind, device), payload)
-            return
-        payload = messages.push_notice(int(now * 1000), data)
-        if await self.channel.send(device, topic_name(TopicKind.UPGRADE, device), payload):
-            log.info("%s: notice for %s %s sent", device, firmware.module, firmware.version)
-        else:
-            log.info("%s: offline; the notice waits for its next connect", device)
+                return topic_name(reply.kind, device), messages.get_reply(reply.request_id, data)
+            return topic_name(reply.kind, device), messages.push_notice(int(now * 1000), data)
+        return topic_name(TopicKind.UPGRADE, device), messages.push_notice(int(now * 1000), data)
 
     async def _drive_by_id(self, task_id: int, event: Event) -> None:
         task = await self.repo.get_task(task_id)
@@ -635,7 +630,10 @@ class OtaService:
         rate = job.options.get("rate_per_minute")
         pacer = None
         if rate:
-            pacer = self._job_pacers.setdefault(job.id, RateLimiter(rate / 60, max(1.0, rate / 60)))
+            # At most one step's worth at a time: smooth, and no burst when a job, a phase or the process starts.
+            pacer = self._job_pacers.setdefault(
+                job.id, RateLimiter(rate / 60, max(1.0, rate / 60 * self.step_s))
+            )
         for task in await self.repo.dispatchable_tasks(job.id, job.current_group, now, limit=1_000_000):
             if not self.channel.is_online(task.device):
                 continue  # notified when it connects (unless the job is paced: then by a later step)
