@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from plugins.ota.model import (
 from plugins.ota.repository import JobRecord, Repository
 from plugins.ota.service import OtaService
 from plugins.ota.topics import DeviceRef, OtaTopic
+from tests.ota.fakes import Clock, FakeChannel
+from tests.ota.fakes import chunks_of as _chunks
 
 S = TaskState
 OLD = "1.0.0"
@@ -39,55 +41,6 @@ TARGET = "2.0.0"
 
 
 # ------------------------------------------------------------------------------------------- fakes
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeChannel:
-    """Devices online or not, each with a session start time; records what was sent to whom."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.sessions: dict[DeviceRef, float] = {}
-        self.sent: list[tuple[DeviceRef, str, dict[str, Any]]] = []
-
-    def connect(self, device: DeviceRef) -> None:
-        self.sessions[device] = self.clock()
-
-    def is_online(self, device: DeviceRef) -> bool:
-        return device in self.sessions
-
-    def session_started_at(self, device: DeviceRef) -> float | None:
-        return self.sessions.get(device)
-
-    async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
-        if device not in self.sessions:
-            return False
-        self.sent.append((device, topic, json.loads(payload)))
-        return True
-
-    async def disconnect(self, device: DeviceRef) -> None:
-        self.sessions.pop(device, None)
-
-    def notices(self, device: DeviceRef) -> list[dict[str, Any]]:
-        return [p for d, t, p in self.sent if d == device and t.startswith("/ota/device/upgrade/")]
-
-    def notified(self) -> list[DeviceRef]:
-        """Every device that got at least one push notice, in the order of their first notice."""
-        return list(dict.fromkeys(d for d, t, _ in self.sent if t.startswith("/ota/device/upgrade/")))
-
-    def notice_count(self) -> int:
-        return sum(1 for _, t, _ in self.sent if t.startswith("/ota/device/upgrade/"))
-
-
-async def _chunks(data: bytes) -> AsyncIterable[bytes]:
-    yield data
 
 
 def dev(name: str) -> DeviceRef:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,47 +14,10 @@ from plugins.ota.model import JobSpec, JobType, SignMethod, TaskState
 from plugins.ota.repository import MIGRATIONS, Repository
 from plugins.ota.service import OtaService
 from plugins.ota.topics import DeviceRef, OtaTopic
+from tests.ota.fakes import Clock, FakeChannel
+from tests.ota.fakes import chunks_of as _chunks
 
 DEV = DeviceRef("pk", "dev1")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeChannel:
-    """Devices online or not, each with a session start time; records what was sent to whom."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.sessions: dict[DeviceRef, float] = {}
-        self.sent: list[tuple[DeviceRef, str, dict]] = []
-
-    def connect(self, device: DeviceRef) -> None:
-        self.sessions[device] = self.clock()
-
-    def is_online(self, device: DeviceRef) -> bool:
-        return device in self.sessions
-
-    def session_started_at(self, device: DeviceRef) -> float | None:
-        return self.sessions.get(device)
-
-    async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
-        if device not in self.sessions:
-            return False
-        self.sent.append((device, topic, json.loads(payload)))
-        return True
-
-    def notices(self, device: DeviceRef) -> list[dict]:
-        return [p for d, t, p in self.sent if d == device and t.startswith("/ota/device/upgrade/")]
-
-
-async def _chunks(data: bytes) -> AsyncIterable[bytes]:
-    yield data
 
 
 @pytest.fixture
