@@ -10,6 +10,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 
+from broker import keepalive
 from plugins.ota.plugin import OtaPlugin
 
 log = logging.getLogger("ota.broker")
@@ -51,6 +52,7 @@ def _bound(broker: Broker, listener: str) -> tuple[str, int] | None:
 
 async def start(config: dict[str, Any]) -> RunningBroker:
     """Start the broker and its OTA service; raises StartError (after cleaning up) when either fails."""
+    keepalive.install()
     try:
         broker = Broker(config)
         await broker.start()
