@@ -27,6 +27,7 @@ from enum import StrEnum
 from plugins.ota.model import (
     UNFINISHED,
     Firmware,
+    FirmwareStatus,
     JobState,
     Rollout,
     SkipReason,
@@ -348,6 +349,23 @@ def job_state(
     if schedule_at is not None and now < schedule_at:
         return JobState.SCHEDULED
     return JobState.RUNNING if any(counts.get(s, 0) for s in UNFINISHED) else JobState.COMPLETED
+
+
+def may_notify_queued(
+    job: JobState, task_group: int, current_group: int, *, paced: bool, pulled: bool
+) -> bool:
+    """May a queued task be handed its notice outside its job's dispatcher (on connect, inform or pull)?
+    Not while the job is scheduled, paused or cancelled, nor before the task's phase has started, nor
+    for a push when the job is paced (paced jobs notify only in their dispatcher's order)."""
+    if job not in (JobState.RUNNING, JobState.COMPLETED) or task_group > current_group:
+        return False
+    return pulled or not paced
+
+
+def verify_outcome(counts: Mapping[TaskState, int]) -> FirmwareStatus:
+    """A finished verify job verifies its firmware only when every task it ran succeeded."""
+    ran = {s for s, n in counts.items() if n and s is not TaskState.SKIPPED}
+    return FirmwareStatus.VERIFIED if ran == {TaskState.SUCCEEDED} else FirmwareStatus.VERIFY_FAILED
 
 
 @dataclass(frozen=True, slots=True)

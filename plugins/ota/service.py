@@ -571,19 +571,11 @@ class OtaService:
     # ------------------------------------------------------------------------------ running jobs
 
     async def _dispatch_now(self, task: Task, *, pulled: bool = False) -> bool:
-        """May this queued task be notified right now, outside its job's dispatcher? Not while the job is
-        scheduled, paused or cancelled, nor before its phase has started, nor (for a push) when the job is
-        paced: paced jobs notify only through their dispatcher."""
+        """May this queued task be notified now, outside its job's dispatcher (see the core's rule)?"""
         job = await self.repo.get_job(task.job_id)
-        now = self.clock()
-        if machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=now) not in (
-            JobState.RUNNING,
-            JobState.COMPLETED,
-        ):
-            return False
-        if task.group_no > job.current_group:
-            return False
-        return pulled or not job.options.get("rate_per_minute")
+        state = machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=self.clock())
+        paced = bool(job.options.get("rate_per_minute"))
+        return machine.may_notify_queued(state, task.group_no, job.current_group, paced=paced, pulled=pulled)
 
     async def _advance_job_by_id(self, job_id: int) -> None:
         job = await self.repo.get_job(job_id)
@@ -645,9 +637,7 @@ class OtaService:
         self._job_pacers.pop(job.id, None)
         await self.repo.update_job(job.id, now, state=JobState.COMPLETED)
         if job.type is JobType.VERIFY:
-            ran = {s: n for s, n in job.counts.items() if s is not TaskState.SKIPPED}
-            verified = bool(ran) and set(ran) == {TaskState.SUCCEEDED}
-            status = FirmwareStatus.VERIFIED if verified else FirmwareStatus.VERIFY_FAILED
+            status = machine.verify_outcome(job.counts)
             await self.repo.set_firmware_status(job.firmware_id, status)
             log.info("firmware %d: %s by job %d", job.firmware_id, status, job.id)
         log.info("job %d completed", job.id)

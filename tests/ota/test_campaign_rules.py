@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from plugins.ota import machine
 from plugins.ota.machine import (
     FAILURE_STEPS,
     Delivery,
@@ -30,7 +31,7 @@ from plugins.ota.machine import (
     plan_tasks,
     rollout_step,
 )
-from plugins.ota.model import UNFINISHED, JobState, Rollout, SkipReason, Task, TaskState
+from plugins.ota.model import UNFINISHED, FirmwareStatus, JobState, Rollout, SkipReason, Task, TaskState
 from plugins.ota.topics import DeviceRef
 from tests.ota.test_machine import NOW, OLD, STARTED, TARGET, candidate, make_firmware, make_task
 
@@ -723,3 +724,35 @@ def test_paused_and_cancelled_jobs_stay_as_stored(stored: JobState, schedule_at:
     """Paused and cancelled jobs keep their stored state, before or after schedule_at, whatever the counts."""
     for task_counts in ({S.QUEUED: 3}, {S.SUCCEEDED: 3}, {}):
         assert job_state(stored, task_counts, schedule_at=schedule_at, now=NOW) is stored
+
+
+# -------------------------------------------------------------------- gating and verify outcome
+
+
+@pytest.mark.parametrize(
+    ("job", "group", "paced", "pulled", "allowed"),
+    [
+        (JobState.RUNNING, 0, False, False, True),
+        (JobState.RUNNING, 0, True, False, False),
+        (JobState.RUNNING, 0, True, True, True),
+        (JobState.RUNNING, 1, False, True, False),
+        (JobState.SCHEDULED, 0, False, True, False),
+        (JobState.PAUSED, 0, False, False, False),
+        (JobState.CANCELLED, 0, False, True, False),
+    ],
+)
+def test_may_notify_queued(job: JobState, group: int, paced: bool, pulled: bool, allowed: bool) -> None:
+    """A queued task is handed out on connect only in a running job, in a started phase, and (for a push)
+    only when the job is not paced; a pull is answered even in a paced job."""
+    assert machine.may_notify_queued(job, group, 0, paced=paced, pulled=pulled) is allowed
+
+
+def test_verify_outcome() -> None:
+    """A verify job verifies its firmware only when every task it ran succeeded (skipped ones do not count)."""
+    ok = {TaskState.SUCCEEDED: 3, TaskState.SKIPPED: 1}
+    assert machine.verify_outcome(ok) is FirmwareStatus.VERIFIED
+    assert (
+        machine.verify_outcome({TaskState.SUCCEEDED: 2, TaskState.FAILED: 1}) is FirmwareStatus.VERIFY_FAILED
+    )
+    assert machine.verify_outcome({TaskState.TIMED_OUT: 1}) is FirmwareStatus.VERIFY_FAILED
+    assert machine.verify_outcome({TaskState.SKIPPED: 2}) is FirmwareStatus.VERIFY_FAILED
