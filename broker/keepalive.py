@@ -1,10 +1,11 @@
-"""Keep-alive enforcement for amqtt 0.12.1 (MQTT-3.1.2-24), written so it could be offered upstream.
+"""Keep-alive and CONNECT deadlines for amqtt 0.12.1 (MQTT-3.1.2-24), written so it could go upstream.
 
 amqtt's reader waits `keep_alive` seconds for the next packet and then does nothing
 (`handle_read_timeout` is empty): a device that loses power stays connected, and "online", forever, and
 its Will is never sent. Here the reader waits one and a half keep-alive periods, as the standard says,
 and a timeout closes the connection, which ends the session as an abnormal disconnect (the Will is
-published, the OTA service marks the device offline).
+published, the OTA service marks the device offline). A new connection that sends no CONNECT within
+`CONNECT_DEADLINE_S` is closed too, so idle sockets cannot exhaust a listener.
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ import asyncio
 import logging
 from typing import Any
 
+from amqtt.errors import MQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 log = logging.getLogger("ota.broker")
 
 GRACE = 1.5
+CONNECT_DEADLINE_S = 10.0  # a new connection must send its CONNECT within this
 _closing: set[asyncio.Task[Any]] = set()
 
 
 async def _init_from_connect(cls: Any, *args: Any, **kwargs: Any) -> Any:
-    handler, session = await _ORIGINAL_INIT(cls, *args, **kwargs)
+    try:
+        handler, session = await asyncio.wait_for(_ORIGINAL_INIT(cls, *args, **kwargs), CONNECT_DEADLINE_S)
+    except TimeoutError as e:
+        # amqtt closes the socket for an MQTTError here; without a deadline an idle socket is held forever
+        raise MQTTError(f"no CONNECT within {CONNECT_DEADLINE_S:g}s") from e
     if session.keep_alive > 0:
         session.keep_alive = session.keep_alive * GRACE  # the reader's timeout for the next packet
     return handler, session

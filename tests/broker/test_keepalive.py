@@ -6,6 +6,9 @@ import asyncio
 import struct
 import time
 
+import pytest
+
+from broker import keepalive
 from tests.support import Env, eventually
 
 
@@ -90,3 +93,18 @@ async def test_dead_device_goes_offline_and_its_will_is_published(env: Env) -> N
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_connection_without_connect_is_closed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle socket that never sends CONNECT is closed after the deadline; the listener still serves."""
+    monkeypatch.setattr(keepalive, "CONNECT_DEADLINE_S", 0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.mqtt_port)
+    try:
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(1), 5) == b""
+        assert time.monotonic() - started < 3
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    d = await env.device("pk", "after").connect()
+    await d.inform("1.0.0")
