@@ -11,6 +11,7 @@ from typing import Any
 from amqtt.broker import Broker
 
 from broker import keepalive
+from broker.hardened import HardenedBroker
 from plugins.ota.plugin import OtaPlugin
 
 log = logging.getLogger("ota.broker")
@@ -54,7 +55,7 @@ async def start(config: dict[str, Any]) -> RunningBroker:
     """Start the broker and its OTA service; raises StartError (after cleaning up) when either fails."""
     keepalive.install()
     try:
-        broker = Broker(config)
+        broker = HardenedBroker(config)
         await broker.start()
     except Exception as e:
         raise StartError(f"the MQTT broker could not start: {e}") from e

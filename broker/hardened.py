@@ -1,0 +1,45 @@
+"""`HardenedBroker`: amqtt's `Broker` with fixes for what amqtt 0.12.1 leaves open, each small enough to
+offer upstream.
+
+- Retained messages on CONNECT: amqtt replays retained messages for *every* client's subscription
+  filters to each new session, with no receive check, so a client that subscribed to nothing receives
+  other devices' retained messages. Here a session gets retained messages only for filters it holds
+  itself, and only those its topic ACL lets it receive (MQTT-3.3.1-6 is about the subscriber's own
+  subscriptions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+
+
+class HardenedBroker(Broker):  # type: ignore[misc]
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, [])
+        if not any(s is session for s, _ in holders):
+            return  # another client's filter: not this session's to receive
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                continue
+            sends.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(
+                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                    )
+                )
+            )
+        if sends:
+            await asyncio.wait(sends)
