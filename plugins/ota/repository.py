@@ -649,10 +649,6 @@ class Repository:
             counts.setdefault(int(c["job_id"]), {})[TaskState(c["state"])] = int(c["n"])
         return [_job(r, counts.get(int(r["id"]), {})) for r in rows]
 
-    async def set_job_state(self, job_id: int, state: JobState, now: float) -> None:
-        async with self._tx() as db:
-            await db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (state.value, now, job_id))
-
     # ----------------------------------------------------------------------------------------- tasks
 
     async def get_task(self, task_id: int) -> Task:
@@ -702,8 +698,13 @@ class Repository:
         )
         return [_task(r) for r in rows]
 
-    async def tasks_in_state(self, state: TaskState, limit: int = 10_000) -> list[Task]:
-        rows = await self._all("SELECT * FROM tasks WHERE state=? ORDER BY id LIMIT ?", (state.value, limit))
+    async def overdue_tasks(self, now: float) -> list[Task]:
+        """Tasks in progress whose timeout, counted from the first progress report, has passed."""
+        rows = await self._all(
+            "SELECT * FROM tasks WHERE state='in_progress' AND timeout_s IS NOT NULL"
+            " AND started_at IS NOT NULL AND started_at + timeout_s <= ? ORDER BY id",
+            (now,),
+        )
         return [_task(r) for r in rows]
 
     async def save_task(self, task: Task, note: str) -> Task | None:

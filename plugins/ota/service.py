@@ -351,15 +351,11 @@ class OtaService:
             await self._drive(await self.repo.get_task(task_id), event)
 
     async def tick(self) -> None:
-        """Apply time: tasks in progress past their timeout become timed_out."""
+        """Apply time: timeouts, then one step of every running job (and the end of paused ones)."""
         now = self.clock()
-        for task in await self.repo.tasks_in_state(TaskState.IN_PROGRESS):
-            if (
-                task.timeout_s is not None
-                and task.started_at is not None
-                and now >= task.started_at + task.timeout_s
-            ):
-                await self._drive_by_id(task.id, Ticked())
+        for task in await self.repo.overdue_tasks(now):
+            await self._drive_by_id(task.id, Ticked())  # the core decides; the query only narrows
+        self.progress_limit.forget_idle(now)
         for job in await self.repo.jobs_in_states(JobState.RUNNING, JobState.PAUSED):
             try:
                 if job.stored_state is JobState.RUNNING:
