@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from plugins.ota.topics import DeviceRef, OtaTopic, filter_matches
+from plugins.ota.topics import DeviceRef, filter_matches
 
 
 def _namespaces(device: DeviceRef) -> tuple[str, ...]:
@@ -56,15 +56,6 @@ def device_may_subscribe(device: DeviceRef, topic_filter: str) -> bool:
 
 def device_may_receive(device: DeviceRef, topic: str) -> bool:
     return any(filter_matches(ns, topic) for ns in _namespaces(device))
-
-
-def is_device_topic_of_other(device: DeviceRef, topic: str) -> bool:
-    """True for an OTA topic that names another device (used to word refusals)."""
-    try:
-        parsed = OtaTopic.parse(topic)
-    except ValueError:
-        return False
-    return parsed is not None and parsed.device != device
 
 
 def filter_covers(pattern: str, topic_filter: str) -> bool:
