@@ -55,7 +55,7 @@ def ensure_tls(directory: Path, public_host: str | None) -> TlsFiles:
     if not files.ca_cert.exists() or not ca_key_path.exists():
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = _ca_certificate(ca_key)
-        _write_private(ca_key_path, _key_pem(ca_key))
+        write_private(ca_key_path, _key_pem(ca_key))
         files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         log.info("generated a CA for devices to trust: %s", files.ca_cert)
         files.cert.unlink(missing_ok=True)
@@ -67,7 +67,7 @@ def ensure_tls(directory: Path, public_host: str | None) -> TlsFiles:
     ca_cert_loaded = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _server_certificate(key, ca_key_loaded, ca_cert_loaded, sorted(names))
-    _write_private(files.key, _key_pem(key))
+    write_private(files.key, _key_pem(key))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     log.info("issued a server certificate for %s", ", ".join(sorted(names)))
     return files
@@ -79,7 +79,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write a key or secret readable by the owner only (mode 0600)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from amqtt.session import ApplicationMessage, Session
 
 from firmware_store import FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
-from firmware_store.tls import TlsFiles, ensure_tls
+from firmware_store.tls import TlsFiles, ensure_tls, write_private
 from plugins.ota.api import admin_app
 from plugins.ota.repository import Repository
 from plugins.ota.service import OtaService
@@ -352,7 +351,5 @@ def _secret_file(path: Path, make: Callable[[], str]) -> str:
         if value:
             return value
     value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    write_private(path, (value + "\n").encode())
     return value
