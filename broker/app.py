@@ -6,13 +6,15 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from amqtt.broker import Broker
 
-from broker import keepalive
+from broker import limits
 from broker.hardened import HardenedBroker
 from plugins.ota.plugin import OtaPlugin
+from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, resolve
 
 log = logging.getLogger("ota.broker")
 
@@ -51,11 +53,22 @@ def _bound(broker: Broker, listener: str) -> tuple[str, int] | None:
     return str(name[0]), int(name[1])
 
 
+def _session_db(config: dict[str, Any]) -> Path | None:
+    """Persistent MQTT sessions live in the OTA service's database."""
+    entry = config.get("plugins", {}).get(PLUGIN_KEY)
+    if entry is None:
+        return None
+    try:
+        return resolve(OtaConfig(**(entry or {}))).data_dir / "ota.db"
+    except (TypeError, ConfigError):
+        return None  # the OTA plugin reports its own configuration errors
+
+
 async def start(config: dict[str, Any]) -> RunningBroker:
     """Start the broker and its OTA service; raises StartError (after cleaning up) when either fails."""
-    keepalive.install()
+    limits.apply(config.get("plugins", {}).get("broker.limits.MqttLimits"))
     try:
-        broker = HardenedBroker(config)
+        broker = HardenedBroker(config, session_db=_session_db(config))
         await broker.start()
     except Exception as e:
         raise StartError(f"the MQTT broker could not start: {e}") from e

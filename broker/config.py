@@ -15,6 +15,7 @@ import yaml
 from dacite import Config as DaciteConfig
 from dacite import DaciteError, from_dict
 
+from broker.limits import LimitsConfig
 from firmware_store.tls import ensure_tls
 from plugins.device_auth.plugin import DeviceAuthConfig, config_problem
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings, parse_bind, resolve
@@ -90,11 +91,27 @@ def check_auth(raw: Mapping[str, Any]) -> None:
         raise ConfigError(f"{key}.{problem}")
 
 
+LIMITS_PLUGIN_KEY = "broker.limits.MqttLimits"
+
+
+def check_limits(raw: Mapping[str, Any]) -> None:
+    """Check the MQTT limits entry, naming the key."""
+    key = f"plugins.{LIMITS_PLUGIN_KEY}"
+    try:
+        from_dict(LimitsConfig, raw["plugins"].get(LIMITS_PLUGIN_KEY) or {}, config=DaciteConfig(strict=True))
+    except (DaciteError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from e
+    expiry = raw.get("session_expiry_interval")
+    if expiry is not None and (not isinstance(expiry, int) or isinstance(expiry, bool) or expiry <= 0):
+        raise ConfigError(f"session_expiry_interval: must be a positive number of seconds, not {expiry!r}")
+
+
 def prepare(loaded: Loaded, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], Settings]:
     """The amqtt configuration to run, with overrides applied and TLS material in place."""
     env = os.environ if env is None else env
     cfg = copy.deepcopy(loaded.raw)
     check_auth(cfg)
+    check_limits(cfg)
     if "OTA_MQTT_BIND" in env:
         cfg["listeners"]["default"]["bind"] = str(parse_bind(env["OTA_MQTT_BIND"], "OTA_MQTT_BIND"))
     else:

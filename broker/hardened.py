@@ -1,30 +1,179 @@
 """`HardenedBroker`: amqtt's `Broker` with fixes for what amqtt 0.12.1 leaves open, each small enough to
-offer upstream.
+offer upstream. Numbers refer to the broker hardening issue; docs/conformance.md lists the tests.
 
-- Retained messages on CONNECT: amqtt replays retained messages for *every* client's subscription
-  filters to each new session, with no receive check, so a client that subscribed to nothing receives
-  other devices' retained messages. Here a session gets retained messages only for filters it holds
-  itself, and only those its topic ACL lets it receive (MQTT-3.3.1-6 is about the subscriber's own
-  subscriptions).
-- The Will: amqtt accepts any Will topic and later publishes it without the publish check. Here a
-  CONNECT whose Will topic is empty, has wildcards, starts with `$` or is not valid UTF-8 is refused
-  (MQTT-3.1.2-9/-14, MQTT-4.7.1-1), and a Will on a topic the client may not publish to is dropped at
-  CONNECT with a log line, so it is never sent.
+- Connections (2, 3, 6): a CONNECT is authenticated before any existing session is looked at, so a refused
+  CONNECT reusing a client id changes nothing and its CONNACK says session-present 0; a new connection with
+  the client id of a live one closes the old connection first and waits for it to end (MQTT-3.1.4-2); a
+  listener's `max_connections` slot is given back however the connection ends.
+- Routing (11, and the fleet-scale issue): subscriptions live in a `TopicIndex` (exact topics hashed,
+  wildcard filters in a trie), so routing a message costs the same with 10 or 10,000 devices subscribed;
+  each subscriber gets one copy at min(publish QoS, granted QoS) (MQTT-3.3.5-1, MQTT-3.8.4-6).
+- Retained messages (4): a session gets retained messages only for filters it holds itself, and only those
+  its topic ACL lets it receive (MQTT-3.3.1-6).
+- The Will (5): a CONNECT whose Will topic is empty, has wildcards, starts with `$` or is not valid UTF-8 is
+  refused (MQTT-3.1.2-9/-14, MQTT-4.7.1-1), and a Will on a topic the client may not publish to is dropped
+  at CONNECT with a log line, so it is never sent.
+- Queues (8): QoS 1/2 messages for an offline persistent session are kept up to `max_queued_messages`,
+  then dropped with a log line; deliveries never wait inline on a client's acknowledgement, and a failed
+  delivery is one log line, not a traceback (13).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.constants import QOS_0
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
+
+from broker import protocol
+from broker.sessions import SessionStore
+from broker.topic_index import InvalidTopicFilter, TopicIndex, matching_retained
 
 log = logging.getLogger("ota.broker")
 
+TAKEOVER_WAIT_S = 5.0  # how long a new connection waits for the old one with its client id to end
+_REFUSED = 0x80
+
+
+def _client_id(session: Session) -> str:
+    return str(session.client_id)
+
+
+def _who(session: Any) -> str:
+    return str(getattr(session, "client_id", "?"))[:96]
+
 
 class HardenedBroker(Broker):  # type: ignore[misc]
+    def __init__(self, *args: Any, session_db: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._store = SessionStore(session_db) if session_db is not None else None
+        self._stopping = False
+        # Read by amqtt and plugins as a mapping: filter -> [(session, qos)]. amqtt's Session is not hashable
+        # (it compares by client id), so the index tells subscribers apart by client id as amqtt does.
+        self._subscriptions: TopicIndex[Session] = TopicIndex(key=_client_id)
+        self._deliveries: set[asyncio.Task[Any]] = set()
+        self._connection_ended: dict[str, asyncio.Future[None]] = {}
+
+    # ------------------------------------------------------------------------------- connections
+
+    async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
+        server = self._servers.get(listener_name)
+        if not server:
+            raise BrokerError(f"Invalid listener name '{listener_name}'")
+        await server.acquire_connection()
+        try:
+            await self._serve(listener_name, reader, writer)
+        except (AMQTTError, MQTTError, NoDataError, OSError, asyncio.IncompleteReadError) as e:
+            log.info("connection ended: %s", e or type(e).__name__)
+        finally:
+            server.release_connection()  # however the connection ended (amqtt leaked it on OSError)
+
+    async def _serve(self, listener_name: str, reader: Any, writer: Any) -> None:
+        remote = writer.get_peer_info()
+        if remote is None:
+            await writer.close()
+            return
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except (AMQTTError, MQTTError, NoDataError) as e:
+            log.info("no valid CONNECT from %s:%s: %s", remote[0], remote[1], e)
+            with contextlib.suppress(Exception):
+                await writer.close()
+            return
+        if not incoming.client_id:
+            incoming.client_id = gen_client_id()
+        incoming.parent = 0
+        if not await self._authenticate(incoming, self.listeners_config[listener_name]):
+            # Refused before any existing session is touched (amqtt deleted or rewrote the victim's).
+            handler.attach(incoming, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            return
+        client_id = incoming.client_id
+        await self._end_live_connection(client_id)
+        session = self._resume_or_start(incoming)
+        if self._persistent(session):
+            self._store.save_session(client_id, session.username)  # type: ignore[union-attr]
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._connection_ended[client_id] = ended
+        try:
+            session.transitions.connect()
+            handler.attach(session, reader, writer)
+            self._sessions[client_id] = (session, handler)
+            await handler.mqtt_connack_authorize(True)
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
+            )
+            await handler.start()  # also resends what the session had in flight (MQTT-4.4.0-1)
+            self._send_queued(session, handler)
+            await self._client_message_loop(session, handler)
+        finally:
+            if not ended.done():
+                ended.set_result(None)
+            if self._connection_ended.get(client_id) is ended:
+                del self._connection_ended[client_id]
+
+    async def _end_live_connection(self, client_id: str) -> None:
+        """MQTT-3.1.4-2: close the connection already using this client id, and wait until it has ended."""
+        live = self._sessions.get(client_id)
+        ended = self._connection_ended.get(client_id)
+        if live is None or ended is None or live[0].transitions.state != "connected":
+            return
+        log.info("client %r connected again: closing its older connection", client_id[:96])
+        await live[1].handle_connection_closed()
+        try:
+            await asyncio.wait_for(asyncio.shield(ended), TAKEOVER_WAIT_S)
+        except TimeoutError:
+            log.warning("the older connection of %r did not end within %gs", client_id[:96], TAKEOVER_WAIT_S)
+
+    def _resume_or_start(self, incoming: Session) -> Session:
+        client_id = incoming.client_id
+        existing = self._sessions.get(client_id)
+        if incoming.clean_session or existing is None:
+            if existing is not None:
+                self._drop_session(client_id)
+            return incoming
+        session: Session = existing[0]
+        for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive"):
+            setattr(session, name, getattr(incoming, name))
+        session.username, session.password = incoming.username, incoming.password
+        session.parent = 1
+        return session
+
+    def _drop_session(self, client_id: str) -> None:
+        session = self._sessions.pop(client_id, (None, None))[0]
+        if session is not None:
+            self._subscriptions.remove_all(session)
+            session.clear_queues()
+            if self._store is not None and not session.clean_session:
+                self._store.delete_session(client_id)
+
+    def _persistent(self, session: Session) -> bool:
+        """Whether `session` is kept in SQLite: clean session 0 and not anonymous."""
+        return self._store is not None and not session.clean_session and not session.is_anonymous
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        """A session ended for good (expired, or the broker stops: then it stays saved)."""
+        entry = self._sessions.get(client_id)
+        await super()._cleanup_session(client_id)
+        if entry is not None and not self._stopping and self._persistent(entry[0]):
+            self._store.delete_session(client_id)  # type: ignore[union-attr]
+
+    async def _delete_session(self, client_id: str) -> None:
+        self._drop_session(client_id)
+
     async def _authenticate(self, session: Any, listener: Any) -> bool:
         if not await super()._authenticate(session, listener):
             return False
@@ -37,37 +186,192 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             except UnicodeDecodeError:
                 topic = None
         if not topic or "+" in topic or "#" in topic or topic.startswith("$") or "\x00" in topic:
-            log.warning("refused CONNECT of %r: invalid Will topic %r", str(session.client_id)[:96], topic)
+            log.warning("refused CONNECT of %r: invalid Will topic %r", _who(session), topic)
             return False
         if not await self._topic_filtering(session, topic=topic, action=Action.PUBLISH):
-            log.warning(
-                "dropped the Will of %r: it may not publish to %r", str(session.client_id)[:96], topic[:128]
-            )
+            log.warning("dropped the Will of %r: it may not publish to %r", _who(session), topic[:128])
             session.will_flag = False
         return True
+
+    # ------------------------------------------------------------------------------- subscriptions
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, qos = subscription
+        levels = topic_filter.split("/")
+        for index, level in enumerate(levels):
+            if "#" in level and (level != "#" or index != len(levels) - 1):
+                return _REFUSED  # MQTT-4.7.1-2
+            if "+" in level and level != "+":
+                return _REFUSED  # MQTT-4.7.1-3
+        if not await self._topic_filtering(session, topic_filter, Action.SUBSCRIBE):
+            return _REFUSED
+        max_qos = self.config.get("max-qos", qos)
+        qos = min(qos, max_qos if isinstance(max_qos, int) else qos)
+        try:
+            self._subscriptions.add(topic_filter, session, qos)  # a repeat replaces the QoS (MQTT-3.8.4-3)
+        except (InvalidTopicFilter, ValueError) as e:
+            log.info("client %r: subscription to %r refused: %s", _who(session), topic_filter[:128], e)
+            return _REFUSED
+        if self._persistent(session):
+            self._store.add_subscription(session.client_id, topic_filter, qos)  # type: ignore[union-attr]
+        return qos
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        if not self._subscriptions.remove(a_filter, session):
+            return 0
+        if self._persistent(session):
+            self._store.remove_subscription(session.client_id, a_filter)  # type: ignore[union-attr]
+        return 1
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        self._subscriptions.remove_all(session)
+
+    def subscriber_qos(self, session: Session, topic: str) -> int | None:
+        """The QoS `session` would receive `topic` at through its own subscriptions, None if none match."""
+        mine = _client_id(session)
+        for subscription in self._subscriptions.match(topic):
+            if _client_id(subscription.subscriber) == mine:
+                return subscription.qos
+        return None
+
+    # ------------------------------------------------------------------------------------ routing
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: Any, wait_deliver: Any
+    ) -> bool:
+        app_message = wait_deliver.result()
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=app_message
+        )
+        if app_message is None:
+            return True
+        topic = app_message.topic
+        if not topic or "#" in topic or "+" in topic:  # the reader refuses these already
+            return False
+        if topic.startswith("$"):
+            log.info(
+                "client %r may not publish to %r ($ topics are the broker's)",
+                _who(client_session),
+                topic[:128],
+            )
+            return True
+        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            log.info("client %r may not publish to %r", _who(client_session), topic[:128])
+            return True
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message
+        )
+        await self._broadcast_message(client_session, topic, app_message.data, app_message.qos)
+        if app_message.publish_packet and app_message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+        return True
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        data = broadcast["data"]
+        published_qos = broadcast.get("qos")  # None: the broker's own messages, sent at the granted QoS
+        for target, granted in self._subscriptions.match(topic):
+            qos = granted if published_qos is None else min(published_qos, granted)
+            if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
+                continue
+            if target.transitions.state != "connected":
+                if qos and not target.clean_session and not target.is_anonymous:
+                    self._queue_offline(target, topic, data, qos)
+                continue
+            handler = self._get_handler(target)
+            if handler is not None:
+                self._deliver(handler, topic, data, qos)
+
+    def _deliver(self, handler: Any, topic: str, data: bytes, qos: int, retain: bool = False) -> None:
+        task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=retain))
+        self._deliveries.add(task)
+        task.add_done_callback(self._delivered)
+
+    def _delivered(self, task: asyncio.Task[Any]) -> None:
+        self._deliveries.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, protocol.QueueFull):
+            log.warning("%s: message dropped", error)
+        elif error is not None:
+            log.debug("a delivery ended early: %s: %s", type(error).__name__, error)
+
+    def _queue_offline(self, session: Session, topic: str, data: bytes, qos: int) -> None:
+        queue = session.retained_messages
+        if queue.qsize() >= protocol.LIMITS.max_queued_messages:
+            log.warning(
+                "client %r is offline with %d messages queued: message to %r dropped",
+                _who(session),
+                queue.qsize(),
+                topic[:128],
+            )
+            return
+        queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+        if self._persistent(session):
+            self._store.queue_message(session.client_id, topic, data, qos)  # type: ignore[union-attr]
+
+    def _send_queued(self, session: Session, handler: Any) -> None:
+        """What was queued while the session was offline, in order, without waiting for acknowledgements."""
+        queue = session.retained_messages
+        if queue.empty():
+            return
+        while not queue.empty():
+            message = queue.get_nowait()
+            self._deliver(handler, message.topic, message.data, message.qos or QOS_0)
+        if self._persistent(session):
+            self._store.messages_taken(session.client_id)  # type: ignore[union-attr]
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
     ) -> None:
         topic_filter, qos = subscription
-        holders = self._subscriptions.get(topic_filter, [])
-        if not any(s is session for s, _ in holders):
+        if topic_filter not in self._subscriptions.filters_of(session):
             return  # another client's filter: not this session's to receive
         handler = self._get_handler(session)
         if handler is None:
             return
-        sends = []
-        for topic, retained in list(self._retained_messages.items()):
-            if not self._matches(topic, topic_filter):
-                continue
-            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
-                continue
-            sends.append(
-                asyncio.ensure_future(
-                    handler.mqtt_publish(
-                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
-                    )
+        for _, retained in matching_retained(topic_filter, self._retained_messages):
+            if await self._topic_filtering(session, topic=retained.topic, action=Action.RECEIVE):
+                self._deliver(
+                    handler, retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
                 )
-            )
-        if sends:
-            await asyncio.wait(sends)
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    async def _start_listeners(self) -> None:
+        await self._restore_sessions()  # before the first client can connect
+        await super()._start_listeners()
+
+    async def _restore_sessions(self) -> None:
+        if self._store is None:
+            return
+        saved = await self._store.open()
+        for stored in saved:
+            handler, session = self.create_offline_session(stored.client_id)
+            session.clean_session = False
+            session.username = stored.username
+            session.last_disconnect_time = int(stored.seen_at)
+            self._sessions[stored.client_id] = (session, handler)
+            for topic_filter, qos in stored.subscriptions:
+                self._subscriptions.add(topic_filter, session, qos)
+            for topic, payload, qos in stored.messages:
+                session.retained_messages.put_nowait(RetainedApplicationMessage(None, topic, payload, qos))
+        if saved:
+            log.info("restored %d persistent MQTT session(s) from %s", len(saved), self._store.path)
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        if self._store is not None:
+            # What connected persistent sessions had not acknowledged yet is delivered after the restart.
+            for client_id, (session, _) in list(self._sessions.items()):
+                if self._persistent(session) and session.transitions.state == "connected":
+                    for message in list(session.inflight_out.values()):
+                        self._store.queue_message(client_id, message.topic, message.data, message.qos)
+        for task in list(self._deliveries):
+            task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        await super().shutdown()
+        if self._store is not None:
+            await self._store.close()

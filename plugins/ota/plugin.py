@@ -294,10 +294,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
     async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
         """Deliver to the device's own session, plus any other subscribers of `topic`."""
         conn = self._connection(device)
-        subscribed = conn is not None and any(
-            filter_matches(topic_filter, topic) and any(s is conn.session for s, _ in subscribers)
-            for topic_filter, subscribers in self.context.subscriptions.items()
-        )
+        subscribed = conn is not None and self._subscribed(conn.session, topic)
         # Subscribers, the device among them if it subscribed, get it through the broker's routing.
         await self.context.broadcast_message(topic, payload)  # each at its granted QoS
         if conn is None:
@@ -311,6 +308,17 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             self._deliveries.add(task)
             task.add_done_callback(self._delivery_done)
         return True
+
+    def _subscribed(self, session: Session, topic: str) -> bool:
+        broker = self.context._broker_instance
+        # ota-broker's indexed broker answers without a scan of every filter
+        lookup = getattr(broker, "subscriber_qos", None)
+        if lookup is not None:
+            return lookup(session, topic) is not None
+        return any(
+            filter_matches(topic_filter, topic) and any(s is session for s, _ in subscribers)
+            for topic_filter, subscribers in self.context.subscriptions.items()
+        )
 
     async def disconnect(self, device: DeviceRef) -> None:
         for client_id in list(self._device_clients.get(device, [])):

@@ -145,3 +145,37 @@ def test_bad_auth_settings_fail_with_the_key(tmp_path: Path, auth: dict, key: st
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=key):
         prepare(load(path), {"OTA_DATA_DIR": str(tmp_path)})
+
+
+def test_defaults_document_every_limit() -> None:
+    """config.yaml lists every MQTT limit with its default value."""
+    from broker.limits import LimitsConfig
+
+    entry = yaml.safe_load(default_config_text())["plugins"]["broker.limits.MqttLimits"]
+    defaults = LimitsConfig()
+    assert set(entry) == set(LimitsConfig.__dataclass_fields__)
+    for key, value in entry.items():
+        assert value == getattr(defaults, key), key
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"max_packet_size_kb": 0}, "max_packet_size_kb"),
+        ({"max_inflight_messages": -3}, "max_inflight_messages"),
+        ({"retry_interval_s": "soon"}, "retry_interval_s"),
+        ({"max_queue": 5}, "max_queue"),
+        ({"session_expiry_interval": -1}, "session_expiry_interval"),
+    ],
+)
+def test_bad_limits_fail_with_the_key(tmp_path: Path, change: dict, key: str) -> None:
+    """The MQTT limits and amqtt's session expiry are checked at load, naming the key."""
+    raw = yaml.safe_load(default_config_text())
+    if "session_expiry_interval" in change:
+        raw.update(change)
+    else:
+        raw["plugins"]["broker.limits.MqttLimits"].update(change)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=key):
+        prepare(load(path), {"OTA_DATA_DIR": str(tmp_path)})

@@ -39,7 +39,7 @@ BAD_PAYLOADS: list[bytes] = [
     b'{"id": 1, "params": {"step": "50", "desc": {"a": 1}}}',
     b'{"id": 1, "params": {"step": "50", "module": "NOPE"}}',
     b"[" * 10_000 + b"]" * 10_000,
-    b'{"id": 1, "params": {"version": "1", "pad": "' + b"x" * (1 << 20) + b'"}}',
+    b'{"id": 1, "params": {"version": "1", "pad": "' + b"x" * 200_000 + b'"}}',  # over max_payload_bytes
 ]
 
 

@@ -1,0 +1,442 @@
+"""The packet reader and the outgoing QoS 1/2 flows of amqtt 0.12.1's protocol handler, made strict and
+bounded, written so each part could go upstream.
+
+amqtt reads a fixed header, then lets each packet class read what it thinks it needs straight from the
+socket: a bad length desynchronises the stream, invalid UTF-8 topics are turned into `"b'...'"` strings,
+QoS 3, packet id 0 and wrong fixed-header flags are accepted, and nothing bounds the size of a packet (a
+client can make the broker buffer 256 MiB). Here each packet is read whole, by its remaining length, up to
+`max_packet_size`, then checked against the MQTT 3.1.1 rules below before amqtt decodes it; a violation
+closes the connection with one log line (MQTT-4.8.0-1), never a traceback.
+
+Outgoing QoS 1/2 messages stay in the session's in-flight table until they are acknowledged: amqtt
+dropped them after a hard-coded 5 s, and on a disconnect, so an OTA notice in flight was lost. Here an
+unacknowledged PUBLISH is sent again with DUP set every `retry_interval_s` while the client stays connected,
+and on the reconnect of a persistent session (MQTT-4.4.0-1); at most `max_inflight_messages` are in flight
+per session, and a client that stops acknowledging cannot make the broker queue more than
+`max_queued_messages` behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from struct import unpack_from
+from typing import Any
+
+from amqtt.adapters import BufferReader
+from amqtt.codecs_amqtt import read_or_raise
+from amqtt.errors import NoDataError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.handler import ProtocolHandler
+from amqtt.mqtt.pubrel import PubrelPacket
+from amqtt.session import OUTGOING
+
+log = logging.getLogger("ota.broker")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection limits; see `broker.limits.MqttLimits` for how config.yaml sets them."""
+
+    max_packet_size: int = 1024 * 1024  # bytes after the fixed header
+    max_inflight_messages: int = 20  # outgoing QoS 1/2 messages awaiting acknowledgement, per session
+    max_queued_messages: int = 1000  # outgoing QoS 1/2 messages waiting behind those, and offline ones
+    max_incoming_qos2: int = 100  # received QoS 2 messages awaiting PUBREL, per session
+    retry_interval_s: float = 20.0  # resend an unacknowledged PUBLISH/PUBREL (DUP set) after this
+
+
+LIMITS = Limits()
+
+_HEADER_FLAGS = {PUBREL: 0x2, SUBSCRIBE: 0x2, UNSUBSCRIBE: 0x2}  # MQTT-3.6.1-1, 3.8.1-1, 3.10.1-1
+_FIXED_LENGTH = {PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, PINGREQ: 0, DISCONNECT: 0}
+_SERVER_ONLY = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}
+
+
+class ProtocolViolation(Exception):
+    """A packet that breaks MQTT 3.1.1: the connection is closed (MQTT-4.8.0-1)."""
+
+
+# ------------------------------------------------------------------------------------ packet checks
+
+
+def check_header(packet_type: int, flags: int, length: int, limits: Limits = LIMITS) -> None:
+    """Raise `ProtocolViolation` for a fixed header the broker must not accept from a client."""
+    if packet_type in (0, 15):
+        raise ProtocolViolation(f"reserved packet type {packet_type} [MQTT-2.2.1]")
+    if packet_type == CONNECT:
+        raise ProtocolViolation("a second CONNECT [MQTT-3.1.0-2]")
+    if packet_type in _SERVER_ONLY:
+        raise ProtocolViolation(f"{_SERVER_ONLY[packet_type]} sent by a client")
+    if packet_type == PUBLISH:
+        qos = (flags >> 1) & 0x3
+        if qos == 3:
+            raise ProtocolViolation("PUBLISH with QoS 3 [MQTT-3.3.1-4]")
+        if qos == 0 and flags & 0x8:
+            raise ProtocolViolation("QoS 0 PUBLISH with DUP set [MQTT-3.3.1-2]")
+    elif flags != _HEADER_FLAGS.get(packet_type, 0):
+        raise ProtocolViolation(f"packet type {packet_type} with reserved flags {flags:#x} [MQTT-2.2.2-2]")
+    expected = _FIXED_LENGTH.get(packet_type)
+    if expected is not None and length != expected:
+        raise ProtocolViolation(f"packet type {packet_type} with remaining length {length}, not {expected}")
+    if length > limits.max_packet_size:
+        raise ProtocolViolation(f"packet of {length} bytes, over max_packet_size {limits.max_packet_size}")
+
+
+def _string(body: bytes, at: int, what: str) -> tuple[str, int]:
+    """A length-prefixed UTF-8 string at `at`: (text, offset after it)."""
+    if at + 2 > len(body):
+        raise ProtocolViolation(f"{what}: truncated length")
+    (n,) = unpack_from("!H", body, at)
+    end = at + 2 + n
+    if end > len(body):
+        raise ProtocolViolation(f"{what}: longer than the packet")
+    try:
+        text = body[at + 2 : end].decode("utf-8")  # rejects surrogates and overlong forms too
+    except UnicodeDecodeError:
+        raise ProtocolViolation(f"{what}: not valid UTF-8 [MQTT-1.5.3-1]") from None
+    if "\x00" in text:
+        raise ProtocolViolation(f"{what}: contains U+0000 [MQTT-1.5.3-2]")
+    return text, end
+
+
+def _packet_id(body: bytes, at: int, what: str) -> int:
+    if at + 2 > len(body):
+        raise ProtocolViolation(f"{what}: no packet identifier")
+    (packet_id,) = unpack_from("!H", body, at)
+    if packet_id == 0:
+        raise ProtocolViolation(f"{what} with packet identifier 0 [MQTT-2.3.1-1]")
+    return int(packet_id)
+
+
+def check_body(packet_type: int, flags: int, body: bytes) -> None:
+    """Raise `ProtocolViolation` for a packet body amqtt would mis-decode or accept against the standard."""
+    if packet_type == PUBLISH:
+        topic, at = _string(body, 0, "PUBLISH topic")
+        if not topic:
+            raise ProtocolViolation("PUBLISH with an empty topic [MQTT-4.7.3-1]")
+        if "+" in topic or "#" in topic:
+            raise ProtocolViolation(f"PUBLISH topic {topic[:64]!r} has a wildcard [MQTT-3.3.2-2]")
+        if (flags >> 1) & 0x3:
+            _packet_id(body, at, "PUBLISH")
+    elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
+        name = "SUBSCRIBE" if packet_type == SUBSCRIBE else "UNSUBSCRIBE"
+        _packet_id(body, 0, name)
+        at, count = 2, 0
+        while at < len(body):
+            topic_filter, at = _string(body, at, f"{name} topic filter")
+            if not topic_filter:
+                raise ProtocolViolation(f"{name} with an empty topic filter [MQTT-4.7.3-1]")
+            if packet_type == SUBSCRIBE:
+                if at >= len(body):
+                    raise ProtocolViolation("SUBSCRIBE filter without its QoS byte")
+                if body[at] > QOS_2:  # reserved bits set, or QoS 3
+                    raise ProtocolViolation(f"SUBSCRIBE requested QoS byte {body[at]:#x} [MQTT-3.8.3-4]")
+                at += 1
+            count += 1
+        if count == 0:
+            rule = "MQTT-3.8.3-3" if packet_type == SUBSCRIBE else "MQTT-3.10.3-2"
+            raise ProtocolViolation(f"{name} without any topic filter [{rule}]")
+    elif packet_type in (PUBACK, PUBREC, PUBREL, PUBCOMP):
+        _packet_id(body, 0, f"packet type {packet_type}")
+
+
+# ------------------------------------------------------------------------------------ the reader
+
+
+async def _read_fixed_header(reader: Any) -> tuple[int, int, int] | None:
+    """(type, flags, remaining length), or None at EOF before a new packet."""
+    try:
+        first = (await read_or_raise(reader, 1))[0]
+    except NoDataError:
+        return None
+    length, multiplier = 0, 1
+    for _ in range(4):
+        byte = (await read_or_raise(reader, 1))[0]
+        length += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            return first >> 4, first & 0x0F, length
+        multiplier *= 128
+    raise ProtocolViolation("remaining length longer than 4 bytes [MQTT-2.2.3]")
+
+
+async def _read_packet(reader: Any, packet_type: int, flags: int, length: int, limits: Limits) -> Any:
+    """The rest of a packet whose fixed header was read: checked, then decoded by amqtt from memory."""
+    check_header(packet_type, flags, length, limits)
+    body = await read_or_raise(reader, length) if length else b""
+    check_body(packet_type, flags, body)
+    fixed = MQTTFixedHeader(packet_type, flags, length)
+    stream = BufferReader(body)
+    packet = await packet_class(fixed).from_stream(stream, fixed_header=fixed)
+    if stream._stream.tell() != length:  # what amqtt decoded is not what the length said
+        raise ProtocolViolation(f"packet type {packet_type}: length {length} does not match its content")
+    return packet
+
+
+async def _reader_loop(self: Any) -> None:
+    """Replaces `ProtocolHandler._reader_loop` (installed by `install`)."""
+    session = self.session
+    assert session is not None
+    assert self._reader_ready is not None
+    who = str(session.client_id)[:96]
+    limits = LIMITS
+    timeout = session.keep_alive if session.keep_alive > 0 else None
+    qos2_flows: set[asyncio.Task[None]] = set()
+    self._reader_ready.set()
+    try:
+        while self.reader is not None:
+            try:
+                header = await asyncio.wait_for(_read_fixed_header(self.reader), timeout)
+            except TimeoutError:
+                self.handle_read_timeout()
+                continue
+            if header is None:
+                break  # EOF
+            packet = await _read_packet(self.reader, *header, limits)
+            await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=session)
+            if header[0] != PUBLISH:
+                await _DISPATCH[header[0]](self, packet)
+            elif packet.qos != QOS_2:
+                await self.handle_publish(packet)
+            else:
+                packet_id = packet.variable_header.packet_id
+                if (
+                    packet_id not in session.inflight_in
+                    and len(session.inflight_in) >= limits.max_incoming_qos2
+                ):
+                    raise ProtocolViolation(
+                        f"more than max_incoming_qos2 ({limits.max_incoming_qos2}) QoS 2 messages unreleased"
+                    )
+                flow = asyncio.create_task(self.handle_publish(packet))  # waits for the PUBREL
+                qos2_flows.add(flow)
+                flow.add_done_callback(qos2_flows.discard)
+    except asyncio.CancelledError:
+        pass
+    except ProtocolViolation as e:
+        log.warning("closing the connection of %r: %s", who, e)
+    except NoDataError:
+        log.debug("client %r: connection closed in the middle of a packet", who)
+    except (OSError, asyncio.IncompleteReadError) as e:
+        log.debug("client %r: connection lost: %s", who, e)
+    except Exception as e:  # amqtt's decoders raise many kinds; none may leave a traceback per client
+        log.warning("closing the connection of %r: undecodable packet (%s: %s)", who, type(e).__name__, e)
+    finally:
+        for flow in qos2_flows:
+            flow.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+
+_DISPATCH: dict[int, Callable[[Any, Any], Awaitable[None]]] = {
+    PUBACK: lambda h, p: h.handle_puback(p),
+    PUBREC: lambda h, p: h.handle_pubrec(p),
+    PUBREL: lambda h, p: h.handle_pubrel(p),
+    PUBCOMP: lambda h, p: h.handle_pubcomp(p),
+    SUBSCRIBE: lambda h, p: h.handle_subscribe(p),
+    UNSUBSCRIBE: lambda h, p: h.handle_unsubscribe(p),
+    PINGREQ: lambda h, p: h.handle_pingreq(p),
+    DISCONNECT: lambda h, p: h.handle_disconnect(p),
+}
+
+
+# ------------------------------------------------------------------------ outgoing QoS 1 and 2 flows
+
+
+class QueueFull(Exception):
+    """The client has `max_inflight_messages` unacknowledged and `max_queued_messages` waiting."""
+
+
+def _window(session: Any) -> asyncio.Semaphore:
+    window: asyncio.Semaphore | None = getattr(session, "_ota_window", None)
+    if window is None:
+        window = session._ota_window = asyncio.Semaphore(LIMITS.max_inflight_messages)
+        session._ota_waiting = 0
+    return window
+
+
+def _who(handler: Any) -> str:
+    return str(getattr(handler.session, "client_id", "?"))[:96]
+
+
+class ConnectionEnded(Exception):
+    """The connection of a flow ended; its message stays in the session's in-flight table."""
+
+
+def _closed(handler: Any) -> asyncio.Future[None]:
+    closed: asyncio.Future[None] | None = handler.__dict__.get("_ota_closed")
+    if closed is None:
+        closed = handler._ota_closed = asyncio.get_running_loop().create_future()
+    return closed
+
+
+async def _await_ack(self: Any, waiters: dict[int, asyncio.Future[Any]], packet_id: int, resend: Any) -> Any:
+    """Wait for the acknowledgement of `packet_id`, sending `resend()` again every retry interval."""
+    if _closed(self).done():
+        raise ConnectionEnded
+    waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    waiters[packet_id] = waiter  # amqtt's stop() cancels every waiter of the connection
+    try:
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiter), LIMITS.retry_interval_s)
+            except TimeoutError:
+                if waiter.cancelled() or _closed(self).done():
+                    raise ConnectionEnded from None
+                log.info("client %r: packet %d not acknowledged, sending it again", _who(self), packet_id)
+                await self._send_packet(resend())
+    except asyncio.CancelledError:
+        if waiter.cancelled():
+            raise ConnectionEnded from None
+        raise
+    finally:
+        waiters.pop(packet_id, None)
+
+
+async def _acquire(self: Any, window: asyncio.Semaphore) -> None:
+    """A place in the session's in-flight window, or `ConnectionEnded` if the connection goes first."""
+    session = self.session
+    if not window.locked():
+        await window.acquire()
+        return
+    if session._ota_waiting >= LIMITS.max_queued_messages:
+        raise QueueFull(f"client {str(session.client_id)[:96]!r}: outgoing queue full")
+    session._ota_waiting += 1
+    acquire: asyncio.Future[Any] = asyncio.ensure_future(window.acquire())
+    closed: asyncio.Future[Any] = _closed(self)
+    try:
+        await asyncio.wait({acquire, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        session._ota_waiting -= 1
+        if not acquire.done():
+            acquire.cancel()
+    if not acquire.done() or acquire.cancelled():
+        raise ConnectionEnded
+    if _closed(self).done():
+        window.release()
+        raise ConnectionEnded
+
+
+async def _outgoing_flow(self: Any, message: Any) -> None:
+    """QoS 1/2 PUBLISH to a client: the message leaves the session's in-flight table only when it is
+    acknowledged; a disconnect leaves it there for redelivery with DUP (MQTT-4.4.0-1)."""
+    session = self.session
+    window = _window(session)
+    try:
+        await _acquire(self, window)
+    except QueueFull:
+        raise
+    except ConnectionEnded:
+        session.inflight_out.setdefault(message.packet_id, message)  # redelivered on reconnect
+        return
+    session.inflight_out[message.packet_id] = message
+    try:
+        if message.qos == QOS_1 or message.pubrec_packet is None:
+            packet = message.build_publish_packet(dup=message.publish_packet is not None)
+            message.publish_packet = packet
+            await self._send_packet(packet)
+            if message.qos == QOS_1:
+                message.puback_packet = await _await_ack(
+                    self,
+                    self._puback_waiters,
+                    message.packet_id,
+                    lambda: message.build_publish_packet(dup=True),
+                )
+                session.inflight_out.pop(message.packet_id, None)
+                return
+            message.pubrec_packet = await _await_ack(
+                self, self._pubrec_waiters, message.packet_id, lambda: message.build_publish_packet(dup=True)
+            )
+        message.pubrel_packet = PubrelPacket.build(message.packet_id)
+        await self._send_packet(message.pubrel_packet)
+        message.pubcomp_packet = await _await_ack(
+            self, self._pubcomp_waiters, message.packet_id, lambda: PubrelPacket.build(message.packet_id)
+        )
+        session.inflight_out.pop(message.packet_id, None)
+    except ConnectionEnded:
+        pass  # stays in flight: sent again when the session reconnects
+    finally:
+        window.release()
+
+
+def _flow(original: Callable[[Any, Any], Awaitable[None]]) -> Callable[[Any, Any], Awaitable[None]]:
+    async def flow(self: Any, message: Any) -> None:
+        if message.direction == OUTGOING:
+            await _outgoing_flow(self, message)
+        else:
+            await original(self, message)
+
+    return flow
+
+
+async def _retry_deliveries(self: Any) -> None:
+    """On (re)connect, send unacknowledged messages again in their order, without holding up the
+    connection: each flow runs on its own until acknowledged or the connection ends (MQTT-4.4.0-1)."""
+    session = self.session
+    pending = list(session.inflight_out.values())  # in the order they were first sent
+    if not pending:
+        return
+    log.info("client %r: resending %d unacknowledged message(s)", str(session.client_id)[:96], len(pending))
+    flows = self.__dict__.setdefault("_ota_flows", set())
+    for message in pending:
+        task = asyncio.create_task(_outgoing_flow(self, message))
+        flows.add(task)
+        task.add_done_callback(_flow_done(flows))
+
+
+def _flow_done(flows: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        flows.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("redelivery ended: %s", task.exception())
+
+    return done
+
+
+_original_stop = BrokerProtocolHandler.stop
+
+
+async def _stop(self: Any) -> None:
+    closed = _closed(self)
+    if not closed.done():
+        closed.set_result(None)
+    for task in list(self.__dict__.get("_ota_flows", ())):
+        task.cancel()
+    await _original_stop(self)
+
+
+def install(limits: Limits | None = None) -> None:
+    """Use the strict reader and the bounded, lossless QoS flows in every broker of this process."""
+    global LIMITS  # noqa: PLW0603 - one set of limits per process, like amqtt's own class-level handlers
+    if limits is not None:
+        LIMITS = limits
+    cls = BrokerProtocolHandler  # the broker's side only: amqtt's client keeps its own behaviour
+    if cls.__dict__.get("_ota_protocol", False):
+        return
+    cls._reader_loop = _reader_loop
+    cls._handle_qos1_message_flow = _flow(ProtocolHandler._handle_qos1_message_flow)
+    cls._handle_qos2_message_flow = _flow(ProtocolHandler._handle_qos2_message_flow)
+    cls._retry_deliveries = _retry_deliveries
+    cls.stop = _stop
+    cls._ota_protocol = True

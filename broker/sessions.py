@@ -1,0 +1,159 @@
+"""Persistent MQTT sessions in SQLite: the subscriptions and undelivered QoS 1/2 messages of every client
+that connected with clean session 0, kept across broker restarts in the OTA service's database.
+
+amqtt keeps sessions in memory only, so a restart forgot every persistent session and the notices queued
+for offline devices with it. Writes go through one ordered queue and are committed in short batches, so
+the routing path never waits for the disk and a burst of queued messages costs one transaction.
+
+What survives what: subscriptions and messages queued for an offline session are written as they happen;
+messages a connected client had not acknowledged are written at a clean shutdown. After a crash, those
+in-flight messages are lost (amqtt kept none at all), the rest is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+log = logging.getLogger("ota.broker")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mqtt_session (
+    client_id TEXT PRIMARY KEY,
+    username TEXT,
+    seen_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mqtt_subscription (
+    client_id TEXT NOT NULL REFERENCES mqtt_session(client_id) ON DELETE CASCADE,
+    topic_filter TEXT NOT NULL,
+    qos INTEGER NOT NULL,
+    PRIMARY KEY (client_id, topic_filter)
+);
+CREATE TABLE IF NOT EXISTS mqtt_message (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id TEXT NOT NULL REFERENCES mqtt_session(client_id) ON DELETE CASCADE,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mqtt_message_client ON mqtt_message(client_id, id);
+"""
+
+_BATCH = 500  # statements per transaction at most
+
+
+@dataclass
+class StoredSession:
+    client_id: str
+    username: str | None
+    seen_at: float
+    subscriptions: list[tuple[str, int]] = field(default_factory=list)
+    messages: list[tuple[str, bytes, int]] = field(default_factory=list)  # topic, payload, qos; in order
+
+
+class SessionStore:
+    """The `mqtt_*` tables of `<data_dir>/ota.db`; all writes are queued and applied in order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[tuple[str, tuple[Any, ...]] | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    async def open(self) -> list[StoredSession]:
+        """Open the database and return the sessions saved in it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.executescript(_SCHEMA)
+        await db.commit()
+        self._db = db
+        sessions: dict[str, StoredSession] = {}
+        for client_id, username, seen_at in await db.execute_fetchall(
+            "SELECT client_id, username, seen_at FROM mqtt_session"
+        ):
+            sessions[client_id] = StoredSession(client_id, username, seen_at)
+        for client_id, topic_filter, qos in await db.execute_fetchall(
+            "SELECT client_id, topic_filter, qos FROM mqtt_subscription ORDER BY client_id, topic_filter"
+        ):
+            sessions[client_id].subscriptions.append((topic_filter, qos))
+        for client_id, topic, payload, qos in await db.execute_fetchall(
+            "SELECT client_id, topic, payload, qos FROM mqtt_message ORDER BY id"
+        ):
+            sessions[client_id].messages.append((topic, bytes(payload), qos))
+        self._writer = asyncio.create_task(self._write_loop())
+        return list(sessions.values())
+
+    # All writers below only queue the statement: the routing path never waits for SQLite.
+
+    def save_session(self, client_id: str, username: str | None) -> None:
+        self._put(
+            "INSERT INTO mqtt_session (client_id, username, seen_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(client_id) DO UPDATE SET username = excluded.username, seen_at = excluded.seen_at",
+            (client_id, username, time.time()),
+        )
+
+    def delete_session(self, client_id: str) -> None:
+        self._put("DELETE FROM mqtt_session WHERE client_id = ?", (client_id,))
+
+    def add_subscription(self, client_id: str, topic_filter: str, qos: int) -> None:
+        self._put(
+            "INSERT INTO mqtt_subscription (client_id, topic_filter, qos) VALUES (?, ?, ?) "
+            "ON CONFLICT(client_id, topic_filter) DO UPDATE SET qos = excluded.qos",
+            (client_id, topic_filter, qos),
+        )
+
+    def remove_subscription(self, client_id: str, topic_filter: str) -> None:
+        self._put(
+            "DELETE FROM mqtt_subscription WHERE client_id = ? AND topic_filter = ?",
+            (client_id, topic_filter),
+        )
+
+    def queue_message(self, client_id: str, topic: str, payload: bytes, qos: int) -> None:
+        self._put(
+            "INSERT INTO mqtt_message (client_id, topic, payload, qos) VALUES (?, ?, ?, ?)",
+            (client_id, topic, bytes(payload), qos),
+        )
+
+    def messages_taken(self, client_id: str) -> None:
+        """The session's queued messages were handed to its new connection."""
+        self._put("DELETE FROM mqtt_message WHERE client_id = ?", (client_id,))
+
+    def _put(self, sql: str, args: tuple[Any, ...]) -> None:
+        if self._writer is not None and not self._writer.done():
+            self._queue.put_nowait((sql, args))
+
+    async def _write_loop(self) -> None:
+        assert self._db is not None
+        stop = False
+        while not stop:
+            item = await self._queue.get()
+            batch = [item]
+            while len(batch) < _BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                for entry in batch:
+                    if entry is None:
+                        stop = True
+                        break
+                    await self._db.execute(*entry)
+                await self._db.commit()
+            except Exception:
+                log.exception("could not save MQTT session state")
+
+    async def close(self) -> None:
+        """Write everything queued so far, then close."""
+        if self._writer is not None and not self._writer.done():
+            self._queue.put_nowait(None)
+            await self._writer
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
