@@ -6,13 +6,20 @@ statuses in exactly one table, `STATUS_OF`; a 5xx never carries a traceback.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import datetime
+import hashlib
 import hmac
+import importlib.resources
 import io
 import json
 import logging
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
@@ -71,17 +78,34 @@ def admin_app(service: OtaService, token: str) -> web.Application:
             log.exception("%s %s failed", request.method, request.path)
             return _error(500, "internal", "internal error; see the broker's log")
 
+    tickets = Tickets(token)
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/api/v1/health":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return _error(401, "unauthorized", "missing or wrong bearer token")
-        return await handler(request)
+        # Decided by the route matched, not by the path text: only these handlers are public.
+        matched = request.match_info.handler
+        if matched in _PUBLIC:
+            return await handler(request)
+        given = request.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return await handler(request)
+        if matched is job_events and tickets.valid(request.query.get("ticket", ""), _clock(request)):
+            return await handler(request)
+        return _error(401, "unauthorized", "missing or wrong bearer token")
 
     app = web.Application(middlewares=[errors, auth])
     app[SERVICE] = service
-    r = app.router
+    app[TICKETS] = tickets
+    app[STREAMS] = Streams()
+    app[CONSOLE] = _console_assets()
+    app.on_shutdown.append(_end_streams)
+    _add_routes(app.router)
+    return app
+
+
+def _add_routes(r: web.UrlDispatcher) -> None:
+    r.add_get("/", console_root)
+    r.add_get("/console/{asset:[^/]*}", console_asset)
     r.add_get("/api/v1/health", health)
     r.add_post("/api/v1/devices", add_device)
     r.add_get("/api/v1/devices", list_devices)
@@ -107,7 +131,9 @@ def admin_app(service: OtaService, token: str) -> web.Application:
     r.add_post("/api/v1/jobs/{id}/tasks/{pk}/{dn}/cancel", cancel_task)
     r.add_get("/api/v1/jobs/{id}/tasks/{pk}/{dn}/history", task_history)
     r.add_get("/api/v1/openapi.json", openapi)
-    return app
+    r.add_get("/api/v1/overview", overview)
+    r.add_post("/api/v1/tickets", issue_ticket)
+    r.add_get("/api/v1/jobs/{id}/events", job_events)
 
 
 # ------------------------------------------------------------------------------------------- views
@@ -702,3 +728,276 @@ async def task_history(request: web.Request) -> web.Response:
 
 async def openapi(_request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
+
+
+# ----------------------------------------------------------------------------------------- overview
+
+_OVERVIEW_PAGE = 10_000
+_OVERVIEW_MAX_DEVICES = 200_000
+_RECENT_JOBS = 20
+_RECENT_FAILURES = 20
+
+
+async def overview(request: web.Request) -> web.Response:
+    """The fleet at a glance for the console: devices online/offline, devices per product, module and
+    version, unfinished jobs and the newest failed tasks. Counts stop at 200,000 devices (`partial`)."""
+    service = _service(request)
+    repo = service.repo
+    now = service.clock()
+    online = total = 0
+    versions: Counter[tuple[str, str, str]] = Counter()
+    partial = False
+    offset = 0
+    while True:
+        page = await repo.list_devices(limit=_OVERVIEW_PAGE, offset=offset)
+        for d in page:
+            total += 1
+            online += d.online
+            for module, version in d.modules.items():
+                versions[d.device.product_key, module, version] += 1
+        if len(page) < _OVERVIEW_PAGE:
+            break
+        offset += _OVERVIEW_PAGE
+        if offset >= _OVERVIEW_MAX_DEVICES:
+            partial = True
+            break
+    active = [job_view(j, now) for j in await repo.jobs_in_states(JobState.RUNNING, JobState.PAUSED)]
+    failed_states = (TaskState.FAILED, TaskState.TIMED_OUT)
+    failures: list[Task] = []
+    for j in await repo.list_jobs(limit=_RECENT_JOBS):
+        if any(j.counts.get(s, 0) for s in failed_states):
+            failures.extend(await repo.tasks_of_job(j.id, failed_states))
+    failures.sort(key=lambda t: t.updated_at, reverse=True)
+    return web.json_response(
+        {
+            "devices": {"total": total, "online": online, "offline": total - online},
+            "versions": [
+                {"product_key": pk, "module": module, "version": version, "devices": n}
+                for (pk, module, version), n in sorted(versions.items())
+            ],
+            "jobs": {
+                "by_state": dict(Counter(j["state"] for j in active)),
+                "active": active,
+            },
+            "recent_failures": [task_view(t) for t in failures[:_RECENT_FAILURES]],
+            "partial": partial,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------ live job (events)
+
+TICKET_TTL_S = 60.0
+_STREAM_INTERVAL_S = 0.5
+_STREAM_KEEPALIVE_S = 15.0
+_STREAM_MAX_S = 30 * 60.0
+_STREAM_MAX = 64
+_STREAM_TASKS_MAX = 1000
+
+
+class Tickets:
+    """Short-lived tickets for the event stream: EventSource cannot send an Authorization header, and
+    the admin token must not travel in URLs (they end up in logs and history). A ticket is
+    `<expiry>.<HMAC(key, "events:<expiry>")>` with a key derived from the admin token, so it needs no
+    storage, dies with a token change, opens nothing but `GET /jobs/{id}/events`, and only within
+    `TICKET_TTL_S` seconds of its issue (an open stream outlives it; a reconnect needs a fresh one)."""
+
+    def __init__(self, token: str) -> None:
+        self._key = hmac.new(token.encode(), b"ota-broker events ticket", hashlib.sha256).digest()
+
+    def _mac(self, expiry: int) -> str:
+        return hmac.new(self._key, f"events:{expiry}".encode(), hashlib.sha256).hexdigest()
+
+    def issue(self, now: float) -> tuple[str, int]:
+        expiry = int(now + TICKET_TTL_S)
+        return f"{expiry}.{self._mac(expiry)}", expiry
+
+    def valid(self, ticket: str, now: float) -> bool:
+        expiry_text, _, mac = ticket.partition(".")
+        if not expiry_text.isdigit() or len(expiry_text) > 12:
+            return False
+        expiry = int(expiry_text)
+        return now <= expiry <= now + TICKET_TTL_S + 1 and hmac.compare_digest(
+            mac.encode(), self._mac(expiry).encode()
+        )
+
+
+@dataclass
+class Streams:
+    """The open event streams; `closing` is set when the listener shuts down so they end at once."""
+
+    open: int = 0
+    closing: asyncio.Event | None = None
+
+    def closing_event(self) -> asyncio.Event:
+        if self.closing is None:
+            self.closing = asyncio.Event()
+        return self.closing
+
+
+TICKETS = web.AppKey("tickets", Tickets)
+STREAMS = web.AppKey("streams", Streams)
+
+
+async def _end_streams(app: web.Application) -> None:
+    app[STREAMS].closing_event().set()
+
+
+def _clock(request: web.Request) -> float:
+    service: OtaService | None = request.app[SERVICE]
+    return service.clock() if service is not None else time.time()
+
+
+async def issue_ticket(request: web.Request) -> web.Response:
+    ticket, expiry = request.app[TICKETS].issue(_clock(request))
+    return web.json_response(
+        {"ticket": ticket, "expires_at": iso(expiry), "scope": "GET /api/v1/jobs/{id}/events"}, status=201
+    )
+
+
+def _job_final(job: JobRecord, now: float) -> bool:
+    state = machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=now)
+    return state is JobState.CANCELLED or (state is JobState.COMPLETED and job.type is not JobType.DYNAMIC)
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """`text/event-stream` of one job: an `event: snapshot` (the job and its tasks) whenever something
+    changed, checked every 0.5 s; a comment every 15 s keeps proxies from closing an idle stream. It
+    ends (`event: end`) when the job is final (a static or verify job completed, any job cancelled),
+    after 30 minutes (the client reconnects), when the client leaves or the listener shuts down."""
+    service = _service(request)
+    job_id = _int_path(request)
+    await service.repo.get_job(job_id)  # 404 before the stream starts
+    streams = request.app[STREAMS]
+    if streams.open >= _STREAM_MAX:
+        return _error(503, "too_many_streams", f"at most {_STREAM_MAX} event streams at a time; retry later")
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache, no-store",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    streams.open += 1
+    try:
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        await _stream_job(request, response, service, job_id, streams.closing_event())
+    except ConnectionError:
+        pass  # the client left
+    except Exception:
+        log.exception("event stream of job %s failed", job_id)
+    finally:
+        streams.open -= 1
+    return response
+
+
+async def _stream_job(
+    request: web.Request,
+    response: web.StreamResponse,
+    service: OtaService,
+    job_id: int,
+    closing: asyncio.Event,
+) -> None:
+    """Write snapshots until the job is final (then `event: end`, and the client stops), or until the
+    client leaves, the listener shuts down or the stream is 30 minutes old (no `end`: the client
+    reconnects)."""
+    started = last_write = time.monotonic()
+    last_seen: object = None
+    while not closing.is_set() and time.monotonic() - started < _STREAM_MAX_S:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        now = service.clock()
+        job = await service.repo.find_job(job_id)
+        if job is None:
+            break
+        tasks = await service.repo.tasks_of_job(job_id)
+        view = job_view(job, now)
+        seen = (
+            (view["state"], view["pause_reason"], view["counts"], view["current_phase"], job.updated_at),
+            [(t.id, t.rev) for t in tasks],
+        )
+        if seen != last_seen:
+            last_seen = seen
+            snapshot = {
+                "job": view,
+                "tasks": [task_view(t) for t in tasks[:_STREAM_TASKS_MAX]],
+                "tasks_total": len(tasks),
+                "at": iso(now),
+            }
+            await response.write(f"event: snapshot\ndata: {json.dumps(snapshot)}\n\n".encode())
+            last_write = time.monotonic()
+        elif time.monotonic() - last_write >= _STREAM_KEEPALIVE_S:
+            await response.write(b": keep-alive\n\n")
+            last_write = time.monotonic()
+        if _job_final(job, now):
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closing.wait(), _STREAM_INTERVAL_S)
+    else:
+        return
+    await response.write(b"event: end\ndata: {}\n\n")
+
+
+# ------------------------------------------------------------------------------------------ console
+
+# The operator's console is static files (plugins/ota/console/) that talk only to this API. They are
+# public: everything they show comes from API calls that need the token.
+CONSOLE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+_CONSOLE_HEADERS = {
+    "Content-Security-Policy": CONSOLE_CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",
+}
+_CONSOLE_TYPES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
+
+
+@dataclass(frozen=True)
+class Asset:
+    body: bytes
+    content_type: str
+    etag: str
+
+
+CONSOLE = web.AppKey("console", dict)
+
+
+def _console_assets() -> dict[str, Asset]:
+    folder = importlib.resources.files("plugins.ota").joinpath("console")
+    assets: dict[str, Asset] = {}
+    for name, content_type in _CONSOLE_TYPES.items():
+        try:
+            body = folder.joinpath(name).read_bytes()
+        except OSError:
+            log.warning("console file %s is missing; the console is not served", name)
+            continue
+        assets[name] = Asset(body, content_type, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
+    return assets
+
+
+async def console_root(_request: web.Request) -> web.Response:
+    raise web.HTTPFound("/console/", headers=_CONSOLE_HEADERS)
+
+
+async def console_asset(request: web.Request) -> web.Response:
+    name = request.match_info["asset"] or "index.html"
+    asset: Asset | None = request.app[CONSOLE].get(name)
+    if asset is None:
+        return web.Response(status=404, text="not found", headers=_CONSOLE_HEADERS)
+    headers = {**_CONSOLE_HEADERS, "ETag": asset.etag}
+    if request.headers.get("If-None-Match") == asset.etag:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=asset.body, content_type=asset.content_type, charset="utf-8", headers=headers)
+
+
+_PUBLIC: frozenset[Callable[..., Any]] = frozenset({health, console_root, console_asset})

@@ -40,12 +40,32 @@ _PK_DN = [
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
 _LIST = {"type": "array", "items": {}}
 
+_EVENTS: dict[str, Any] = _op("Live job: server-sent events", errors=("401", "404", "503"))
+_EVENTS["responses"]["200"]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+_EVENTS["description"] = (
+    "`event: snapshot` with `{job, tasks, tasks_total, at}` whenever the job or one of its tasks changed "
+    "(checked every 0.5 s; at most 1000 tasks listed); `event: end` when the job is final (a static or "
+    "verify job completed, any job cancelled). A comment every 15 s keeps an idle stream open; a stream "
+    "ends after 30 minutes. Authenticate with the bearer token, or (EventSource cannot send headers) with "
+    "`?ticket=` from POST /tickets."
+)
+_EVENTS["security"] = [{"bearer": []}, {"ticket": []}]
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "ota-broker management API", "version": "1"},
     "servers": [{"url": "/api/v1"}],
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "ticket": {
+                "type": "apiKey",
+                "in": "query",
+                "name": "ticket",
+                "description": "From POST /tickets; valid 60 s, only for GET /jobs/{id}/events (EventSource "
+                "cannot send headers)",
+            },
+        },
         "schemas": {
             "Error": {
                 "type": "object",
@@ -123,6 +143,48 @@ OPENAPI: dict[str, Any] = {
                     "throughput_per_minute": {"type": "number"},
                 },
             },
+            "Overview": {
+                "type": "object",
+                "properties": {
+                    "devices": {
+                        "type": "object",
+                        "properties": {
+                            "total": {"type": "integer"},
+                            "online": {"type": "integer"},
+                            "offline": {"type": "integer"},
+                        },
+                    },
+                    "versions": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "product_key": {"type": "string"},
+                                "module": {"type": "string"},
+                                "version": {"type": "string"},
+                                "devices": {"type": "integer"},
+                            },
+                        },
+                    },
+                    "jobs": {
+                        "type": "object",
+                        "properties": {
+                            "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
+                            "active": {"type": "array", "items": _ref("Job")},
+                        },
+                    },
+                    "recent_failures": {"type": "array", "items": _ref("Task")},
+                    "partial": {"type": "boolean", "description": "counted only the first 200,000 devices"},
+                },
+            },
+            "Ticket": {
+                "type": "object",
+                "properties": {
+                    "ticket": {"type": "string"},
+                    "expires_at": {"type": "string", "format": "date-time"},
+                    "scope": {"type": "string"},
+                },
+            },
             "Task": {
                 "type": "object",
                 "properties": {
@@ -140,6 +202,10 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/health": {"get": {**_op("Liveness", errors=()), "security": []}},
         "/openapi.json": {"get": _op("This document", errors=("401",))},
+        "/overview": {"get": _op("The fleet at a glance", answer=_ref("Overview"), errors=("401",))},
+        "/tickets": {
+            "post": _op("A 60-second ticket for the event stream", "201", _ref("Ticket"), errors=("401",))
+        },
         "/devices": {
             "post": _op("Register a device", "201", _ref("Device"), _json(_ref("Device"))),
             "get": _op("List devices", answer={"type": "array", "items": _ref("Device")}),
@@ -178,6 +244,7 @@ OPENAPI: dict[str, Any] = {
             "get": _op("List jobs", answer={"type": "array", "items": _ref("Job")}),
         },
         "/jobs/{id}": {"parameters": _ID, "get": _op("One job", answer=_ref("Job"))},
+        "/jobs/{id}/events": {"parameters": _ID, "get": _EVENTS},
         "/jobs/{id}/tasks": {
             "parameters": _ID,
             "get": _op("The job's tasks", answer={"type": "array", "items": _ref("Task")}),

@@ -1,0 +1,963 @@
+// The operator's console of ota-broker: a client of the management API (/api/v1) and nothing else.
+// No framework and no build step. Pages are routed by the location hash (#/jobs/3); every text that
+// comes from the API is inserted as text (never as HTML), because device names and task
+// descriptions come from devices. The admin token lives in sessionStorage only.
+'use strict';
+
+const API = '/api/v1';
+const TOKEN_KEY = 'ota-broker.token';
+const TERMINAL = new Set(['succeeded', 'failed', 'timed_out', 'cancelled', 'skipped']);
+const UNFINISHED = new Set(['confirm', 'queued', 'notified', 'in_progress']);
+const TASK_STATES = ['confirm', 'queued', 'notified', 'in_progress', 'succeeded', 'failed',
+  'timed_out', 'cancelled', 'skipped'];
+
+// ------------------------------------------------------------------------------------------ DOM
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  setAttrs(el, attrs);
+  add(el, children);
+  return el;
+}
+
+function svg(tag, attrs) {
+  const el = document.createElementNS('http://www.w3.org/2000/svg', tag);
+  setAttrs(el, attrs);
+  return el;
+}
+
+function setAttrs(el, attrs) {
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key.startsWith('on')) el.addEventListener(key.slice(2), value);
+    else if (key === 'class') el.setAttribute('class', value);
+    else el.setAttribute(key, value === true ? '' : String(value));
+  }
+}
+
+function add(el, children) {
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : String(child));
+  }
+}
+
+// Replaces an element's children; like h(), it flattens lists and drops null, undefined and false.
+function fill(el, ...children) {
+  el.replaceChildren();
+  add(el, children);
+  return el;
+}
+
+const $ = (selector, root = document) => root.querySelector(selector);
+
+function time(iso) {
+  if (!iso) return '—';
+  return h('time', { datetime: iso }, new Date(iso).toLocaleString());
+}
+
+function bytes(n) {
+  if (n < 1024) return `${n} B`;
+  const units = ['KiB', 'MiB', 'GiB'];
+  let value = n / 1024;
+  let i = 0;
+  while (value >= 1024 && i < units.length - 1) { value /= 1024; i += 1; }
+  return `${value.toFixed(1)} ${units[i]}`;
+}
+
+function deviceLink(ref) {
+  const [pk, ...rest] = ref.split('/');
+  const dn = rest.join('/');
+  return h('a', { href: `#/devices/${encodeURIComponent(pk)}/${encodeURIComponent(dn)}` }, ref);
+}
+
+function stateBadge(state) {
+  return h('span', { class: `badge state-${state}` }, state.replace('_', ' '));
+}
+
+let sayTimer = null;
+
+function say(text) {
+  const status = $('#status');
+  status.textContent = '';
+  window.clearTimeout(sayTimer);
+  // Set after a tick, so that screen readers announce the same message twice in a row too.
+  window.setTimeout(() => { status.textContent = text; }, 50);
+  sayTimer = window.setTimeout(() => { status.textContent = ''; }, 8000);
+}
+
+function errorText(error) {
+  if (error instanceof ApiError) return `${error.message} (HTTP ${error.status})`;
+  return String(error.message || error);
+}
+
+function table(caption, headers, rows, attrs) {
+  return h('table', attrs,
+    h('caption', {}, caption),
+    h('thead', {}, h('tr', {}, headers.map((text) => h('th', { scope: 'col' }, text)))),
+    h('tbody', {}, rows));
+}
+
+// ------------------------------------------------------------------------------------------ API
+
+class ApiError extends Error {
+  constructor(status, doc) {
+    super((doc && doc.message) || `request failed with HTTP ${status}`);
+    this.status = status;
+    this.code = doc && doc.error;
+  }
+}
+
+class SignedOut extends Error {}
+
+const token = () => sessionStorage.getItem(TOKEN_KEY);
+
+async function api(method, path, body) {
+  const headers = { Authorization: `Bearer ${token()}` };
+  const init = { method, headers };
+  if (body !== undefined) {
+    headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(API + path, init);
+  if (response.status === 401) throw signOut('The token was not accepted any more; sign in again.');
+  const text = await response.text();
+  let doc = null;
+  if (text && (response.headers.get('Content-Type') || '').includes('json')) doc = JSON.parse(text);
+  if (!response.ok) throw new ApiError(response.status, doc);
+  return doc === null ? text : doc;
+}
+
+// Multipart upload with progress events (fetch has no upload progress).
+function upload(form, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open('POST', `${API}/firmware`);
+    xhr.setRequestHeader('Authorization', `Bearer ${token()}`);
+    xhr.responseType = 'json';
+    xhr.upload.addEventListener('progress', (event) => {
+      if (event.lengthComputable) onProgress(event.loaded, event.total);
+    });
+    xhr.addEventListener('load', () => {
+      if (xhr.status === 401) reject(signOut('The token was not accepted any more; sign in again.'));
+      else if (xhr.status === 201) resolve(xhr.response);
+      else reject(new ApiError(xhr.status, xhr.response));
+    });
+    xhr.addEventListener('error', () => reject(new Error('the upload failed (network error)')));
+    xhr.addEventListener('abort', () => reject(new Error('the upload was cancelled')));
+    xhr.send(form);
+  });
+}
+
+// A job's server-sent events. EventSource cannot send an Authorization header, so each connection
+// first gets a 60-second ticket (POST /tickets) and passes it as ?ticket=. On an error the source is
+// closed and reopened with a fresh ticket after a growing delay (1 s .. 30 s); `end` means the job is
+// final and nothing more will come.
+function liveJob(jobId, onSnapshot, onState) {
+  let source = null;
+  let timer = null;
+  let stopped = false;
+  let delay = 1000;
+
+  function close() {
+    if (source) { source.close(); source = null; }
+  }
+  function later() {
+    if (stopped) return;
+    timer = window.setTimeout(open, delay);
+    delay = Math.min(delay * 2, 30000);
+  }
+  async function open() {
+    if (stopped) return;
+    let ticket;
+    try {
+      ticket = (await api('POST', '/tickets')).ticket;
+    } catch (error) {
+      if (!(error instanceof SignedOut)) { onState('reconnecting'); later(); }
+      return;
+    }
+    if (stopped) return;
+    source = new EventSource(`${API}/jobs/${jobId}/events?ticket=${encodeURIComponent(ticket)}`);
+    source.addEventListener('open', () => { delay = 1000; onState('live'); });
+    source.addEventListener('snapshot', (event) => onSnapshot(JSON.parse(event.data)));
+    source.addEventListener('end', () => { close(); onState('final'); });
+    source.addEventListener('error', () => { close(); onState('reconnecting'); later(); });
+  }
+  open();
+  return () => { stopped = true; window.clearTimeout(timer); close(); };
+}
+
+// --------------------------------------------------------------------------------------- sign-in
+
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  stopPage();
+  showSignIn(message);
+  return new SignedOut(message);
+}
+
+function showSignIn(message) {
+  $('#nav').hidden = true;
+  $('#sign-out').hidden = true;
+  document.title = 'Sign in · ota-broker';
+  const error = h('p', { id: 'signin-error', class: 'error', role: 'alert' }, message || '');
+  const input = h('input', {
+    id: 'token', name: 'token', type: 'password', required: true, autocomplete: 'current-password',
+    'aria-describedby': 'token-help signin-error', spellcheck: 'false',
+  });
+  const form = h('form', { class: 'card narrow', novalidate: true },
+    h('h1', {}, 'Sign in'),
+    h('p', { id: 'token-help' }, 'Enter the admin token: the broker generates it into ',
+      h('code', {}, 'data/admin.token'), ' unless ', h('code', {}, 'admin_token'), ' is configured. ',
+      'It is kept for this browser tab only.'),
+    h('label', { for: 'token' }, 'Admin token'),
+    input,
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Sign in')),
+    error);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    const given = input.value.trim();
+    if (!given) { error.textContent = 'Enter the token.'; input.focus(); return; }
+    error.textContent = '';
+    try {
+      const response = await fetch(`${API}/overview`, { headers: { Authorization: `Bearer ${given}` } });
+      if (response.status === 401) {
+        error.textContent = 'Wrong token: the broker did not accept it.';
+        input.select();
+        input.focus();
+        return;
+      }
+      if (!response.ok) throw new Error(`the broker answered HTTP ${response.status}`);
+    } catch (failure) {
+      error.textContent = `Could not reach the broker: ${errorText(failure)}`;
+      return;
+    }
+    sessionStorage.setItem(TOKEN_KEY, given);
+    route(true); // the page the hash names, or the overview
+  });
+  fill($('#main'), form);
+  input.focus();
+}
+
+// ---------------------------------------------------------------------------------------- router
+
+let cleanup = null;
+let generation = 0;
+
+function stopPage() {
+  generation += 1;
+  if (cleanup) { cleanup(); cleanup = null; }
+}
+
+const ROUTES = [
+  [/^overview$/, overviewPage, 'Overview'],
+  [/^firmware$/, firmwarePage, 'Firmware'],
+  [/^jobs$/, jobsPage, 'Jobs'],
+  [/^jobs\/new$/, newJobPage, 'New job'],
+  [/^jobs\/(\d+)$/, jobPage, 'Job'],
+  [/^devices$/, devicesPage, 'Devices'],
+  [/^devices\/([^/]+)\/([^/]+)$/, devicePage, 'Device'],
+];
+
+function parseHash() {
+  const raw = location.hash.startsWith('#/') ? location.hash.slice(2) : 'overview';
+  const [path, query] = raw.split('?');
+  return { path: path || 'overview', query: new URLSearchParams(query || '') };
+}
+
+async function route(focus) {
+  stopPage();
+  if (!token()) { showSignIn(); return; }
+  $('#nav').hidden = false;
+  $('#sign-out').hidden = false;
+  const { path, query } = parseHash();
+  let found = ROUTES.find(([pattern]) => pattern.test(path));
+  if (!found) found = ROUTES[0];
+  const [pattern, page, title] = found;
+  const params = path.match(pattern).slice(1).map(decodeURIComponent);
+  const section = path.split('/')[0];
+  for (const link of document.querySelectorAll('#nav a')) {
+    if (link.getAttribute('href') === `#/${section}`) link.setAttribute('aria-current', 'page');
+    else link.removeAttribute('aria-current');
+  }
+  document.title = `${title} · ota-broker`;
+  const main = $('#main');
+  const mine = generation;
+  fill(main, h('p', { class: 'muted' }, 'Loading…'));
+  const alive = () => mine === generation;
+  try {
+    const stop = await page(main, params, query, alive);
+    if (alive()) cleanup = stop || null;
+    else if (stop) stop();
+  } catch (error) {
+    if (error instanceof SignedOut || !alive()) return;
+    fill(main, h('h1', {}, title), h('p', { class: 'error', role: 'alert' }, errorText(error)));
+  }
+  if (focus && alive()) main.focus();
+}
+
+// -------------------------------------------------------------------------------------- overview
+
+async function overviewPage(main, _params, _query, alive) {
+  const data = await api('GET', '/overview');
+  if (!alive()) return;
+  const { devices, versions, jobs } = data;
+  const stat = (label, value, cls) => h('div', { class: `stat ${cls || ''}` },
+    h('dt', {}, label), h('dd', {}, String(value)));
+  const groups = new Map();
+  for (const v of versions) {
+    const key = `${v.product_key} / ${v.module}`;
+    if (!groups.has(key)) groups.set(key, []);
+    groups.get(key).push(v);
+  }
+  const charts = [...groups].map(([key, rows]) => versionChart(key, rows));
+  const active = jobs.active.map((job) => h('tr', {},
+    h('td', {}, h('a', { href: `#/jobs/${job.id}` }, `#${job.id}`)),
+    h('td', {}, job.type),
+    h('td', {}, stateBadge(job.state)),
+    h('td', {}, `${job.counts.succeeded} of ${job.total - job.counts.skipped}`)));
+  const failures = data.recent_failures.map((t) => h('tr', {},
+    h('td', {}, h('a', { href: `#/jobs/${t.job_id}` }, `#${t.job_id}`)),
+    h('td', {}, deviceLink(t.device)),
+    h('td', {}, stateBadge(t.state)),
+    h('td', { class: 'reason' }, t.desc || '—'),
+    h('td', {}, time(t.updated_at))));
+  const refresh = h('button', { type: 'button', class: 'quiet' }, 'Refresh');
+  refresh.addEventListener('click', () => route(false));
+  fill(main,
+    h('div', { class: 'title-row' }, h('h1', {}, 'Overview'), refresh),
+    h('section', { 'aria-labelledby': 'fleet-h' },
+      h('h2', { id: 'fleet-h' }, 'Fleet'),
+      h('dl', { class: 'stats' },
+        stat('Devices online', devices.online, 'good'),
+        stat('Devices offline', devices.offline),
+        stat('Devices in all', devices.total),
+        stat('Jobs running', jobs.by_state.running || 0),
+        stat('Jobs paused', jobs.by_state.paused || 0),
+        stat('Jobs scheduled', jobs.by_state.scheduled || 0)),
+      data.partial ? h('p', { class: 'muted' }, 'Counted the first 200,000 devices only.') : null),
+    h('section', { 'aria-labelledby': 'versions-h' },
+      h('h2', { id: 'versions-h' }, 'Versions per product and module'),
+      charts.length ? h('div', { class: 'charts' }, charts)
+        : h('p', { class: 'muted' }, 'No device has reported a version yet.')),
+    h('section', { 'aria-labelledby': 'active-h' },
+      h('h2', { id: 'active-h' }, 'Jobs running'),
+      active.length ? table('Unfinished jobs', ['Job', 'Type', 'State', 'Succeeded'], active)
+        : h('p', { class: 'muted' }, 'No job is running.')),
+    h('section', { 'aria-labelledby': 'failures-h' },
+      h('h2', { id: 'failures-h' }, 'Recent failures'),
+      failures.length ? table('Newest failed or timed-out tasks',
+        ['Job', 'Device', 'State', 'Reason', 'When'], failures)
+        : h('p', { class: 'muted' }, 'No recent failures.')));
+}
+
+function versionChart(title, rows) {
+  const most = Math.max(...rows.map((r) => r.devices));
+  const width = 240;
+  const body = rows.map((r) => {
+    const bar = svg('svg', { width, height: 16, 'aria-hidden': 'true', focusable: 'false', class: 'bar' });
+    bar.append(svg('rect', { x: 0, y: 2, height: 12, width: Math.max(2, Math.round((r.devices / most) * width)) }));
+    return h('tr', {},
+      h('th', { scope: 'row' }, r.version),
+      h('td', { class: 'num' }, String(r.devices)),
+      h('td', {}, bar));
+  });
+  return h('figure', { class: 'chart' },
+    table(title, ['Version', 'Devices', 'Share'], body, { class: 'chart-table' }));
+}
+
+// -------------------------------------------------------------------------------------- firmware
+
+async function firmwarePage(main, _params, _query, alive) {
+  const list = await api('GET', '/firmware');
+  if (!alive()) return;
+  const field = (id, label, input, help) => h('div', { class: 'field' },
+    h('label', { for: id }, label), input, help ? h('small', { id: `${id}-help` }, help) : null);
+  const progress = h('progress', { id: 'upload-progress', max: 100, value: 0, 'aria-label': 'Upload progress' });
+  const progressText = h('span', { id: 'upload-percent' }, '');
+  const error = h('p', { class: 'error', role: 'alert' });
+  const result = h('div', { id: 'upload-result' });
+  const form = h('form', { class: 'card', id: 'upload-form' },
+    h('h2', {}, 'Upload firmware'),
+    h('div', { class: 'grid' },
+      field('fw-file', 'Firmware file', h('input', { id: 'fw-file', name: 'file', type: 'file', required: true })),
+      field('fw-product', 'Product key', h('input', { id: 'fw-product', name: 'product_key', required: true, maxlength: 64 })),
+      field('fw-version', 'Version', h('input', { id: 'fw-version', name: 'version', required: true, maxlength: 64 })),
+      field('fw-module', 'Module', h('input', { id: 'fw-module', name: 'module', placeholder: 'default', 'aria-describedby': 'fw-module-help' }), 'Empty: the default module.'),
+      field('fw-sign', 'Sign method', h('select', { id: 'fw-sign', name: 'sign_method' },
+        h('option', { value: 'Md5' }, 'Md5'), h('option', { value: 'SHA256' }, 'SHA256'))),
+      field('fw-src', 'Source version (differential)', h('input', { id: 'fw-src', name: 'src_version', 'aria-describedby': 'fw-src-help' }), 'Only for a differential package.'),
+      field('fw-desc', 'Description', h('input', { id: 'fw-desc', name: 'description', maxlength: 1000 }))),
+    h('div', { class: 'check' },
+      h('input', { id: 'fw-verify', name: 'verify', type: 'checkbox', value: 'true' }),
+      h('label', { for: 'fw-verify' }, 'Needs verification: batch jobs wait for a passed verify job')),
+    h('div', { class: 'actions' },
+      h('button', { type: 'submit' }, 'Upload'), progress, progressText),
+    error, result);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    if (!form.reportValidity()) return;
+    error.textContent = '';
+    fill(result);
+    const data = new FormData();
+    for (const [name, value] of new FormData(form)) {
+      if (name !== 'file' && value !== '') data.append(name, value);
+    }
+    const file = $('#fw-file').files[0];
+    data.append('file', file, file.name); // the file last: the other fields are read first
+    const button = $('button[type=submit]', form);
+    button.disabled = true;
+    try {
+      const fw = await upload(data, (loaded, total) => {
+        const percent = Math.floor((loaded / total) * 100);
+        progress.value = percent;
+        progressText.textContent = `${percent} %`;
+      });
+      progress.value = 100;
+      progressText.textContent = '100 %';
+      say(`Firmware ${fw.id} uploaded.`);
+      fill(result, firmwareDetails(fw, 'Uploaded'));
+      if (alive()) await renderFirmwareList(main, await api('GET', '/firmware'));
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = `Upload failed: ${errorText(failure)}`;
+    } finally {
+      button.disabled = false;
+    }
+  });
+  fill(main, h('h1', {}, 'Firmware'), form, h('section', { id: 'firmware-list', 'aria-labelledby': 'fwlist-h' }));
+  await renderFirmwareList(main, list);
+}
+
+function firmwareDetails(fw, heading) {
+  return h('section', { class: 'card', 'aria-label': `${heading} firmware ${fw.id}` },
+    h('h3', {}, `${heading}: firmware #${fw.id}`),
+    h('dl', { class: 'pairs' },
+      h('dt', {}, 'Product / module'), h('dd', {}, `${fw.product_key} / ${fw.module}`),
+      h('dt', {}, 'Version'), h('dd', {}, fw.version),
+      h('dt', {}, 'Size'), h('dd', {}, `${bytes(fw.size)} (${fw.size} bytes)`),
+      h('dt', {}, 'MD5'), h('dd', {}, h('code', { class: 'hash' }, fw.md5)),
+      h('dt', {}, 'SHA-256'), h('dd', {}, h('code', { class: 'hash' }, fw.sha256)),
+      h('dt', {}, `Sign (${fw.sign_method})`), h('dd', {}, h('code', { class: 'hash' }, fw.sign)),
+      h('dt', {}, 'Status'), h('dd', {}, statusText(fw.status))));
+}
+
+function statusText(status) {
+  const words = {
+    no_verify_needed: 'no verification needed', unverified: 'not verified', verifying: 'verifying',
+    verified: 'verified', verify_failed: 'verification failed',
+  };
+  return h('span', { class: `badge fw-${status}` }, words[status] || status);
+}
+
+async function renderFirmwareList(main, list) {
+  const section = $('#firmware-list', main);
+  if (!section) return;
+  const rows = list.map((fw) => {
+    const remove = h('button', { type: 'button', class: 'danger', 'aria-label': `Delete firmware ${fw.id}` }, 'Delete');
+    remove.addEventListener('click', async () => {
+      if (!window.confirm(`Delete firmware #${fw.id} (${fw.product_key} ${fw.module} ${fw.version})?`)) return;
+      try {
+        await api('DELETE', `/firmware/${fw.id}`);
+        say(`Firmware ${fw.id} deleted.`);
+        await renderFirmwareList(main, await api('GET', '/firmware'));
+      } catch (failure) {
+        if (!(failure instanceof SignedOut)) say(`Could not delete firmware ${fw.id}: ${errorText(failure)}`);
+      }
+    });
+    return h('tr', {},
+      h('td', {}, `#${fw.id}`),
+      h('td', {}, fw.product_key),
+      h('td', {}, fw.module),
+      h('td', {}, fw.version, fw.src_version ? ` (from ${fw.src_version})` : ''),
+      h('td', { class: 'num' }, bytes(fw.size)),
+      h('td', {}, h('code', { class: 'hash', title: `MD5 ${fw.md5}` }, fw.md5), h('br'),
+        h('code', { class: 'hash', title: `SHA-256 ${fw.sha256}` }, fw.sha256)),
+      h('td', {}, statusText(fw.status)),
+      h('td', { class: 'row-actions' },
+        h('a', { href: `#/jobs/new?firmware=${fw.id}&type=verify`, 'aria-label': `Verify firmware ${fw.id}` }, 'Verify'),
+        h('a', { href: `#/jobs/new?firmware=${fw.id}`, 'aria-label': `New job for firmware ${fw.id}` }, 'New job'),
+        remove));
+  });
+  fill(section, h('h2', { id: 'fwlist-h' }, 'Stored firmware'),
+    rows.length ? table('All firmware, newest last',
+      ['Id', 'Product', 'Module', 'Version', 'Size', 'MD5 / SHA-256', 'Status', 'Actions'], rows)
+      : h('p', { class: 'muted' }, 'No firmware yet.'));
+}
+
+// ------------------------------------------------------------------------------------------ jobs
+
+function done(job) {
+  const total = job.total - (job.counts.skipped || 0);
+  const finished = TASK_STATES.filter((s) => TERMINAL.has(s) && s !== 'skipped')
+    .reduce((sum, s) => sum + (job.counts[s] || 0), 0);
+  return { total, finished, percent: total ? Math.floor((finished / total) * 100) : 0 };
+}
+
+async function jobsPage(main, _params, _query, alive) {
+  const jobs = await api('GET', '/jobs');
+  if (!alive()) return;
+  const rows = jobs.map((job) => {
+    const d = done(job);
+    return h('tr', {},
+      h('td', {}, h('a', { href: `#/jobs/${job.id}` }, `Job #${job.id}`)),
+      h('td', {}, job.type),
+      h('td', {}, `#${job.firmware_id}`),
+      h('td', {}, stateBadge(job.state)),
+      h('td', {}, h('progress', { max: 100, value: d.percent, 'aria-label': `Job ${job.id} finished` }),
+        ` ${d.finished} of ${d.total}`),
+      h('td', {}, job.success_rate === null ? '—' : `${Math.round(job.success_rate * 100)} %`),
+      h('td', {}, time(job.created_at)));
+  });
+  fill(main,
+    h('div', { class: 'title-row' }, h('h1', {}, 'Jobs'), h('a', { href: '#/jobs/new', class: 'button' }, 'New job')),
+    rows.length ? table('Jobs, newest first',
+      ['Job', 'Type', 'Firmware', 'State', 'Finished', 'Success rate', 'Created'], rows)
+      : h('p', { class: 'muted' }, 'No jobs yet.'));
+}
+
+async function newJobPage(main, _params, query, alive) {
+  const firmware = await api('GET', '/firmware');
+  if (!alive()) return;
+  const id = (name) => `job-${name}`;
+  const help = (name, text) => h('small', { id: `${id(name)}-help` }, text);
+  const input = (name, attrs) => h('input', { id: id(name), name, 'aria-describedby': `${id(name)}-help`, ...attrs });
+  const field = (name, label, control, helpText) => {
+    if (!helpText) control.removeAttribute('aria-describedby');
+    return h('div', { class: 'field' }, h('label', { for: id(name) }, label), control,
+      helpText ? help(name, helpText) : null);
+  };
+  const check = (name, label) => h('div', { class: 'check' },
+    h('input', { id: id(name), name, type: 'checkbox' }), h('label', { for: id(name) }, label));
+  const chosen = query.get('firmware');
+  const fwSelect = h('select', { id: id('firmware'), name: 'firmware_id', required: true },
+    firmware.map((fw) => h('option', { value: fw.id, selected: String(fw.id) === chosen },
+      `#${fw.id} ${fw.product_key} / ${fw.module} ${fw.version} (${fw.status.replace(/_/g, ' ')})`)));
+  const typeSelect = h('select', { id: id('type'), name: 'type', 'aria-describedby': `${id('type')}-help` },
+    ['static', 'dynamic', 'verify'].map((t) => h('option', { value: t, selected: t === (query.get('type') || 'static') }, t)));
+  const error = h('p', { class: 'error', role: 'alert', id: 'job-error' });
+  const form = h('form', { class: 'card', id: 'job-form' },
+    h('fieldset', {}, h('legend', {}, 'What'),
+      h('div', { class: 'grid' },
+        field('firmware', 'Firmware', fwSelect),
+        field('type', 'Type', typeSelect,
+          'static: the devices matching now; dynamic: also devices that report a matching version later, until cancelled; verify: 1–10 listed devices, all must succeed.'))),
+    h('fieldset', {}, h('legend', {}, 'Targets'),
+      h('div', { class: 'grid' },
+        field('devices', 'Devices', h('textarea', { id: id('devices'), name: 'devices', rows: 4, 'aria-describedby': `${id('devices')}-help`, spellcheck: 'false' }),
+          'One product_key/device_name per line (or separated by commas). Empty: every device of the firmware’s product.'),
+        field('src_versions', 'Only from versions', input('src_versions', {}), 'Comma-separated, e.g. 1.0.0, 1.0.1. Empty: any version.'),
+        field('gray_percent', 'Gray release (% of matched devices)', input('gray_percent', { type: 'number', min: 0.01, max: 100, step: 'any' }), 'A deterministic sample. Empty: all of them.'))),
+    h('fieldset', {}, h('legend', {}, 'When and how fast'),
+      h('div', { class: 'grid' },
+        field('schedule_at', 'Start at', input('schedule_at', { type: 'datetime-local' }), 'Your local time. Empty: now.'),
+        field('end_at', 'End at', input('end_at', { type: 'datetime-local' }), 'Unfinished tasks are cancelled then.'),
+        field('rate_per_minute', 'Notices per minute', input('rate_per_minute', { type: 'number', min: 1, max: 100000, step: 1 }), 'Empty: no limit.'),
+        field('timeout_minutes', 'Timeout (minutes)', input('timeout_minutes', { type: 'number', min: 0.001, step: 'any' }), 'No success that long after the first progress report: timed out.'),
+        field('retry_count', 'Retries', input('retry_count', { type: 'number', min: 0, max: 10, step: 1 }), 'A failed task is notified again, up to this many times.'),
+        field('retry_interval_minutes', 'Retry after (minutes)', input('retry_interval_minutes', { type: 'number', min: 0, max: 1440, step: 'any' }), ''))),
+    h('fieldset', {}, h('legend', {}, 'Phased rollout'),
+      h('div', { class: 'grid' },
+        field('phases', 'Phases (% of devices)', input('phases', { placeholder: '10, 30, 60' }), 'Comma-separated, adding up to 100. Empty: one phase.'),
+        field('success_threshold', 'Next phase at success (%)', input('success_threshold', { type: 'number', min: 0, max: 100, step: 'any' }), 'Default 100.'),
+        field('error_threshold_count', 'Pause after failures (count)', input('error_threshold_count', { type: 'number', min: 1, step: 1 }), ''),
+        field('error_threshold_percent', 'Pause after failures (%)', input('error_threshold_percent', { type: 'number', min: 0.01, max: 100, step: 'any' }), ''))),
+    h('fieldset', {}, h('legend', {}, 'Options'),
+      check('overwrite', 'Overwrite: cancel devices’ tasks in other unfinished jobs instead of skipping them'),
+      check('force', 'Force: run firmware that has not passed verification'),
+      check('need_confirm', 'Tasks wait for confirmation before notices are sent'),
+      field('tags', 'Tags', h('textarea', { id: id('tags'), name: 'tags', rows: 2, 'aria-describedby': `${id('tags')}-help`, spellcheck: 'false' }),
+        'Up to 10 key=value lines, delivered in the notice’s extData.')),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Start job')),
+    error);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    error.textContent = '';
+    let spec;
+    try {
+      spec = jobSpec(new FormData(form));
+    } catch (failure) {
+      error.textContent = failure.message;
+      return;
+    }
+    try {
+      const job = await api('POST', '/jobs', spec);
+      say(`Job ${job.id} started.`);
+      location.hash = `#/jobs/${job.id}`;
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = `The job was not created: ${errorText(failure)}`;
+    }
+  });
+  fill(main, h('h1', {}, 'New job'),
+    firmware.length ? form : h('p', {}, 'Upload firmware first: ', h('a', { href: '#/firmware' }, 'Firmware'), '.'));
+}
+
+function optionText(value) {
+  if (Array.isArray(value)) return value.join(', ');
+  if (value && typeof value === 'object') {
+    return Object.entries(value).filter(([, v]) => v !== null)
+      .map(([k, v]) => `${k}=${Array.isArray(v) ? v.join('/') : v}`).join(', ');
+  }
+  return String(value);
+}
+
+function jobSpec(form) {
+  const text = (name) => (form.get(name) || '').trim();
+  const number = (name) => {
+    const value = text(name);
+    if (value === '') return undefined;
+    const parsed = Number(value);
+    if (!Number.isFinite(parsed)) throw new Error(`${name}: must be a number`);
+    return parsed;
+  };
+  const list = (name) => text(name).split(/[\s,]+/).filter(Boolean);
+  const when = (name) => {
+    const value = text(name);
+    if (!value) return undefined;
+    const date = new Date(value);
+    if (Number.isNaN(date.getTime())) throw new Error(`${name}: not a valid time`);
+    return date.toISOString();
+  };
+  const spec = { firmware_id: Number(text('firmware_id')), type: text('type') || 'static' };
+  const devices = list('devices');
+  if (devices.length) spec.devices = devices;
+  const srcVersions = list('src_versions');
+  if (srcVersions.length) spec.src_versions = srcVersions;
+  for (const name of ['gray_percent', 'rate_per_minute', 'timeout_minutes', 'retry_count', 'retry_interval_minutes']) {
+    const value = number(name);
+    if (value !== undefined) spec[name] = value;
+  }
+  for (const name of ['schedule_at', 'end_at']) {
+    const value = when(name);
+    if (value !== undefined) spec[name] = value;
+  }
+  for (const name of ['overwrite', 'force', 'need_confirm']) {
+    if (form.get(name)) spec[name] = true;
+  }
+  const phases = list('phases').map(Number);
+  if (phases.length) {
+    if (phases.some((p) => !Number.isFinite(p))) throw new Error('phases: must be numbers such as 10, 30, 60');
+    spec.rollout = { phases };
+    for (const name of ['success_threshold', 'error_threshold_count', 'error_threshold_percent']) {
+      const value = number(name);
+      if (value !== undefined) spec.rollout[name] = value;
+    }
+  } else if (['success_threshold', 'error_threshold_count', 'error_threshold_percent'].some((n) => text(n))) {
+    throw new Error('phases: give the phases (e.g. 100) to use thresholds');
+  }
+  const tags = {};
+  for (const line of text('tags').split('\n').map((l) => l.trim()).filter(Boolean)) {
+    const at = line.indexOf('=');
+    if (at < 1) throw new Error(`tags: "${line}" is not key=value`);
+    tags[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+  }
+  if (Object.keys(tags).length) spec.tags = tags;
+  return spec;
+}
+
+async function jobPage(main, [jobId], _query, alive) {
+  const first = await api('GET', `/jobs/${jobId}`);
+  if (!alive()) return undefined;
+  const liveState = h('span', { id: 'live-state', class: 'live' }, 'connecting…');
+  const overall = h('progress', { id: 'job-progress', max: 100, value: 0, 'aria-labelledby': 'job-progress-label' });
+  const overallText = h('span', { id: 'job-percent' });
+  const summary = h('dl', { class: 'pairs', id: 'job-summary' });
+  const counts = h('dl', { class: 'stats', id: 'job-counts' });
+  const error = h('p', { class: 'error', role: 'alert' });
+  const tbody = h('tbody');
+  const note = h('p', { class: 'muted' });
+  const rows = new Map();
+  let latest = first;
+  let stopLive = null;
+
+  const button = (label, action, confirmText) => {
+    const b = h('button', { type: 'button' }, label);
+    b.addEventListener('click', async () => {
+      if (confirmText && !window.confirm(confirmText)) return;
+      error.textContent = '';
+      try {
+        const job = await api('POST', `/jobs/${jobId}/${action}`);
+        say(`Job ${jobId}: ${label.toLowerCase()} done.`);
+        renderJob(job);
+        startLive(); // the job may run again (re-run, resume)
+      } catch (failure) {
+        if (!(failure instanceof SignedOut)) error.textContent = `${label}: ${errorText(failure)}`;
+      }
+    });
+    return b;
+  };
+  const buttons = {
+    pause: button('Pause', 'pause'),
+    resume: button('Resume', 'resume'),
+    confirm: button('Confirm waiting', 'confirm'),
+    rerun: button('Re-run failed', 'rerun'),
+    cancel: button('Cancel job', 'cancel', `Cancel every unfinished task of job #${jobId}?`),
+  };
+  const report = h('button', { type: 'button', class: 'quiet' }, 'Download CSV report');
+  report.addEventListener('click', async () => {
+    try {
+      const csv = await api('GET', `/jobs/${jobId}/report.csv`);
+      const link = h('a', { href: URL.createObjectURL(new Blob([csv], { type: 'text/csv' })), download: `job-${jobId}.csv` });
+      link.click();
+      window.setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = `Report: ${errorText(failure)}`;
+    }
+  });
+
+  function renderJob(job) {
+    latest = job;
+    const d = done(job);
+    overall.value = d.percent;
+    overallText.textContent = `${d.percent} % (${d.finished} of ${d.total} finished)`;
+    const opts = Object.entries(job.options || {}).filter(([, v]) => !(Array.isArray(v) && !v.length)
+      && !(v && typeof v === 'object' && !Array.isArray(v) && !Object.keys(v).length));
+    fill(summary,
+      h('dt', {}, 'State'), h('dd', { id: 'job-state' }, stateBadge(job.state),
+        job.pause_reason ? ` — ${job.pause_reason}` : ''),
+      h('dt', {}, 'Type'), h('dd', {}, job.type),
+      h('dt', {}, 'Firmware'), h('dd', {}, `#${job.firmware_id}`),
+      h('dt', {}, 'Phase'), h('dd', {}, String(job.current_phase)),
+      h('dt', {}, 'Success rate'), h('dd', {}, job.success_rate === null ? '—' : `${Math.round(job.success_rate * 100)} %`),
+      h('dt', {}, 'Throughput'), h('dd', {}, `${job.throughput_per_minute} per minute`),
+      h('dt', {}, 'Created'), h('dd', {}, time(job.created_at)),
+      job.schedule_at ? [h('dt', {}, 'Starts'), h('dd', {}, time(job.schedule_at))] : null,
+      job.end_at ? [h('dt', {}, 'Ends'), h('dd', {}, time(job.end_at))] : null,
+      opts.length ? [h('dt', {}, 'Options'), h('dd', {}, h('ul', { class: 'plain' },
+        opts.map(([k, v]) => h('li', {}, `${k}: ${optionText(v)}`))))] : null);
+    fill(counts, ...TASK_STATES.map((s) => h('div', { class: `stat ${job.counts[s] ? '' : 'zero'}` },
+      h('dt', {}, s.replace('_', ' ')), h('dd', { 'data-state': s }, String(job.counts[s] || 0)))));
+    const running = job.state === 'running' || job.state === 'scheduled';
+    buttons.pause.hidden = !running;
+    buttons.resume.hidden = job.state !== 'paused';
+    buttons.confirm.hidden = !(job.counts.confirm > 0);
+    buttons.rerun.hidden = !((job.counts.failed || 0) + (job.counts.timed_out || 0));
+    buttons.cancel.hidden = job.state === 'cancelled' || (job.state === 'completed' && job.type !== 'dynamic');
+  }
+
+  function renderTasks(tasks, total) {
+    const seen = new Set();
+    for (const task of tasks) {
+      seen.add(task.id);
+      let row = rows.get(task.id);
+      if (!row) {
+        // Tasks come ordered by id, so new ones belong at the end; rows already shown are updated in
+        // place and never moved, which would take the keyboard focus away from their buttons.
+        row = taskRow(jobId, task, error);
+        rows.set(task.id, row);
+        tbody.append(row.tr, row.detail);
+      }
+      row.update(task);
+    }
+    for (const [id, row] of rows) {
+      if (!seen.has(id)) { row.tr.remove(); row.detail.remove(); rows.delete(id); }
+    }
+    note.textContent = total > tasks.length ? `Showing the first ${tasks.length} of ${total} tasks.` : '';
+  }
+
+  function startLive() {
+    if (stopLive) return;
+    stopLive = liveJob(jobId, (snapshot) => {
+      renderJob(snapshot.job);
+      renderTasks(snapshot.tasks, snapshot.tasks_total);
+    }, (state) => {
+      const words = { live: 'live', reconnecting: 'reconnecting…', final: 'final: no more changes' };
+      liveState.textContent = words[state] || state;
+      if (state === 'final') {
+        stopLive = null;
+        say(`Job ${jobId} is ${latest.state}.`);
+      }
+    });
+  }
+
+  fill(main,
+    h('div', { class: 'title-row' }, h('h1', {}, `Job #${jobId}`),
+      h('p', { class: 'muted' }, 'Updates: ', liveState)),
+    h('section', { class: 'card', 'aria-labelledby': 'job-progress-label' },
+      h('h2', { id: 'job-progress-label' }, 'Finished'),
+      h('p', { class: 'overall' }, overall, ' ', overallText),
+      summary,
+      h('div', { class: 'actions' }, Object.values(buttons), report),
+      error),
+    h('section', { 'aria-labelledby': 'counts-h' }, h('h2', { id: 'counts-h' }, 'Tasks per state'), counts),
+    h('section', { 'aria-labelledby': 'tasks-h' },
+      h('h2', { id: 'tasks-h' }, 'Devices'),
+      note,
+      h('table', { id: 'tasks' },
+        h('caption', {}, 'One row per device; failures show their reason'),
+        h('thead', {}, h('tr', {}, ['Device', 'State', 'Progress', 'Attempts', 'Reason / last report', 'Updated', 'Actions']
+          .map((t) => h('th', { scope: 'col' }, t)))),
+        tbody)));
+  renderJob(first);
+  startLive(); // its first snapshot brings the tasks
+
+  return () => { if (stopLive) stopLive(); stopLive = null; };
+}
+
+function taskRow(jobId, task, error) {
+  const state = h('td');
+  const bar = h('progress', { max: 100, value: 0, 'aria-label': `Progress of ${task.device}` });
+  const percent = h('span', { class: 'num' });
+  const attempts = h('td', { class: 'num' });
+  const desc = h('td', { class: 'reason' });
+  const updated = h('td');
+  const [pk, ...rest] = task.device.split('/');
+  const dn = rest.join('/');
+  const path = `/jobs/${jobId}/tasks/${encodeURIComponent(pk)}/${encodeURIComponent(dn)}`;
+  const cancel = h('button', { type: 'button', class: 'quiet', 'aria-label': `Cancel the task of ${task.device}` }, 'Cancel');
+  const history = h('button', { type: 'button', class: 'quiet', 'aria-expanded': 'false', 'aria-label': `History of ${task.device}` }, 'History');
+  const detail = h('tr', { class: 'detail', hidden: true }, h('td', { colspan: 7 }));
+  cancel.addEventListener('click', async () => {
+    try {
+      await api('POST', `${path}/cancel`);
+      say(`The task of ${task.device} was cancelled.`);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = `Cancel ${task.device}: ${errorText(failure)}`;
+    }
+  });
+  history.addEventListener('click', () => toggleHistory(history, detail, path));
+  const tr = h('tr', { 'data-device': task.device },
+    h('th', { scope: 'row' }, deviceLink(task.device)), state,
+    h('td', { class: 'bar-cell' }, bar, ' ', percent), attempts, desc, updated,
+    h('td', { class: 'row-actions' }, history, cancel));
+  return {
+    tr,
+    detail,
+    update(t) {
+      fill(state, stateBadge(t.state));
+      bar.value = t.progress;
+      percent.textContent = `${t.progress} %`;
+      attempts.textContent = String(t.attempts);
+      desc.textContent = t.desc || '—';
+      fill(updated, time(t.updated_at));
+      cancel.hidden = !UNFINISHED.has(t.state);
+    },
+  };
+}
+
+async function toggleHistory(button, detail, path) {
+  const open = button.getAttribute('aria-expanded') === 'true';
+  button.setAttribute('aria-expanded', String(!open));
+  detail.hidden = open;
+  if (open) return;
+  const cell = detail.firstChild;
+  fill(cell, h('p', { class: 'muted' }, 'Loading…'));
+  try {
+    const { history } = await api('GET', `${path}/history`);
+    fill(cell, table('State changes and progress reports',
+      ['When', 'State', 'Progress', 'Note'],
+      history.map((e) => h('tr', {}, h('td', {}, time(e.at)), h('td', {}, stateBadge(e.state)),
+        h('td', { class: 'num' }, `${e.progress} %`), h('td', { class: 'reason' }, e.desc || '—'))),
+      { class: 'history' }));
+  } catch (failure) {
+    if (!(failure instanceof SignedOut)) fill(cell, h('p', { class: 'error' }, errorText(failure)));
+  }
+}
+
+// --------------------------------------------------------------------------------------- devices
+
+async function devicesPage(main, _params, query, alive) {
+  const filters = {};
+  for (const name of ['product_key', 'module', 'version', 'online']) {
+    if (query.get(name)) filters[name] = query.get(name);
+  }
+  const search = (query.get('q') || '').toLowerCase();
+  const params = new URLSearchParams({ ...filters, limit: '1000' });
+  const devices = await api('GET', `/devices?${params}`);
+  if (!alive()) return;
+  const shown = search ? devices.filter((d) => `${d.product_key}/${d.device_name}`.toLowerCase().includes(search)) : devices;
+  const field = (name, label, control) => h('div', { class: 'field' }, h('label', { for: `dev-${name}` }, label), control);
+  const text = (name) => h('input', { id: `dev-${name}`, name, value: query.get(name) || '' });
+  const online = h('select', { id: 'dev-online', name: 'online' },
+    [['', 'any'], ['true', 'online'], ['false', 'offline']].map(([value, label]) =>
+      h('option', { value, selected: (query.get('online') || '') === value }, label)));
+  const form = h('form', { role: 'search', class: 'card', 'aria-label': 'Search devices' },
+    h('div', { class: 'grid' },
+      field('q', 'Name contains', h('input', { id: 'dev-q', name: 'q', type: 'search', value: query.get('q') || '' })),
+      field('product_key', 'Product key', text('product_key')),
+      field('module', 'Module', text('module')),
+      field('version', 'Version', text('version')),
+      field('online', 'Connection', online)),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Search')));
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const next = new URLSearchParams();
+    for (const [name, value] of new FormData(form)) if (value) next.set(name, value);
+    location.hash = `#/devices${next.toString() ? `?${next}` : ''}`;
+  });
+  const rows = shown.map((d) => {
+    const ref = `${d.product_key}/${d.device_name}`;
+    return h('tr', {},
+      h('th', { scope: 'row' }, deviceLink(ref)),
+      h('td', {}, h('span', { class: d.online ? 'online' : 'offline' }, d.online ? 'online' : 'offline')),
+      h('td', {}, h('ul', { class: 'plain' }, Object.entries(d.modules).map(([m, v]) => h('li', {}, `${m}: ${v}`)))),
+      h('td', {}, d.enabled ? 'enabled' : 'disabled'),
+      h('td', {}, time(d.last_seen)));
+  });
+  fill(main, h('h1', {}, 'Devices'), form,
+    h('p', { class: 'muted', role: 'status' }, `${shown.length} device(s)${devices.length === 1000 ? ' (the first 1000 matches)' : ''}.`),
+    rows.length ? table('Devices', ['Device', 'Connection', 'Module versions', 'Login', 'Last seen'], rows, { id: 'devices' }) : null);
+}
+
+async function devicePage(main, [pk, dn], _query, alive) {
+  const path = `/devices/${encodeURIComponent(pk)}/${encodeURIComponent(dn)}`;
+  const device = await api('GET', path);
+  if (!alive()) return;
+  const ref = `${pk}/${dn}`;
+  const error = h('p', { class: 'error', role: 'alert' });
+  const toggle = h('button', { type: 'button', class: device.enabled ? 'danger' : '' },
+    device.enabled ? 'Disable login' : 'Enable login');
+  toggle.addEventListener('click', async () => {
+    try {
+      await api('PATCH', path, { enabled: !device.enabled });
+      say(`${ref} ${device.enabled ? 'disabled' : 'enabled'}.`);
+      route(false);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
+    }
+  });
+  const modules = Object.entries(device.modules).map(([m, v]) => h('tr', {}, h('th', { scope: 'row' }, m), h('td', {}, v)));
+  const tasks = device.tasks.flatMap((t) => {
+    const history = h('button', { type: 'button', class: 'quiet', 'aria-expanded': 'false', 'aria-label': `History of the task in job ${t.job_id}` }, 'History');
+    const detail = h('tr', { class: 'detail', hidden: true }, h('td', { colspan: 8 }));
+    history.addEventListener('click', () => toggleHistory(history, detail,
+      `/jobs/${t.job_id}/tasks/${encodeURIComponent(pk)}/${encodeURIComponent(dn)}`));
+    return [h('tr', {},
+      h('td', {}, h('a', { href: `#/jobs/${t.job_id}` }, `Job #${t.job_id}`)),
+      h('td', {}, t.module),
+      h('td', {}, t.target_version),
+      h('td', {}, stateBadge(t.state)),
+      h('td', { class: 'bar-cell' }, h('progress', { max: 100, value: t.progress, 'aria-label': `Progress in job ${t.job_id}` }), ` ${t.progress} %`),
+      h('td', { class: 'reason' }, t.desc || '—'),
+      h('td', {}, time(t.updated_at)),
+      h('td', {}, history)), detail];
+  });
+  fill(main,
+    h('h1', {}, ref),
+    h('dl', { class: 'pairs card' },
+      h('dt', {}, 'Connection'), h('dd', {}, h('span', { class: device.online ? 'online' : 'offline' }, device.online ? 'online' : 'offline')),
+      h('dt', {}, 'Last seen'), h('dd', {}, time(device.last_seen)),
+      h('dt', {}, 'Login'), h('dd', {}, device.enabled ? 'enabled' : 'disabled', ' ', toggle)),
+    error,
+    h('section', { 'aria-labelledby': 'modules-h' }, h('h2', { id: 'modules-h' }, 'Module versions'),
+      modules.length ? table('Versions the device reported', ['Module', 'Version'], modules, { id: 'modules' })
+        : h('p', { class: 'muted' }, 'The device has not reported a version.')),
+    h('section', { 'aria-labelledby': 'device-tasks-h' }, h('h2', { id: 'device-tasks-h' }, 'Upgrade history'),
+      tasks.length ? table('Tasks, newest first', ['Job', 'Module', 'Target', 'State', 'Progress', 'Reason / last report', 'Updated', 'Details'], tasks, { id: 'device-tasks' })
+        : h('p', { class: 'muted' }, 'No upgrade tasks yet.')));
+}
+
+// ------------------------------------------------------------------------------------------ start
+
+window.addEventListener('hashchange', () => route(true));
+document.addEventListener('DOMContentLoaded', () => {
+  // The skip link moves the focus without touching the hash, which names the page.
+  $('.skip').addEventListener('click', (event) => {
+    event.preventDefault();
+    $('#main').focus();
+  });
+  $('#sign-out').addEventListener('click', () => {
+    signOut('Signed out.');
+    say('Signed out.');
+  });
+  route(false);
+});

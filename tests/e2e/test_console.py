@@ -1,0 +1,476 @@
+"""The operator's web console in a real headless browser (Playwright driving Debian's Chromium) against a
+real broker in this process, with real MQTT devices; and the console's server side: its CSP, the event
+stream's authentication, the overview endpoint.
+
+Screenshots of every page land in `test-artifacts/console/`. Without Chromium (or Playwright) the
+browser tests are skipped, or fail when `CI` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plugins.ota.api import STREAMS, Tickets
+from tests.support import TOKEN, Device, Env, eventually
+
+CHROMIUM = os.environ.get("OTA_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
+FIRMWARE = os.urandom(1_500_000)
+UI_WAIT_MS = 15_000
+
+
+def _browser_missing() -> str | None:
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return "Playwright for Python is not installed (pip install playwright)"
+    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()):
+        return f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
+    return None
+
+
+@pytest.fixture
+async def page(env: Env) -> AsyncIterator[Any]:
+    """A fresh browser page whose base URL is the broker's admin listener."""
+    missing = _browser_missing()
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}; the console tests must run in CI")
+        pytest.skip(missing)
+    from playwright.async_api import async_playwright
+
+    host, port = env.running.admin_address
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(
+                base_url=f"http://{host}:{port}", viewport={"width": 1280, "height": 900}
+            )
+            pg = await context.new_page()
+            pg.set_default_timeout(UI_WAIT_MS)
+            problems: list[str] = []
+            pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            pg.on(
+                "console",
+                lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None,
+            )
+            pg.problems = problems  # type: ignore[attr-defined]
+            yield pg
+            await context.close()
+        finally:
+            await browser.close()
+
+
+async def shot(page: Any, name: str) -> None:
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def reporting(env: Env, name: str) -> Device:
+    d = await env.device("pk", name).connect()
+    await d.inform("1.0.0")
+
+    async def recorded() -> bool:
+        found = await env.find(f"/devices/pk/{name}")
+        return found is not None and found["modules"].get("default") == "1.0.0"
+
+    await eventually(recorded, what=f"pk/{name} to be recorded")
+    return d
+
+
+async def respond(env: Env, d: Device, go: asyncio.Event, *, fail_first: bool = False) -> None:
+    """A device that downloads what its notice names, reports progress, waits for `go`, then either
+    installs the new version or (fail_first) reports a download failure and succeeds on the next notice."""
+    [notice] = await d.notices()
+    status, _, body = await env.download(notice["data"]["url"])
+    assert status == 200 and hashlib.md5(body).hexdigest() == notice["data"]["md5"]
+    await d.progress("40", "downloading")
+    await go.wait()
+    if fail_first:
+        await d.progress("-2", "timeout after 30 s")
+        await d.wait_messages(d.upgrade_topic, 2, timeout=30)
+        await d.progress("70", "flashing")
+    else:
+        await d.progress("100", "flashing")
+    await d.inform(notice["data"]["version"])
+
+
+async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> None:
+    """Sign in, upload firmware, start a job with options, watch it live (pause, resume, a failure and
+    its reason, re-run failed) until 100 % and completed; the device list and a device's history."""
+    from playwright.async_api import expect
+
+    devices = [await reporting(env, n) for n in ("dev1", "dev2", "dev3")]
+
+    # Sign-in, by keyboard: the skip link comes first, the token field has the focus.
+    await page.goto("/")
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert page.url.endswith("/console/")
+    assert await page.evaluate("document.activeElement.id") == "token"
+    await page.keyboard.press("Shift+Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(TOKEN)
+    await shot(page, "1-sign-in")
+    await page.keyboard.press("Enter")
+
+    # Overview: three devices online on 1.0.0.
+    await expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
+    assert await page.evaluate("sessionStorage.getItem('ota-broker.token')") == TOKEN
+    assert await page.evaluate("localStorage.length") == 0
+    await expect(page.locator(".stat", has_text="Devices online").locator("dd")).to_have_text("3")
+    chart = page.get_by_role("table", name="pk / default")
+    await expect(chart.get_by_role("row", name="1.0.0")).to_contain_text("3")
+    await shot(page, "2-overview")
+
+    # Firmware: upload with progress; the page shows the hashes the server computed.
+    await page.get_by_role("link", name="Firmware", exact=True).click()
+    await page.get_by_label("Firmware file").set_input_files(
+        files=[{"name": "fw-2.0.0.bin", "mimeType": "application/octet-stream", "buffer": FIRMWARE}]
+    )
+    await page.get_by_label("Product key").fill("pk")
+    await page.get_by_label("Version", exact=True).fill("2.0.0")
+    await page.get_by_label("Sign method").select_option("SHA256")
+    await page.get_by_role("button", name="Upload").click()
+    result = page.locator("#upload-result")
+    await expect(result).to_contain_text(hashlib.sha256(FIRMWARE).hexdigest())
+    await expect(result).to_contain_text(hashlib.md5(FIRMWARE).hexdigest())
+    await expect(result).to_contain_text("no verification needed")
+    await expect(page.locator("#upload-percent")).to_have_text("100 %")
+    assert await page.locator("#upload-progress").evaluate("p => p.value") == 100
+    [fw] = await env.api("GET", "/firmware", expect=200)
+    assert fw["sign_method"] == "SHA256" and fw["size"] == len(FIRMWARE)
+    await expect(page.get_by_role("table", name="All firmware")).to_contain_text("2.0.0")
+    await shot(page, "3-firmware")
+
+    # A job with options from every group of the form.
+    await page.get_by_role("link", name=f"Verify firmware {fw['id']}").click()
+    await expect(page.get_by_role("heading", name="New job")).to_be_visible()
+    await expect(page.get_by_label("Firmware", exact=True)).to_have_value(str(fw["id"]))
+    await expect(page.get_by_label("Type")).to_have_value("verify")
+    await page.get_by_label("Type").select_option("static")
+    await page.get_by_label("Devices", exact=True).fill("pk/dev1\npk/dev2\npk/dev3")
+    await page.get_by_label("Only from versions").fill("1.0.0")
+    await page.get_by_label("Gray release (% of matched devices)").fill("100")
+    await page.get_by_label("Timeout (minutes)").fill("10")
+    await page.get_by_label("Notices per minute").fill("6000")
+    await page.get_by_label("Phases (% of devices)").fill("100")
+    await page.get_by_label("Next phase at success (%)").fill("90")
+    await page.get_by_label("Tags").fill("ring=canary\nticket=OPS-1")
+    await shot(page, "4-job-create")
+    go = asyncio.Event()
+    responders = [asyncio.create_task(respond(env, d, go, fail_first=d.dn == "dev3")) for d in devices]
+    try:
+        await page.get_by_role("button", name="Start job").click()
+        await expect(page.get_by_role("heading", name="Job #1")).to_be_visible()
+        job = await env.api("GET", "/jobs/1", expect=200)
+        assert job["options"]["src_versions"] == ["1.0.0"] and job["options"]["timeout_minutes"] == 10
+        assert job["options"]["tags"] == {"ring": "canary", "ticket": "OPS-1"}
+        assert job["options"]["rate_per_minute"] == 6000 and job["options"]["gray_percent"] == 100
+        assert (
+            job["options"]["rollout"]["phases"] == [100]
+            and job["options"]["rollout"]["success_threshold"] == 90
+        )
+
+        # Live: what the devices report shows up without reloading, through the event stream only.
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        await expect(page.locator("#live-state")).to_have_text("live")
+        for d in devices:
+            await expect(page.locator(f'tr[data-device="{d.ref}"]')).to_contain_text("40 %")
+        await expect(page.locator("#job-state")).to_contain_text("running")
+
+        await page.get_by_role("button", name="Pause").click()
+        await expect(page.locator("#job-state")).to_contain_text("paused")
+        await page.get_by_role("button", name="Resume").click()
+        await expect(page.locator("#job-state")).to_contain_text("running")
+
+        go.set()
+        await expect(page.locator("#job-state")).to_contain_text("completed")
+        await expect(page.locator("#job-percent")).to_have_text("100 % (3 of 3 finished)")
+        failed_row = page.locator('tr[data-device="pk/dev3"]')
+        await expect(failed_row).to_contain_text("failed")
+        await expect(failed_row).to_contain_text("download failed: timeout after 30 s")
+        await expect(page.locator('#job-counts dd[data-state="failed"]')).to_have_text("1")
+        await expect(page.locator("#live-state")).to_have_text("final: no more changes")
+        await shot(page, "5-live-job-failure")
+
+        await page.get_by_role("button", name="Re-run failed").click()
+        await expect(page.locator('#job-counts dd[data-state="succeeded"]')).to_have_text("3")
+        await expect(page.locator("#job-state")).to_contain_text("completed")
+        await expect(page.locator("#job-percent")).to_have_text("100 % (3 of 3 finished)")
+        for d in devices:
+            row = page.locator(f'tr[data-device="{d.ref}"]')
+            await expect(row).to_contain_text("succeeded")
+            await expect(row.get_by_role("progressbar")).to_have_attribute("value", "100")
+        await asyncio.gather(*responders)
+        await shot(page, "5-live-job-completed")
+        # No polling: the page's requests while it was live are the actions and the event streams.
+        api_calls = [u for u in requests if "/api/v1/" in u]
+        assert len(api_calls) <= 12, api_calls
+        assert sum("/events?ticket=" in u for u in api_calls) <= 3, api_calls
+    finally:
+        for r in responders:
+            r.cancel()
+        await asyncio.gather(*responders, return_exceptions=True)
+
+    # Devices: search by product and name; all on 2.0.0 now.
+    await page.get_by_role("link", name="Devices", exact=True).click()
+    await page.get_by_label("Product key").fill("pk")
+    await page.get_by_label("Name contains").fill("dev")
+    await page.get_by_label("Connection").select_option("true")
+    await page.get_by_role("button", name="Search").click()
+    table = page.get_by_role("table", name="Devices")
+    await expect(table.locator("tbody tr")).to_have_count(3)
+    await expect(table).to_contain_text("default: 2.0.0")
+    await page.get_by_label("Name contains").fill("dev3")
+    await page.get_by_label("Name contains").press("Enter")
+    await expect(table.locator("tbody tr")).to_have_count(1)
+    await shot(page, "6-devices")
+
+    # A device page: its module versions and its task with the history (the failure and the retry).
+    await table.get_by_role("link", name="pk/dev3").click()
+    await expect(page.get_by_role("heading", name="pk/dev3")).to_be_visible()
+    await expect(page.locator("#modules")).to_contain_text("2.0.0")
+    tasks = page.locator("#device-tasks")
+    await expect(tasks).to_contain_text("succeeded")
+    await page.get_by_role("button", name="History of the task in job 1").click()
+    history = page.get_by_role("table", name="State changes and progress reports")
+    await expect(history).to_contain_text("failed")
+    await expect(history).to_contain_text("succeeded")
+    await shot(page, "7-device")
+
+    await page.get_by_role("link", name="Overview").click()
+    await expect(
+        page.get_by_role("table", name="pk / default").get_by_role("row", name="2.0.0")
+    ).to_contain_text("3")
+    await expect(page.get_by_role("table", name="Newest failed or timed-out tasks")).to_have_count(0)
+
+    # The job is over, so its firmware may go (after the browser's confirmation).
+    await page.get_by_role("link", name="Firmware", exact=True).click()
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.get_by_role("button", name=f"Delete firmware {fw['id']}").click()
+    await expect(page.get_by_text("No firmware yet.")).to_be_visible()
+    assert await env.api("GET", "/firmware", expect=200) == []
+    assert page.problems == []
+
+
+async def test_wrong_token_and_expired_session_show_sign_in(env: Env, page: Any) -> None:
+    """A wrong token is refused with a message; a session whose token stops working returns to sign-in."""
+    from playwright.async_api import expect
+
+    await page.goto("/console/")
+    await page.get_by_label("Admin token").fill("not-the-token")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("alert")).to_have_text("Wrong token: the broker did not accept it.")
+    assert await page.evaluate("sessionStorage.getItem('ota-broker.token')") is None
+    await expect(page.get_by_role("navigation", name="Main")).to_be_hidden()
+
+    await page.evaluate("sessionStorage.setItem('ota-broker.token', 'stale')")
+    await page.goto("/console/#/jobs")
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    await expect(page.get_by_role("alert")).to_contain_text("not accepted")
+    assert await page.evaluate("sessionStorage.getItem('ota-broker.token')") is None
+
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("heading", name="Jobs")).to_be_visible()  # back where it was going
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert await page.evaluate("sessionStorage.length") == 0
+    assert [p for p in page.problems if "401" not in p] == []
+
+
+# ------------------------------------------------------------------------------- server side, no browser
+
+
+def _origin(env: Env) -> str:
+    host, port = env.running.admin_address
+    return f"http://{host}:{port}"
+
+
+async def test_console_pages_carry_a_strict_csp(env: Env) -> None:
+    """`/` redirects to the console; its files are public, typed and carry a CSP without inline scripts."""
+    origin = _origin(env)
+    async with env.http.get(origin + "/", allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"] == "/console/"
+    for path, kind in (
+        ("/console/", "text/html"),
+        ("/console/index.html", "text/html"),
+        ("/console/app.js", "text/javascript"),
+        ("/console/style.css", "text/css"),
+    ):
+        async with env.http.get(origin + path) as r:
+            body = await r.read()
+            assert r.status == 200 and r.content_type == kind, path
+            csp = r.headers["Content-Security-Policy"]
+            assert "default-src 'none'" in csp and "script-src 'self';" in csp and "unsafe" not in csp
+            assert "frame-ancestors 'none'" in csp and r.headers["X-Content-Type-Options"] == "nosniff"
+            etag = r.headers["ETag"]
+        async with env.http.get(origin + path, headers={"If-None-Match": etag}) as r:
+            assert r.status == 304
+        if kind == "text/html":
+            assert b"<script src=" in body and b"<script>" not in body and b" on" + b"click=" not in body
+    for path in ("/console/../api/v1/devices", "/console/nope.js", "/console/admin.token"):
+        async with env.http.get(origin + path) as r:
+            assert r.status in (401, 404), path
+            assert b"[" not in await r.read()
+
+
+async def _events(env: Env, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, list[Any]]:
+    """GET an event stream to its end (bounded): status, content type, the (event, data) pairs."""
+    async with env.http.get(_origin(env) + "/api/v1" + path, headers=headers or {}) as r:
+        if r.status != 200:
+            return r.status, r.content_type, [await r.json()]
+        events: list[Any] = []
+        text = (await asyncio.wait_for(r.read(), 10)).decode()
+        for block in text.split("\n\n"):
+            fields = dict(
+                line.split(": ", 1) for line in block.splitlines() if ": " in line and line[0] != ":"
+            )
+            if "event" in fields:
+                events.append((fields["event"], json.loads(fields["data"])))
+        return r.status, r.content_type, events
+
+
+async def test_event_stream_refuses_without_auth(env: Env) -> None:
+    """The job stream needs the bearer token or a fresh ticket; a ticket opens nothing else; a final job's
+    stream is one snapshot then `end`."""
+    d = await reporting(env, "dev1")
+    fw = await env.upload(FIRMWARE[:1000])
+    job = await env.job(fw["id"], [d.ref])
+    await env.api("POST", f"/jobs/{job['id']}/cancel", expect=200)
+    path = f"/jobs/{job['id']}/events"
+
+    for query in ("", "?ticket=", "?ticket=123.abc", f"?ticket={TOKEN}", "?ticket=9999999999.00"):
+        status, _, [doc] = await _events(env, path + query)
+        assert status == 401 and doc["error"] == "unauthorized", query
+    status, _, _ = await _events(env, path, {"Authorization": "Bearer wrong"})
+    assert status == 401
+
+    ticket = await env.api("POST", "/tickets", expect=201)
+    assert set(ticket) == {"ticket", "expires_at", "scope"}
+    async with env.http.get(f"{env.admin}/jobs?ticket={ticket['ticket']}") as r:
+        assert r.status == 401  # a ticket is for the event stream only
+    async with env.http.post(f"{env.admin}/tickets?ticket={ticket['ticket']}") as r:
+        assert r.status == 401
+
+    status, kind, events = await _events(env, f"{path}?ticket={ticket['ticket']}")
+    assert status == 200 and kind == "text/event-stream"
+    assert [e for e, _ in events] == ["snapshot", "end"]
+    snapshot = events[0][1]
+    assert snapshot["job"]["state"] == "cancelled" and snapshot["tasks"][0]["device"] == "pk/dev1"
+    assert snapshot["tasks_total"] == 1
+
+    status, _, events = await _events(env, path, {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and [e for e, _ in events] == ["snapshot", "end"]
+    status, _, [doc] = await _events(env, "/jobs/99/events", {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 404
+
+    # A ticket is short-lived: one issued more than 60 s ago is refused (the API's clock is the service's).
+    old, _ = Tickets(TOKEN).issue(env.service.clock() - 61)
+    status, _, _ = await _events(env, f"{path}?ticket={old}")
+    assert status == 401
+
+
+async def test_event_stream_pushes_changes_and_ends_with_the_job(env: Env) -> None:
+    """A running job's stream sends a snapshot on each change (not on a timer), and `end` when it completes."""
+    d = await reporting(env, "dev1")
+    fw = await env.upload(FIRMWARE[:1000])
+    job = await env.job(fw["id"], [d.ref])
+    await d.notices()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    started = time.monotonic()
+    async with env.http.get(f"{env.admin}/jobs/{job['id']}/events", headers=headers) as r:
+        assert r.status == 200 and r.headers["Cache-Control"].startswith("no-cache")
+        seen: list[tuple[str, Any]] = []
+
+        async def read_events() -> None:
+            event = None
+            async for raw in r.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event:
+                    seen.append((event, json.loads(line.removeprefix("data: "))))
+
+        reader = asyncio.create_task(read_events())
+        await eventually(lambda: seen, what="the first snapshot")
+        await asyncio.sleep(1.2)  # nothing changes: nothing is sent
+        assert len(seen) == 1 and seen[0][1]["tasks"][0]["state"] == "notified"
+        await d.progress("50", "downloading")
+        await eventually(lambda: len(seen) >= 2, what="a snapshot after the progress report")
+        assert seen[-1][1]["tasks"][0]["progress"] == 50
+        await d.inform("2.0.0")
+        await asyncio.wait_for(reader, 10)
+    assert seen[-1][0] == "end" and seen[-2][1]["job"]["state"] == "completed"
+    assert time.monotonic() - started < 10
+
+
+async def test_event_stream_ends_when_the_client_leaves(env: Env) -> None:
+    """A client that goes away ends its stream at the next check (the server does not write forever)."""
+    d = await reporting(env, "dev1")
+    fw = await env.upload(FIRMWARE[:1000])
+    job = await env.job(fw["id"], [d.ref])
+    admin = env.running.plugin._sites[-1]._runner.app  # the admin listener is started last
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with env.http.get(f"{env.admin}/jobs/{job['id']}/events", headers=headers) as r:
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"retry:")
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"event: snapshot")
+        assert admin[STREAMS].open == 1
+        r.close()
+    await eventually(lambda: admin[STREAMS].open == 0, timeout=5, what="the stream to end")
+
+
+async def test_overview_counts_devices_versions_jobs_and_failures(env: Env) -> None:
+    """GET /overview: devices online/offline, devices per product/module/version, unfinished jobs, the
+    newest failures with their reason."""
+    a = await reporting(env, "a")
+    b = await reporting(env, "b")
+    await b.inform("0.9", module="MCU")
+    c = await reporting(env, "c")
+    c.disconnect()
+    await eventually(lambda: _offline(env, "pk/c"), what="pk/c offline")
+    fw = await env.upload(FIRMWARE[:1000])
+    job = await env.job(fw["id"], [a.ref, b.ref])
+    await a.notices()
+    await a.progress("-3", "bad signature")
+    await env.task_state(job["id"], a.ref, "failed")
+
+    doc = await env.api("GET", "/overview", expect=200)
+    assert doc["devices"] == {"total": 3, "online": 2, "offline": 1}
+    assert {(v["module"], v["version"]): v["devices"] for v in doc["versions"]} == {
+        ("default", "1.0.0"): 3,
+        ("MCU", "0.9"): 1,
+    }
+    assert doc["jobs"]["by_state"] == {"running": 1} and doc["jobs"]["active"][0]["id"] == job["id"]
+    [failure] = doc["recent_failures"]
+    assert failure["device"] == "pk/a" and failure["desc"] == "verification failed: bad signature"
+    assert doc["partial"] is False
+    async with env.http.get(env.admin + "/overview") as r:
+        assert r.status == 401
+
+
+async def _offline(env: Env, ref: str) -> bool:
+    found = await env.find(f"/devices/{ref}")
+    return found is not None and not found["online"]
