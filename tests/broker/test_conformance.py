@@ -611,3 +611,41 @@ async def test_packet_split_across_writes_is_read_whole(env: Env) -> None:
         assert (await pub.expect(mq.PUBACK)).packet_id == 3
         got = await sub.expect(mq.PUBLISH)
         assert got.payload == b"x" * 300
+
+
+async def test_bad_clients_leave_no_unobserved_exceptions(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """[item 13] A crowd of misbehaving clients (bad packets, half packets, hang-ups before and after
+    CONNECT, a subscriber that vanishes with messages in flight) leaves no task exception unobserved and no
+    traceback in the log: each costs at most a line."""
+    import gc
+
+    caplog.set_level(logging.DEBUG, logger="asyncio")
+    bad: list[bytes] = [
+        mq.publish("a/+", b"x"),
+        b"\x30\xff\xff\xff\xff\x01",
+        b"\x82\x05\x00\x01\x00\x01",  # SUBSCRIBE cut short inside its filter
+        b"\x30\x0a\x00",  # a PUBLISH that ends early
+        b"\xf0\x00",
+    ]
+    for index, data in enumerate(bad * 4):
+        async with RawClient.open(env.mqtt_port) as client:
+            if index % 3:
+                assert (await client.connect(_fresh("crowd"))).return_code == 0
+            await client.send(data)
+    # a subscriber that leaves with unacknowledged QoS 1 messages in flight
+    topic = _fresh("crowd/inflight")
+    async with RawClient.open(env.mqtt_port) as sub, RawClient.open(env.mqtt_port) as pub:
+        await sub.connect(_fresh("vanishing"))
+        assert await sub.subscribe(1, (topic, 1)) == [1]
+        await pub.connect(_fresh("crowd-pub"))
+        for packet_id in range(1, 6):
+            await publish_qos1(pub, topic, b"m", packet_id)
+        await sub.expect(mq.PUBLISH)
+    await asyncio.sleep(0.3)
+    gc.collect()
+    await asyncio.sleep(0.05)
+    never = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not never, never
+    tracebacks = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info]
+    assert not tracebacks, tracebacks
+    await assert_serves(env.mqtt_port)
