@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -58,6 +59,106 @@ def run(
         log.error("%s", e)
         raise typer.Exit(1) from e
     raise typer.Exit(code)
+
+
+@cli.command()
+def simulate(
+    devices: Annotated[
+        int | None, typer.Option("--devices", "-n", help="How many devices (default with --secrets: all).")
+    ] = None,
+    product_key: Annotated[str, typer.Option("--product-key", "-p")] = "pk",
+    version: Annotated[str, typer.Option(help="The version devices inform at start.")] = "1.0.0",
+    fail_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of upgrades that fail.")] = 0.0,
+    fail_step: Annotated[
+        str | None, typer.Option(help="Report this failure step (-2, -3, -4); default: drawn per failure.")
+    ] = None,
+    interrupt_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of downloads cut once and resumed with Range.")
+    ] = 0.0,
+    download_speed: Annotated[
+        int | None, typer.Option(min=1, help="Bytes/s per device (default: unlimited).")
+    ] = None,
+    flash_seconds: Annotated[float, typer.Option(min=0.0, help="Time to 'flash' after verifying.")] = 0.0,
+    reboot: Annotated[
+        bool, typer.Option(help="Reconnect after flashing, before informing the new version.")
+    ] = True,
+    processes: Annotated[int, typer.Option(min=1, help="Worker processes, each with devices/K devices.")] = 1,
+    host: Annotated[str, typer.Option(help="The broker's MQTT host.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="MQTT port (default 1883, 8883 with --tls).")] = None,
+    tls: Annotated[bool, typer.Option(help="MQTT over TLS.")] = False,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="CA to trust for MQTT/TLS and HTTPS (the broker's data/tls/ca.crt).")
+    ] = None,
+    secrets: Annotated[
+        Path | None,
+        typer.Option(help="CSV (pk,dn,secret or dn,secret) or JSON (device import answer): signed logins."),
+    ] = None,
+    name_prefix: Annotated[
+        str, typer.Option(help="Device names without --secrets: <prefix>00000...")
+    ] = "dev",
+    connect_rate: Annotated[
+        float, typer.Option(min=0.0, help="New connections per second; 0: unpaced.")
+    ] = 200.0,
+    idle_exit: Annotated[
+        float, typer.Option(min=0.0, help="End this long after the last notice once no device is busy.")
+    ] = 30.0,
+    duration_limit: Annotated[
+        float, typer.Option(min=0.001, help="End after this many seconds at most.")
+    ] = 600.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the failure and interruption draws.")] = 0,
+    log_level: Annotated[str, typer.Option("--log-level")] = "warning",
+) -> None:
+    """Simulate Aliyun-SDK devices over real MQTT and HTTPS: inform, take notices, download, report, upgrade.
+
+    Ends when all devices are final; or none is busy and --idle-exit s passed without a notice; or at
+    --duration-limit. Ctrl-C ends early, with the summary.
+
+    Exit status 0; 1 when no device could log in, the limit cut busy devices off or a worker process died;
+    130 after Ctrl-C.
+    """
+    from broker import simulator  # noqa: PLC0415 - paho-mqtt and the fleet load only for this command
+
+    setup_logging(log_level)
+    options = simulator.SimulationOptions(
+        devices=devices,
+        product_key=product_key,
+        version=version,
+        host=host,
+        port=port if port is not None else (8883 if tls else 1883),
+        tls=tls,
+        ca_file=ca_file,
+        secrets=secrets,
+        name_prefix=name_prefix,
+        fail_rate=fail_rate,
+        fail_step=fail_step,
+        interrupt_rate=interrupt_rate,
+        download_speed=download_speed,
+        flash_seconds=flash_seconds,
+        reboot=reboot,
+        connect_rate=connect_rate,
+        idle_exit=idle_exit,
+        duration_limit=duration_limit,
+        processes=processes,
+        seed=seed,
+    )
+    try:
+        options.check()
+        simulator.plan_devices(options)
+    except simulator.SimulatorError as e:
+        print(f"simulate: {e}", file=sys.stderr)
+        raise typer.Exit(2) from e
+    result = asyncio.run(simulator.run_with_display(options, live=sys.stdout.isatty()))
+    for line in simulator.summary_lines(result):
+        print(line)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"results written to {json_out}")
+    if result.end_reason == simulator.EndReason.INTERRUPTED:
+        raise typer.Exit(130)
+    busy_cut = result.counts["unfinished"] > 0 and result.end_reason == simulator.EndReason.DURATION_LIMIT
+    none_online = bool(result.devices) and result.counts["offline"] == len(result.devices)
+    raise typer.Exit(1 if busy_cut or none_online or result.end_reason == simulator.EndReason.ABORTED else 0)
 
 
 @cli.command("hash-password")
