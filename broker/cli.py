@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +14,8 @@ import typer
 from argon2 import PasswordHasher
 
 from broker import app as broker_app
-from broker.config import ConfigError, load, prepare
+from broker.config import ConfigError, load, ota_settings, prepare
+from firmware_store.links import nginx_secure_link
 from plugins.ota.cli import device_app, firmware_app, job_app
 
 cli = typer.Typer(
@@ -159,6 +161,29 @@ def simulate(
     busy_cut = result.counts["unfinished"] > 0 and result.end_reason == simulator.EndReason.DURATION_LIMIT
     none_online = bool(result.devices) and result.counts["offline"] == len(result.devices)
     raise typer.Exit(1 if busy_cut or none_online or result.end_reason == simulator.EndReason.ABORTED else 0)
+
+
+@cli.command("nginx-link")
+def nginx_link(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="amqtt config file (default: ./config.yaml, else built-in)."),
+    ] = None,
+) -> None:
+    """Print nginx's secure_link directives for the download offload (docs/nginx-offload.md).
+
+    The output holds the link secret: `(umask 077; ota-broker nginx-link > /etc/nginx/ota-broker-link.conf)`.
+    """
+    try:
+        settings = ota_settings(load(config).raw, os.environ)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from e
+    key_file = settings.data_dir / "link.key"
+    if not key_file.is_file():
+        print(f"{key_file} does not exist yet: start the broker once, it makes the key", file=sys.stderr)
+        raise typer.Exit(1)
+    sys.stdout.write(nginx_secure_link(key_file.read_text().strip().encode()))
 
 
 @cli.command("hash-password")

@@ -85,7 +85,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         token = s.admin_token or _secret_file(s.data_dir / "admin.token", lambda: secrets.token_urlsafe(32))
 
         # The signer needs the public URL, which may name the HTTPS port only known once bound.
-        signer = LinkSigner(link_key, s.public_url, s.link_ttl_s)
+        signer = LinkSigner(link_key, s.public_url, s.link_ttl_s, offload=s.download_offload)
         self.service = service = OtaService(
             repo,
             store,

@@ -336,7 +336,7 @@ class OtaService:
         """The topic and payload that carry out `effect`: a push notice, or the answer to a pull."""
         firmware = await self.repo.get_firmware(task.firmware_id)
         job = await self.repo.get_job(task.job_id)
-        url = self.signer.mint(str(firmware.id), str(task.device), now)
+        url = self.signer.mint(str(firmware.id), str(task.device), now, blob=firmware.sha256)
         data = messages.notice_data(firmware, url, dict(job.options.get("tags", {})))
         device = task.device
         if effect.delivery is Delivery.REPLY and reply is not None:

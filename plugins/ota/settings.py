@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 PLUGIN_KEY = "plugins.ota.plugin.OtaPlugin"
 AUTH_MODES = ("device-secret", "open")
+DOWNLOAD_OFFLOADS = ("", "nginx")
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,7 @@ class OtaConfig:
     auth_mode: str = "device-secret"
     https_bind: str = "0.0.0.0:8443"
     public_url: str = ""
+    download_offload: str = ""
     admin_bind: str = "127.0.0.1:8080"
     admin_token: str = ""
     admin_tls: bool = False
@@ -51,6 +53,7 @@ ENV: Mapping[str, str] = {
     "OTA_AUTH_MODE": "auth_mode",
     "OTA_HTTPS_BIND": "https_bind",
     "OTA_PUBLIC_URL": "public_url",
+    "OTA_DOWNLOAD_OFFLOAD": "download_offload",
     "OTA_ADMIN_BIND": "admin_bind",
     "OTA_MQTTS_BIND": "mqtts_bind",
 }
@@ -71,6 +74,7 @@ class Settings:
     auth_mode: str
     https_bind: Bind
     public_url: str  # may carry port 0: replaced by the port the HTTPS endpoint bound
+    download_offload: str  # "" (the broker serves downloads) or "nginx" (links nginx can check)
     admin_bind: Bind
     admin_token: str
     admin_tls: bool
@@ -125,6 +129,10 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
     if cfg.auth_mode not in AUTH_MODES:
         raise ConfigError(f"{key}.auth_mode: {cfg.auth_mode!r} is not one of {', '.join(AUTH_MODES)}")
     https = parse_bind(cfg.https_bind, f"{key}.https_bind")
+    if cfg.download_offload not in DOWNLOAD_OFFLOADS:
+        raise ConfigError(f"{key}.download_offload: {cfg.download_offload!r} is not one of '', 'nginx'")
+    if cfg.download_offload and not cfg.public_url.strip():
+        raise ConfigError(f"{key}.public_url: must name the nginx server when download_offload is set")
     public_url = cfg.public_url.strip() or f"https://{socket.gethostname()}:{https.port}"
     parts = urlsplit(public_url)
     if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
@@ -149,6 +157,7 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         auth_mode=cfg.auth_mode,
         https_bind=https,
         public_url=public_url,
+        download_offload=cfg.download_offload,
         admin_bind=parse_bind(cfg.admin_bind, f"{key}.admin_bind"),
         admin_token=cfg.admin_token,
         admin_tls=bool(cfg.admin_tls),

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
 
 from firmware_store import LinkSigner
-from firmware_store.links import MAX_URL_LEN, LinkClaims, LinkTooLong
+from firmware_store.links import (
+    MAX_URL_LEN,
+    NGINX_MD5_FIELDS,
+    LinkClaims,
+    LinkTooLong,
+    nginx_secure_link,
+    offload_secret,
+)
 
 KEY = b"0123456789abcdef0123456789abcdef"
 BASE = "https://gw.example:8443"
@@ -154,3 +164,148 @@ def test_short_key_is_refused() -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         LinkSigner(b"x" * 15, BASE, TTL_S)
     LinkSigner(b"x" * 16, BASE, TTL_S)
+
+
+# ------------------------------------------------------------------------ nginx offload style
+
+BLOB = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+OTHER_BLOB = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
+
+
+@pytest.fixture
+def offload() -> LinkSigner:
+    return LinkSigner(KEY, BASE, TTL_S, offload="nginx")
+
+
+def raw_query(url: str) -> dict[str, str]:
+    """The query values exactly as sent, undecoded: what nginx's `$arg_<name>` variables hold."""
+    return dict(pair.split("=", 1) for pair in urlsplit(url).query.split("&"))
+
+
+def nginx_tag(url: str, directives: str) -> str:
+    """The tag nginx's secure_link computes for `url` under `directives`, worked out independently:
+    the `secure_link_md5` expression with nginx's variables filled in, MD5, base64url without padding."""
+    [expression] = re.findall(r'^secure_link_md5 "(.*)";$', directives, re.MULTILINE)
+    raw = raw_query(url)
+    values = {
+        "$secure_link_expires": raw["e"],
+        "$ota_firmware": unquote(urlsplit(url).path.rsplit("/", 1)[1]),
+        "$arg_b": raw["b"],
+        "$arg_s": raw["s"],
+    }
+    text = re.sub(r"\$[a-z_]+", lambda m: values[m.group(0)], expression)
+    digest = hashlib.md5(text.encode(), usedforsecurity=False).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def test_offload_link_names_the_blob_and_checks_out(offload: LinkSigner) -> None:
+    """An offload link is `/firmware/<resource>?b=<sha256>&s=&e=&t=` and checks out with the blob in its claims."""
+    url = offload.mint(RESOURCE, SUBJECT, NOW, blob=BLOB)
+    assert url.startswith(f"{BASE}/firmware/{RESOURCE}?b={BLOB}&s=")
+    assert list(raw_query(url)) == ["b", "s", "e", "t"]
+    resource, query = split(url)
+    assert offload.check(resource, query, NOW) == LinkClaims(RESOURCE, SUBJECT, int(NOW) + TTL_S, BLOB)
+
+
+@pytest.mark.parametrize("subject", [SUBJECT, "pk/dev:1@lab x", "pk/dévice+1"])
+def test_offload_tag_is_what_nginx_computes(offload: LinkSigner, subject: str) -> None:
+    """The tag equals nginx's secure_link_md5 over the printed directives, with the subject as sent
+    (percent-encoded where the URL encodes it), so nginx accepts exactly the links the broker mints."""
+    directives = nginx_secure_link(KEY)
+    assert "secure_link $arg_t,$arg_e;\n" in directives
+    assert f'secure_link_md5 "{NGINX_MD5_FIELDS} {offload_secret(KEY)}";' in directives
+    url = offload.mint(RESOURCE, subject, NOW, blob=BLOB)
+    assert raw_query(url)["t"] == nginx_tag(url, directives)
+    resource, query = split(url)
+    claims = offload.check(resource, query, NOW)
+    assert claims is not None and claims.subject == subject
+
+
+def test_offload_secret_is_derived_one_way_from_the_key() -> None:
+    """The nginx secret is 64 hex digits, differs per key, and neither contains nor is the link key."""
+    secret = offload_secret(KEY)
+    assert re.fullmatch(r"[0-9a-f]{64}", secret)
+    assert secret != offload_secret(KEY + b"x")
+    assert KEY.decode() not in nginx_secure_link(KEY) and KEY.hex() not in secret
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param({"b": OTHER_BLOB}, id="other-blob"),
+        pytest.param({"b": BLOB.upper()}, id="uppercase-blob"),
+        pytest.param({"b": BLOB[:-1]}, id="short-blob"),
+        pytest.param({"b": "../../link.key"}, id="path-as-blob"),
+        pytest.param({"s": "a1B2c3D4e5F/sensor-0043"}, id="subject"),
+        pytest.param({"e": str(int(NOW) + TTL_S + 3600)}, id="expiry"),
+        pytest.param({"t": "A" * 22}, id="tag"),
+        pytest.param({"t": None}, id="no-tag"),
+    ],
+)
+def test_tampered_offload_link_is_refused(offload: LinkSigner, edit: dict[str, str | None]) -> None:
+    """Editing any part of an offload link (blob, subject, expiry, tag) makes it worthless."""
+    resource, query = split(offload.mint(RESOURCE, SUBJECT, NOW, blob=BLOB))
+    for key, value in edit.items():
+        if value is None:
+            del query[key]
+        else:
+            query[key] = value
+    assert offload.check(resource, query, NOW) is None
+
+
+def test_offload_link_for_another_resource_or_key_is_refused(offload: LinkSigner) -> None:
+    """An offload link does not check out for another resource, nor under another installation's key."""
+    _, query = split(offload.mint(RESOURCE, SUBJECT, NOW, blob=BLOB))
+    assert offload.check("18", query, NOW) is None
+    other = LinkSigner(b"another key, 16+ bytes", BASE, TTL_S, offload="nginx")
+    assert other.check(RESOURCE, query, NOW) is None
+
+
+def test_offload_link_expires_at_its_expiry_time(offload: LinkSigner) -> None:
+    """An offload link is good up to the second before `expires` and refused from then on."""
+    resource, query = split(offload.mint(RESOURCE, SUBJECT, NOW, blob=BLOB))
+    expires = int(query["e"])
+    assert offload.check(resource, query, expires - 1) is not None
+    assert offload.check(resource, query, expires) is None
+
+
+def test_offload_signer_still_accepts_built_in_links(signer: LinkSigner, offload: LinkSigner) -> None:
+    """Switching the offload on does not break links already minted in the built-in style."""
+    resource, query = split(signer.mint(RESOURCE, SUBJECT, NOW))
+    assert offload.check(resource, query, NOW) == LinkClaims(RESOURCE, SUBJECT, int(NOW) + TTL_S)
+
+
+def test_built_in_signer_refuses_offload_links(signer: LinkSigner, offload: LinkSigner) -> None:
+    """Without the offload configured, MD5-tagged links are not accepted at all (HMAC-SHA256 only)."""
+    resource, query = split(offload.mint(RESOURCE, SUBJECT, NOW, blob=BLOB))
+    assert signer.check(resource, query, NOW) is None
+
+
+def test_built_in_links_ignore_the_blob(signer: LinkSigner) -> None:
+    """The built-in style is unchanged when the caller passes the blob."""
+    assert signer.mint(RESOURCE, SUBJECT, NOW, blob=BLOB) == signer.mint(RESOURCE, SUBJECT, NOW)
+
+
+@pytest.mark.parametrize("blob", [None, "", BLOB.upper(), BLOB + "0", "not-a-digest"])
+def test_offload_link_needs_the_blob_digest(offload: LinkSigner, blob: str | None) -> None:
+    """An offload link cannot be minted without the blob's sha256: it is the file nginx serves."""
+    with pytest.raises(ValueError, match="sha256"):
+        offload.mint(RESOURCE, SUBJECT, NOW, blob=blob)
+
+
+def test_realistic_offload_link_fits_the_sdk_url_buffer() -> None:
+    """With the 64-digit blob, a long host, a 6-digit firmware id and an Aliyun-sized device name the
+    offload link is still at most 256 characters."""
+    long_signer = LinkSigner(KEY, "https://ota-gateway-01.factory.example.com", TTL_S, offload="nginx")
+    url = long_signer.mint("123456", "a1B2c3D4e5F/" + "d" * 32, NOW, blob=BLOB)
+    assert len(url) <= MAX_URL_LEN
+    with pytest.raises(LinkTooLong):
+        LinkSigner(KEY, "https://" + "x" * 90 + ".example", TTL_S, offload="nginx").mint(
+            "123456", "a1B2c3D4e5F/" + "d" * 32, NOW, blob=BLOB
+        )
+
+
+def test_unknown_offload_style_is_refused() -> None:
+    """Only the built-in style and nginx exist."""
+    with pytest.raises(ValueError, match="offload"):
+        LinkSigner(KEY, BASE, TTL_S, offload="varnish")
