@@ -32,7 +32,7 @@ from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.session import IncomingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from broker import protocol
@@ -49,6 +49,11 @@ def _client_id(session: Session) -> str:
     return str(session.client_id)
 
 
+async def _write_and_drain(writer: Any, data: bytes) -> None:
+    writer.write(data)
+    await writer.drain()
+
+
 def _who(session: Any) -> str:
     return str(getattr(session, "client_id", "?"))[:96]
 
@@ -63,6 +68,8 @@ class HardenedBroker(Broker):  # type: ignore[misc]
         self._subscriptions: TopicIndex[Session] = TopicIndex(key=_client_id)
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._connection_ended: dict[str, asyncio.Future[None]] = {}
+        self.delivered_count = 0  # messages handed to subscribers' connections (read by /metrics)
+        self.dropped_count = 0  # QoS 0 messages dropped for clients that read too slowly
 
     # ------------------------------------------------------------------------------- connections
 
@@ -79,6 +86,7 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             server.release_connection()  # however the connection ended (amqtt leaked it on OSError)
 
     async def _serve(self, listener_name: str, reader: Any, writer: Any) -> None:
+        writer = protocol.CoalescingWriter(writer)
         remote = writer.get_peer_info()
         if remote is None:
             await writer.close()
@@ -111,11 +119,13 @@ class HardenedBroker(Broker):  # type: ignore[misc]
         try:
             session.transitions.connect()
             handler.attach(session, reader, writer)
+            handler._ota_router = self  # the reader hands packets straight to on_publish & co.
             self._sessions[client_id] = (session, handler)
             await handler.mqtt_connack_authorize(True)
-            await self.plugins_manager.fire_event(
-                BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
-            )
+            # What was in flight before this connection is resent when the handler starts; what plugins
+            # send from their connected handler (an OTA notice) goes out once, now.
+            handler._ota_resend = list(session.inflight_out.values())
+            await self._fire(BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session)
             await handler.start()  # also resends what the session had in flight (MQTT-4.4.0-1)
             self._send_queued(session, handler)
             await self._client_message_loop(session, handler)
@@ -236,55 +246,163 @@ class HardenedBroker(Broker):  # type: ignore[misc]
 
     # ------------------------------------------------------------------------------------ routing
 
+    async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """A PUBLISH from `session`, called by its reader before the PUBACK/PUBCOMP is sent."""
+        message = IncomingApplicationMessage(None, topic, qos, payload, retain)
+        await self._fire(BrokerEvents.MESSAGE_RECEIVED, client_id=session.client_id, message=message)
+        if topic.startswith("$"):
+            log.info(
+                "client %r may not publish to %r ($ topics are the broker's)", _who(session), topic[:128]
+            )
+            return
+        if not await self._may(session, topic, Action.PUBLISH):
+            log.info("client %r may not publish to %r", _who(session), topic[:128])
+            return
+        await self._fire(BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message)
+        await self._route(topic, payload, qos)
+        if retain:
+            await self.retain_message(session, topic, payload, qos)
+
     async def _handle_message_delivery(
         self, client_session: Session, handler: Any, wait_deliver: Any
     ) -> bool:
-        app_message = wait_deliver.result()
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=app_message
-        )
-        if app_message is None:
-            return True
-        topic = app_message.topic
-        if not topic or "#" in topic or "+" in topic:  # the reader refuses these already
-            return False
-        if topic.startswith("$"):
-            log.info(
-                "client %r may not publish to %r ($ topics are the broker's)",
-                _who(client_session),
-                topic[:128],
-            )
-            return True
-        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
-            log.info("client %r may not publish to %r", _who(client_session), topic[:128])
-            return True
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message
-        )
-        await self._broadcast_message(client_session, topic, app_message.data, app_message.qos)
-        if app_message.publish_packet and app_message.publish_packet.retain_flag:
-            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+        """amqtt's queue path (used only when a plugin listens to every packet): routed like the fast path."""
+        message = wait_deliver.result()
+        if message is not None:
+            retain = bool(message.publish_packet and message.publish_packet.retain_flag)
+            await self.on_publish(client_session, message.topic, message.data, message.qos or 0, retain)
         return True
 
-    async def _run_broadcast(self, running_tasks: Any) -> None:
-        broadcast = await self._broadcast_queue.get()
-        topic = broadcast["topic"]
-        data = broadcast["data"]
-        published_qos = broadcast.get("qos")  # None: the broker's own messages, sent at the granted QoS
+    async def on_subscribe(self, handler: Any, packet: Any) -> None:
+        session = handler.session
+        topics = packet.payload.topics
+        codes = [await self.add_subscription(subscription, session) for subscription in topics]
+        await handler.mqtt_acknowledge_subscription(packet.variable_header.packet_id, codes)
+        for (topic_filter, _), code in zip(topics, codes, strict=True):
+            if code != _REFUSED:
+                await self._fire(
+                    BrokerEvents.CLIENT_SUBSCRIBED, client_id=session.client_id, topic=topic_filter, qos=code
+                )
+                await self._publish_retained_messages_for_subscription((topic_filter, code), session)
+
+    async def on_unsubscribe(self, handler: Any, packet: Any) -> None:
+        session = handler.session
+        for topic_filter in packet.payload.topics:
+            self._del_subscription(topic_filter, session)
+            await self._fire(
+                BrokerEvents.CLIENT_UNSUBSCRIBED, client_id=session.client_id, topic=topic_filter
+            )
+        await handler.mqtt_acknowledge_unsubscription(packet.variable_header.packet_id)
+
+    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+        if "_ota_router" not in handler.__dict__:
+            await super()._client_message_loop(client_session, handler)
+            return
+        # The reader does the work; this task only waits for the end of the connection.
+        await handler.wait_disconnect()
+        clean = handler.__dict__.get("_ota_clean_disconnect", False)
+        if not clean and client_session.will_flag:  # MQTT-3.1.2-8: abnormal end, the Will is published
+            await self._route(client_session.will_topic, client_session.will_message, client_session.will_qos)
+            if client_session.will_retain:
+                await self.retain_message(
+                    client_session,
+                    client_session.will_topic,
+                    client_session.will_message,
+                    client_session.will_qos,
+                )
+        await self._stop_handler(handler)
+        client_session.transitions.disconnect()
+        await self._fire(
+            BrokerEvents.CLIENT_DISCONNECTED,
+            client_id=client_session.client_id,
+            client_session=client_session,
+        )
+
+    async def _fire(self, event: Any, **kwargs: Any) -> None:
+        """Call the plugins' handlers of `event` in this task (amqtt starts a task per handler per event)."""
+        for callback in self.plugins_manager._event_plugin_callbacks.get(event, ()):
+            try:
+                await callback(**kwargs)
+            except Exception as e:
+                log.warning("a plugin failed on %s: %s: %s", event, type(e).__name__, e)
+                log.debug("plugin failure", exc_info=True)
+
+    async def _may(self, session: Session, topic: str, action: Action) -> bool:
+        """amqtt's topic check (every topic plugin must say yes), without a task per plugin per message."""
+        if not self.plugins_manager.is_topic_filtering_enabled():
+            return True
+        for plugin in self.plugins_manager._topic_plugins:
+            check = getattr(plugin, "topic_filtering", None)
+            if check is not None and not await check(session=session, topic=topic, action=action):
+                return False
+        return True
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        return await self._may(session, topic, action)
+
+    async def _broadcast_message(
+        self, session: Session | None, topic: str | None, data: bytes | None, force_qos: int | None = None
+    ) -> None:
+        """Route at once (the Will, the broker's and plugins' own messages): no queue, no task."""
+        if topic:
+            await self._route(topic, data or b"", force_qos)
+
+    async def _route(self, topic: str, data: bytes, published_qos: int | None) -> None:
+        """Send `data` to every subscriber of `topic` once, at min(published QoS, granted QoS); None: the
+        broker's own message, sent at the granted QoS."""
+        qos0: bytes | None = None
         for target, granted in self._subscriptions.match(topic):
             qos = granted if published_qos is None else min(published_qos, granted)
-            if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
+            if not await self._may(target, topic, Action.RECEIVE):
                 continue
             if target.transitions.state != "connected":
                 if qos and not target.clean_session and not target.is_anonymous:
                     self._queue_offline(target, topic, data, qos)
                 continue
             handler = self._get_handler(target)
-            if handler is not None:
+            if handler is None:
+                continue
+            if qos:
                 self._deliver(handler, topic, data, qos)
+                continue
+            if qos0 is None:
+                qos0 = protocol.encode_publish(topic, data)
+            self._send_qos0(handler, qos0, topic)
 
-    def _deliver(self, handler: Any, topic: str, data: bytes, qos: int, retain: bool = False) -> None:
-        task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=retain))
+    def _send_qos0(self, handler: Any, packet: bytes, topic: str) -> None:
+        """QoS 0 goes straight to the socket; a client that reads too slowly loses QoS 0 messages (counted),
+        as MQTT allows, rather than growing the broker's memory."""
+        transport = getattr(getattr(handler.writer, "_writer", None), "transport", None)
+        if transport is None:  # not a plain stream (websockets): amqtt's own path
+            self._deliver(handler, topic, packet, 0, raw=True)
+            return
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > protocol.LIMITS.max_write_buffer:
+            self.dropped_count += 1
+            if self.dropped_count % 1000 == 1:
+                log.warning(
+                    "client %r reads too slowly: QoS 0 messages dropped (%d so far)",
+                    _who(handler.session),
+                    self.dropped_count,
+                )
+            return
+        handler.writer.write(packet)
+        self.delivered_count += 1
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        """amqtt's broadcast queue, for anything still put on it: routed like the rest."""
+        broadcast = await self._broadcast_queue.get()
+        await self._route(broadcast["topic"], broadcast["data"], broadcast.get("qos"))
+
+    def _deliver(
+        self, handler: Any, topic: str, data: bytes, qos: int, retain: bool = False, raw: bool = False
+    ) -> None:
+        self.delivered_count += 1
+        if raw:  # an encoded QoS 0 packet for a writer that is not a plain stream
+            task = asyncio.ensure_future(_write_and_drain(handler.writer, data))
+        else:
+            task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=retain))
         self._deliveries.add(task)
         task.add_done_callback(self._delivered)
 
@@ -294,7 +412,9 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             return
         error = task.exception()
         if isinstance(error, protocol.QueueFull):
-            log.warning("%s: message dropped", error)
+            self.dropped_count += 1
+            if self.dropped_count % 1000 == 1:  # one line per thousand, not one per message
+                log.warning("%s: message dropped (%d dropped so far)", error, self.dropped_count)
         elif error is not None:
             log.debug("a delivery ended early: %s: %s", type(error).__name__, error)
 

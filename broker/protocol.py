@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from struct import unpack_from
-from typing import Any
+from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader
 from amqtt.codecs_amqtt import read_or_raise
@@ -31,6 +31,7 @@ from amqtt.errors import NoDataError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import (
     CONNACK,
     CONNECT,
@@ -50,8 +51,7 @@ from amqtt.mqtt.packet import (
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
-from amqtt.mqtt.pubrel import PubrelPacket
-from amqtt.session import OUTGOING
+from amqtt.session import OUTGOING, IncomingApplicationMessage
 
 log = logging.getLogger("ota.broker")
 
@@ -65,6 +65,7 @@ class Limits:
     max_queued_messages: int = 1000  # outgoing QoS 1/2 messages waiting behind those, and offline ones
     max_incoming_qos2: int = 100  # received QoS 2 messages awaiting PUBREL, per session
     retry_interval_s: float = 20.0  # resend an unacknowledged PUBLISH/PUBREL (DUP set) after this
+    max_write_buffer: int = 4 * 1024 * 1024  # bytes waiting to be sent to a client before QoS 0 is dropped
 
 
 LIMITS = Limits()
@@ -130,16 +131,22 @@ def _packet_id(body: bytes, at: int, what: str) -> int:
     return int(packet_id)
 
 
+def check_publish(flags: int, body: bytes) -> tuple[str, int, int]:
+    """The topic, packet id (0 for QoS 0) and payload offset of a PUBLISH body, or `ProtocolViolation`."""
+    topic, at = _string(body, 0, "PUBLISH topic")
+    if not topic:
+        raise ProtocolViolation("PUBLISH with an empty topic [MQTT-4.7.3-1]")
+    if "+" in topic or "#" in topic:
+        raise ProtocolViolation(f"PUBLISH topic {topic[:64]!r} has a wildcard [MQTT-3.3.2-2]")
+    if not (flags >> 1) & 0x3:
+        return topic, 0, at
+    return topic, _packet_id(body, at, "PUBLISH"), at + 2
+
+
 def check_body(packet_type: int, flags: int, body: bytes) -> None:
     """Raise `ProtocolViolation` for a packet body amqtt would mis-decode or accept against the standard."""
     if packet_type == PUBLISH:
-        topic, at = _string(body, 0, "PUBLISH topic")
-        if not topic:
-            raise ProtocolViolation("PUBLISH with an empty topic [MQTT-4.7.3-1]")
-        if "+" in topic or "#" in topic:
-            raise ProtocolViolation(f"PUBLISH topic {topic[:64]!r} has a wildcard [MQTT-3.3.2-2]")
-        if (flags >> 1) & 0x3:
-            _packet_id(body, at, "PUBLISH")
+        check_publish(flags, body)
     elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
         name = "SUBSCRIBE" if packet_type == SUBSCRIBE else "UNSUBSCRIBE"
         _packet_id(body, 0, name)
@@ -194,6 +201,28 @@ async def _read_packet(reader: Any, packet_type: int, flags: int, length: int, l
     return packet
 
 
+async def _handle_slow(
+    self: Any, packet_type: int, flags: int, length: int, limits: Limits, qos2_flows: set[asyncio.Task[None]]
+) -> None:
+    """amqtt's own packet objects, events and handlers (when a plugin listens to every packet)."""
+    session = self.session
+    packet = await _read_packet(self.reader, packet_type, flags, length, limits)
+    await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=session)
+    if packet_type != PUBLISH:
+        await _DISPATCH[packet_type](self, packet)
+    elif packet.qos != QOS_2:
+        await self.handle_publish(packet)
+    else:
+        packet_id = packet.variable_header.packet_id
+        if packet_id not in session.inflight_in and len(session.inflight_in) >= limits.max_incoming_qos2:
+            raise ProtocolViolation(
+                f"more than max_incoming_qos2 ({limits.max_incoming_qos2}) QoS 2 messages unreleased"
+            )
+        flow = asyncio.create_task(self.handle_publish(packet))  # waits for the PUBREL
+        qos2_flows.add(flow)
+        flow.add_done_callback(qos2_flows.discard)
+
+
 async def _reader_loop(self: Any) -> None:
     """Replaces `ProtocolHandler._reader_loop` (installed by `install`)."""
     session = self.session
@@ -203,6 +232,9 @@ async def _reader_loop(self: Any) -> None:
     limits = LIMITS
     timeout = session.keep_alive if session.keep_alive > 0 else None
     qos2_flows: set[asyncio.Task[None]] = set()
+    router = self.__dict__.get("_ota_router")
+    if router is not None and self.plugins_manager._event_plugin_callbacks.get(MQTTEvents.PACKET_RECEIVED):
+        router = None  # a plugin wants every packet object: amqtt's decoders and events
     self._reader_ready.set()
     try:
         while self.reader is not None:
@@ -213,24 +245,10 @@ async def _reader_loop(self: Any) -> None:
                 continue
             if header is None:
                 break  # EOF
-            packet = await _read_packet(self.reader, *header, limits)
-            await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=session)
-            if header[0] != PUBLISH:
-                await _DISPATCH[header[0]](self, packet)
-            elif packet.qos != QOS_2:
-                await self.handle_publish(packet)
-            else:
-                packet_id = packet.variable_header.packet_id
-                if (
-                    packet_id not in session.inflight_in
-                    and len(session.inflight_in) >= limits.max_incoming_qos2
-                ):
-                    raise ProtocolViolation(
-                        f"more than max_incoming_qos2 ({limits.max_incoming_qos2}) QoS 2 messages unreleased"
-                    )
-                flow = asyncio.create_task(self.handle_publish(packet))  # waits for the PUBREL
-                qos2_flows.add(flow)
-                flow.add_done_callback(qos2_flows.discard)
+            if router is not None:
+                await _handle_fast(self, router, *header, limits)
+                continue
+            await _handle_slow(self, *header, limits, qos2_flows)
     except asyncio.CancelledError:
         pass
     except ProtocolViolation as e:
@@ -247,6 +265,139 @@ async def _reader_loop(self: Any) -> None:
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+
+# -------------------------------------------------------------------------------------- the fast path
+
+
+def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, dup: bool = False) -> bytes:
+    """A PUBLISH packet (retain 0: a routed message, MQTT-3.3.1-9)."""
+    name = topic.encode()
+    size = 2 + len(name) + (2 if qos else 0) + len(payload)
+    head = bytearray(((0x30 | (qos << 1) | (0x8 if dup else 0)),))
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        head.append(byte | 0x80 if size else byte)
+        if not size:
+            break
+    head += len(name).to_bytes(2, "big") + name
+    if qos:
+        head += packet_id.to_bytes(2, "big")
+    return bytes(head) + payload
+
+
+class Router(Protocol):
+    """What the reader hands packets to when the broker attaches itself as `handler._ota_router`: a
+    message is routed before its PUBACK/PUBCOMP is sent, in the reader's own task (no queue, no task per
+    packet), so a client that disconnects right after publishing loses nothing it was told was received."""
+
+    async def on_publish(self, session: Any, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
+
+    async def on_subscribe(self, handler: Any, packet: Any) -> None: ...
+
+    async def on_unsubscribe(self, handler: Any, packet: Any) -> None: ...
+
+
+_PINGRESP = b"\xd0\x00"
+
+
+def _ack(kind: int, packet_id: int) -> bytes:
+    return bytes((kind, 2, packet_id >> 8, packet_id & 0xFF))
+
+
+class CoalescingWriter:
+    """Wraps amqtt's writer adapter: packets written in one turn of the event loop leave in one send (a
+    burst of deliveries or acknowledgements costs one system call, not one per packet), in order."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending.clear()
+            self._inner.write(data)
+
+    async def drain(self) -> None:
+        self.flush()
+        await self._inner.drain()
+
+    async def close(self) -> None:
+        self.flush()
+        await self._inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # get_peer_info, get_ssl_info, is_closed, _writer, ...
+        return getattr(self._inner, name)
+
+
+def write(handler: Any, data: bytes) -> None:
+    """Queue bytes on the connection without waiting (each write is whole, so writes never interleave)."""
+    writer = handler.writer
+    if writer is not None:
+        writer.write(data)
+
+
+async def _handle_fast(
+    self: Any, router: Router, packet_type: int, flags: int, length: int, limits: Limits
+) -> None:
+    check_header(packet_type, flags, length, limits)
+    body = await read_or_raise(self.reader, length) if length else b""
+    session = self.session
+    if packet_type == PUBLISH:
+        topic, packet_id, at = check_publish(flags, body)
+        qos, retain = (flags >> 1) & 0x3, bool(flags & 0x1)
+        if qos < QOS_2:
+            await router.on_publish(session, topic, body[at:], qos, retain)
+            if qos:
+                write(self, _ack(0x40, packet_id))  # PUBACK once routed
+            return
+        if packet_id not in session.inflight_in:  # else a DUP: PUBREC again, route once (MQTT-4.3.3)
+            if len(session.inflight_in) >= limits.max_incoming_qos2:
+                raise ProtocolViolation(
+                    f"more than max_incoming_qos2 ({limits.max_incoming_qos2}) QoS 2 messages unreleased"
+                )
+            session.inflight_in[packet_id] = IncomingApplicationMessage(
+                packet_id, topic, QOS_2, body[at:], retain
+            )
+        write(self, _ack(0x50, packet_id))
+        return
+    check_body(packet_type, flags, body)
+    if packet_type in (PUBACK, PUBREC, PUBCOMP):
+        packet_id = (body[0] << 8) | body[1]
+        waiters = (
+            self._puback_waiters
+            if packet_type == PUBACK
+            else self._pubrec_waiters
+            if packet_type == PUBREC
+            else self._pubcomp_waiters
+        )
+        waiter = waiters.get(packet_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(packet_id)
+    elif packet_type == PUBREL:
+        packet_id = (body[0] << 8) | body[1]
+        message = session.inflight_in.pop(packet_id, None)
+        if message is not None:
+            await router.on_publish(session, message.topic, message.data, QOS_2, message.retain)
+        write(self, _ack(0x70, packet_id))  # PUBCOMP, also for an id already released
+    elif packet_type == PINGREQ:
+        write(self, _PINGRESP)
+    elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
+        fixed = MQTTFixedHeader(packet_type, flags, length)
+        packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
+        if packet_type == SUBSCRIBE:
+            await router.on_subscribe(self, packet)
+        else:
+            await router.on_unsubscribe(self, packet)
+    elif packet_type == DISCONNECT:
+        self._ota_clean_disconnect = True
+        await self.handle_disconnect(DisconnectPacket())
 
 
 _DISPATCH: dict[int, Callable[[Any, Any], Awaitable[None]]] = {
@@ -291,25 +442,38 @@ def _closed(handler: Any) -> asyncio.Future[None]:
     return closed
 
 
-async def _await_ack(self: Any, waiters: dict[int, asyncio.Future[Any]], packet_id: int, resend: Any) -> Any:
-    """Wait for the acknowledgement of `packet_id`, sending `resend()` again every retry interval."""
-    if _closed(self).done():
-        raise ConnectionEnded
-    waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    waiters[packet_id] = waiter  # amqtt's stop() cancels every waiter of the connection
+_RETRY = object()
+
+
+def _time_to_retry(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_RETRY)
+
+
+async def _await_ack(
+    self: Any, waiters: dict[int, asyncio.Future[Any]], packet_id: int, resend: bytes
+) -> Any:
+    """Wait for the acknowledgement of `packet_id`, sending `resend` again every retry interval."""
+    loop = asyncio.get_running_loop()
     try:
         while True:
+            if _closed(self).done():
+                raise ConnectionEnded
+            waiter: asyncio.Future[Any] = loop.create_future()
+            waiters[packet_id] = waiter  # amqtt's stop() cancels every waiter of the connection
+            timer = loop.call_later(LIMITS.retry_interval_s, _time_to_retry, waiter)
             try:
-                return await asyncio.wait_for(asyncio.shield(waiter), LIMITS.retry_interval_s)
-            except TimeoutError:
-                if waiter.cancelled() or _closed(self).done():
+                result = await waiter
+            except asyncio.CancelledError:
+                if waiter.cancelled():
                     raise ConnectionEnded from None
-                log.info("client %r: packet %d not acknowledged, sending it again", _who(self), packet_id)
-                await self._send_packet(resend())
-    except asyncio.CancelledError:
-        if waiter.cancelled():
-            raise ConnectionEnded from None
-        raise
+                raise
+            finally:
+                timer.cancel()
+            if result is not _RETRY:
+                return result
+            log.info("client %r: packet %d not acknowledged, sending it again", _who(self), packet_id)
+            write(self, resend)
     finally:
         waiters.pop(packet_id, None)
 
@@ -351,28 +515,24 @@ async def _outgoing_flow(self: Any, message: Any) -> None:
         session.inflight_out.setdefault(message.packet_id, message)  # redelivered on reconnect
         return
     session.inflight_out[message.packet_id] = message
+    packet_id = message.packet_id
     try:
         if message.qos == QOS_1 or message.pubrec_packet is None:
-            packet = message.build_publish_packet(dup=message.publish_packet is not None)
-            message.publish_packet = packet
-            await self._send_packet(packet)
+            again = encode_publish(message.topic, message.data, message.qos, packet_id, dup=True)
+            if message.publish_packet is None:
+                write(self, encode_publish(message.topic, message.data, message.qos, packet_id))
+                message.publish_packet = again  # marks it sent: later sends carry DUP (MQTT-3.3.1-1)
+            else:
+                write(self, again)
             if message.qos == QOS_1:
-                message.puback_packet = await _await_ack(
-                    self,
-                    self._puback_waiters,
-                    message.packet_id,
-                    lambda: message.build_publish_packet(dup=True),
-                )
-                session.inflight_out.pop(message.packet_id, None)
+                message.puback_packet = await _await_ack(self, self._puback_waiters, packet_id, again)
+                session.inflight_out.pop(packet_id, None)
                 return
-            message.pubrec_packet = await _await_ack(
-                self, self._pubrec_waiters, message.packet_id, lambda: message.build_publish_packet(dup=True)
-            )
-        message.pubrel_packet = PubrelPacket.build(message.packet_id)
-        await self._send_packet(message.pubrel_packet)
-        message.pubcomp_packet = await _await_ack(
-            self, self._pubcomp_waiters, message.packet_id, lambda: PubrelPacket.build(message.packet_id)
-        )
+            message.pubrec_packet = await _await_ack(self, self._pubrec_waiters, packet_id, again)
+        pubrel = _ack(0x62, packet_id)
+        message.pubrel_packet = pubrel
+        write(self, pubrel)
+        message.pubcomp_packet = await _await_ack(self, self._pubcomp_waiters, packet_id, pubrel)
         session.inflight_out.pop(message.packet_id, None)
     except ConnectionEnded:
         pass  # stays in flight: sent again when the session reconnects
@@ -394,7 +554,9 @@ async def _retry_deliveries(self: Any) -> None:
     """On (re)connect, send unacknowledged messages again in their order, without holding up the
     connection: each flow runs on its own until acknowledged or the connection ends (MQTT-4.4.0-1)."""
     session = self.session
-    pending = list(session.inflight_out.values())  # in the order they were first sent
+    pending = self.__dict__.get("_ota_resend")  # what the broker saw in flight before this connection
+    if pending is None:
+        pending = list(session.inflight_out.values())  # in the order they were first sent
     if not pending:
         return
     log.info("client %r: resending %d unacknowledged message(s)", str(session.client_id)[:96], len(pending))

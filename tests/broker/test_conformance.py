@@ -649,3 +649,19 @@ async def test_bad_clients_leave_no_unobserved_exceptions(env: Env, caplog: pyte
     tracebacks = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info]
     assert not tracebacks, tracebacks
     await assert_serves(env.mqtt_port)
+
+
+async def test_messages_read_before_a_disconnect_are_all_routed(env: Env) -> None:
+    """[item 7] Every PUBLISH that arrived before the DISCONNECT is routed, in order (MQTT-4.6.0-6): amqtt
+    queued received messages and dropped that queue when the connection ended, so a burst followed by a
+    DISCONNECT lost most of it."""
+    topic = _fresh("burst")
+    async with RawClient.open(env.mqtt_port) as sub:
+        await sub.connect(_fresh("burst-sub"))
+        assert await sub.subscribe(1, (topic, 0)) == [0]
+        async with RawClient.open(env.mqtt_port) as pub:
+            await pub.connect(_fresh("burst-pub"))
+            await pub.send(*[mq.publish(topic, b"%d" % i) for i in range(200)], mq.disconnect())
+            assert await pub.closed(CLOSE_S)
+        got = [int((await sub.expect(mq.PUBLISH, 5)).payload) for _ in range(200)]
+        assert got == list(range(200))
