@@ -35,7 +35,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import IncomingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
-from broker import protocol
+from broker import protocol, session_state
 from broker.sessions import SessionStore
 from broker.topic_index import InvalidTopicFilter, TopicIndex, matching_retained
 
@@ -120,6 +120,7 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             session.transitions.connect()
             handler.attach(session, reader, writer)
             handler._ota_router = self  # the reader hands packets straight to on_publish & co.
+            session_state.lighten(session, handler)
             self._sessions[client_id] = (session, handler)
             await handler.mqtt_connack_authorize(True)
             # What was in flight before this connection is resent when the handler starts; what plugins

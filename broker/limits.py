@@ -12,7 +12,7 @@ from typing import Any
 from amqtt.broker import BrokerContext
 from amqtt.plugins.base import BasePlugin
 
-from broker import keepalive, protocol
+from broker import keepalive, protocol, session_state
 
 
 @dataclass
@@ -52,6 +52,7 @@ def apply(config: LimitsConfig | dict[str, Any] | None) -> protocol.Limits:
     keepalive.install()
     keepalive.CONNECT_DEADLINE_S = float(config.connect_timeout_s)
     protocol.install(limits)
+    session_state.install()
     return limits
 
 
