@@ -1,4 +1,5 @@
-"""`ota-broker`: run the broker, or manage devices, firmware and jobs through the management API."""
+"""`ota-broker`: run the broker, check its configuration or its health, or manage devices, firmware and
+jobs through the management API."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Annotated
 
@@ -14,9 +17,12 @@ import typer
 from argon2 import PasswordHasher
 
 from broker import app as broker_app
+from broker import logs
 from broker.config import ConfigError, load, ota_settings, prepare
+from broker.config_check import effective_config
 from firmware_store.links import nginx_secure_link
 from plugins.ota.cli import device_app, firmware_app, job_app
+from plugins.ota.settings import parse_bind
 
 cli = typer.Typer(
     help="A self-hosted OTA service for MQTT devices (Aliyun OTA protocol).", no_args_is_help=True
@@ -26,27 +32,33 @@ cli.add_typer(firmware_app, name="firmware")
 cli.add_typer(job_app, name="job")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if level.upper() != "DEBUG":
-        for noisy in ("amqtt", "transitions", "aiohttp.access"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+def setup_logging(level: str, fmt: logs.LogFormat = logs.LogFormat.TEXT) -> None:
+    logs.setup(level, fmt)
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="amqtt config file (default: ./config.yaml, else built-in)."),
+]
 
 
 @cli.command()
 def run(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="amqtt config file (default: ./config.yaml, else built-in)."),
-    ] = None,
-    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    config: ConfigOption = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", envvar="OTA_LOG_LEVEL", help="debug, info, warning or error.")
+    ] = "info",
+    log_format: Annotated[
+        logs.LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="OTA_LOG_FORMAT",
+            help="text (human-readable lines) or json (one JSON object per line).",
+        ),
+    ] = logs.LogFormat.TEXT,
 ) -> None:
     """Start the broker, the OTA service, the firmware HTTPS endpoint and the management API."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     log = logging.getLogger("ota.broker")
     try:
         loaded = load(config)
@@ -61,6 +73,76 @@ def run(
         log.error("%s", e)
         raise typer.Exit(1) from e
     raise typer.Exit(code)
+
+
+@cli.command("check-config")
+def check_config(config: ConfigOption = None) -> None:
+    """Validate a configuration and print the effective settings (OTA_* overrides applied, secrets masked).
+
+    Changes nothing: no data directory, TLS material or token is created. Exit status 2, with the key
+    path and the reason, when the configuration is not valid.
+    """
+    try:
+        loaded = load(config)
+        amqtt_config, settings = prepare(loaded, dry_run=True)
+        text = effective_config(loaded, amqtt_config, settings, os.environ)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from e
+    sys.stdout.write(text)
+
+
+@cli.command()
+def health(
+    admin_url: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-url",
+            envvar="OTA_ADMIN_URL",
+            help="Base URL of the management API (default: from OTA_ADMIN_BIND, else http://127.0.0.1:8080).",
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the answer.")] = 3.0,
+) -> None:
+    """Exit 0 when the broker's management API answers GET /api/v1/health, else 1 (container healthchecks)."""
+    url = (admin_url or _local_admin_url()).rstrip("/") + "/api/v1/health"
+    if not url.startswith(("http://", "https://")):
+        print(f"unhealthy: {url}: not an http(s) URL", file=sys.stderr)
+        raise typer.Exit(1)
+    context = None
+    if url.startswith("https:"):
+        ca = os.environ.get("OTA_ADMIN_CACERT") or str(
+            Path(os.environ.get("OTA_DATA_DIR", "./data")) / "tls/ca.crt"
+        )
+        context = ssl.create_default_context(cafile=ca if Path(ca).is_file() else None)
+    # Straight to the broker: never through an HTTP(S)_PROXY of the environment.
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+    try:
+        with opener.open(url, timeout=timeout) as answer:
+            doc = json.loads(answer.read(4096))
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
+        print(f"unhealthy: {url}: {e}", file=sys.stderr)
+        raise typer.Exit(1) from e
+    status = doc.get("status") if isinstance(doc, dict) else None
+    if status != "ok":
+        print(f"unhealthy: {url}: status {status!r}", file=sys.stderr)
+        raise typer.Exit(1)
+    print(f"ok: {url}")
+
+
+def _local_admin_url() -> str:
+    """Where this machine reaches the admin listener named by OTA_ADMIN_BIND (any-address binds: loopback)."""
+    bind = os.environ.get("OTA_ADMIN_BIND")
+    if not bind:
+        return "http://127.0.0.1:8080"
+    try:
+        parsed = parse_bind(bind, "OTA_ADMIN_BIND")
+    except ConfigError:
+        return "http://127.0.0.1:8080"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(parsed.host, parsed.host)  # noqa: S104
+    return f"http://[{host}]:{parsed.port}" if ":" in host else f"http://{host}:{parsed.port}"
 
 
 @cli.command()

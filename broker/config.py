@@ -106,8 +106,14 @@ def check_limits(raw: Mapping[str, Any]) -> None:
         raise ConfigError(f"session_expiry_interval: must be a positive number of seconds, not {expiry!r}")
 
 
-def prepare(loaded: Loaded, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], Settings]:
-    """The amqtt configuration to run, with overrides applied and TLS material in place."""
+def prepare(
+    loaded: Loaded, env: Mapping[str, str] | None = None, *, dry_run: bool = False
+) -> tuple[dict[str, Any], Settings]:
+    """The amqtt configuration to run, with overrides applied and TLS material in place.
+
+    `dry_run` (`ota-broker check-config`) validates the same and touches nothing: the TLS listener names
+    the generated certificate's paths without generating it (nor the data directory).
+    """
     env = os.environ if env is None else env
     cfg = copy.deepcopy(loaded.raw)
     check_auth(cfg)
@@ -120,6 +126,8 @@ def prepare(loaded: Loaded, env: Mapping[str, str] | None = None) -> tuple[dict[
     if settings.mqtts_bind is not None and "tls" not in cfg["listeners"]:
         if settings.tls_cert and settings.tls_key:
             cert, key = settings.tls_cert, settings.tls_key
+        elif dry_run:
+            cert, key = settings.data_dir / "tls" / "server.crt", settings.data_dir / "tls" / "server.key"
         else:
             files = ensure_tls(settings.data_dir / "tls", settings.public_host)
             cert, key = files.cert, files.key

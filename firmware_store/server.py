@@ -12,6 +12,7 @@ import logging
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -32,6 +33,21 @@ Authorize = Callable[[str, str], Awaitable[bool]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 READ_CHUNK = 256 * 1024
+
+
+@dataclass
+class DownloadStats:
+    """What the endpoint has served, for whoever reports metrics (this package imports no metrics library).
+
+    `bytes_sent` counts the bodies of completed 200/206 responses to GET; a download cut off mid-way
+    counts as `interrupted` with no bytes (its resumed Range request counts when it completes).
+    """
+
+    OUTCOMES = ("ok", "interrupted", "refused", "throttled", "corrupt")
+
+    active: int = 0
+    bytes_sent: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
 
 
 class _HashedFileResponse(web.FileResponse):
@@ -80,37 +96,65 @@ def download_app(
     clock: Callable[[], float],
     *,
     max_per_subject: int = 2,
+    stats: DownloadStats | None = None,
 ) -> web.Application:
     active: Counter[str] = Counter()
+    stats = DownloadStats() if stats is None else stats
 
     async def serve(request: web.Request) -> web.StreamResponse:
         resource = request.match_info["resource"]
         claims = signer.check(resource, dict(request.query), clock())
         if claims is None:
+            stats.outcomes["refused"] += 1
             log.warning("download refused from %s: bad or expired link for %s", request.remote, resource[:32])
             return web.Response(status=403, text="forbidden\n")
+        # The subject is whom the link was signed for (the OTA service signs links for a device, `pk/dn`).
+        about = {"device": claims.subject}
         blob = await resolve(resource)
         if blob is None or not await authorize(resource, claims.subject):
+            stats.outcomes["refused"] += 1
             log.warning(
-                "download refused for %s: %s may not download %s", request.remote, claims.subject, resource
+                "download refused for %s: %s may not download %s",
+                request.remote,
+                claims.subject,
+                resource,
+                extra=about,
             )
             return web.Response(status=403, text="forbidden\n")
         if not await store.verify(blob):
-            log.error("firmware %s is corrupt on disk (sha256 %s): not served", resource, blob.sha256)
+            stats.outcomes["corrupt"] += 1
+            log.error(
+                "firmware %s is corrupt on disk (sha256 %s): not served to %s",
+                resource,
+                blob.sha256,
+                claims.subject,
+                extra=about,
+            )
             return web.Response(status=500, text="firmware file failed verification\n")
         if active[claims.subject] >= max_per_subject:
+            stats.outcomes["throttled"] += 1
             log.warning(
-                "download refused for %s: already %d download(s) under way", claims.subject, max_per_subject
+                "download refused for %s: already %d download(s) under way",
+                claims.subject,
+                max_per_subject,
+                extra=about,
             )
             return web.Response(
                 status=429, text="too many concurrent downloads\n", headers={"Retry-After": "5"}
             )
         active[claims.subject] += 1
+        stats.active += 1
+        outcome = "interrupted"
         try:
             response = _HashedFileResponse(store.path(blob.sha256), blob.sha256)
             await response.prepare(request)  # streams the file; counted as under way until done
+            outcome = "ok"
+            if request.method == hdrs.METH_GET and response.status in (200, 206):
+                stats.bytes_sent += response.content_length or 0
             return response
         finally:
+            stats.active -= 1
+            stats.outcomes[outcome] += 1
             active[claims.subject] -= 1
             if not active[claims.subject]:
                 del active[claims.subject]

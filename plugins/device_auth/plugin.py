@@ -107,12 +107,15 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
         try:
             await self._check_device(session)
         except CredentialsError as e:
+            claimed = DeviceRef.from_username(session.username)  # the device it claimed to be, if any
             log.warning(
-                "refused CONNECT from %s (clientId %r, username %r): %s",
+                "refused CONNECT from %s (%sclientId %r, username %r): %s",
                 peer,
+                "" if claimed is None else f"device {claimed}, ",
                 client_id,
                 str(session.username or "")[:80],
                 e,
+                extra={} if claimed is None else {"device": str(claimed)},
             )
             return False
         return True
@@ -167,7 +170,11 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
             return acl.device_may_receive(device, topic)
         if not allowed:
             log.warning(
-                "refused %s by %s on %r: outside the device's own topics", action, device, topic[:128]
+                "refused %s by %s on %r: outside the device's own topics",
+                action,
+                device,
+                topic[:128],
+                extra={"device": str(device)},
             )
         return allowed
 

@@ -30,6 +30,8 @@ from plugins.ota import machine
 from plugins.ota.errors import Conflict, InvalidInput, NotFound, OtaError
 from plugins.ota.messages import MAX_VERSION_LEN
 from plugins.ota.messages import MODULE_PATTERN as _MODULE
+from plugins.ota.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from plugins.ota.metrics import OtaMetrics
 from plugins.ota.model import (
     DEFAULT_MODULE,
     Firmware,
@@ -61,8 +63,17 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
 
-def admin_app(service: OtaService, token: str) -> web.Application:
+def admin_app(
+    service: OtaService,
+    token: str,
+    *,
+    metrics: OtaMetrics | None = None,
+    metrics_token: str | None = None,
+) -> web.Application:
+    """The API under /api/v1, the console, and (given `metrics`) Prometheus' `GET /metrics`, which takes
+    the admin token or the read-only `metrics_token`."""
     expected = f"Bearer {token}".encode()
+    metrics_expected = f"Bearer {metrics_token}".encode() if metrics_token else None
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -89,6 +100,12 @@ def admin_app(service: OtaService, token: str) -> web.Application:
         given = request.headers.get("Authorization", "").encode()
         if hmac.compare_digest(given, expected):
             return await handler(request)
+        if (
+            matched is prometheus_metrics
+            and metrics_expected is not None
+            and hmac.compare_digest(given, metrics_expected)
+        ):
+            return await handler(request)
         if matched is job_events and tickets.valid(request.query.get("ticket", ""), _clock(request)):
             return await handler(request)
         return _error(401, "unauthorized", "missing or wrong bearer token")
@@ -100,6 +117,9 @@ def admin_app(service: OtaService, token: str) -> web.Application:
     app[CONSOLE] = _console_assets()
     app.on_shutdown.append(_end_streams)
     _add_routes(app.router)
+    if metrics is not None:
+        app[METRICS] = metrics
+        app.router.add_get("/metrics", prometheus_metrics)  # outside /api/v1: not in the OpenAPI document
     return app
 
 
@@ -724,6 +744,15 @@ async def task_history(request: web.Request) -> web.Response:
             ],
         }
     )
+
+
+METRICS = web.AppKey("metrics", OtaMetrics)
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this broker's metrics (plugins.ota.metrics)."""
+    body = await request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def openapi(_request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from firmware_store import FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls, write_private
 from plugins.ota.api import admin_app
+from plugins.ota.metrics import OtaMetrics
 from plugins.ota.repository import Repository
 from plugins.ota.service import OtaService
 from plugins.ota.settings import OtaConfig, Settings, resolve
@@ -57,6 +58,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         self._device_clients: dict[DeviceRef, list[str]] = {}  # newest last
         self._conns: dict[str, _Connection] = {}  # client id -> the connection that authenticated
         self._deliveries: set[asyncio.Task[Any]] = set()
+        self.metrics = OtaMetrics()
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -76,6 +78,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             else ensure_tls(s.data_dir / "tls", s.public_host)
         )
         repo = Repository(s.data_dir / "ota.db")
+        repo.observe = self.metrics.observe_db
         await repo.open()
         self._repo = repo
         await repo.mark_all_offline()
@@ -83,6 +86,8 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         store.open()
         link_key = _secret_file(s.data_dir / "link.key", lambda: secrets.token_bytes(32).hex()).encode()
         token = s.admin_token or _secret_file(s.data_dir / "admin.token", lambda: secrets.token_urlsafe(32))
+        # A read-only credential for Prometheus: it opens /metrics and nothing else.
+        metrics_token = _secret_file(s.data_dir / "metrics.token", lambda: secrets.token_urlsafe(32))
 
         # The signer needs the public URL, which may name the HTTPS port only known once bound.
         signer = LinkSigner(link_key, s.public_url, s.link_ttl_s, offload=s.download_offload)
@@ -105,6 +110,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             service.may_download,
             self.clock,
             max_per_subject=s.max_downloads_per_device,
+            stats=self.metrics.sources.downloads,
         )
         site = await start_site(
             dl,
@@ -119,8 +125,9 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         log.info(
             "https listening on %s (devices download from %s)", _fmt(self.https_address), self.public_url
         )
+        self._wire_metrics(service, repo)
         site = await start_site(
-            admin_app(service, token),
+            admin_app(service, token, metrics=self.metrics, metrics_token=metrics_token),
             s.admin_bind.host,
             s.admin_bind.port,
             self.tls.server_context() if s.admin_tls else None,
@@ -138,6 +145,20 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         else:
             log.info("auth mode: device-secret (devices log in with Aliyun one-device-one-secret signatures)")
         self._ticker = asyncio.create_task(self._tick_loop())
+
+    def _wire_metrics(self, service: OtaService, repo: Repository) -> None:
+        sources = self.metrics.sources
+        sources.devices_connected = lambda: len(self._device_clients)
+        sources.clients_connected = lambda: len(self._conns)
+        sources.broker_delivered = self._broker_delivered
+        sources.rejected = lambda: service.rejected
+        sources.notices_sent = lambda: service.notices_sent
+        sources.task_states = repo.task_state_counts
+
+    def _broker_delivered(self) -> int | None:
+        """The broker's count of deliveries to subscribers, when the broker keeps one."""
+        count = getattr(self.context._broker_instance, "delivered_count", None)
+        return count if isinstance(count, int) else None
 
     async def _tick_loop(self) -> None:
         while True:
@@ -236,8 +257,10 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         try:
             parsed = OtaTopic.parse(message.topic)
         except InvalidDeviceRef as e:
+            self.metrics.message_received(None)
             self.service.reject(client_id, "bad_topic", f"{message.topic[:128]!r}: {e}")
             return
+        self.metrics.message_received(None if parsed is None else parsed.kind)
         if parsed is None or not parsed.kind.device_to_server:
             return
         if not self._may_act_for(client_id, parsed.device):
@@ -293,6 +316,9 @@ class OtaPlugin(BasePlugin[BrokerContext]):
 
     async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
         """Deliver to the device's own session, plus any other subscribers of `topic`."""
+        parsed = _parse(topic)
+        if parsed is not None:
+            self.metrics.message_sent(parsed.kind)
         conn = self._connection(device)
         subscribed = conn is not None and self._subscribed(conn.session, topic)
         # Subscribers, the device among them if it subscribed, get it through the broker's routing.
@@ -306,7 +332,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
                 )
             )
             self._deliveries.add(task)
-            task.add_done_callback(self._delivery_done)
+            task.add_done_callback(lambda done: self._delivery_done(device, done))
         return True
 
     def _subscribed(self, session: Session, topic: str) -> bool:
@@ -324,13 +350,23 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         for client_id in list(self._device_clients.get(device, [])):
             conn = self._conns.get(client_id)
             if conn is not None:
-                log.info("closing the connection of %s (client %r)", device, client_id[:96])
+                log.info(
+                    "closing the connection of %s (client %r)",
+                    device,
+                    client_id[:96],
+                    extra={"device": str(device)},
+                )
                 await conn.handler.handle_connection_closed()
 
-    def _delivery_done(self, task: asyncio.Task[Any]) -> None:
+    def _delivery_done(self, device: DeviceRef, task: asyncio.Task[Any]) -> None:
         self._deliveries.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.info("a notice was not acknowledged: %s", task.exception())
+            log.info(
+                "%s: a notice was not acknowledged: %s",
+                device,
+                task.exception(),
+                extra={"device": str(device)},
+            )
 
 
 @dataclass(slots=True)

@@ -10,7 +10,8 @@ import asyncio
 import json
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -173,6 +174,8 @@ class Repository:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._write = asyncio.Lock()  # one statement or transaction at a time on the shared connection
+        # Told how long each query ("read") and transaction ("write") took, waiting included (metrics).
+        self.observe: Callable[[str, float], None] | None = None
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -213,6 +216,7 @@ class Repository:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction; writes are serialized so transactions never interleave."""
+        started = time.perf_counter()
         async with self._write:
             db = self.db
             await db.execute("BEGIN IMMEDIATE")
@@ -222,6 +226,8 @@ class Repository:
                 await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
+        if self.observe is not None:
+            self.observe("write", time.perf_counter() - started)
 
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
         rows = await self._all(sql, args)
@@ -230,8 +236,11 @@ class Repository:
     async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         """One query, run and fetched as a whole: a read never interleaves with a write transaction on
         the shared connection (a cursor fetched across awaits can see its statement reset under it)."""
+        started = time.perf_counter()
         async with self._write:
             rows = await self.db.execute_fetchall(sql, tuple(args))
+        if self.observe is not None:
+            self.observe("read", time.perf_counter() - started)
         return list(rows)
 
     # --------------------------------------------------------------------------------------- devices
@@ -741,6 +750,11 @@ class Repository:
             "SELECT at, state, progress, desc FROM task_history WHERE task_id=? ORDER BY id", (task_id,)
         )
         return [dict(r) for r in rows]
+
+    async def task_state_counts(self) -> dict[TaskState, int]:
+        """How many tasks are in each state, over all jobs (for metrics; one scan of a covering index)."""
+        rows = await self._all("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+        return {TaskState(r["state"]): int(r["n"]) for r in rows}
 
     async def may_download(self, firmware_id: int, ref: DeviceRef) -> bool:
         row = await self._one(

@@ -115,6 +115,7 @@ class OtaService:
         self.auto_register = auto_register
         self.max_payload_bytes = max_payload_bytes
         self.rejected: Counter[str] = Counter()
+        self.notices_sent: Counter[str] = Counter()  # notices handed to an online session: push, pull
         self.progress_limit = RateLimiter(progress_per_second, progress_burst)
         self._job_pacers: dict[int, RateLimiter] = {}
         self.step_s = step_s  # how often tick() runs
@@ -156,8 +157,9 @@ class OtaService:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def reject(self, device: DeviceRef | str, kind: str, reason: str) -> None:
+        """Count and log one rejected input; `device` is a client id when no device could be named."""
         self.rejected[kind] += 1
-        log.warning("rejected from %s: %s: %s", device, kind, reason)
+        log.warning("rejected from %s: %s: %s", device, kind, reason, extra=_about(device))
 
     # ------------------------------------------------------------------------------- device events
 
@@ -194,7 +196,7 @@ class OtaService:
             self.reject(device, f"bad_{topic.kind}", str(e))
         except Exception:
             self.rejected["internal_error"] += 1
-            log.exception("failed to handle %s from %s", topic.kind, device)
+            log.exception("failed to handle %s from %s", topic.kind, device, extra=_about(device))
 
     def _progress_allowed(self, device: DeviceRef) -> bool:
         now = self.clock()
@@ -207,6 +209,7 @@ class OtaService:
                 device,
                 dropped,
                 self.progress_limit.rate,
+                extra=_about(device),
             )
         return False
 
@@ -222,7 +225,7 @@ class OtaService:
                         continue  # its job's dispatcher notifies it when its turn comes
                     await self._drive(task, DeviceAvailable(self._session_start(device)))
         except Exception:
-            log.exception("failed to handle the connection of %s", device)
+            log.exception("failed to handle the connection of %s", device, extra=_about(device))
 
     async def device_disconnected(self, device: DeviceRef) -> None:
         try:
@@ -230,7 +233,7 @@ class OtaService:
                 if await self.repo.find_device(device) is not None:
                     await self.repo.set_online(device, False, self.clock())
         except Exception:
-            log.exception("failed to handle the disconnection of %s", device)
+            log.exception("failed to handle the disconnection of %s", device, extra=_about(device))
 
     def _session_start(self, device: DeviceRef) -> float:
         started = self.channel.session_started_at(device)
@@ -241,7 +244,7 @@ class OtaService:
             return True
         if self.auto_register and kind == "inform":
             if await self.repo.ensure_device(device, self.clock()):
-                log.info("registered %s on its first inform", device)
+                log.info("registered %s on its first inform", device, extra=_about(device))
             await self.repo.set_online(device, self.channel.is_online(device), self.clock())
             return True
         self.reject(device, "unknown_device", f"{kind} from a device that is not registered")
@@ -251,7 +254,7 @@ class OtaService:
         if not await self._known(device, "inform"):
             return
         await self.repo.record_version(device, msg.module, msg.version, self.clock())
-        log.info("%s informed %s version %s", device, msg.module, msg.version)
+        log.info("%s informed %s version %s", device, msg.module, msg.version, extra=_about(device))
         task = await self.repo.unfinished_task(device, msg.module)
         if task is None:
             await self._match_dynamic_jobs(device, msg.module, msg.version)
@@ -303,7 +306,7 @@ class OtaService:
             try:
                 decision = machine.apply(task, event, now)
             except machine.IllegalTransition as e:
-                log.info("%s: task %d ignored %s", task.device, task.id, e)
+                log.info("%s: task %d ignored %s", task.device, task.id, e, extra=_about(task.device))
                 return task
             outgoing = [await self._notice(decision.task, effect, reply, now) for effect in decision.effects]
             saved = task
@@ -321,13 +324,27 @@ class OtaService:
                         task.state,
                         saved.state,
                         decision.note,
+                        extra=_about(task.device),
                     )
             for topic, payload in outgoing:
                 delivered = await self.channel.send(saved.device, topic, payload)
-                if not delivered and topic.startswith("/ota/device/upgrade/"):
-                    log.info("%s: offline; the notice waits for its next connect", saved.device)
+                pushed = topic.startswith("/ota/device/upgrade/")
+                if delivered:
+                    self.notices_sent["push" if pushed else "pull"] += 1
+                elif pushed:
+                    log.info(
+                        "%s: offline; the notice waits for its next connect",
+                        saved.device,
+                        extra=_about(saved.device),
+                    )
             return saved
-        log.error("%s: task %d kept changing under %s; gave up", task.device, task.id, type(event).__name__)
+        log.error(
+            "%s: task %d kept changing under %s; gave up",
+            task.device,
+            task.id,
+            type(event).__name__,
+            extra=_about(task.device),
+        )
         return task
 
     async def _notice(
@@ -369,12 +386,12 @@ class OtaService:
 
     async def add_device(self, device: DeviceRef, secret: str | None) -> DeviceRecord:
         record = await self.repo.add_device(device, secret or new_device_secret(), self.clock())
-        log.info("device %s registered", device)
+        log.info("device %s registered", device, extra=_about(device))
         return record
 
     async def set_device_enabled(self, device: DeviceRef, enabled: bool) -> DeviceRecord:
         await self.repo.set_enabled(device, enabled)
-        log.info("device %s %s", device, "enabled" if enabled else "disabled")
+        log.info("device %s %s", device, "enabled" if enabled else "disabled", extra=_about(device))
         if not enabled:
             await self.channel.disconnect(device)
         return await self.repo.get_device(device)
@@ -382,13 +399,13 @@ class OtaService:
     async def rotate_secret(self, device: DeviceRef, secret: str | None) -> str:
         new = secret or new_device_secret()
         await self.repo.set_secret(device, new)
-        log.info("device %s has a new secret; its connections are closed", device)
+        log.info("device %s has a new secret; its connections are closed", device, extra=_about(device))
         await self.channel.disconnect(device)
         return new
 
     async def delete_device(self, device: DeviceRef) -> None:
         await self.repo.delete_device(device)
-        log.info("device %s deleted", device)
+        log.info("device %s deleted", device, extra=_about(device))
         await self.channel.disconnect(device)
 
     async def import_devices(self, text: str) -> ImportResult:
@@ -663,7 +680,7 @@ class OtaService:
             planned = [p for p in planned if p.state is not TaskState.SKIPPED]
             if planned:
                 await self.repo.add_tasks(job.id, firmware, planned, _policy_of(job.options), self.clock())
-                log.info("%s joined dynamic job %d", device, job.id)
+                log.info("%s joined dynamic job %d", device, job.id, extra=_about(device))
                 return
 
     # ------------------------------------------------------------------------------ job controls
@@ -763,6 +780,11 @@ class OtaService:
         except ValueError:
             return False
         return resource.isdigit() and await self.repo.may_download(int(resource), device)
+
+
+def _about(device: DeviceRef | str) -> dict[str, str]:
+    """The `extra` of a log record about a device: structured logs carry it as the `device` field."""
+    return {"device": str(device)} if isinstance(device, DeviceRef) else {}
 
 
 def _job_options(spec: JobSpec, seed: str) -> dict[str, Any]:

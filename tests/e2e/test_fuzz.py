@@ -459,6 +459,7 @@ ALLOWED_FILES = [
     re.compile(r"tls/.+"),
     re.compile(r"link\.key"),
     re.compile(r"admin\.token"),
+    re.compile(r"metrics\.token"),
 ]
 ALLOWED_DIRS = [re.compile(r"firmware"), re.compile(r"firmware/tmp"), re.compile(r"firmware/[0-9a-f]{2}")]
 
