@@ -8,12 +8,15 @@ unsatisfiable, streaming from disk (never the whole file in memory, never chunke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
@@ -50,12 +53,44 @@ class DownloadStats:
     outcomes: Counter[str] = field(default_factory=Counter)
 
 
+TLS_CHUNK = 512 * 1024  # bytes read and encrypted at a time over TLS
+
+
 class _HashedFileResponse(web.FileResponse):
-    """A FileResponse whose ETag is the blob's sha256 rather than aiohttp's mtime-size tag."""
+    """A FileResponse whose ETag is the blob's sha256 rather than aiohttp's mtime-size tag, and whose
+    body goes out over TLS in large reads on the event loop.
+
+    Over TLS there is no sendfile: asyncio's fallback hands every block to a worker thread and back, and
+    each hand-off waits for the GIL behind the event loop (the broker's MQTT and database work), so
+    downloads crawl and steal CPU. Firmware blobs are read in `TLS_CHUNK` pieces straight from the page
+    cache (the kernel is asked to read ahead first), each encrypted in one call; aiohttp still does the
+    headers, ranges and conditional requests. Plain HTTP keeps the kernel's sendfile.
+    """
 
     def __init__(self, path: Path, sha256: str) -> None:
         super().__init__(path, chunk_size=READ_CHUNK)
         self._sha256 = sha256
+
+    async def _sendfile(
+        self, request: BaseRequest, fobj: Any, offset: int, count: int
+    ) -> AbstractStreamWriter:
+        transport = request.transport
+        if transport is None or transport.get_extra_info("ssl_object") is None:
+            return await super()._sendfile(request, fobj, offset, count)
+        writer = await web.StreamResponse.prepare(self, request)
+        assert writer is not None
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fobj.fileno(), offset, count, os.POSIX_FADV_SEQUENTIAL)
+            os.posix_fadvise(fobj.fileno(), offset, count, os.POSIX_FADV_WILLNEED)
+        fobj.seek(offset)
+        while count > 0:
+            chunk = fobj.read(min(TLS_CHUNK, count))
+            if not chunk:
+                break
+            await writer.write(chunk)  # waits while the client's socket buffer is full
+            count -= len(chunk)
+        await writer.drain()
+        return writer
 
     @property
     def etag(self) -> ETag | None:
