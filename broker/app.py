@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from plugins.ota.plugin import OtaPlugin
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, resolve
 
 log = logging.getLogger("ota.broker")
+
+
+SWITCH_INTERVAL_S = 0.001
 
 
 class StartError(RuntimeError):
@@ -91,6 +95,9 @@ async def start(config: dict[str, Any]) -> RunningBroker:
 async def serve(config: dict[str, Any]) -> int:
     """Run until SIGINT or SIGTERM; then close listeners, finish database writes and return 0."""
     running = await start(config)
+    # The database and firmware reads run in worker threads that need the GIL for a moment per call; with
+    # the default 5 ms switch interval each hand-off can wait that long behind a busy event loop.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -122,6 +122,11 @@ class OtaService:
         self._locks: dict[DeviceRef, asyncio.Lock] = {}
         self._lock_users: Counter[DeviceRef] = Counter()
         self._background: set[asyncio.Task[None]] = set()
+        # Read-mostly facts kept in memory so a message costs fewer database round trips: devices known
+        # to exist (forgotten when deleted), firmware rows and job tags (immutable once created).
+        self._existing: set[DeviceRef] = set()
+        self._firmware_cache: dict[int, Firmware] = {}
+        self._tags_cache: dict[int, dict[str, str]] = {}
 
     # --------------------------------------------------------------------------------- housekeeping
 
@@ -170,7 +175,7 @@ class OtaService:
             return
         try:
             async with self._device_lock(device):
-                if now_online and await self.repo.find_device(device) is not None:
+                if now_online and await self._exists(device):
                     # Marked under the same lock as the message: the device's messages keep their order.
                     await self.repo.set_online(device, True, self.clock())
                 match topic.kind:
@@ -217,7 +222,7 @@ class OtaService:
         """The device's session is up: record it online and hand it any pending notice."""
         try:
             async with self._device_lock(device):
-                if await self.repo.find_device(device) is None:
+                if not await self._exists(device):
                     return
                 await self.repo.set_online(device, True, self.clock())
                 for task in await self.repo.unfinished_tasks_of_device(device):
@@ -230,7 +235,7 @@ class OtaService:
     async def device_disconnected(self, device: DeviceRef) -> None:
         try:
             async with self._device_lock(device):
-                if await self.repo.find_device(device) is not None:
+                if await self._exists(device):
                     await self.repo.set_online(device, False, self.clock())
         except Exception:
             log.exception("failed to handle the disconnection of %s", device, extra=_about(device))
@@ -239,12 +244,21 @@ class OtaService:
         started = self.channel.session_started_at(device)
         return self.clock() if started is None else started
 
+    async def _exists(self, device: DeviceRef) -> bool:
+        if device in self._existing:
+            return True
+        if await self.repo.find_device(device) is None:
+            return False
+        self._existing.add(device)
+        return True
+
     async def _known(self, device: DeviceRef, kind: str) -> bool:
-        if await self.repo.find_device(device) is not None:
+        if await self._exists(device):
             return True
         if self.auto_register and kind == "inform":
             if await self.repo.ensure_device(device, self.clock()):
                 log.info("registered %s on its first inform", device, extra=_about(device))
+            self._existing.add(device)
             await self.repo.set_online(device, self.channel.is_online(device), self.clock())
             return True
         self.reject(device, "unknown_device", f"{kind} from a device that is not registered")
@@ -351,10 +365,15 @@ class OtaService:
         self, task: Task, effect: SendNotice, reply: PullReply | None, now: float
     ) -> tuple[str, bytes]:
         """The topic and payload that carry out `effect`: a push notice, or the answer to a pull."""
-        firmware = await self.repo.get_firmware(task.firmware_id)
-        job = await self.repo.get_job(task.job_id)
+        firmware = self._firmware_cache.get(task.firmware_id)
+        if firmware is None:
+            firmware = self._firmware_cache[task.firmware_id] = await self.repo.get_firmware(task.firmware_id)
+        tags = self._tags_cache.get(task.job_id)
+        if tags is None:
+            job = await self.repo.get_job(task.job_id)
+            tags = self._tags_cache[task.job_id] = dict(job.options.get("tags", {}))
         url = self.signer.mint(str(firmware.id), str(task.device), now, blob=firmware.sha256)
-        data = messages.notice_data(firmware, url, dict(job.options.get("tags", {})))
+        data = messages.notice_data(firmware, url, dict(tags))
         device = task.device
         if effect.delivery is Delivery.REPLY and reply is not None:
             if reply.kind is TopicKind.FIRMWARE_GET_REPLY:
@@ -365,7 +384,7 @@ class OtaService:
     async def _drive_by_id(self, task_id: int, event: Event) -> None:
         task = await self.repo.get_task(task_id)
         async with self._device_lock(task.device):
-            await self._drive(await self.repo.get_task(task_id), event)
+            await self._drive(task, event)  # changed meanwhile: the compare-and-set reloads it
 
     async def tick(self) -> None:
         """Apply time: timeouts, then one step of every running job (and the end of paused ones)."""
@@ -405,6 +424,7 @@ class OtaService:
 
     async def delete_device(self, device: DeviceRef) -> None:
         await self.repo.delete_device(device)
+        self._existing.discard(device)
         log.info("device %s deleted", device, extra=_about(device))
         await self.channel.disconnect(device)
 
@@ -486,6 +506,7 @@ class OtaService:
 
     async def delete_firmware(self, firmware_id: int) -> None:
         firmware = await self.repo.delete_firmware(firmware_id)
+        self._firmware_cache.pop(firmware_id, None)
         await self._drop_blob_if_unused(Blob(firmware.sha256, firmware.md5, firmware.size))
         log.info("firmware %d deleted", firmware_id)
 
