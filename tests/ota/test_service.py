@@ -226,3 +226,48 @@ async def test_progress_flood_is_rate_limited(world, caplog: pytest.LogCaptureFi
     clock.now += 1  # five more reports per second
     await progress(service, DEV, "-2")
     assert (await task_of(service, job_id)).state is TaskState.FAILED
+
+
+async def test_database_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
+    """A database written by the previous release (schema 2, history rows inserted by hand) opens, is
+    migrated to the current schema, keeps its rows, and task changes still write their history rows
+    (since schema 3 by a trigger, in the same statement)."""
+    import sqlite3
+
+    from plugins.ota.repository import _statements
+
+    path = tmp_path / "ota.db"
+    with sqlite3.connect(path) as old:
+        for number, script in enumerate(MIGRATIONS[:2], start=1):
+            for statement in _statements(script):
+                old.execute(statement)
+            old.execute(f"PRAGMA user_version = {number}")
+    repo = Repository(path)
+    await repo.open()
+    try:
+        async with repo.db.execute("PRAGMA user_version") as cur:
+            assert (await cur.fetchone())[0] == len(MIGRATIONS)
+        clock = Clock()
+        channel = FakeChannel(clock)
+        store = FirmwareStore(tmp_path / "firmware", max_size=1 << 20)
+        store.open()
+        service = OtaService(
+            repo,
+            store,
+            LinkSigner(b"k" * 32, "https://gw.example:8443", 3600),
+            channel,
+            clock,
+            auto_register=True,
+            max_payload_bytes=4096,
+        )
+        channel.connect(DEV)
+        await inform(service, DEV, "1.0.0")
+        job_id = await start_job(service, [DEV])
+        await progress(service, DEV, "30")
+        task = await task_of(service, job_id)
+        history = await repo.task_history(task.id)
+        assert [h["state"] for h in history][-2:] == ["notified", "in_progress"]
+        assert history[-1]["progress"] == 30
+        await service.drain()
+    finally:
+        await repo.close()
