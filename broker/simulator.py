@@ -98,7 +98,7 @@ class SimulationOptions:
     fail_step: str | None = None  # "-2", "-3" or "-4"; None: drawn per failure
     interrupt_rate: float = 0.0  # probability that a download is cut once and resumed with Range
     download_speed: int | None = None  # bytes/s per device
-    range_bytes: int = 256 * 1024
+    range_bytes: int = 64 * 1024 * 1024  # bytes per Range request: one request per download, as SDKs do
     flash_seconds: float = 0.0
     reboot: bool = True  # reconnect after flashing before informing the new version
     connect_rate: float = 200.0  # new connections per second for the whole run; 0: unpaced

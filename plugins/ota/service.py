@@ -57,6 +57,10 @@ from plugins.ota.topics import DeviceRef, OtaTopic, TopicKind, topic_name
 log = logging.getLogger("ota.service")
 
 _CAS_RETRIES = 5
+_DISPATCH_BATCH = 64  # notices a job step sends concurrently
+# A "may download" yes is reused this long; a task's own state change (cancel, end) forgets it at once.
+DOWNLOAD_GRANT_S = 5.0
+DOWNLOADING = frozenset({TaskState.NOTIFIED, TaskState.IN_PROGRESS})  # the task states whose link works
 
 
 class DeviceChannel(Protocol):
@@ -127,6 +131,7 @@ class OtaService:
         self._existing: set[DeviceRef] = set()
         self._firmware_cache: dict[int, Firmware] = {}
         self._tags_cache: dict[int, dict[str, str]] = {}
+        self._download_grants: dict[tuple[str, str], float] = {}  # (firmware id, device) -> until
 
     # --------------------------------------------------------------------------------- housekeeping
 
@@ -330,6 +335,8 @@ class OtaService:
                     task = await self.repo.get_task(task.id)
                     continue
                 saved = stored
+                if saved.state not in DOWNLOADING:
+                    self._download_grants.pop((str(saved.firmware_id), str(saved.device)), None)
                 if decision.note:
                     log.info(
                         "%s: task %d %s -> %s (%s)",
@@ -660,12 +667,24 @@ class OtaService:
             pacer = self._job_pacers.setdefault(
                 job.id, RateLimiter(rate / 60, max(1.0, rate / 60 * self.step_s))
             )
-        for task in await self.repo.dispatchable_tasks(job.id, job.current_group, now, limit=1_000_000):
-            if not self.channel.is_online(task.device):
-                continue  # notified when it connects (unless the job is paced: then by a later step)
-            if pacer is not None and not pacer.allow(job.id, self.clock()):
-                return
-            await self._drive_by_id(task.id, DeviceAvailable(self._session_start(task.device)))
+        due = [
+            task
+            for task in await self.repo.dispatchable_tasks(job.id, job.current_group, now, limit=1_000_000)
+            if self.channel.is_online(task.device)  # the others are notified when they connect
+        ]
+        if pacer is not None:
+            for task in due:
+                if not pacer.allow(job.id, self.clock()):
+                    return  # the rest by a later step
+                await self._notify(task)
+            return
+        # Unpaced: many devices at once, so one notice's database round trips overlap the others'.
+        for start in range(0, len(due), _DISPATCH_BATCH):
+            await asyncio.gather(*(self._notify(task) for task in due[start : start + _DISPATCH_BATCH]))
+
+    async def _notify(self, task: Task) -> None:
+        async with self._device_lock(task.device):  # changed meanwhile: the compare-and-set reloads it
+            await self._drive(task, DeviceAvailable(self._session_start(task.device)))
 
     async def _finish_job(self, job: JobRecord, now: float) -> None:
         self._job_pacers.pop(job.id, None)
@@ -792,15 +811,31 @@ class OtaService:
     async def resolve_blob(self, resource: str) -> Blob | None:
         if not resource.isdigit() or len(resource) > 18:
             return None
-        firmware = await self.repo.find_firmware(int(resource))
-        return None if firmware is None else Blob(firmware.sha256, firmware.md5, firmware.size)
+        firmware = self._firmware_cache.get(int(resource))
+        if firmware is None:
+            firmware = await self.repo.find_firmware(int(resource))
+            if firmware is None:
+                return None
+            self._firmware_cache[firmware.id] = firmware
+        return Blob(firmware.sha256, firmware.md5, firmware.size)
 
     async def may_download(self, resource: str, subject: str) -> bool:
+        """Whether `subject` has a task for firmware `resource` it may download now. A yes is remembered
+        for `DOWNLOAD_GRANT_S`, so the Range requests of one download cost one database read."""
+        now = self.clock()
+        key = (resource, subject)
+        if self._download_grants.get(key, 0.0) > now:
+            return True
         try:
             device = DeviceRef.parse(subject)
         except ValueError:
             return False
-        return resource.isdigit() and await self.repo.may_download(int(resource), device)
+        if not (resource.isdigit() and await self.repo.may_download(int(resource), device)):
+            return False
+        if len(self._download_grants) > 100_000:
+            self._download_grants = {k: t for k, t in self._download_grants.items() if t > now}
+        self._download_grants[key] = now + DOWNLOAD_GRANT_S
+        return True
 
 
 def _about(device: DeviceRef | str) -> dict[str, str]:

@@ -304,6 +304,8 @@ async def test_cancel_job(env: Env) -> None:
     fw = await env.upload(FIRMWARE)
     job = await env.job(fw["id"], ["pk/a", "pk/b"])
     [notice_a] = await a.notices()
+    status, _, _ = await env.download(notice_a["data"]["url"], {"Range": "bytes=0-99"})
+    assert status == 206  # a began downloading: its "may download" answer is remembered for a moment
     await b.notices()
     await b.progress("50")
     await b.inform("2.0.0")
