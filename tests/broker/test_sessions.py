@@ -19,15 +19,18 @@ def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
         return list(conn.execute(sql))
 
 
+async def _subscribe_and_leave(running: broker_app.RunningBroker) -> None:
+    """The client "keeper" subscribes with clean session 0, then leaves: its session stays."""
+    device = Device(running.mqtt_address[1], "pk", "d1", client_id="keeper", clean_session=False)
+    await (await device.connect()).subscribe("/apps/keeper/inbox")
+    device.disconnect()
+
+
 async def test_subscriptions_and_queued_messages_survive_a_restart(tmp_path: Path, tls: Tls) -> None:
     data = tmp_path / "data"
     running = await _start(data, tls)
     try:
-        device = await Device(
-            running.mqtt_address[1], "pk", "d1", client_id="keeper", clean_session=False
-        ).connect()
-        await device.subscribe("/apps/keeper/inbox")
-        device.disconnect()
+        await _subscribe_and_leave(running)
         sender = await Device(running.mqtt_address[1], "pk", "s1", client_id="sender").connect()
         await sender.publish("/apps/keeper/inbox", b"while-offline", qos=1)
         sender.disconnect()
@@ -69,11 +72,7 @@ async def test_a_clean_session_forgets_the_saved_one(tmp_path: Path, tls: Tls) -
     data = tmp_path / "data"
     running = await _start(data, tls)
     try:
-        device = await Device(
-            running.mqtt_address[1], "pk", "d1", client_id="keeper", clean_session=False
-        ).connect()
-        await device.subscribe("/apps/keeper/inbox")
-        device.disconnect()
+        await _subscribe_and_leave(running)
         await eventually(
             lambda: _rows(data / "ota.db", "SELECT topic_filter FROM mqtt_subscription"), what="saved"
         )

@@ -31,6 +31,7 @@ LOOPBACK = {
 
 _LISTENING = {
     "mqtt": re.compile(r"\bmqtt listening on 127\.0\.0\.1:(\d+)$"),
+    "mqtts": re.compile(r"\bmqtts listening on 127\.0\.0\.1:(\d+)$"),
     "https": re.compile(r"\bhttps listening on 127\.0\.0\.1:(\d+) \(devices download from (https://\S+)\)$"),
     "admin": re.compile(r"\badmin api listening on http://127\.0\.0\.1:(\d+)/api/v1$"),
 }
@@ -44,11 +45,15 @@ def clean_env(**overrides: str) -> dict[str, str]:
 class Launched:
     """One broker process started in `workdir` with `command` (ending in `run ...`) and `env` added."""
 
-    def __init__(self, command: Sequence[str], workdir: Path, data_dir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, command: Sequence[str], workdir: Path, data_dir: Path | None, env: dict[str, str]
+    ) -> None:
+        """`data_dir` None: the product's default, `./data` in `workdir`."""
         self.command = list(command)
         self.workdir = workdir
-        self.data_dir = data_dir
-        self.env = clean_env(OTA_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **LOOPBACK) | env
+        self.data_dir = data_dir or workdir / "data"
+        chosen = {} if data_dir is None else {"OTA_DATA_DIR": str(data_dir)}
+        self.env = clean_env(PYTHONUNBUFFERED="1", **LOOPBACK, **chosen) | env
         self.proc: subprocess.Popen[str] | None = None
         self.ports: dict[str, int] = {}
         self.public_url = ""
@@ -80,6 +85,8 @@ class Launched:
             time.sleep(0.05)
         for name, pattern in _LISTENING.items():
             found = [m for line in self.lines if (m := pattern.search(message(line).rstrip()))]
+            if name == "mqtts" and self.env.get("OTA_MQTTS_BIND") == "":
+                continue  # MQTT over TLS turned off
             assert found, f"no '{name} listening' line in the log:\n{self.log}"
             self.ports[name] = int(found[0].group(1))
             if name == "https":

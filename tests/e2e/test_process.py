@@ -33,9 +33,9 @@ import pytest
 
 from plugins.device_auth.signing import LoginExample, login_for
 from plugins.ota.topics import DeviceRef
+from tests.e2e.processes import Launched, clean_env
 from tests.support import Device, eventually
 
-READY_S = 20.0  # the process must log `ready` within this
 STOP_S = 10.0  # a stopping process must have exited within this
 CLI_S = 30.0  # one CLI call
 OPEN = {"OTA_AUTH_MODE": "open"}  # lab mode, for tests whose devices do not sign their logins
@@ -51,77 +51,17 @@ LISTENER_LINES = {
 }
 
 
-def clean_env(**overrides: str) -> dict[str, str]:
-    """This process's environment without any OTA_* variable, plus `overrides`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTA_")}
-    return env | overrides
-
-
-class BrokerProcess:
+class BrokerProcess(Launched):
     """One `python -m broker run` started by this test in `workdir` (so ./data is `workdir/data`), with
     `env` added to its environment (by default none: the product's own auth mode, device-secret)."""
 
     def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
-        self.workdir = workdir
-        self.extra_env = dict(env or {})
-        self.data_dir = workdir / "data"
-        self.proc: subprocess.Popen[str] | None = None
-        self.ports: dict[str, int] = {}
-        self.public_url = ""
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        self._reader: threading.Thread | None = None
+        super().__init__([sys.executable, "-m", "broker", "run"], workdir, None, dict(env or {}))
 
-    # ------------------------------------------------------------------------------------ lifecycle
-
-    def start(self) -> BrokerProcess:
+    def start(self) -> BrokerProcess:  # type: ignore[override]
         assert not (self.workdir / "config.yaml").exists(), "the built-in defaults must be used"
-        env = (
-            clean_env(
-                OTA_MQTT_BIND="127.0.0.1:0",
-                OTA_MQTTS_BIND="127.0.0.1:0",
-                OTA_HTTPS_BIND="127.0.0.1:0",
-                OTA_ADMIN_BIND="127.0.0.1:0",
-                OTA_PUBLIC_URL="https://127.0.0.1:0",
-                PYTHONUNBUFFERED="1",
-            )
-            | self.extra_env
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "run"],
-            cwd=self.workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + READY_S
-        while not any(line.rstrip().endswith(" ready") for line in self.lines):
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"the broker exited with {self.proc.returncode} before ready:\n{self.log}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the broker did not log 'ready' within {READY_S}s:\n{self.log}")
-            time.sleep(0.05)
-        for name, pattern in LISTENER_LINES.items():
-            found = [m for line in self.lines if (m := pattern.search(line))]
-            assert found, f"no '{name} listening' line in the log:\n{self.log}"
-            self.ports[name] = int(found[0].group(1))
-            if name == "https":
-                self.public_url = found[0].group(2)
+        super().start()
         return self
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            with self._lock:
-                self._lines.append(line.rstrip("\n"))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_S) -> tuple[int, float]:
         """Send `sig` to this process (by its PID) and wait for it: (exit code, seconds it took)."""
@@ -138,40 +78,9 @@ class BrokerProcess:
             ) from None
         return code, time.monotonic() - started
 
-    def close(self) -> None:
-        """Teardown: SIGTERM if still running, SIGKILL (this PID only) if it hangs; close the pipe."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_S)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(STOP_S)
-        if self._reader is not None:
-            self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-    # ---------------------------------------------------------------------------------------- views
-
-    @property
-    def lines(self) -> list[str]:
-        with self._lock:
-            return list(self._lines)
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['admin']}"
-
-    @property
-    def token(self) -> str:
-        return (self.data_dir / "admin.token").read_text().strip()
 
     @property
     def ca_file(self) -> Path:

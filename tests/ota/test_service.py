@@ -20,12 +20,9 @@ from tests.ota.fakes import chunks_of as _chunks
 DEV = DeviceRef("pk", "dev1")
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[OtaService, FakeChannel, Clock]]:
+def _service(repo: Repository, tmp_path: Path) -> tuple[OtaService, FakeChannel, Clock]:
     clock = Clock()
     channel = FakeChannel(clock)
-    repo = Repository(tmp_path / "ota.db")
-    await repo.open()
     store = FirmwareStore(tmp_path / "firmware", max_size=1 << 20)
     store.open()
     service = OtaService(
@@ -39,6 +36,14 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[OtaService, FakeChannel, 
         progress_per_second=5,
         progress_burst=100,
     )
+    return service, channel, clock
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[OtaService, FakeChannel, Clock]]:
+    repo = Repository(tmp_path / "ota.db")
+    await repo.open()
+    service, channel, clock = _service(repo, tmp_path)
     yield service, channel, clock
     await service.drain()
     await service.repo.close()
@@ -247,19 +252,7 @@ async def test_database_of_the_previous_schema_is_migrated(tmp_path: Path) -> No
     try:
         async with repo.db.execute("PRAGMA user_version") as cur:
             assert (await cur.fetchone())[0] == len(MIGRATIONS)
-        clock = Clock()
-        channel = FakeChannel(clock)
-        store = FirmwareStore(tmp_path / "firmware", max_size=1 << 20)
-        store.open()
-        service = OtaService(
-            repo,
-            store,
-            LinkSigner(b"k" * 32, "https://gw.example:8443", 3600),
-            channel,
-            clock,
-            auto_register=True,
-            max_payload_bytes=4096,
-        )
+        service, channel, _ = _service(repo, tmp_path)
         channel.connect(DEV)
         await inform(service, DEV, "1.0.0")
         job_id = await start_job(service, [DEV])
