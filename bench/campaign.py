@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -147,6 +148,8 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
                 except subprocess.TimeoutExpired:
                     p.kill()
         log.close()
+        if not args.keep:
+            shutil.rmtree(data, ignore_errors=True)
 
 
 def main() -> None:
@@ -159,6 +162,7 @@ def main() -> None:
     parser.add_argument("--connect-rate", type=float, default=500)
     parser.add_argument("--limit", type=float, default=600, help="seconds for each phase at most")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data directory and logs")
     parser.add_argument("--profile", help="py-spy raw output file for the broker during the campaign")
     args = parser.parse_args()
     result = asyncio.run(campaign(args))

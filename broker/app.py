@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -21,6 +22,7 @@ log = logging.getLogger("ota.broker")
 
 
 SWITCH_INTERVAL_S = 0.001
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 class StartError(RuntimeError):
@@ -98,6 +100,11 @@ async def serve(config: dict[str, Any]) -> int:
     # The database and firmware reads run in worker threads that need the GIL for a moment per call; with
     # the default 5 ms switch interval each hand-off can wait that long behind a busy event loop.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # What exists at start lives as long as the process: out of the collector's way. Young objects are
+    # collected every 50,000 allocations instead of 700, so a fleet's worth of connections is not walked
+    # over and over while it connects (the collector cost about a third of a 10,000-device connect storm).
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

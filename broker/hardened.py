@@ -364,7 +364,10 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             if handler is None:
                 continue
             if qos:
-                self._deliver(handler, topic, data, qos)
+                if qos == 1 and protocol.send_qos1(handler, topic, data):
+                    self.delivered_count += 1
+                else:
+                    self._deliver(handler, topic, data, qos)  # QoS 2, or queued behind a full window
                 continue
             if qos0 is None:
                 qos0 = protocol.encode_publish(topic, data)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from struct import unpack_from
@@ -51,7 +52,7 @@ from amqtt.mqtt.packet import (
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
-from amqtt.session import OUTGOING, IncomingApplicationMessage
+from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage
 
 log = logging.getLogger("ota.broker")
 
@@ -419,10 +420,34 @@ class QueueFull(Exception):
     """The client has `max_inflight_messages` unacknowledged and `max_queued_messages` waiting."""
 
 
-def _window(session: Any) -> asyncio.Semaphore:
-    window: asyncio.Semaphore | None = getattr(session, "_ota_window", None)
+class Window:
+    """A session's in-flight window: `take()` without waiting when a place is free, or queue for one."""
+
+    __slots__ = ("free", "waiters")
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> bool:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    def give(self) -> None:
+        while self.waiters:  # hand the place to the first one still waiting
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
+def _window(session: Any) -> Window:
+    window: Window | None = getattr(session, "_ota_window", None)
     if window is None:
-        window = session._ota_window = asyncio.Semaphore(LIMITS.max_inflight_messages)
+        window = session._ota_window = Window(LIMITS.max_inflight_messages)
         session._ota_waiting = 0
     return window
 
@@ -478,27 +503,27 @@ async def _await_ack(
         waiters.pop(packet_id, None)
 
 
-async def _acquire(self: Any, window: asyncio.Semaphore) -> None:
+async def _acquire(self: Any, window: Window) -> None:
     """A place in the session's in-flight window, or `ConnectionEnded` if the connection goes first."""
     session = self.session
-    if not window.locked():
-        await window.acquire()
+    if window.take():
         return
     if session._ota_waiting >= LIMITS.max_queued_messages:
         raise QueueFull(f"client {str(session.client_id)[:96]!r}: outgoing queue full")
     session._ota_waiting += 1
-    acquire: asyncio.Future[Any] = asyncio.ensure_future(window.acquire())
+    place: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    window.waiters.append(place)
     closed: asyncio.Future[Any] = _closed(self)
     try:
-        await asyncio.wait({acquire, closed}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({place, closed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         session._ota_waiting -= 1
-        if not acquire.done():
-            acquire.cancel()
-    if not acquire.done() or acquire.cancelled():
+        if not place.done():
+            place.cancel()  # give() skips it
+    if place.cancelled():
         raise ConnectionEnded
-    if _closed(self).done():
-        window.release()
+    if closed.done():
+        window.give()
         raise ConnectionEnded
 
 
@@ -537,7 +562,54 @@ async def _outgoing_flow(self: Any, message: Any) -> None:
     except ConnectionEnded:
         pass  # stays in flight: sent again when the session reconnects
     finally:
-        window.release()
+        window.give()
+
+
+def send_qos1(handler: Any, topic: str, data: bytes) -> bool:
+    """Send a QoS 1 PUBLISH at once when the session's window has room, following its acknowledgement
+    with callbacks instead of a task per message; False (nothing done) when the caller must queue it
+    through `mqtt_publish` instead. Same rules as `_outgoing_flow`: in flight until acknowledged, resent
+    with DUP every retry interval, left in flight for redelivery when the connection ends."""
+    session = handler.session
+    if session is None or _closed(handler).done():
+        return False
+    window = _window(session)
+    if not window.take():
+        return False
+    try:
+        packet_id = session.next_packet_id
+    except Exception:
+        window.give()
+        return False
+    message = OutgoingApplicationMessage(packet_id, topic, QOS_1, data, False)
+    again = encode_publish(topic, data, QOS_1, packet_id, dup=True)
+    message.publish_packet = again
+    session.inflight_out[packet_id] = message
+    write(handler, encode_publish(topic, data, QOS_1, packet_id))
+    _await_puback(handler, session, window, packet_id, again)
+    return True
+
+
+def _await_puback(handler: Any, session: Any, window: Window, packet_id: int, again: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[Any] = loop.create_future()
+    handler._puback_waiters[packet_id] = waiter  # amqtt's stop() cancels it when the connection ends
+    timer = loop.call_later(LIMITS.retry_interval_s, _time_to_retry, waiter)
+
+    def done(finished: asyncio.Future[Any]) -> None:
+        timer.cancel()
+        if handler._puback_waiters.get(packet_id) is finished:
+            del handler._puback_waiters[packet_id]
+        if not finished.cancelled() and finished.result() is _RETRY and not _closed(handler).done():
+            log.info("client %r: packet %d not acknowledged, sending it again", _who(handler), packet_id)
+            write(handler, again)
+            _await_puback(handler, session, window, packet_id, again)  # keeps its place in the window
+            return
+        if not finished.cancelled() and finished.result() is not _RETRY:
+            session.inflight_out.pop(packet_id, None)  # acknowledged
+        window.give()  # else it stays in flight: sent again when the session reconnects
+
+    waiter.add_done_callback(done)
 
 
 def _flow(original: Callable[[Any, Any], Awaitable[None]]) -> Callable[[Any, Any], Awaitable[None]]:

@@ -535,6 +535,9 @@ def _flag(body: dict[str, Any], field: str) -> bool:
     return value
 
 
+_LAST_TIME = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC).timestamp()
+
+
 def _time(body: dict[str, Any], field: str) -> float | None:
     value = body.get(field)
     if value is None:
@@ -546,7 +549,10 @@ def _time(body: dict[str, Any], field: str) -> float | None:
             raise InvalidInput(field, "must be an ISO 8601 time such as 2026-12-01T02:00:00Z") from e
         if parsed.tzinfo is None:
             raise InvalidInput(field, "must carry a time zone (Z or +hh:mm)")
-        return parsed.timestamp()
+        stamp = parsed.timestamp()
+        if not 0 <= stamp < _LAST_TIME:  # 9999-12-31T23:59:50-23:00 is already year 10000 in UTC
+            raise InvalidInput(field, "must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z")
+        return stamp
     raise InvalidInput(field, "must be an ISO 8601 time such as 2026-12-01T02:00:00Z")
 
 

@@ -617,7 +617,9 @@ class Repository:
         current_group: int | None = None,
         pause_reason: str | None = None,
         options: dict[str, Any] | None = None,
-    ) -> None:
+        only_from: Sequence[JobState] = (),
+    ) -> bool:
+        """Change the job; with `only_from`, only while it is in one of those states. Whether it changed."""
         sets: list[str] = ["updated_at=?"]
         args: list[float | int | str] = [now]
         if options is not None:
@@ -631,8 +633,13 @@ class Repository:
             if value is not None:
                 sets.append(f"{column}=?")
                 args.append(value.value if isinstance(value, JobState) else value)
-        async with self._tx() as db:
-            await db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", (*args, job_id))  # noqa: S608
+        where = "id=?"
+        where_args: list[int | str] = [job_id]
+        if only_from:
+            where += f" AND state IN ({','.join('?' * len(only_from))})"
+            where_args += [state.value for state in only_from]
+        sql = f"UPDATE jobs SET {', '.join(sets)} WHERE {where}"  # noqa: S608
+        return await self._write1(sql, (*args, *where_args)) == 1
 
     async def group_counts(self, job_id: int) -> list[dict[TaskState, int]]:
         rows = await self._all(

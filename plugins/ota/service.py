@@ -129,6 +129,7 @@ class OtaService:
         # Read-mostly facts kept in memory so a message costs fewer database round trips: devices known
         # to exist (forgotten when deleted), firmware rows and job tags (immutable once created).
         self._existing: set[DeviceRef] = set()
+        self._absent: set[DeviceRef] = set()  # looked up and not registered (until registered here)
         self._firmware_cache: dict[int, Firmware] = {}
         self._tags_cache: dict[int, dict[str, str]] = {}
         self._download_grants: dict[tuple[str, str], float] = {}  # (firmware id, device) -> until
@@ -252,10 +253,19 @@ class OtaService:
     async def _exists(self, device: DeviceRef) -> bool:
         if device in self._existing:
             return True
+        if device in self._absent:
+            return False
         if await self.repo.find_device(device) is None:
+            if len(self._absent) >= 100_000:
+                self._absent.clear()
+            self._absent.add(device)
             return False
         self._existing.add(device)
         return True
+
+    def _registered(self, device: DeviceRef) -> None:
+        self._absent.discard(device)
+        self._existing.add(device)
 
     async def _known(self, device: DeviceRef, kind: str) -> bool:
         if await self._exists(device):
@@ -263,7 +273,7 @@ class OtaService:
         if self.auto_register and kind == "inform":
             if await self.repo.ensure_device(device, self.clock()):
                 log.info("registered %s on its first inform", device, extra=_about(device))
-            self._existing.add(device)
+            self._registered(device)
             await self.repo.set_online(device, self.channel.is_online(device), self.clock())
             return True
         self.reject(device, "unknown_device", f"{kind} from a device that is not registered")
@@ -412,6 +422,7 @@ class OtaService:
 
     async def add_device(self, device: DeviceRef, secret: str | None) -> DeviceRecord:
         record = await self.repo.add_device(device, secret or new_device_secret(), self.clock())
+        self._registered(device)
         log.info("device %s registered", device, extra=_about(device))
         return record
 
@@ -461,6 +472,8 @@ class OtaService:
                 seen.add(ref)
                 rows.append((ref, secret))
         created = set(await self.repo.add_devices(rows, self.clock()))
+        for ref, _ in rows:
+            self._registered(ref)
         log.info(
             "imported %d device(s); %d existed; %d line(s) refused",
             len(created),
@@ -688,7 +701,10 @@ class OtaService:
 
     async def _finish_job(self, job: JobRecord, now: float) -> None:
         self._job_pacers.pop(job.id, None)
-        await self.repo.update_job(job.id, now, state=JobState.COMPLETED)
+        # Only a running job completes: an operator's cancel may have come in while this step ran.
+        unfinished = (JobState.RUNNING, JobState.PAUSED)
+        if not await self.repo.update_job(job.id, now, state=JobState.COMPLETED, only_from=unfinished):
+            return
         if job.type is JobType.VERIFY:
             status = machine.verify_outcome(job.counts)
             await self.repo.set_firmware_status(job.firmware_id, status)

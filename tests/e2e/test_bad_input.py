@@ -247,6 +247,9 @@ async def test_firmware_conflicts(env: Env) -> None:
             422,
         ),
         ({"firmware_id": 1, "devices": ["pk/d"], "schedule_at": "tomorrow"}, "schedule_at", 422),
+        # year 10000 once in UTC (found by the fuzz test): refused, not a 500
+        ({"firmware_id": 1, "devices": ["pk/d"], "schedule_at": "9999-12-31001-2300"}, "schedule_at", 422),
+        ({"firmware_id": 1, "devices": ["pk/d"], "end_at": "1969-12-31T23:00:00Z"}, "end_at", 422),
         ({"firmware_id": 1, "devices": ["pk/d"], "end_at": "2020-01-01T00:00:00Z"}, "end_at", 422),
         ({"firmware_id": 1, "devices": ["pk/d"], "tags": {"k": 1}}, "tags.k", 422),
         ({"firmware_id": 1, "devices": ["pk/d"], "rate_per_minute": 1.5}, "rate_per_minute", 422),
