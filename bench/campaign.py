@@ -100,7 +100,7 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
 
             async def informed() -> bool:
-                async with http.get(f"{base}/devices?version=1.0.0", headers=headers) as r:
+                async with http.get(f"{base}/devices?version=1.0.0&limit=10000", headers=headers) as r:
                     return len(await r.json()) >= args.devices
 
             t_connect = time.monotonic()
@@ -114,9 +114,10 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-            async with http.post(
-                f"{base}/jobs", json={"firmware_id": firmware["id"], "type": "static"}, headers=headers
-            ) as r:
+            spec: dict[str, Any] = {"firmware_id": firmware["id"], "type": "static"}
+            if args.rate_per_minute:
+                spec["rate_per_minute"] = args.rate_per_minute
+            async with http.post(f"{base}/jobs", json=spec, headers=headers) as r:
                 assert r.status == 201, await r.text()
                 job = await r.json()
             t_job = time.monotonic()
@@ -131,6 +132,7 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             "devices": args.devices,
             "firmware_mb": args.firmware_mb,
             "processes": args.processes,
+            "rate_per_minute": args.rate_per_minute,
             "connect_and_inform_s": round(connected_s, 2),
             "job_counts": final.get("counts"),
             "simulator": {
@@ -162,6 +164,7 @@ def main() -> None:
     parser.add_argument("--connect-rate", type=float, default=500)
     parser.add_argument("--limit", type=float, default=600, help="seconds for each phase at most")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--rate-per-minute", type=int, help="pace the job's notices (default: all at once)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory and logs")
     parser.add_argument("--profile", help="py-spy raw output file for the broker during the campaign")
     args = parser.parse_args()

@@ -53,7 +53,7 @@ class DownloadStats:
     outcomes: Counter[str] = field(default_factory=Counter)
 
 
-TLS_CHUNK = 512 * 1024  # bytes read and encrypted at a time over TLS
+TLS_CHUNK = 128 * 1024  # bytes read and encrypted at a time over TLS (and buffered per download at most)
 
 
 class _HashedFileResponse(web.FileResponse):
