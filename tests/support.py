@@ -92,6 +92,19 @@ def broker_config(data_dir: Path, tls: Tls | None, **ota: Any) -> dict[str, Any]
     }
 
 
+def secure_config(data_dir: Path, tls: Tls) -> dict[str, Any]:
+    """`broker_config` in `device-secret` mode with an MQTT-over-TLS listener on 127.0.0.1:0 too."""
+    config = broker_config(data_dir, tls, auth_mode="device-secret")
+    config["listeners"]["tls"] = {
+        "type": "tcp",
+        "bind": "127.0.0.1:0",
+        "ssl": True,
+        "certfile": str(tls.cert_file),
+        "keyfile": str(tls.key_file),
+    }
+    return config
+
+
 @dataclass
 class Env:
     """A running in-process broker and the clients that talk to it."""
@@ -269,3 +282,16 @@ class Device:
 
     async def notices(self, count: int = 1) -> list[dict[str, Any]]:
         return await self.wait_messages(self.upgrade_topic, count)
+
+
+async def reporting(env: Env, name: str, **kwargs: Any) -> Device:
+    """A connected device `pk/<name>` whose version 1.0.0 the broker has recorded."""
+    d = await env.device("pk", name, **kwargs).connect()
+    await d.inform("1.0.0")
+
+    async def recorded() -> bool:
+        found = await env.find(f"/devices/pk/{name}")
+        return found is not None and found["modules"].get("default") == "1.0.0"
+
+    await eventually(recorded, what=f"pk/{name} to be recorded")
+    return d

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from plugins.ota.api import STREAMS, Tickets
-from tests.support import TOKEN, Device, Env, eventually
+from tests.support import TOKEN, Device, Env, eventually, reporting
 
 CHROMIUM = os.environ.get("OTA_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -84,18 +84,6 @@ async def page(env: Env) -> AsyncIterator[Any]:
 
 async def shot(page: Any, name: str) -> None:
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-async def reporting(env: Env, name: str) -> Device:
-    d = await env.device("pk", name).connect()
-    await d.inform("1.0.0")
-
-    async def recorded() -> bool:
-        found = await env.find(f"/devices/pk/{name}")
-        return found is not None and found["modules"].get("default") == "1.0.0"
-
-    await eventually(recorded, what=f"pk/{name} to be recorded")
-    return d
 
 
 async def respond(env: Env, d: Device, go: asyncio.Event, *, fail_first: bool = False) -> None:

@@ -27,7 +27,7 @@ import pytest
 from linkkit.linkkit import LinkKit
 
 from broker import app as broker_app
-from tests.support import Env, Tls, broker_config, eventually
+from tests.support import Env, Tls, eventually, secure_config
 
 PK = "a1pk"
 STOP_S = 10.0
@@ -279,15 +279,7 @@ TLS_SECRET = "Lk7sQ2vZ9xW4bN1mR8tY3uE6pA0cD5fG"  # the secret registered for the
 @pytest.fixture
 async def tls_env(tmp_path: Path, tls: Tls) -> AsyncIterator[Env]:
     """A real broker in `device-secret` mode with a plain and an MQTT-over-TLS listener on 127.0.0.1:0."""
-    config = broker_config(tmp_path / "data", tls, auth_mode="device-secret")
-    config["listeners"]["tls"] = {
-        "type": "tcp",
-        "bind": "127.0.0.1:0",
-        "ssl": True,
-        "certfile": str(tls.cert_file),
-        "keyfile": str(tls.key_file),
-    }
-    running = await broker_app.start(config)
+    running = await broker_app.start(secure_config(tmp_path / "data", tls))
     async with aiohttp.ClientSession() as http:
         e = Env(running, tls, http)
         try:

@@ -32,7 +32,7 @@ from broker import app as broker_app
 from firmware_store.links import MAX_URL_LEN, NGINX_MD5_FIELDS, LinkSigner, nginx_secure_link
 from firmware_store.tls import write_private
 from plugins.ota.settings import ConfigError, OtaConfig, resolve
-from tests.support import Device, Env, Tls, broker_config, eventually
+from tests.support import Device, Env, Tls, broker_config, eventually, reporting
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "deploy" / "nginx" / "ota-broker.conf"
@@ -216,19 +216,6 @@ async def offload(tmp_path: Path, tls: Tls) -> AsyncIterator[Offload]:
             await running.stop()
     finally:
         nginx.stop()
-
-
-async def reporting(env: Env, name: str) -> Device:
-    """A connected device `pk/<name>` whose version 1.0.0 the broker has recorded."""
-    d = await env.device("pk", name).connect()
-    await d.inform("1.0.0")
-
-    async def recorded() -> bool:
-        found = await env.find(f"/devices/pk/{name}")
-        return found is not None and found["modules"].get("default") == "1.0.0"
-
-    await eventually(recorded, what=f"pk/{name} to be recorded")
-    return d
 
 
 async def notified_url(env: Env, d: Device, firmware: bytes) -> tuple[Any, str]:

@@ -23,7 +23,7 @@ from broker.simulator import (
     read_secrets,
     run_simulation,
 )
-from tests.support import Env, Tls, broker_config, eventually
+from tests.support import Env, Tls, eventually, secure_config
 
 FIRMWARE = os.urandom(200_000)
 REASONS = {"-2": "download failed", "-3": "verification failed", "-4": "flash failed"}
@@ -184,15 +184,7 @@ async def test_cli_runs_and_writes_json(env: Env, tmp_path: Path) -> None:
 @pytest.fixture
 async def secure_tls(tmp_path: Path, tls: Tls) -> AsyncIterator[Env]:
     """A broker in device-secret mode with an MQTT-over-TLS listener (trustme certificate)."""
-    config = broker_config(tmp_path / "data", tls, auth_mode="device-secret")
-    config["listeners"]["tls"] = {
-        "type": "tcp",
-        "bind": "127.0.0.1:0",
-        "ssl": True,
-        "certfile": str(tls.cert_file),
-        "keyfile": str(tls.key_file),
-    }
-    running = await broker_app.start(config)
+    running = await broker_app.start(secure_config(tmp_path / "data", tls))
     try:
         async with aiohttp.ClientSession() as http:
             yield Env(running, tls, http)
