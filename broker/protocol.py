@@ -534,25 +534,20 @@ async def _outgoing_flow(self: Any, message: Any) -> None:
     window = _window(session)
     try:
         await _acquire(self, window)
-    except QueueFull:
-        raise
     except ConnectionEnded:
         session.inflight_out.setdefault(message.packet_id, message)  # redelivered on reconnect
+        return
+    if message.qos == QOS_1:
+        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        _send_in_window(self, session, window, message, finished)  # gives the place back itself
+        await finished
         return
     session.inflight_out[message.packet_id] = message
     packet_id = message.packet_id
     try:
-        if message.qos == QOS_1 or message.pubrec_packet is None:
+        if message.pubrec_packet is None:
             again = encode_publish(message.topic, message.data, message.qos, packet_id, dup=True)
-            if message.publish_packet is None:
-                write(self, encode_publish(message.topic, message.data, message.qos, packet_id))
-                message.publish_packet = again  # marks it sent: later sends carry DUP (MQTT-3.3.1-1)
-            else:
-                write(self, again)
-            if message.qos == QOS_1:
-                message.puback_packet = await _await_ack(self, self._puback_waiters, packet_id, again)
-                session.inflight_out.pop(packet_id, None)
-                return
+            write(self, again if message.publish_packet is not None else _first_send(message, again))
             message.pubrec_packet = await _await_ack(self, self._pubrec_waiters, packet_id, again)
         pubrel = _ack(0x62, packet_id)
         message.pubrel_packet = pubrel
@@ -565,11 +560,15 @@ async def _outgoing_flow(self: Any, message: Any) -> None:
         window.give()
 
 
+def _first_send(message: Any, again: bytes) -> bytes:
+    """The first PUBLISH of `message`; marks it sent, so later sends carry DUP (MQTT-3.3.1-1)."""
+    message.publish_packet = again
+    return encode_publish(message.topic, message.data, message.qos, message.packet_id)
+
+
 def send_qos1(handler: Any, topic: str, data: bytes) -> bool:
-    """Send a QoS 1 PUBLISH at once when the session's window has room, following its acknowledgement
-    with callbacks instead of a task per message; False (nothing done) when the caller must queue it
-    through `mqtt_publish` instead. Same rules as `_outgoing_flow`: in flight until acknowledged, resent
-    with DUP every retry interval, left in flight for redelivery when the connection ends."""
+    """Send a QoS 1 PUBLISH at once when the session's window has room, without a task per message;
+    False (nothing done) when the caller must queue it through `mqtt_publish` instead."""
     session = handler.session
     if session is None or _closed(handler).done():
         return False
@@ -581,35 +580,48 @@ def send_qos1(handler: Any, topic: str, data: bytes) -> bool:
     except Exception:
         window.give()
         return False
-    message = OutgoingApplicationMessage(packet_id, topic, QOS_1, data, False)
-    again = encode_publish(topic, data, QOS_1, packet_id, dup=True)
-    message.publish_packet = again
-    session.inflight_out[packet_id] = message
-    write(handler, encode_publish(topic, data, QOS_1, packet_id))
-    _await_puback(handler, session, window, packet_id, again)
+    _send_in_window(
+        handler, session, window, OutgoingApplicationMessage(packet_id, topic, QOS_1, data, False)
+    )
     return True
 
 
-def _await_puback(handler: Any, session: Any, window: Window, packet_id: int, again: bytes) -> None:
+def _send_in_window(
+    handler: Any, session: Any, window: Window, message: Any, finished: asyncio.Future[None] | None = None
+) -> None:
+    """Send a QoS 1 message holding a place in the window, and follow its PUBACK with callbacks: it stays
+    in flight until acknowledged, is sent again with DUP every retry interval, and is left in flight for
+    redelivery when the connection ends; then the place is given back and `finished` is set."""
+    packet_id = message.packet_id
+    again = encode_publish(message.topic, message.data, QOS_1, packet_id, dup=True)
+    session.inflight_out[packet_id] = message
+    write(handler, again if message.publish_packet is not None else _first_send(message, again))
     loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[Any] = loop.create_future()
-    handler._puback_waiters[packet_id] = waiter  # amqtt's stop() cancels it when the connection ends
-    timer = loop.call_later(LIMITS.retry_interval_s, _time_to_retry, waiter)
 
-    def done(finished: asyncio.Future[Any]) -> None:
-        timer.cancel()
-        if handler._puback_waiters.get(packet_id) is finished:
-            del handler._puback_waiters[packet_id]
-        if not finished.cancelled() and finished.result() is _RETRY and not _closed(handler).done():
-            log.info("client %r: packet %d not acknowledged, sending it again", _who(handler), packet_id)
-            write(handler, again)
-            _await_puback(handler, session, window, packet_id, again)  # keeps its place in the window
-            return
-        if not finished.cancelled() and finished.result() is not _RETRY:
-            session.inflight_out.pop(packet_id, None)  # acknowledged
-        window.give()  # else it stays in flight: sent again when the session reconnects
+    def wait() -> None:
+        waiter: asyncio.Future[Any] = loop.create_future()
+        handler._puback_waiters[packet_id] = waiter  # amqtt's stop() cancels it when the connection ends
+        timer = loop.call_later(LIMITS.retry_interval_s, _time_to_retry, waiter)
 
-    waiter.add_done_callback(done)
+        def done(answer: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            if handler._puback_waiters.get(packet_id) is answer:
+                del handler._puback_waiters[packet_id]
+            retry = not answer.cancelled() and answer.result() is _RETRY
+            if retry and not _closed(handler).done():
+                log.info("client %r: packet %d not acknowledged, sending it again", _who(handler), packet_id)
+                write(handler, again)
+                wait()  # keeps its place in the window
+                return
+            if not answer.cancelled() and not retry:
+                session.inflight_out.pop(packet_id, None)  # acknowledged
+            window.give()  # else it stays in flight: sent again when the session reconnects
+            if finished is not None and not finished.done():
+                finished.set_result(None)
+
+        waiter.add_done_callback(done)
+
+    wait()
 
 
 def _flow(original: Callable[[Any, Any], Awaitable[None]]) -> Callable[[Any, Any], Awaitable[None]]:
