@@ -256,7 +256,7 @@ class HardenedBroker(Broker):  # type: ignore[misc]
                 "client %r may not publish to %r ($ topics are the broker's)", _who(session), topic[:128]
             )
             return
-        if not await self._may(session, topic, Action.PUBLISH):
+        if not await self._topic_filtering(session, topic, Action.PUBLISH):
             log.info("client %r may not publish to %r", _who(session), topic[:128])
             return
         await self._fire(BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message)
@@ -328,7 +328,7 @@ class HardenedBroker(Broker):  # type: ignore[misc]
                 log.warning("a plugin failed on %s: %s: %s", event, type(e).__name__, e)
                 log.debug("plugin failure", exc_info=True)
 
-    async def _may(self, session: Session, topic: str, action: Action) -> bool:
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         """amqtt's topic check (every topic plugin must say yes), without a task per plugin per message."""
         if not self.plugins_manager.is_topic_filtering_enabled():
             return True
@@ -337,9 +337,6 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             if check is not None and not await check(session=session, topic=topic, action=action):
                 return False
         return True
-
-    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
-        return await self._may(session, topic, action)
 
     async def _broadcast_message(
         self, session: Session | None, topic: str | None, data: bytes | None, force_qos: int | None = None
@@ -354,7 +351,7 @@ class HardenedBroker(Broker):  # type: ignore[misc]
         qos0: bytes | None = None
         for target, granted in self._subscriptions.match(topic):
             qos = granted if published_qos is None else min(published_qos, granted)
-            if not await self._may(target, topic, Action.RECEIVE):
+            if not await self._topic_filtering(target, topic, Action.RECEIVE):
                 continue
             if target.transitions.state != "connected":
                 if qos and not target.clean_session and not target.is_anonymous:

@@ -206,19 +206,15 @@ class OtaPlugin(BasePlugin[BrokerContext]):
     # ------------------------------------------------------------------------------- broker events
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
-        """Record the connection that authenticated. amqtt looks sessions up by client id, and a refused
-        CONNECT reusing a client id replaces the entry; the OTA service delivers through this record."""
+        """Record the connection that authenticated; the OTA service delivers through this record. (The
+        broker, `broker.hardened.HardenedBroker`, has already closed an older connection with this client id,
+        MQTT-3.1.4-2, and authenticates before it touches its session table.)"""
         entry = self.context._broker_instance.sessions.get(client_id)  # amqtt offers no public handle
         if entry is None or entry[0] is not client_session:
             return
         old = self._conns.get(client_id)
         device = DeviceRef.from_username(client_session.username)
         self._conns[client_id] = _Connection(client_session, entry[1], self.clock())
-        if old is not None and old.handler is not entry[1] and old.session is not client_session:
-            # MQTT-3.1.4-2: a new connection with the client id of a live one takes over; amqtt leaves the
-            # old connection open when the new one asks for a clean session.
-            log.info("client %r connected again: closing its older connection", client_id[:96])
-            await old.handler.handle_connection_closed()
         if (
             device is not None
             and self.service is not None
