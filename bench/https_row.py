@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import shutil
@@ -23,14 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from bench import mqttlib
 from bench.mqtt_rows import loadavg, log, medians
 from bench.servers import NginxServer, OtaServer
+from firmware_store.tls import ensure_tls
 
 PK = "pk"
 
@@ -47,39 +42,9 @@ def make_file(path: Path, size: int) -> None:
 def prepare_files(workdir: Path, firmware: Path, size: int) -> tuple[Path, Path]:
     firmware.parent.mkdir(parents=True, exist_ok=True)
     make_file(firmware, size)
-    return self_signed(workdir)
-
-
-def self_signed(dirpath: Path) -> tuple[Path, Path]:
-    """An RSA-2048 self-signed certificate for localhost and 127.0.0.1."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = dirpath / "cert.pem", dirpath / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    # the same kind of certificate (EC P-256, from the same code) as ota-broker's own, for a fair handshake
+    files = ensure_tls(workdir / "nginx-tls", "localhost")
+    return files.cert, files.key
 
 
 async def tls_session(port: int) -> str:
