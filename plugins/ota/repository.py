@@ -22,6 +22,7 @@ import aiosqlite
 from plugins.ota.errors import Conflict, NotFound
 from plugins.ota.machine import PlannedTask
 from plugins.ota.model import (
+    DOWNLOADABLE,
     UNFINISHED,
     Firmware,
     FirmwareStatus,
@@ -150,6 +151,7 @@ def _statements(script: str) -> Iterator[str]:
 
 
 _UNFINISHED_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(UNFINISHED)) + ")"
+_DOWNLOADABLE_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(DOWNLOADABLE)) + ")"
 
 
 @dataclass(frozen=True, slots=True)
@@ -795,8 +797,7 @@ class Repository:
 
     async def may_download(self, firmware_id: int, ref: DeviceRef) -> bool:
         row = await self._one(
-            "SELECT 1 FROM tasks WHERE firmware_id=? AND product_key=? AND device_name=?"
-            " AND state IN ('notified', 'in_progress') LIMIT 1",
+            f"SELECT 1 FROM tasks WHERE firmware_id=? AND product_key=? AND device_name=? AND state IN {_DOWNLOADABLE_SQL} LIMIT 1",  # noqa: S608, E501
             (firmware_id, ref.product_key, ref.device_name),
         )
         return row is not None

@@ -39,6 +39,7 @@ from plugins.ota.machine import (
 )
 from plugins.ota.model import (
     DEFAULT_MODULE,
+    DOWNLOADABLE,
     PENDING,
     UNFINISHED,
     Firmware,
@@ -60,7 +61,6 @@ _CAS_RETRIES = 5
 _DISPATCH_BATCH = 64  # notices a job step sends concurrently
 # A "may download" yes is reused this long; a task's own state change (cancel, end) forgets it at once.
 DOWNLOAD_GRANT_S = 5.0
-DOWNLOADING = frozenset({TaskState.NOTIFIED, TaskState.IN_PROGRESS})  # the task states whose link works
 
 
 class DeviceChannel(Protocol):
@@ -345,7 +345,7 @@ class OtaService:
                     task = await self.repo.get_task(task.id)
                     continue
                 saved = stored
-                if saved.state not in DOWNLOADING:
+                if saved.state not in DOWNLOADABLE:
                     self._download_grants.pop((str(saved.firmware_id), str(saved.device)), None)
                 if decision.note:
                     log.info(
