@@ -54,6 +54,11 @@ async def _write_and_drain(writer: Any, data: bytes) -> None:
     await writer.drain()
 
 
+def _owner(session: Any) -> str:
+    """The identity a session belongs to: the username it authenticated with ("" when anonymous)."""
+    return str(session.username or "")
+
+
 def _who(session: Any) -> str:
     return str(getattr(session, "client_id", "?"))[:96]
 
@@ -102,14 +107,21 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             return
         if not incoming.client_id:
             incoming.client_id = gen_client_id()
+        elif "\x00" in incoming.client_id:  # MQTT-1.5.3-2; also keeps `_session_key`'s separator unforgeable
+            log.info("no valid CONNECT from %s:%s: NUL in the client id", remote[0], remote[1])
+            with contextlib.suppress(Exception):
+                await writer.close()
+            return
         incoming.parent = 0
+        started = asyncio.get_running_loop().time()
         if not await self._authenticate(incoming, self.listeners_config[listener_name]):
             # Refused before any existing session is touched (amqtt deleted or rewrote the victim's).
             handler.attach(incoming, reader, writer)
             await handler.mqtt_connack_authorize(False)
             await writer.close()
             return
-        client_id = incoming.client_id
+        incoming.authenticated_since = started  # credentials read no earlier than this (loop time)
+        incoming.client_id = client_id = self._session_key(incoming)
         await self._end_live_connection(client_id)
         session = self._resume_or_start(incoming)
         if self._persistent(session):
@@ -143,11 +155,32 @@ class HardenedBroker(Broker):  # type: ignore[misc]
         if live is None or ended is None or live[0].transitions.state != "connected":
             return
         log.info("client %r connected again: closing its older connection", client_id[:96])
-        await live[1].handle_connection_closed()
+        protocol.end(live[1])
         try:
             await asyncio.wait_for(asyncio.shield(ended), TAKEOVER_WAIT_S)
         except TimeoutError:
             log.warning("the older connection of %r did not end within %gs", client_id[:96], TAKEOVER_WAIT_S)
+
+    def _session_key(self, incoming: Session) -> str:
+        """The key of the session `incoming` may use: a session, its queued messages, its subscriptions and
+        its Will belong to the identity that authenticated (the username). A client id is free text in
+        Aliyun's protocol and easy to guess, so when a session of another identity holds it, this identity
+        gets a session of its own under `<client id>\\0<username>` (NUL cannot come from the wire), which
+        it keeps finding on later connections. Nothing of the other identity's session is touched: it is
+        not resumed, not discarded and its live connection is not taken over."""
+        raw, owner = str(incoming.client_id), _owner(incoming)
+        apart = f"{raw}\x00{owner}"
+        if apart in self._sessions:
+            return apart
+        held = self._sessions.get(raw)
+        if held is None or _owner(held[0]) == owner:
+            return raw
+        log.info(
+            "client id %r is held by another identity: %r gets a session of its own",
+            raw[:96],
+            owner[:80],
+        )
+        return apart
 
     def _resume_or_start(self, incoming: Session) -> Session:
         client_id = incoming.client_id
@@ -157,7 +190,15 @@ class HardenedBroker(Broker):  # type: ignore[misc]
                 self._drop_session(client_id)
             return incoming
         session: Session = existing[0]
-        for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive"):
+        for name in (
+            "will_flag",
+            "will_message",
+            "will_topic",
+            "will_qos",
+            "will_retain",
+            "keep_alive",
+            "authenticated_since",
+        ):
             setattr(session, name, getattr(incoming, name))
         session.username, session.password = incoming.username, incoming.password
         session.parent = 1
@@ -236,6 +277,11 @@ class HardenedBroker(Broker):  # type: ignore[misc]
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         self._subscriptions.remove_all(session)
+
+    def end_connection(self, handler: Any) -> None:
+        """Close a client's connection at any point after it authenticated (for plugins: a device disabled,
+        deleted or given a new secret); nothing it sent after this is handled."""
+        protocol.end(handler)
 
     def subscriber_qos(self, session: Session, topic: str) -> int | None:
         """The QoS `session` would receive `topic` at through its own subscriptions, None if none match."""

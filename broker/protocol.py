@@ -238,14 +238,14 @@ async def _reader_loop(self: Any) -> None:
         router = None  # a plugin wants every packet object: amqtt's decoders and events
     self._reader_ready.set()
     try:
-        while self.reader is not None:
+        while self.reader is not None and "_ota_ending" not in self.__dict__:
             try:
                 header = await asyncio.wait_for(_read_fixed_header(self.reader), timeout)
             except TimeoutError:
                 self.handle_read_timeout()
                 continue
-            if header is None:
-                break  # EOF
+            if header is None or "_ota_ending" in self.__dict__:
+                break  # EOF, or `end` was called: what the client sent after that is not handled
             if router is not None:
                 await _handle_fast(self, router, *header, limits)
                 continue
@@ -266,6 +266,23 @@ async def _reader_loop(self: Any) -> None:
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+
+def end(handler: Any) -> None:
+    """Close `handler`'s connection now, at any point after its CONNECT was read (before the CONNACK, before
+    the reader started, or while it runs): packets the client sent and the reader has not handled yet are
+    not handled, and the connection then ends as on EOF (the Will, if any, is published)."""
+    handler._ota_ending = True
+    transport = getattr(getattr(handler.writer, "_writer", None), "transport", None)  # asyncio's StreamWriter
+    if transport is not None:
+        transport.abort()
+    elif handler.writer is not None:  # not a plain stream (websockets)
+        closing = asyncio.ensure_future(handler.writer.close())
+        _closing.add(closing)
+        closing.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[None]] = set()
 
 
 # -------------------------------------------------------------------------------------- the fast path

@@ -34,6 +34,7 @@ log = logging.getLogger("ota.plugin")
 
 NOTICE_QOS = 1
 _ACK_TIMEOUT_S = 60
+REVOKED_KEEP_S = 120.0  # longer than a login can take (amqtt's connect timeout and the auth checks)
 
 
 class OtaPlugin(BasePlugin[BrokerContext]):
@@ -57,6 +58,8 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         self._client_device: dict[str, DeviceRef] = {}
         self._device_clients: dict[DeviceRef, list[str]] = {}  # newest last
         self._conns: dict[str, _Connection] = {}  # client id -> the connection that authenticated
+        # device -> when (event loop time) its credentials last changed; oldest first, kept REVOKED_KEEP_S
+        self._revoked: dict[DeviceRef, float] = {}
         self._deliveries: set[asyncio.Task[Any]] = set()
         self.metrics = OtaMetrics()
 
@@ -214,6 +217,17 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             return
         old = self._conns.get(client_id)
         device = DeviceRef.from_username(client_session.username)
+        if device is not None and self._revoked_since_login(device, client_session):
+            # Disabled, deleted or given a new secret after this login read its credentials, before the
+            # connection was recorded here where `disconnect` finds it: checked again, and closed.
+            log.info(
+                "closing the connection of %s (client %r): its credentials changed while it logged in",
+                device,
+                client_id[:96],
+                extra={"device": str(device)},
+            )
+            self._end(entry[1])
+            return
         self._conns[client_id] = _Connection(client_session, entry[1], self.clock())
         if (
             device is not None
@@ -342,7 +356,32 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             for topic_filter, subscribers in self.context.subscriptions.items()
         )
 
+    def _revoked_since_login(self, device: DeviceRef, session: Session) -> bool:
+        """Whether `device`'s credentials changed after `session` began to authenticate (the broker
+        stamps `authenticated_since`; a plain amqtt broker does not, and then nothing is checked)."""
+        since = getattr(session, "authenticated_since", None)
+        revoked = self._revoked.get(device)
+        return not self.open_mode and since is not None and revoked is not None and revoked >= since
+
+    def _end(self, handler: Any) -> None:
+        end = getattr(self.context._broker_instance, "end_connection", None)  # ota-broker's broker
+        if end is not None:
+            end(handler)
+        else:
+            task = asyncio.ensure_future(handler.handle_connection_closed())
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
     async def disconnect(self, device: DeviceRef) -> None:
+        """Close every connection of `device`, including one still logging in (its credentials changed)."""
+        now = asyncio.get_running_loop().time()
+        self._revoked.pop(device, None)
+        self._revoked[device] = now
+        while self._revoked:  # forget changes older than any login still in progress could be
+            oldest, at = next(iter(self._revoked.items()))
+            if at >= now - REVOKED_KEEP_S:
+                break
+            del self._revoked[oldest]
         for client_id in list(self._device_clients.get(device, [])):
             conn = self._conns.get(client_id)
             if conn is not None:
@@ -352,7 +391,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
                     client_id[:96],
                     extra={"device": str(device)},
                 )
-                await conn.handler.handle_connection_closed()
+                self._end(conn.handler)
 
     def _delivery_done(self, device: DeviceRef, task: asyncio.Task[Any]) -> None:
         self._deliveries.discard(task)

@@ -26,6 +26,9 @@ from argon2 import PasswordHasher
 from broker import app as broker_app
 from plugins.device_auth.signing import login_for
 from plugins.ota.topics import DeviceRef
+from tests.broker.rawmqtt import RawClient
+from tests.broker.rawmqtt import connect as raw_connect
+from tests.broker.rawmqtt import publish as raw_publish
 from tests.support import Device, Env, Tls, broker_config, eventually
 
 AUTH_KEY = "plugins.device_auth.plugin.DeviceAuthPlugin"
@@ -92,10 +95,22 @@ class Peer(Device):
     """A paho client that sends exactly the given CONNECT fields and never reconnects by itself, so one
     call to `attempt` is one CONNECT and a connection the server closes stays closed."""
 
-    def __init__(self, port: int, pk: str, dn: str, client_id: str, username: str, password: str) -> None:
+    def __init__(
+        self,
+        port: int,
+        pk: str,
+        dn: str,
+        client_id: str,
+        username: str,
+        password: str,
+        clean_session: bool = True,
+    ) -> None:
         super().__init__(port, pk, dn, client_id=client_id, username=username)
         self.client = mqtt.Client(
-            client_id=client_id, clean_session=True, protocol=mqtt.MQTTv311, reconnect_on_failure=False
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
         )
         self.client.username_pw_set(username, password)
         self.client.on_message = self._on_message
@@ -137,16 +152,19 @@ class Peer(Device):
         await eventually(self.closed.is_set, what=f"the connection of {self.ref} to be closed")
 
 
-def peer(env: Env, pk: str, dn: str, client_id: str, username: str, password: str) -> Peer:
-    p = Peer(env.mqtt_port, pk, dn, client_id, username, password)
+def peer(
+    env: Env, pk: str, dn: str, client_id: str, username: str, password: str, clean_session: bool = True
+) -> Peer:
+    p = Peer(env.mqtt_port, pk, dn, client_id, username, password, clean_session)
     env.devices.append(p)
     return p
 
 
-def signed(env: Env, pk: str, dn: str, secret: str, **how: Any) -> Peer:
-    """A device that logs in as `pk/dn` signing with `secret` (login_for's keywords: method, timestamp...)."""
+def signed(env: Env, pk: str, dn: str, secret: str, clean_session: bool = True, **how: Any) -> Peer:
+    """A device that logs in as `pk/dn` signing with `secret` (login_for's keywords: client_id_part,
+    method, timestamp...)."""
     login = login_for(DeviceRef(pk, dn), secret, **how)
-    return peer(env, pk, dn, login.client_id, login.username, login.password)
+    return peer(env, pk, dn, login.client_id, login.username, login.password, clean_session)
 
 
 async def register(env: Env, pk: str, dn: str, secret: str | None = None) -> str:
@@ -436,6 +454,99 @@ async def test_newest_connection_with_the_same_client_id_is_the_device_session(s
     await new.notices()
     assert (await env.find("/devices/pk/a"))["online"] is True
     assert old_closed, "the older connection with the same clientId was left open"
+
+
+async def test_a_client_id_held_by_another_device_is_kept_apart(secure: Env) -> None:
+    """Device B logging in with its own secret but device A's clientId (clean session 0 or 1) gets a session
+    of its own: it never receives A's queued notice, A's stored session is neither resumed nor discarded,
+    and an online A is not taken over; A still gets its session and its notice."""
+    env = secure
+    a_secret, b_secret = await register(env, "pk", "a"), await register(env, "pk", "b")
+    a = await signed(env, "pk", "a", a_secret, clean_session=False).connect()
+    await a.subscribe(a.upgrade_topic)
+    await a.inform("1.0.0")
+    await recorded(env, "pk/a", "1.0.0")
+    await asyncio.to_thread(a.disconnect)
+
+    async def a_offline() -> bool:
+        return (await env.find("/devices/pk/a"))["online"] is False
+
+    await eventually(a_offline, what="A to be offline")
+    fw = await env.upload(FIRMWARE)
+    await env.job(fw["id"], ["pk/a"])  # A's notice waits in its stored session
+
+    for clean in (False, True):
+        b = await signed(env, "pk", "b", b_secret, clean_session=clean, client_id_part="pk.a").connect()
+        await b.subscribe(b.upgrade_topic)
+        await asyncio.sleep(0.3)
+        assert b.received == [], f"B (clean session {clean}) received A's messages: {b.received}"
+        assert not b.closed.is_set()
+        await asyncio.to_thread(b.disconnect)
+
+    a = await signed(env, "pk", "a", a_secret, clean_session=False).connect()
+    notices = await a.notices()
+    assert notices[0]["data"]["version"] == "2.0.0"
+    held = await signed(env, "pk", "b", b_secret, client_id_part="pk.a").connect()
+    await asyncio.sleep(0.3)
+    assert not a.closed.is_set(), "B took over A's live connection"
+    assert held.received == []
+    assert (await env.find("/devices/pk/a"))["online"] is True
+
+
+async def test_a_live_connection_is_taken_over_only_by_the_same_device(secure: Env) -> None:
+    """MQTT-3.1.4-2 applies within one identity: A's second connection with its clientId closes the first,
+    while B's connections with A's clientId never close A's (however often B tries)."""
+    env = secure
+    a_secret, b_secret = await register(env, "pk", "a"), await register(env, "pk", "b")
+    a = await signed(env, "pk", "a", a_secret).connect()
+    for _ in range(3):
+        b = await signed(env, "pk", "b", b_secret, client_id_part="pk.a").connect()
+        await asyncio.sleep(0.1)
+        assert not a.closed.is_set()
+        assert not b.closed.is_set()
+    again = await signed(env, "pk", "a", a_secret).connect()
+    await a.gone()
+    assert not again.closed.is_set()
+
+
+@pytest.mark.parametrize("change", ["disable", "rotate", "delete"])
+async def test_credentials_changed_while_a_device_logs_in_close_that_connection(
+    secure: Env, change: str
+) -> None:
+    """A login that read the device's credentials just before the operator disabled it, gave it a new secret
+    or deleted it is closed once it completes, and what it sent at once (a version report in the same
+    segment as its CONNECT) is not recorded."""
+    env = secure
+    secret = await register(env, "pk", "a")
+    plugin = env.running.plugin
+    read = plugin.device_login
+    changed = asyncio.Event()
+
+    async def change_after_reading(device: DeviceRef) -> tuple[str, bool] | None:
+        found = await read(device)
+        if not changed.is_set():  # the operator acts between this login's read and its CONNACK
+            changed.set()
+            ref = "/devices/pk/a"
+            if change == "disable":
+                await env.api("PATCH", ref, expect=200, json={"enabled": False})
+            elif change == "rotate":
+                await env.api("POST", f"{ref}/secret", expect=200)
+            else:
+                await env.api("DELETE", ref, expect=204)
+        return found
+
+    plugin.device_login = change_after_reading
+    login = login_for(DeviceRef("pk", "a"), secret)
+    report = json.dumps({"id": 1, "params": {"version": "9.9.9"}}).encode()
+    async with RawClient.open(env.mqtt_port) as raw:
+        await raw.send(
+            raw_connect(login.client_id, username=login.username, password=login.password)
+            + raw_publish("/ota/device/inform/pk/a", report, qos=1, packet_id=1)
+        )
+        assert await raw.closed(), "the connection that logged in with stale credentials stayed open"
+    assert changed.is_set()
+    found = await env.find("/devices/pk/a")
+    assert found is None or found["modules"].get("default") != "9.9.9"
 
 
 # ------------------------------------------------------------------------------- 6. application account
