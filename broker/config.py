@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,13 +17,15 @@ from dacite import Config as DaciteConfig
 from dacite import DaciteError, from_dict
 
 from broker.limits import LimitsConfig
-from firmware_store.tls import ensure_tls
+from firmware_store.tls import COMPATIBLE, c_sdk_problem, ensure_tls
 from plugins.device_auth.plugin import DeviceAuthConfig, config_problem
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings, parse_bind, resolve
 
 AUTH_PLUGIN_KEY = "plugins.device_auth.plugin.DeviceAuthPlugin"
 
-__all__ = ["ConfigError", "Loaded", "default_config_text", "load", "prepare"]
+__all__ = ["ConfigError", "Loaded", "default_config_text", "load", "prepare", "warnings"]
+
+log = logging.getLogger("ota.config")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +132,7 @@ def prepare(
         elif dry_run:
             cert, key = settings.data_dir / "tls" / "server.crt", settings.data_dir / "tls" / "server.key"
         else:
-            files = ensure_tls(settings.data_dir / "tls", settings.public_host)
+            files = ensure_tls(settings.data_dir / "tls", settings.public_host, settings.tls_profile)
             cert, key = files.cert, files.key
         cfg["listeners"]["tls"] = {
             "type": "tcp",
@@ -138,4 +141,31 @@ def prepare(
             "certfile": str(cert),
             "keyfile": str(key),
         }
+    if not dry_run:
+        for warning in warnings(settings):
+            log.warning("%s", warning)
     return cfg, settings
+
+
+def warnings(settings: Settings) -> list[str]:
+    """What in a valid configuration keeps some devices out: Aliyun's C SDKs (static-RSA TLS suites and
+    RSA certificates only) and iotkit-embedded v3's URL parsing (a port in a URL becomes part of the
+    host name). Printed by `check-config` and logged at start."""
+    found = []
+    port = settings.public_port
+    if port is not None and not (port == 0 and settings.https_bind.port == 443):
+        found.append(
+            f"public_url {settings.public_url} names port {port}: iotkit-embedded v3 devices cannot "
+            "download from it (their HTTP client keeps host:port as the host name); serve downloads on "
+            "443 and give public_url without a port (docs/deploy.md)"
+        )
+    if settings.tls_profile != COMPATIBLE:
+        found.append(
+            f"tls_profile is {settings.tls_profile}: Aliyun's C SDKs (LinkSDK C v4, iotkit-embedded v3) "
+            "cannot connect, they offer only TLS 1.2 static-RSA suites"
+        )
+    elif settings.tls_cert is not None:
+        problem = c_sdk_problem(settings.tls_cert)
+        if problem:
+            found.append(f"tls_cert: {problem}: Aliyun's C SDK devices cannot connect")
+    return found

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from broker.config import AUTH_PLUGIN_KEY, Loaded
+from broker.config import AUTH_PLUGIN_KEY, Loaded, warnings
 from plugins.ota.settings import ENV, PLUGIN_KEY, ConfigError, OtaConfig, Settings, apply_env
 
 MASK = "********"
@@ -47,6 +47,7 @@ def effective_config(
         f"# data directory: {settings.data_dir.resolve()}",
         f"# admin token: {_token_source(entry, settings)}",
         "# secrets are masked; this is what `ota-broker run` would use",
+        *(f"# warning: {w}" for w in warnings(settings)),
     ]
     return "\n".join(header) + "\n" + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
 

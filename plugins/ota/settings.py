@@ -14,9 +14,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from firmware_store.tls import PROFILES
+
 PLUGIN_KEY = "plugins.ota.plugin.OtaPlugin"
 AUTH_MODES = ("device-secret", "open")
 DOWNLOAD_OFFLOADS = ("", "nginx")
+TLS_PROFILES = PROFILES
 
 
 class ConfigError(ValueError):
@@ -38,6 +41,7 @@ class OtaConfig:
     mqtts_bind: str = "0.0.0.0:8883"
     tls_cert: str = ""
     tls_key: str = ""
+    tls_profile: str = "compatible"
     link_ttl_hours: float = 24.0
     max_payload_bytes: int = 65536
     max_upload_mb: int = 1024
@@ -56,6 +60,7 @@ ENV: Mapping[str, str] = {
     "OTA_DOWNLOAD_OFFLOAD": "download_offload",
     "OTA_ADMIN_BIND": "admin_bind",
     "OTA_MQTTS_BIND": "mqtts_bind",
+    "OTA_TLS_PROFILE": "tls_profile",
 }
 
 
@@ -81,6 +86,7 @@ class Settings:
     mqtts_bind: Bind | None
     tls_cert: Path | None
     tls_key: Path | None
+    tls_profile: str  # "compatible" (also the Aliyun C SDKs' static-RSA suites) or "modern"
     link_ttl_s: int
     max_payload_bytes: int
     max_upload_bytes: int
@@ -99,8 +105,26 @@ class Settings:
         parts = urlsplit(self.public_url)
         if parts.port == 0:
             host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
-            return parts._replace(netloc=f"{host}:{https_port}").geturl().rstrip("/")
+            bound = parts._replace(netloc=f"{host}:{https_port}").geturl()
+            return without_default_port(bound).rstrip("/")
         return self.public_url.rstrip("/")
+
+    @property
+    def public_port(self) -> int | None:
+        """The port the public URL names (None when it names none: devices use 443)."""
+        return urlsplit(self.public_url).port
+
+
+def without_default_port(url: str) -> str:
+    """`url` without `:443`: download URLs never name the default port (iotkit-embedded v3 cannot parse
+    a URL that names one)."""
+    parts = urlsplit(url)
+    if parts.port != 443:
+        return url
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{host}" if userinfo else str(host)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def parse_bind(value: str, key: str) -> Bind:
@@ -135,8 +159,15 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         raise ConfigError(f"{key}.public_url: must name the nginx server when download_offload is set")
     public_url = cfg.public_url.strip() or f"https://{socket.gethostname()}:{https.port}"
     parts = urlsplit(public_url)
-    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment or port == -1:
         raise ConfigError(f"{key}.public_url: {public_url!r} must be an https:// URL with a host")
+    public_url = without_default_port(public_url)
+    if cfg.tls_profile not in TLS_PROFILES:
+        raise ConfigError(f"{key}.tls_profile: {cfg.tls_profile!r} is not one of {', '.join(TLS_PROFILES)}")
     if (cfg.tls_cert == "") != (cfg.tls_key == ""):
         raise ConfigError(f"{key}.tls_cert/tls_key: give both or neither")
     numbers = (
@@ -164,6 +195,7 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         mqtts_bind=parse_bind(cfg.mqtts_bind, f"{key}.mqtts_bind") if cfg.mqtts_bind.strip() else None,
         tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
         tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
+        tls_profile=cfg.tls_profile,
         link_ttl_s=int(cfg.link_ttl_hours * 3600),
         max_payload_bytes=int(cfg.max_payload_bytes),
         max_upload_bytes=int(cfg.max_upload_mb) * 1024 * 1024,

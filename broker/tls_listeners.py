@@ -1,0 +1,70 @@
+"""MQTT over TLS with the product's TLS profile, and failed handshakes logged.
+
+amqtt builds a listener's SSL context in `Broker._create_ssl_context` (its own defaults: no profile, a
+client certificate asked for) and serves it with `asyncio.start_server(ssl=...)`, where a failed
+handshake vanishes without a trace. `TlsListeners` replaces both for TCP listeners: the context comes
+from `firmware_store.tls.server_context` (the same one the HTTPS endpoints use), and the handshake runs
+in `firmware_store.tls.tls_acceptor`, which logs each failure (rate-limited) with the peer and reason.
+The two amqtt names overridden here are checked by tests/broker/test_tls_listeners.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from amqtt.contexts import ListenerConfig, ListenerType
+
+from firmware_store.tls import COMPATIBLE, HandshakeLog, server_context, tls_acceptor
+from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, resolve
+
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+def tls_profile(config: Mapping[str, Any] | None) -> str:
+    """The OTA plugin's `tls_profile` (with `OTA_TLS_PROFILE` applied) in an amqtt configuration."""
+    entry = ((config or {}).get("plugins") or {}).get(PLUGIN_KEY)
+    try:
+        return resolve(OtaConfig(**(entry or {}))).tls_profile
+    except (TypeError, ConfigError):
+        return COMPATIBLE  # the OTA plugin reports its own configuration errors
+
+
+class TlsListeners:
+    """Mix in before amqtt's `Broker`."""
+
+    def __init__(self, config: dict[str, Any] | None = None, *args: Any, **kwargs: Any) -> None:
+        self._tls_profile = tls_profile(config)
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]  # amqtt Broker follows in the MRO
+
+    def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:
+        ctx = server_context(Path(str(listener.certfile)), Path(str(listener.keyfile)), self._tls_profile)
+        if listener.cafile or listener.capath or listener.cadata:  # client certificates, as amqtt offers
+            ctx.load_verify_locations(listener.cafile, listener.capath, listener.cadata)
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        if listener_type != ListenerType.TCP or ssl_context is None:
+            return await super()._create_server_instance(  # type: ignore[misc]
+                listener_name, listener_type, address, port, ssl_context
+            )
+        connected = partial(self.stream_connected, listener_name=listener_name)  # type: ignore[attr-defined]
+
+        def stream() -> asyncio.StreamReaderProtocol:  # what asyncio.start_server makes per connection
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(), connected)
+
+        failures = HandshakeLog(f"mqtt listener {listener_name!r}")
+        acceptor = tls_acceptor(stream, ssl_context, failures, handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
+        return await asyncio.get_running_loop().create_server(acceptor, address, port, reuse_address=True)
