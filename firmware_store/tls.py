@@ -334,7 +334,7 @@ class HandshakeLog:
 def reason(error: BaseException) -> str:
     """A failed handshake's cause in words: `no shared cipher`, `wrong version number` (a client speaking
     plain TCP), `no handshake within 10s`, ..."""
-    if isinstance(error, ssl.SSLError) and error.reason:
+    if isinstance(error, ssl.SSLError) and getattr(error, "reason", None):
         return str(error.reason).lower().replace("_", " ")
     if isinstance(error, TimeoutError | ConnectionAbortedError) and "taking longer" in str(error):
         return "no handshake within the time allowed"
