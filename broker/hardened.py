@@ -32,11 +32,13 @@ from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import IncomingApplicationMessage, Session
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from broker import protocol, session_state
-from broker.sessions import SessionStore
+from broker.sessions import InFlight, SessionStore
+from broker.tls_listeners import TlsListeners
 from broker.topic_index import InvalidTopicFilter, TopicIndex, matching_retained
 
 log = logging.getLogger("ota.broker")
@@ -63,7 +65,7 @@ def _who(session: Any) -> str:
     return str(getattr(session, "client_id", "?"))[:96]
 
 
-class HardenedBroker(Broker):  # type: ignore[misc]
+class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
     def __init__(self, *args: Any, session_db: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._store = SessionStore(session_db) if session_db is not None else None
@@ -480,14 +482,14 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             self._store.queue_message(session.client_id, topic, data, qos)  # type: ignore[union-attr]
 
     def _send_queued(self, session: Session, handler: Any) -> None:
-        """What was queued while the session was offline, in order, without waiting for acknowledgements."""
+        """What was queued while the session was offline, in order, without waiting for acknowledgements.
+        The saved copies of these and of the restored in-flight messages are dropped: the connection holds
+        them now."""
         queue = session.retained_messages
-        if queue.empty():
-            return
         while not queue.empty():
             message = queue.get_nowait()
             self._deliver(handler, message.topic, message.data, message.qos or QOS_0)
-        if self._persistent(session):
+        if session.parent and self._persistent(session):  # a resumed session
             self._store.messages_taken(session.client_id)  # type: ignore[union-attr]
 
     async def _publish_retained_messages_for_subscription(
@@ -525,17 +527,37 @@ class HardenedBroker(Broker):  # type: ignore[misc]
                 self._subscriptions.add(topic_filter, session, qos)
             for topic, payload, qos in stored.messages:
                 session.retained_messages.put_nowait(RetainedApplicationMessage(None, topic, payload, qos))
+            for sent in stored.in_flight:  # resent on reconnect with DUP and the same packet id
+                message = OutgoingApplicationMessage(
+                    sent.packet_id, sent.topic, sent.qos, sent.payload, False
+                )
+                message.publish_packet = protocol.encode_publish(
+                    sent.topic, sent.payload, sent.qos, sent.packet_id, dup=True
+                )
+                if sent.received:
+                    message.pubrec_packet = PubrecPacket.build(sent.packet_id)
+                session.inflight_out[sent.packet_id] = message
         if saved:
             log.info("restored %d persistent MQTT session(s) from %s", len(saved), self._store.path)
 
     async def shutdown(self) -> None:
         self._stopping = True
         if self._store is not None:
-            # What connected persistent sessions had not acknowledged yet is delivered after the restart.
+            # What persistent sessions (connected, or gone since) had not acknowledged yet is delivered
+            # after the restart.
             for client_id, (session, _) in list(self._sessions.items()):
-                if self._persistent(session) and session.transitions.state == "connected":
+                if self._persistent(session):
                     for message in list(session.inflight_out.values()):
-                        self._store.queue_message(client_id, message.topic, message.data, message.qos)
+                        self._store.save_in_flight(
+                            client_id,
+                            InFlight(
+                                message.packet_id,
+                                message.topic,
+                                bytes(message.data),
+                                message.qos,
+                                message.pubrec_packet is not None,
+                            ),
+                        )
         for task in list(self._deliveries):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)

@@ -6,7 +6,9 @@ for offline devices with it. Writes go through one ordered queue and are committ
 the routing path never waits for the disk and a burst of queued messages costs one transaction.
 
 What survives what: subscriptions and messages queued for an offline session are written as they happen;
-messages a connected client had not acknowledged are written at a clean shutdown. After a crash, those
+messages a connected client had not acknowledged are written at a clean shutdown with their packet id
+(and whether a QoS 2 PUBREC came), so after the restart they are sent again as what they are: the same
+message, with DUP set and its original packet id (MQTT-4.4.0-1), never as a new one. After a crash, those
 in-flight messages are lost (amqtt kept none at all), the rest is there.
 """
 
@@ -40,7 +42,9 @@ CREATE TABLE IF NOT EXISTS mqtt_message (
     client_id TEXT NOT NULL REFERENCES mqtt_session(client_id) ON DELETE CASCADE,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
-    qos INTEGER NOT NULL
+    qos INTEGER NOT NULL,
+    packet_id INTEGER,  -- set: sent and not acknowledged when the broker stopped
+    received INTEGER NOT NULL DEFAULT 0  -- 1: a QoS 2 message whose PUBREC came (PUBREL is next)
 );
 CREATE INDEX IF NOT EXISTS mqtt_message_client ON mqtt_message(client_id, id);
 """
@@ -55,6 +59,18 @@ class StoredSession:
     seen_at: float
     subscriptions: list[tuple[str, int]] = field(default_factory=list)
     messages: list[tuple[str, bytes, int]] = field(default_factory=list)  # topic, payload, qos; in order
+    in_flight: list[InFlight] = field(default_factory=list)  # in the order they were first sent
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A QoS 1/2 message sent to the client and not acknowledged when the broker stopped."""
+
+    packet_id: int
+    topic: str
+    payload: bytes
+    qos: int
+    received: bool  # QoS 2: PUBREC came, PUBREL is next
 
 
 class SessionStore:
@@ -74,6 +90,10 @@ class SessionStore:
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
         await db.executescript(_SCHEMA)
+        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(mqtt_message)")}
+        if "packet_id" not in columns:  # a database written before in-flight messages were kept apart
+            await db.execute("ALTER TABLE mqtt_message ADD COLUMN packet_id INTEGER")
+            await db.execute("ALTER TABLE mqtt_message ADD COLUMN received INTEGER NOT NULL DEFAULT 0")
         await db.commit()
         self._db = db
         sessions: dict[str, StoredSession] = {}
@@ -85,10 +105,14 @@ class SessionStore:
             "SELECT client_id, topic_filter, qos FROM mqtt_subscription ORDER BY client_id, topic_filter"
         ):
             sessions[client_id].subscriptions.append((topic_filter, qos))
-        for client_id, topic, payload, qos in await db.execute_fetchall(
-            "SELECT client_id, topic, payload, qos FROM mqtt_message ORDER BY id"
+        for client_id, topic, payload, qos, packet_id, received in await db.execute_fetchall(
+            "SELECT client_id, topic, payload, qos, packet_id, received FROM mqtt_message ORDER BY id"
         ):
-            sessions[client_id].messages.append((topic, bytes(payload), qos))
+            stored = sessions[client_id]
+            if packet_id is None:
+                stored.messages.append((topic, bytes(payload), qos))
+            else:
+                stored.in_flight.append(InFlight(packet_id, topic, bytes(payload), qos, bool(received)))
         self._writer = asyncio.create_task(self._write_loop())
         return list(sessions.values())
 
@@ -123,8 +147,23 @@ class SessionStore:
             (client_id, topic, bytes(payload), qos),
         )
 
+    def save_in_flight(self, client_id: str, message: InFlight) -> None:
+        self._put(
+            "INSERT INTO mqtt_message (client_id, topic, payload, qos, packet_id, received)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                client_id,
+                message.topic,
+                message.payload,
+                message.qos,
+                message.packet_id,
+                int(message.received),
+            ),
+        )
+
     def messages_taken(self, client_id: str) -> None:
-        """The session's queued messages were handed to its new connection."""
+        """The session's queued and in-flight messages were handed to its new connection (which keeps what
+        it has not acknowledged in flight until it does, and writes it again at the next clean stop)."""
         self._put("DELETE FROM mqtt_message WHERE client_id = ?", (client_id,))
 
     def _put(self, sql: str, args: tuple[Any, ...]) -> None:

@@ -153,6 +153,36 @@ def push_notice(notice_id: int, data: dict[str, Any]) -> bytes:
     return _dump({"code": "1000", "data": data, "id": notice_id, "message": "success"})
 
 
+def same_notice(a: bytes, b: bytes) -> bool:
+    """Whether two push notices offer the same package: equal but for their id and their links' signatures
+    and expiry (each notice signs its links anew). A session that still holds one undelivered need not get
+    the other."""
+    if a == b:
+        return True
+    offer = _offer(a)
+    return offer is not None and offer == _offer(b)
+
+
+def _offer(payload: bytes) -> Any:
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return _unsigned(data) if isinstance(data, dict) and data else None
+
+
+def _unsigned(value: Any) -> Any:
+    """`value` with the query (signature, expiry) cut off every link in it."""
+    if isinstance(value, dict):
+        return {k: _unsigned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unsigned(v) for v in value]
+    if isinstance(value, str) and value.startswith(("https://", "http://")):
+        return value.split("?", 1)[0]
+    return value
+
+
 def get_reply(request_id: RequestId, data: dict[str, Any]) -> bytes:
     """`/sys/{pk}/{dn}/thing/ota/firmware/get_reply`: `data` is `{}` when nothing is pending."""
     return _dump({"id": request_id, "code": 200, "data": data, "message": "success"})

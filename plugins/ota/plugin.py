@@ -24,6 +24,7 @@ from firmware_store import FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls, write_private
 from plugins.ota.api import admin_app
+from plugins.ota.messages import same_notice
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.repository import Repository
 from plugins.ota.service import OtaService
@@ -78,7 +79,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         self.tls = (
             TlsFiles(s.tls_cert, s.tls_cert, s.tls_key)
             if s.tls_cert and s.tls_key
-            else ensure_tls(s.data_dir / "tls", s.public_host)
+            else ensure_tls(s.data_dir / "tls", s.public_host, s.tls_profile)
         )
         repo = Repository(s.data_dir / "ota.db")
         repo.observe = self.metrics.observe_db
@@ -119,7 +120,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             dl,
             s.https_bind.host,
             s.https_bind.port,
-            self.tls.server_context(),
+            self.tls.server_context(s.tls_profile),
             header_timeout_s=s.http_header_timeout_s,
         )
         self._sites.append(site)
@@ -133,7 +134,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             admin_app(service, token, metrics=self.metrics, metrics_token=metrics_token),
             s.admin_bind.host,
             s.admin_bind.port,
-            self.tls.server_context() if s.admin_tls else None,
+            self.tls.server_context(s.tls_profile) if s.admin_tls else None,
             header_timeout_s=s.http_header_timeout_s,
         )
         self._sites.append(site)
@@ -330,6 +331,11 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         if parsed is not None:
             self.metrics.message_sent(parsed.kind)
         conn = self._connection(device)
+        if conn is not None and _holds(conn.session, topic, payload):
+            # Its session has this notice unacknowledged or queued (a persistent session after a restart or
+            # a reconnect): that copy is sent again, with DUP and its packet id; a second one would be a
+            # duplicate.
+            return True
         subscribed = conn is not None and self._subscribed(conn.session, topic)
         # Subscribers, the device among them if it subscribed, get it through the broker's routing.
         await self.context.broadcast_message(topic, payload)  # each at its granted QoS
@@ -409,6 +415,15 @@ class _Connection:
     session: Session
     handler: Any  # amqtt's BrokerProtocolHandler of this connection
     connected_at: float
+
+
+def _holds(session: Session, topic: str, payload: bytes) -> bool:
+    """Whether `session` has the same notice on `topic` in flight (unacknowledged) or queued (offline)."""
+    queued = getattr(session.retained_messages, "_items", None) or ()  # the broker's LightQueue
+    return any(
+        message.topic == topic and same_notice(bytes(message.data), payload)
+        for message in (*session.inflight_out.values(), *queued)
+    )
 
 
 def _parse(topic: str) -> OtaTopic | None:

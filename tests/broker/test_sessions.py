@@ -3,11 +3,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 import sqlite3
 from pathlib import Path
 
+import aiohttp
+import pytest
+
 from broker import app as broker_app
-from tests.support import Device, Tls, broker_config, eventually
+from broker.sessions import SessionStore
+from plugins.ota.topics import DeviceRef
+from tests.broker.rawmqtt import PUBACK, PUBLISH, RawClient, puback
+from tests.broker.rawmqtt import publish as raw_publish
+from tests.support import Device, Env, Tls, broker_config, eventually
+
+_DEV1 = DeviceRef("pk", "dev1")
 
 
 async def _start(data: Path, tls: Tls) -> broker_app.RunningBroker:
@@ -86,3 +98,108 @@ async def test_a_clean_session_forgets_the_saved_one(tmp_path: Path, tls: Tls) -
         assert "keeper" not in running.broker._sessions
     finally:
         await running.stop()
+
+
+@pytest.mark.parametrize("online_at_stop", [True, False])
+async def test_an_unacknowledged_notice_is_resent_once_after_a_restart(
+    tmp_path: Path, tls: Tls, online_at_stop: bool
+) -> None:
+    """A persistent session's QoS 1 message that was in flight at a graceful stop (its client still
+    connected, or gone before the stop) is sent once after the restart, with DUP set and its original
+    packet id (MQTT-4.4.0-1), and the OTA service does not push a second copy of the same notice."""
+    data = tmp_path / "data"
+    topic = "/ota/device/upgrade/pk/dev1"
+    login = {"clean": False, "username": "dev1&pk", "password": "x"}
+    # The download address stays the same across the restart, as in a deployment.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        https = f"127.0.0.1:{probe.getsockname()[1]}"
+    config = broker_config(data, tls, https_bind=https, public_url=f"https://{https}")
+    running = await broker_app.start(config)
+    try:
+        async with RawClient.open(running.mqtt_address[1]) as device:
+            assert (await device.connect("pk.dev1", **login)).return_code == 0
+            assert await device.subscribe(1, (topic, 1)) == [1]
+            inform = json.dumps({"id": 1, "params": {"version": "1.0.0"}}).encode()
+            await device.send(raw_publish("/ota/device/inform/pk/dev1", inform, qos=1, packet_id=1))
+            await device.expect(PUBACK)
+            await eventually(
+                lambda: _rows(data / "ota.db", "SELECT 1 FROM device_modules"), what="the version recorded"
+            )
+            async with aiohttp.ClientSession() as http:
+                env = Env(running, tls, http)
+                firmware = await env.upload(b"\x01" * 1000)
+                await env.job(firmware["id"], ["pk/dev1"])
+            first = await device.expect(PUBLISH)  # not acknowledged
+            assert first.topic == topic and not first.dup
+            if online_at_stop:
+                await running.stop()
+    finally:
+        if not online_at_stop:
+            await running.stop()
+
+    running = await broker_app.start(config)
+    try:
+        async with RawClient.open(running.mqtt_address[1]) as device:
+            assert (await device.connect("pk.dev1", **login)).session_present
+            again = await device.expect(PUBLISH)
+            assert (again.topic, again.packet_id, again.dup) == (topic, first.packet_id, True)
+            assert again.payload == first.payload
+            await device.send(puback(again.packet_id))
+            extra = await device.silent(1.5)
+            assert extra is None, f"sent again: {extra}"
+    finally:
+        await running.stop()
+
+
+async def test_a_notice_queued_for_an_offline_session_is_delivered_once(tmp_path: Path, tls: Tls) -> None:
+    """A persistent session that was offline when its upgrade started gets the notice once when it
+    reconnects (whether the notice was queued for it or sent on reconnect), never twice."""
+    data = tmp_path / "data"
+    topic = "/ota/device/upgrade/pk/dev1"
+    login = {"clean": False, "username": "dev1&pk", "password": "x"}
+    running = await _start(data, tls)
+    try:
+        async with RawClient.open(running.mqtt_address[1]) as device:
+            assert (await device.connect("pk.dev1", **login)).return_code == 0
+            assert await device.subscribe(1, (topic, 1)) == [1]
+            inform = json.dumps({"id": 1, "params": {"version": "1.0.0"}}).encode()
+            await device.send(raw_publish("/ota/device/inform/pk/dev1", inform, qos=1, packet_id=1))
+            await device.expect(PUBACK)
+        async with aiohttp.ClientSession() as http:
+            env = Env(running, tls, http)
+            await eventually(lambda: not running.plugin.is_online(_DEV1), what="the device to be offline")
+            firmware = await env.upload(b"\x01" * 1000)
+            await env.job(firmware["id"], ["pk/dev1"])
+            await asyncio.sleep(0.5)  # the job's first step (a notice queued now, or none while offline)
+        async with RawClient.open(running.mqtt_address[1]) as device:
+            assert (await device.connect("pk.dev1", **login)).session_present
+            notice = await device.expect(PUBLISH)
+            assert notice.topic == topic
+            await device.send(puback(notice.packet_id))
+            extra = await device.silent(1.5)
+            assert extra is None, f"sent again: {extra}"
+    finally:
+        await running.stop()
+
+
+async def test_sessions_saved_by_an_older_version_are_restored(tmp_path: Path) -> None:
+    """A database whose `mqtt_message` table predates in-flight messages gains the columns at open, and its
+    queued messages come back as queued ones."""
+    db = tmp_path / "ota.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE mqtt_session (client_id TEXT PRIMARY KEY, username TEXT, seen_at REAL NOT NULL);
+            CREATE TABLE mqtt_message (id INTEGER PRIMARY KEY AUTOINCREMENT, client_id TEXT NOT NULL,
+                topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL);
+            INSERT INTO mqtt_session VALUES ('keeper', 'u', 1.0);
+            INSERT INTO mqtt_message (client_id, topic, payload, qos) VALUES ('keeper', 't', x'01', 1);
+            """
+        )
+    store = SessionStore(db)
+    try:
+        (saved,) = await store.open()
+    finally:
+        await store.close()
+    assert (saved.client_id, saved.messages, saved.in_flight) == ("keeper", [("t", b"\x01", 1)], [])

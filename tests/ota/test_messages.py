@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from plugins.ota import messages
 from plugins.ota.messages import (
     BadMessage,
     FirmwareGet,
@@ -495,3 +496,21 @@ def test_get_reply_carries_notice_data() -> None:
     """A pull reply carries the same data as the push notice."""
     data = notice_data(make_firmware(), URL)
     assert json.loads(get_reply(7, data))["data"] == data
+
+
+def test_same_notice_ignores_only_the_id_and_the_links_signature() -> None:
+    """Two notices offer the same package when they differ only in their id and their links' query (each
+    notice signs its links anew); another version, digest, host or file path is another offer."""
+    url = "https://ota.example/firmware/7?s=pk/d&e=100&t=abc"
+    data = {"size": 10, "version": "2.0.0", "url": url, "md5": "0" * 32, "extData": {}}
+    first = messages.push_notice(1, data)
+    assert messages.same_notice(first, messages.push_notice(2, data | {"url": url.replace("e=100", "e=200")}))
+    for other in (
+        {"version": "2.0.1"},
+        {"md5": "1" * 32},
+        {"url": url.replace("ota.example", "ota2.example")},
+        {"url": url.replace("/7?", "/8?")},
+    ):
+        assert not messages.same_notice(first, messages.push_notice(1, data | other)), other
+    assert not messages.same_notice(b"not json", b"not json!")
+    assert messages.same_notice(b"not json", b"not json")
