@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trustme
 import yaml
 from amqtt.broker import Broker
 
 from broker.config import ConfigError, default_config_text, load, prepare
+from broker.config_check import effective_config
 from plugins.ota.settings import PLUGIN_KEY, OtaConfig, resolve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,3 +181,70 @@ def test_bad_limits_fail_with_the_key(tmp_path: Path, change: dict, key: str) ->
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=key):
         prepare(load(path), {"OTA_DATA_DIR": str(tmp_path)})
+
+
+def _check(tmp_path: Path, **ota: object) -> str:
+    """`check-config`'s text for the repo config with `ota` keys changed (no environment overrides)."""
+    doc = yaml.safe_load(default_config_text())
+    doc["plugins"][PLUGIN_KEY] |= {"data_dir": str(tmp_path / "data"), **ota}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    loaded = load(path)
+    amqtt_config, settings = prepare(loaded, env={}, dry_run=True)
+    return effective_config(loaded, amqtt_config, settings, {})
+
+
+def _warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("# warning:")]
+
+
+@pytest.mark.parametrize("url", ["https://gw.example:8443", "https://gw.example:0", "https://[::1]:9000/ota"])
+def test_check_config_warns_when_the_public_url_names_a_port(tmp_path: Path, url: str) -> None:
+    """A public URL naming a port is flagged with iotkit-embedded v3's limitation."""
+    [warning] = _warnings(_check(tmp_path, public_url=url))
+    assert "names port" in warning and "iotkit-embedded v3" in warning and "443" in warning
+
+
+@pytest.mark.parametrize("url", ["https://gw.example", "https://gw.example:443", "https://10.0.0.5/ota"])
+def test_public_url_without_a_port_or_with_443_needs_no_warning(tmp_path: Path, url: str) -> None:
+    """No port, or the default 443 (which is then dropped from the URL), is what every SDK parses."""
+    text = _check(tmp_path, public_url=url)
+    assert _warnings(text) == []
+    assert ":443" not in text
+
+
+def test_default_public_url_on_443_names_no_port(tmp_path: Path) -> None:
+    """With HTTPS bound on 443 the built-in public URL is https://<hostname>, no port."""
+    settings = resolve(OtaConfig(https_bind="0.0.0.0:443"), {})
+    assert settings.public_port is None and settings.public_url.count(":") == 1
+    assert resolve(OtaConfig(public_url="https://127.0.0.1:0"), {}).public_url_for(443) == "https://127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("key_type", "warned"), [(trustme.KeyType.ECDSA, True), (trustme.KeyType.RSA, False)]
+)
+def test_check_config_warns_about_certificates_the_c_sdks_cannot_verify(
+    tmp_path: Path, key_type: trustme.KeyType, warned: bool
+) -> None:
+    """An operator's elliptic-curve certificate is flagged (Aliyun's C SDKs cannot connect); an RSA one is not."""
+    ca = trustme.CA(key_type=key_type)
+    server = ca.issue_cert("gw.example", key_type=key_type)
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    server.cert_chain_pems[0].write_to_path(str(cert))
+    server.private_key_pem.write_to_path(str(key))
+    found = _warnings(_check(tmp_path, public_url="https://gw.example", tls_cert=str(cert), tls_key=str(key)))
+    assert bool(found) == warned, found
+    if warned:
+        assert "tls_cert" in found[0] and "C SDK" in found[0]
+
+
+def test_tls_profile_setting_and_override(tmp_path: Path) -> None:
+    """tls_profile defaults to compatible, OTA_TLS_PROFILE overrides it, an unknown one fails with the key."""
+    assert resolve(OtaConfig(), {}).tls_profile == "compatible"
+    assert resolve(OtaConfig(), {"OTA_TLS_PROFILE": "modern"}).tls_profile == "modern"
+    with pytest.raises(ConfigError, match=r"tls_profile: 'legacy' is not one of compatible, modern"):
+        resolve(OtaConfig(), {"OTA_TLS_PROFILE": "legacy"})
+    assert any(
+        "tls_profile is modern" in w
+        for w in _warnings(_check(tmp_path, public_url="https://gw", tls_profile="modern"))
+    )
