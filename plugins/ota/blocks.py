@@ -26,6 +26,7 @@ the stream up, checks that the device may read it, reads the bytes and publishes
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -44,6 +45,9 @@ MAX_REQUEST_BYTES = 1024
 """A block request is about 170 bytes; anything much longer is not one."""
 _UINT32_MAX = 2**32 - 1
 _MAX_TOKEN_LEN = 64  # LinkSDK copies the echoed fileToken into a 128-byte buffer without a bound
+# The token is echoed into the header, where LinkSDK's reader (no escapes, brackets counted inside strings)
+# must still find the fields after it: no quotes, backslashes, brackets, commas or colons.
+_TOKEN = re.compile(rf'[^"\\{{}}\[\],:\x00-\x1f\x7f-\U0010ffff]{{1,{_MAX_TOKEN_LEN}}}')
 _MAX_ID_LEN = 64
 
 RequestId = str | int
@@ -146,8 +150,10 @@ def _request(doc: dict[str, Any], request_id: RequestId | None) -> BlockRequest:
     info = _member(params, "fileInfo", "params.")
     block = _member(params, "fileBlock", "params.")
     token = params.get("fileToken", "default")
-    if not isinstance(token, str) or not 0 < len(token) <= _MAX_TOKEN_LEN or not token.isprintable():
-        raise _Bad(f"'params.fileToken' must be 1-{_MAX_TOKEN_LEN} printable characters")
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise _Bad(
+            f"'params.fileToken' must be 1-{_MAX_TOKEN_LEN} printable ASCII characters but \" \\ {{ }} [ ] , :"
+        )
     return BlockRequest(
         id=request_id,
         file_token=token,
