@@ -1,8 +1,11 @@
 # ota-broker in a container: a thin wrapper around the single binary that scripts/build-binary makes.
 #
 #   docker build -t ota-broker .
-#   docker run -d --name ota-broker -p 1883:1883 -p 8883:8883 -p 8443:8443 -v ota-data:/data \
-#       -e OTA_PUBLIC_URL=https://<host>:8443 ota-broker
+#   docker run -d --name ota-broker -p 1883:1883 -p 8883:8883 -p 443:8443 -v ota-data:/data \
+#       -e OTA_PUBLIC_URL=https://<host> ota-broker
+#
+# Downloads are published on the host's 443 and the public URL names no port: iotkit-embedded v3
+# devices cannot parse a download URL that names one.
 #
 # State (database, firmware, generated TLS material, admin token) lives in the /data volume; settings
 # come from OTA_* environment variables, or from /data/config.yaml when present. The management API
