@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ETAG_ANY, ETag
 from aiohttp.web_request import BaseRequest
@@ -199,9 +199,17 @@ def download_app(
     return app
 
 
+class BodyStalled(ConnectionResetError):
+    """The client sent no part of its request body within the deadline; the connection was closed (and
+    logged once, by the deadline)."""
+
+
 class _HeadDeadline(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection: the client must send a complete request head within
-    `timeout` of connecting or of its previous response, else the connection is closed (slow-loris)."""
+    `timeout` of connecting or of its previous response, else the connection is closed (slow-loris).
+    While a request body is being received, each piece must come within `timeout` of the one before: a
+    stalled body is failed with `BodyStalled` and its connection closed. Time the client spends waiting
+    on us (reading paused because the handler has not taken the data yet) does not count."""
 
     def __init__(
         self, inner: asyncio.Protocol, timeout: float, registry: dict[object, _HeadDeadline]
@@ -211,6 +219,7 @@ class _HeadDeadline(asyncio.Protocol):
         self._registry = registry
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.BaseTransport | None = None
+        self._body: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -219,19 +228,51 @@ class _HeadDeadline(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def arm(self) -> None:
-        self.disarm()
-        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+        """Wait for the next request head."""
+        self._body = None
+        self._start_timer()
 
     def disarm(self) -> None:
+        self._body = None
+        self._stop_timer()
+
+    def await_body(self, body: StreamReader) -> None:
+        """The head arrived; wait for the rest of its body, if any."""
+        self.disarm()
+        if not body.is_eof():
+            self._body = body
+            self._start_timer()
+
+    def _start_timer(self) -> None:
+        self._stop_timer()
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _expire(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            peer = self._transport.get_extra_info("peername")
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        peer = transport.get_extra_info("peername")
+        body = self._body
+        if body is None:
             log.warning("closed a connection from %s: no complete request within %gs", peer, self._timeout)
-            self._transport.abort()  # type: ignore[attr-defined]
+        elif body.is_eof():
+            self._body = None
+            return
+        elif isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+            self._start_timer()  # the handler is behind, not the client
+            return
+        else:
+            log.warning(
+                "closed a connection from %s: its request body stalled (nothing for %gs)", peer, self._timeout
+            )
+            body.set_exception(BodyStalled(f"no part of the request body within {self._timeout:g}s"))
+        transport.abort()  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
@@ -240,6 +281,11 @@ class _HeadDeadline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)
+        if self._body is not None:
+            if self._body.is_eof():
+                self.disarm()
+            else:
+                self._start_timer()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -258,7 +304,7 @@ _DEADLINES = web.AppKey("deadlines", dict)
 async def _request_head_arrived(request: web.Request, handler: Handler) -> web.StreamResponse:
     guard = request.app[_DEADLINES].get(request.transport)
     if guard is not None:
-        guard.disarm()
+        guard.await_body(request.content)
     try:
         response = await handler(request)
         if not response.prepared:

@@ -22,11 +22,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp import BodyPartReader, ClientPayloadError, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from firmware_store import Blob, BlobTooLarge
+from firmware_store.server import BodyStalled
 from plugins.ota import machine
+from plugins.ota.credentials import secret_problem
 from plugins.ota.errors import Conflict, InvalidInput, NotFound, OtaError
 from plugins.ota.messages import MAX_VERSION_LEN
 from plugins.ota.messages import MODULE_PATTERN as _MODULE
@@ -55,7 +57,9 @@ STATUS_OF: dict[type[OtaError], int] = {NotFound: 404, Conflict: 409, InvalidInp
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE = web.AppKey("service", OtaService)
 _CHUNK = 256 * 1024
-_IMPORT_MAX = 64 * 1024 * 1024
+JSON_MAX = 1024 * 1024  # bytes of a JSON request body
+IMPORT_MAX = 64 * 1024 * 1024  # bytes of a CSV import
+FIELD_MAX = 4096  # bytes of one multipart form field
 _ID_MAX = 2**63 - 1
 
 
@@ -85,6 +89,17 @@ def admin_app(
             if e.status >= 400:
                 return _error(e.status, e.reason.lower().replace(" ", "_"), e.text or e.reason)
             raise
+        except ConnectionError as e:  # the client left (or stalled, BodyStalled) before its body was in
+            if not isinstance(e, BodyStalled):  # the deadline logged that one
+                log.info(
+                    "%s %s from %s: the client went away before the whole body arrived",
+                    request.method,
+                    request.path,
+                    request.remote,
+                )
+            return _error(400, "incomplete_body", "the connection ended before the whole body arrived")
+        except ClientPayloadError as e:
+            return _error(400, "bad_body", f"the body is malformed: {str(e)[:120]}")
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return _error(500, "internal", "internal error; see the broker's log")
@@ -242,11 +257,35 @@ def task_view(t: Task) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ inputs
 
 
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, read until its end (a single `read(n)` returns only what has arrived);
+    413 as soon as it exceeds `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit, request.content_length)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int, size: int) -> web.HTTPRequestEntityTooLarge:
+    return web.HTTPRequestEntityTooLarge(
+        max_size=limit, actual_size=size, text=f"the body is larger than {limit} bytes"
+    )
+
+
 async def _json_object(request: web.Request) -> dict[str, Any]:
+    raw = await read_body(request, JSON_MAX)
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput("body", "is not valid JSON") from e
+        body = json.loads(raw)
+    except RecursionError as e:  # json's decoder recurses once per nested array or object
+        raise InvalidInput("body", "is nested too deeply") from e
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+        raise InvalidInput("body", f"is not valid JSON ({str(e)[:80]})") from e
     if not isinstance(body, dict):
         raise InvalidInput("body", "must be a JSON object")
     return body
@@ -259,6 +298,18 @@ def _string(value: Any, field: str, *, max_len: int = 64, required: bool = True)
         raise InvalidInput(field, "must be a non-empty string")
     if len(value) > max_len or not value.isprintable():
         raise InvalidInput(field, f"must be at most {max_len} printable characters")
+    return value
+
+
+def _secret(value: Any) -> str | None:
+    """A device secret given in a body (None: generate one)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput("device_secret", "must be a string")
+    problem = secret_problem(value)
+    if problem:
+        raise InvalidInput("device_secret", problem)
     return value
 
 
@@ -290,7 +341,7 @@ async def health(_request: web.Request) -> web.Response:
 async def add_device(request: web.Request) -> web.Response:
     body = await _json_object(request)
     ref = _device_ref(body.get("product_key"), body.get("device_name"), "product_key/device_name")
-    secret = _string(body.get("device_secret"), "device_secret", max_len=128, required=False)
+    secret = _secret(body.get("device_secret"))
     record = await _service(request).add_device(ref, secret)
     return web.json_response(
         {
@@ -360,7 +411,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     secret = None
     if request.can_read_body:
         body = await _json_object(request)
-        secret = _string(body.get("device_secret"), "device_secret", max_len=128, required=False)
+        secret = _secret(body.get("device_secret"))
     ref = _path_device(request)
     new = await _service(request).rotate_secret(ref, secret)
     return web.json_response(
@@ -369,12 +420,12 @@ async def rotate_secret(request: web.Request) -> web.Response:
 
 
 async def import_devices(request: web.Request) -> web.Response:
-    """CSV body `product_key,device_name[,device_secret]`; answers the created devices with their secrets."""
+    """CSV body `product_key,device_name[,device_secret]` (plugins.ota.device_csv), read whole; answers the
+    rows read, the created devices with their secrets, how many existed, and every refused line. The
+    devices are created in one transaction."""
     if request.content_type not in ("text/csv", "text/plain"):
         raise InvalidInput("body", "must be text/csv: product_key,device_name[,device_secret] per line")
-    raw = await request.content.read(_IMPORT_MAX + 1)
-    if len(raw) > _IMPORT_MAX:
-        raise InvalidInput("body", f"is larger than {_IMPORT_MAX} bytes; split the file")
+    raw = await read_body(request, IMPORT_MAX)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -387,6 +438,7 @@ async def import_devices(request: web.Request) -> web.Response:
                 for r, secret in result.created
             ],
             "existing": result.existing,
+            "rows": len(result.created) + result.existing + len(result.errors),
             "errors": [{"line": line, "message": message} for line, message in result.errors],
         },
         status=200,
@@ -416,9 +468,7 @@ async def add_firmware(request: web.Request) -> web.Response:
                 continue
             if name in fields:
                 raise InvalidInput(name, "given twice")
-            value = await part.read_chunk(4097)
-            if len(value) > 4096 or await part.read_chunk(1):
-                raise InvalidInput(name, "is longer than 4096 bytes")
+            value = await _read_field(part, name)
             try:
                 fields[name] = value.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -439,6 +489,16 @@ async def _next_part(reader: MultipartReader) -> Any:
         return await reader.next()
     except (ValueError, HttpProcessingError) as e:
         raise InvalidInput("body", f"malformed multipart/form-data: {str(e)[:120]}") from e
+
+
+async def _read_field(part: BodyPartReader, name: str) -> bytes:
+    """A form field whole (a single `read_chunk` returns only what has arrived), at most FIELD_MAX bytes."""
+    value = b""
+    while chunk := await part.read_chunk(FIELD_MAX + 1):
+        value += chunk
+        if len(value) > FIELD_MAX:
+            raise InvalidInput(name, f"is longer than {FIELD_MAX} bytes")
+    return value
 
 
 async def _store_stream(service: OtaService, part: BodyPartReader) -> Blob:

@@ -191,6 +191,7 @@ class TaskPolicy:
 
 
 def new_device_secret() -> str:
+    """32 hex characters from 16 random bytes, the shape of an Aliyun DeviceSecret."""
     return secrets.token_hex(16)
 
 
@@ -406,18 +407,23 @@ class Repository:
                 raise NotFound(f"device {ref} does not exist")
 
     async def add_devices(self, rows: Sequence[tuple[DeviceRef, str]], now: float) -> list[DeviceRef]:
-        """Insert the devices that do not exist yet, in one transaction; returns those created."""
-        created: list[DeviceRef] = []
+        """Insert the devices that do not exist yet, all in one transaction; returns those created."""
+        wanted = {f"{ref.product_key}/{ref.device_name}": (ref, secret) for ref, secret in rows}
         async with self._tx() as db:
-            for ref, secret in rows:
-                cur = await db.execute(
-                    "INSERT OR IGNORE INTO devices (product_key, device_name, device_secret, created_at)"
-                    " VALUES (?,?,?,?)",
-                    (ref.product_key, ref.device_name, secret, now),
+            existing = {
+                f"{r[0]}/{r[1]}"
+                for r in await db.execute_fetchall(
+                    "SELECT product_key, device_name FROM devices"
+                    " WHERE product_key || '/' || device_name IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(wanted)),),
                 )
-                if cur.rowcount == 1:
-                    created.append(ref)
-        return created
+            }
+            new = [pair for key, pair in wanted.items() if key not in existing]
+            await db.executemany(
+                "INSERT INTO devices (product_key, device_name, device_secret, created_at) VALUES (?,?,?,?)",
+                [(ref.product_key, ref.device_name, secret, now) for ref, secret in new],
+            )
+        return [ref for ref, _ in new]
 
     async def set_online(self, ref: DeviceRef, online: bool, now: float) -> None:
         await self._write1(

@@ -1,0 +1,22 @@
+"""Device secrets: the one rule for a secret an operator gives (pure). Generated secrets come from
+`plugins.ota.repository.new_device_secret`: 32 hex characters from 16 random bytes."""
+
+from __future__ import annotations
+
+SECRET_MIN_LEN = 16
+SECRET_MAX_LEN = 128
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why `secret` may not be a device's secret, or None when it may: a short secret can be guessed
+    offline from one captured login (the password is an HMAC keyed by it)."""
+    if (
+        not SECRET_MIN_LEN <= len(secret) <= SECRET_MAX_LEN
+        or not secret.isprintable()
+        or secret != secret.strip()
+    ):
+        return (
+            f"must be {SECRET_MIN_LEN} to {SECRET_MAX_LEN} printable characters"
+            " with no leading or trailing space"
+        )
+    return None
