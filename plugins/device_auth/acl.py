@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from plugins.ota.topics import DeviceRef, filter_matches
+from plugins.ota.topics import SERVER_TO_DEVICE, DeviceRef, filter_matches, topic_name
 
 
 def _namespaces(device: DeviceRef) -> tuple[str, ...]:
@@ -27,9 +27,8 @@ def _namespaces(device: DeviceRef) -> tuple[str, ...]:
     )
 
 
-def _server_to_device(device: DeviceRef) -> tuple[str, str]:
-    pk, dn = device.product_key, device.device_name
-    return f"/ota/device/upgrade/{pk}/{dn}", f"/sys/{pk}/{dn}/thing/ota/firmware/get_reply"
+def _server_to_device(device: DeviceRef) -> tuple[str, ...]:
+    return tuple(topic_name(kind, device) for kind in SERVER_TO_DEVICE)
 
 
 def device_may_publish(device: DeviceRef, topic: str) -> bool:

@@ -60,15 +60,28 @@ class TopicKind(StrEnum):
     PROGRESS = "progress"
     FIRMWARE_GET = "firmware_get"
     LEGACY_REQUEST = "legacy_request"
+    FILE_DOWNLOAD = "file_download"  # a block of a firmware file over MQTT
     UPGRADE = "upgrade"
     FIRMWARE_GET_REPLY = "firmware_get_reply"
+    FILE_DOWNLOAD_REPLY = "file_download_reply"
 
     @property
     def device_to_server(self) -> bool:
         return self in _UPLINK
 
 
-_UPLINK = frozenset({TopicKind.INFORM, TopicKind.PROGRESS, TopicKind.FIRMWARE_GET, TopicKind.LEGACY_REQUEST})
+_UPLINK = frozenset(
+    {
+        TopicKind.INFORM,
+        TopicKind.PROGRESS,
+        TopicKind.FIRMWARE_GET,
+        TopicKind.LEGACY_REQUEST,
+        TopicKind.FILE_DOWNLOAD,
+    }
+)
+# What the server sends a device on its own topics: delivered to the device's session whether or not it
+# subscribed (Aliyun's auto-subscription; LinkSDK subscribes to none of these, or loses it on reconnect).
+SERVER_TO_DEVICE = frozenset({TopicKind.UPGRADE, TopicKind.FIRMWARE_GET_REPLY, TopicKind.FILE_DOWNLOAD_REPLY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +111,16 @@ class OtaTopic:
             and parts[7] in ("get", "get_reply")
         ):
             kind = TopicKind.FIRMWARE_GET if parts[7] == "get" else TopicKind.FIRMWARE_GET_REPLY
+            return cls(kind, DeviceRef(parts[2], parts[3]))
+        # /sys/<pk>/<dn>/thing/file/download[_reply]
+        if (
+            len(parts) == 7
+            and parts[0] == ""
+            and parts[1] == "sys"
+            and parts[4:6] == ["thing", "file"]
+            and parts[6] in ("download", "download_reply")
+        ):
+            kind = TopicKind.FILE_DOWNLOAD if parts[6] == "download" else TopicKind.FILE_DOWNLOAD_REPLY
             return cls(kind, DeviceRef(parts[2], parts[3]))
         return None
 
@@ -130,6 +153,10 @@ def topic_name(kind: TopicKind, device: DeviceRef) -> str:
             return f"/sys/{pk}/{dn}/thing/ota/firmware/get"
         case TopicKind.FIRMWARE_GET_REPLY:
             return f"/sys/{pk}/{dn}/thing/ota/firmware/get_reply"
+        case TopicKind.FILE_DOWNLOAD:
+            return f"/sys/{pk}/{dn}/thing/file/download"
+        case TopicKind.FILE_DOWNLOAD_REPLY:
+            return f"/sys/{pk}/{dn}/thing/file/download_reply"
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:

@@ -35,7 +35,11 @@ OWN_UPLINK = [
     "/pk/dn/user/update",
     "/pk/dn/user/a/b/c",
 ]
-OWN_DOWNLINK = ["/ota/device/upgrade/pk/dn", "/sys/pk/dn/thing/ota/firmware/get_reply"]
+OWN_DOWNLINK = [
+    "/ota/device/upgrade/pk/dn",
+    "/sys/pk/dn/thing/ota/firmware/get_reply",
+    "/sys/pk/dn/thing/file/download_reply",
+]
 
 
 def topics_of(device: DeviceRef) -> list[str]:

@@ -120,6 +120,8 @@ TOPICS = [
     ("/ota/device/upgrade/pk1/dev1", TopicKind.UPGRADE),
     ("/sys/pk1/dev1/thing/ota/firmware/get", TopicKind.FIRMWARE_GET),
     ("/sys/pk1/dev1/thing/ota/firmware/get_reply", TopicKind.FIRMWARE_GET_REPLY),
+    ("/sys/pk1/dev1/thing/file/download", TopicKind.FILE_DOWNLOAD),
+    ("/sys/pk1/dev1/thing/file/download_reply", TopicKind.FILE_DOWNLOAD_REPLY),
 ]
 
 
@@ -211,7 +213,7 @@ def test_topic_name_round_trips(kind: TopicKind) -> None:
 
 
 def test_topic_names_match_spec() -> None:
-    """The topic strings are exactly SPEC §3's."""
+    """The topic strings are exactly Aliyun's (the MQTT block download's included)."""
     device = DeviceRef("pk", "dn")
     assert {kind: topic_name(kind, device) for kind in TopicKind} == {
         TopicKind.INFORM: "/ota/device/inform/pk/dn",
@@ -220,6 +222,8 @@ def test_topic_names_match_spec() -> None:
         TopicKind.UPGRADE: "/ota/device/upgrade/pk/dn",
         TopicKind.FIRMWARE_GET: "/sys/pk/dn/thing/ota/firmware/get",
         TopicKind.FIRMWARE_GET_REPLY: "/sys/pk/dn/thing/ota/firmware/get_reply",
+        TopicKind.FILE_DOWNLOAD: "/sys/pk/dn/thing/file/download",
+        TopicKind.FILE_DOWNLOAD_REPLY: "/sys/pk/dn/thing/file/download_reply",
     }
 
 
