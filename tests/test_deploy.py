@@ -85,8 +85,8 @@ def test_systemd_unit_runs_the_binary_hardened() -> None:
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
-        "CapabilityBoundingSet": "",
-        "AmbientCapabilities": "",
+        "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",  # binding 443 for downloads, nothing else
+        "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
     }.items():
         assert service[key] == expected, key
     assert unit_entries()["Install"]["WantedBy"] == ["multi-user.target"]
