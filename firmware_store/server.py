@@ -1,8 +1,10 @@
 """The device-facing HTTPS download endpoint (SPEC §5), on aiohttp.
 
 `GET`/`HEAD /firmware/<resource>?s=&e=&t=`: 403 with no bytes for a tampered, expired or foreign link;
-otherwise aiohttp's `FileResponse` answers 200 with `Content-Length`, 206 for `Range`, 416 when
-unsatisfiable, streaming from disk (never the whole file in memory, never chunked encoding).
+503 for a blob whose file no longer matches its digests; otherwise aiohttp's `FileResponse` answers 200
+with `Content-Length`, 206 for one satisfiable byte range, streaming from disk (never the whole file in
+memory, never chunked encoding). A range that selects nothing is 416 with `Content-Range: bytes */<size>`;
+a Range header with another unit, several ranges or bad syntax is ignored (RFC 9110 §14.2): 200.
 """
 
 from __future__ import annotations
@@ -123,6 +125,35 @@ class _HashedFileResponse(web.FileResponse):
         return await super().prepare(request.clone(headers=headers))
 
 
+class _Unsatisfiable:
+    """A Range that selects no byte of the file: 416."""
+
+
+UNSATISFIABLE = _Unsatisfiable()
+
+
+def byte_range(request: BaseRequest, size: int) -> slice | _Unsatisfiable | None:
+    """What the request's `Range` asks of a file of `size` bytes (RFC 9110 §14.2): None for the whole file
+    (no Range, or one to ignore: another unit, several ranges, bad syntax), UNSATISFIABLE for a single
+    byte range that selects nothing (a start at or past the end, a zero-length suffix), else the range
+    as aiohttp parses it (`request.http_range`), which FileResponse then serves as 206."""
+    header = request.headers.get(hdrs.RANGE)
+    if header is None:
+        return None
+    try:
+        wanted = request.http_range  # one `bytes=` range or ValueError (which RFC 9110 says to ignore)
+    except ValueError:
+        return None
+    spec = header.partition("=")[2]
+    if spec.startswith("-"):  # a suffix: the last N bytes (`bytes=-0` parses as slice(0, None))
+        if int(spec[1:]) == 0:
+            return UNSATISFIABLE
+        return wanted if size else None
+    if wanted.start is None or wanted.start >= size:
+        return UNSATISFIABLE
+    return wanted
+
+
 def download_app(
     store: FirmwareStore,
     signer: LinkSigner,
@@ -156,16 +187,19 @@ def download_app(
                 extra=about,
             )
             return web.Response(status=403, text="forbidden\n")
-        if not await store.verify(blob):
+        check = await store.check(blob)
+        if not check.ok:
             stats.outcomes["corrupt"] += 1
-            log.error(
-                "firmware %s is corrupt on disk (sha256 %s): not served to %s",
-                resource,
-                blob.sha256,
-                claims.subject,
-                extra=about,
+            if check.fresh:  # once per change of the file; later refusals of the same file are quiet
+                log.error(
+                    "firmware %s is corrupt on disk (sha256 %s): not served until the file is restored",
+                    resource,
+                    blob.sha256,
+                    extra=about,
+                )
+            return web.Response(
+                status=503, text="firmware file failed verification\n", headers={"Retry-After": "60"}
             )
-            return web.Response(status=500, text="firmware file failed verification\n")
         if active[claims.subject] >= max_per_subject:
             stats.outcomes["throttled"] += 1
             log.warning(
@@ -181,8 +215,22 @@ def download_app(
         stats.active += 1
         outcome = "interrupted"
         try:
-            response = _HashedFileResponse(store.path(blob.sha256), blob.sha256)
-            await response.prepare(request)  # streams the file; counted as under way until done
+            wanted = byte_range(request, blob.size)
+            response: web.StreamResponse
+            if wanted is UNSATISFIABLE:
+                response = web.Response(
+                    status=416,
+                    text="range not satisfiable\n",
+                    headers={hdrs.CONTENT_RANGE: f"bytes */{blob.size}"},
+                )
+                await response.prepare(request)
+            else:
+                if wanted is None and hdrs.RANGE in request.headers:  # ignored: the whole file, 200
+                    headers = request.headers.copy()
+                    headers.popall(hdrs.RANGE)
+                    request = request.clone(headers=headers)
+                response = _HashedFileResponse(store.path(blob.sha256), blob.sha256)
+                await response.prepare(request)  # streams the file; counted as under way until done
             outcome = "ok"
             if request.method == hdrs.METH_GET and response.status in (200, 206):
                 stats.bytes_sent += response.content_length or 0

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import secrets
+import time
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,37 @@ class BlobTooLarge(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Check:
+    """A blob's verdict; `fresh` when it was just computed (the first after a change of the file)."""
+
+    ok: bool
+    fresh: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _FileState:
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+
+def _state(path: Path) -> _FileState:
+    st = path.stat()
+    return _FileState(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    state: _FileState | None  # None: the file was missing
+    ok: bool
+    trusted: bool  # False while the file may still change without its timestamps showing it
+
+
+_RACY_NS = 2_000_000_000  # timestamps may be this coarse (FAT: 2 s); ext4 and xfs tick per jiffy
+
+
+@dataclass(frozen=True, slots=True)
 class Blob:
     sha256: str
     md5: str
@@ -34,14 +66,17 @@ class FirmwareStore:
 
     Names from uploads never reach the filesystem: the only path component taken from outside is a
     validated sha256 hex digest. A blob is verified (size and both digests) the first time it is served
-    after a start; a blob that fails is never served.
+    after a start and again whenever its file's size, mtime, ctime or inode differ from when it was last
+    hashed; the verdict is kept only for that state of the file. A file changed within `_RACY_NS` of
+    its hashing could change again with the same timestamps, so it is hashed again until it is older
+    (git's "racily clean" rule). A blob that fails is never served.
     """
 
     def __init__(self, root: Path, *, max_size: int) -> None:
         self.root = root
         self.max_size = max_size
         self._tmp = root / "tmp"
-        self._verified: set[str] = set()
+        self._verdicts: dict[str, _Verdict] = {}
 
     def open(self) -> None:
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -72,19 +107,32 @@ class FirmwareStore:
             final = self.path(blob.sha256)
             final.parent.mkdir(exist_ok=True)
             await aiofiles.os.replace(tmp, final)
-            self._verified.add(blob.sha256)
+            self._remember(blob.sha256, _state(final), ok=True)
             return blob
         finally:
             tmp.unlink(missing_ok=True)
 
     async def verify(self, blob: Blob) -> bool:
-        """True when the stored file still has the blob's size and digests (checked once per start)."""
-        if blob.sha256 in self._verified:
-            return True
-        ok = await asyncio.to_thread(self._check, blob)
-        if ok:
-            self._verified.add(blob.sha256)
-        return ok
+        """True when the stored file still has the blob's size and digests."""
+        return (await self.check(blob)).ok
+
+    async def check(self, blob: Blob) -> Check:
+        """Whether the stored file still has the blob's size and digests: hashed again only when the file
+        changed since it was last hashed (a `stat` otherwise)."""
+        try:
+            state: _FileState | None = await asyncio.to_thread(_state, self.path(blob.sha256))
+        except OSError:
+            state = None
+        known = self._verdicts.get(blob.sha256)
+        if known is not None and known.state == state and known.trusted:
+            return Check(known.ok, fresh=False)
+        ok = state is not None and await asyncio.to_thread(self._check, blob)
+        self._remember(blob.sha256, state, ok=ok)
+        return Check(ok, fresh=known is None or known.state != state or known.ok != ok)
+
+    def _remember(self, sha256: str, state: _FileState | None, *, ok: bool) -> None:
+        racy = state is not None and time.time_ns() - max(state.mtime_ns, state.ctime_ns) < _RACY_NS
+        self._verdicts[sha256] = _Verdict(state, ok, trusted=not racy)
 
     def _check(self, blob: Blob) -> bool:
         path = self.path(blob.sha256)
@@ -100,5 +148,5 @@ class FirmwareStore:
         return (size, md5.hexdigest(), sha256.hexdigest()) == (blob.size, blob.md5, blob.sha256)
 
     async def delete(self, sha256: str) -> None:
-        self._verified.discard(sha256)
+        self._verdicts.pop(sha256, None)
         await asyncio.to_thread(self.path(sha256).unlink, missing_ok=True)

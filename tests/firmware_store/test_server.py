@@ -7,8 +7,11 @@ endpoint asks its caller) and the clock are the test's.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import random
 import ssl
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -343,7 +346,7 @@ async def test_missing_link_parameters_are_forbidden(
 async def test_corrupted_blob_is_not_served(
     http: aiohttp.ClientSession, start: Start, store: FirmwareStore, firmware: Blob
 ) -> None:
-    """After a restart, a blob whose file changed on disk answers 500 and none of the file's bytes."""
+    """After a restart, a blob whose file changed on disk answers 503 and none of the file's bytes."""
     path = store.path(firmware.sha256)
     corrupted = bytearray(FIRMWARE)
     corrupted[500] ^= 0x01
@@ -354,19 +357,160 @@ async def test_corrupted_blob_is_not_served(
     url = endpoint.link("fw-1")
     for headers in ({}, {"Range": "bytes=0-"}):
         reply = await fetch(http, url, **headers)
-        assert_refused(reply, 500, bytes(corrupted))
+        assert_refused(reply, 503, bytes(corrupted))
 
 
 async def test_truncated_blob_is_not_served(
     http: aiohttp.ClientSession, start: Start, store: FirmwareStore, firmware: Blob
 ) -> None:
-    """After a restart, a blob cut short on disk answers 500 rather than a short download."""
+    """After a restart, a blob cut short on disk answers 503 rather than a short download."""
     path = store.path(firmware.sha256)
     path.write_bytes(FIRMWARE[:-1])
     restarted = FirmwareStore(store.root, max_size=store.max_size)
     restarted.open()
     endpoint = await start(restarted)
-    assert_refused(await fetch(http, endpoint.link("fw-1")), 500, FIRMWARE)
+    assert_refused(await fetch(http, endpoint.link("fw-1")), 503, FIRMWARE)
+
+
+def _alter_in_place(path: Path, offset: int) -> bytes:
+    """Flip one byte of the file in place, keeping its size; returns the new contents."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["flip one byte in place", "truncate", "append", "delete"])
+async def test_a_blob_damaged_while_running_is_refused_and_logged_once(
+    http: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    store: FirmwareStore,
+    firmware: Blob,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    """A blob served once and then altered on disk (same size, cut short, grown, removed) is refused
+    with 503 and none of its bytes from the next request on, without a restart; the ERROR is logged
+    once however often it is asked for; the other blob is still served."""
+    url = endpoint.link("fw-1")
+    assert (await fetch(http, url)).body == FIRMWARE
+    path = store.path(firmware.sha256)
+    if damage == "flip one byte in place":
+        _alter_in_place(path, 500)
+    elif damage == "truncate":
+        with path.open("r+b") as f:
+            f.truncate(600)
+    elif damage == "append":
+        with path.open("ab") as f:
+            f.write(b"\x00")
+    else:
+        path.unlink()
+    for headers in ({}, {"Range": "bytes=0-"}, {"Range": "bytes=400-599"}, {}):
+        assert_refused(await fetch(http, url, **headers), 503, FIRMWARE)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and firmware.sha256 in errors[0].getMessage()
+    assert (await fetch(http, endpoint.link("fw-2"))).body == OTHER_FIRMWARE
+
+
+async def test_a_restored_blob_is_served_again(
+    http: aiohttp.ClientSession, endpoint: Endpoint, store: FirmwareStore, firmware: Blob
+) -> None:
+    """A blob refused for damage is served again once its file has its original bytes."""
+    url = endpoint.link("fw-1")
+    path = store.path(firmware.sha256)
+    _alter_in_place(path, 10)
+    assert (await fetch(http, url)).status == 503
+    _alter_in_place(path, 10)
+    reply = await fetch(http, url)
+    assert reply.status == 200 and reply.body == FIRMWARE
+
+
+async def test_a_blob_altered_after_its_check_is_hashed_again(
+    endpoint: Endpoint, store: FirmwareStore, firmware: Blob, http: aiohttp.ClientSession
+) -> None:
+    """A verdict holds only for the state of the file it was made on: an old, verified file that is then
+    altered in place (size kept) is hashed again on its next serve."""
+    path = store.path(firmware.sha256)
+    old = time.time_ns() - 60 * 10**9
+    os.utime(path, ns=(old, old))
+    assert await store.verify(firmware)  # verified and remembered
+    _alter_in_place(path, 999)
+    assert (await fetch(http, endpoint.link("fw-1"))).status == 503
+
+
+# The Range rules (RFC 9110 §14): one `bytes` range is served as 206 (its end clamped to the file, a suffix
+# longer than the file is the whole file); a range that selects nothing is 416 with `bytes */<size>`; a
+# header with another unit, several ranges or bad syntax is ignored: 200 with the whole file.
+N = len(FIRMWARE)
+RANGES: list[tuple[str, int, tuple[int, int] | None]] = [
+    ("bytes=0-", 206, (0, N - 1)),
+    ("bytes=0-0", 206, (0, 0)),
+    ("bytes=10-19", 206, (10, 19)),
+    ("BYTES=10-19", 206, (10, 19)),
+    (f"bytes={N - 1}-", 206, (N - 1, N - 1)),
+    ("bytes=100-", 206, (100, N - 1)),
+    (f"bytes=900-{N + 5000}", 206, (900, N - 1)),
+    ("bytes=0-99999999999999999999", 206, (0, N - 1)),
+    ("bytes=-1", 206, (N - 1, N - 1)),
+    ("bytes=-100", 206, (N - 100, N - 1)),
+    (f"bytes=-{N}", 206, (0, N - 1)),
+    (f"bytes=-{N + 1000}", 206, (0, N - 1)),
+    (f"bytes={N}-", 416, None),
+    (f"bytes={N}-{N + 10}", 416, None),
+    (f"bytes={N + 1000}-", 416, None),
+    ("bytes=-0", 416, None),
+    ("bytes=-000", 416, None),
+    ("bytes=0-5,10-15", 200, None),
+    ("bytes=0-5, 10-15", 200, None),
+    ("bytes=-5,-10", 200, None),
+    (f"bytes={N}-,0-5", 200, None),
+    ("items=0-5", 200, None),
+    ("none", 200, None),
+    ("bytes 0-5", 200, None),
+    ("bytes=", 200, None),
+    ("bytes=-", 200, None),
+    ("bytes=5-3", 200, None),
+    ("bytes=a-b", 200, None),
+    ("bytes=0x10-", 200, None),
+    ("bytes=1.5-", 200, None),
+    ("bytes==0-5", 200, None),
+    ("bytes=0-5;", 200, None),
+    ("", 200, None),
+]
+
+
+@pytest.mark.parametrize(("header", "status", "span"), RANGES)
+async def test_range_rules(
+    http: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    firmware: Blob,
+    header: str,
+    status: int,
+    span: tuple[int, int] | None,
+) -> None:
+    """Each Range header gets the RFC 9110 answer; every 200/206/416 carries Content-Length, never
+    chunked encoding; a 206 carries `bytes first-last/size`, a 416 `bytes */size` and no firmware bytes."""
+    for method in ("GET", "HEAD"):
+        reply = await fetch(http, endpoint.link("fw-1"), method, Range=header)
+        assert reply.status == status, (method, header, reply.status, reply.headers)
+        assert "Transfer-Encoding" not in reply.headers
+        if status == 206:
+            assert span is not None
+            first, last = span
+            assert reply.headers["Content-Range"] == f"bytes {first}-{last}/{N}"
+            assert reply.headers["Content-Length"] == str(last - first + 1)
+            assert reply.body == (FIRMWARE[first : last + 1] if method == "GET" else b"")
+        elif status == 200:
+            assert "Content-Range" not in reply.headers
+            assert reply.headers["Content-Length"] == str(N)
+            assert reply.body == (FIRMWARE if method == "GET" else b"")
+        else:
+            assert reply.headers["Content-Range"] == f"bytes */{N}"
+            assert reply.headers["Content-Length"] == str(len(reply.body)) if method == "GET" else True
+            assert "Content-Length" in reply.headers
+            assert FIRMWARE[:16] not in reply.body
 
 
 async def test_intact_blob_is_served_after_a_restart(
