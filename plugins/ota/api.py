@@ -360,17 +360,45 @@ async def list_devices(request: web.Request) -> web.Response:
         if q["online"] not in ("true", "false", "1", "0"):
             raise InvalidInput("online", "must be true or false")
         online = q["online"] in ("true", "1")
-    limit = _query_int(q.get("limit"), "limit", 1000, 1, 10_000)
-    offset = _query_int(q.get("offset"), "offset", 0, 0, 10**9)
-    records = await _service(request).repo.list_devices(
-        product_key=q.get("product_key"),
-        module=q.get("module"),
-        version=q.get("version"),
-        online=online,
-        limit=limit,
-        offset=offset,
+    filters: dict[str, Any] = {
+        "product_key": q.get("product_key"),
+        "module": q.get("module"),
+        "version": q.get("version"),
+        "online": online,
+    }
+    page = _page(request)
+    repo = _service(request).repo
+    records = await repo.list_devices(**filters, limit=page.limit, offset=page.offset)
+    return _paged(request, page, [device_view(d) for d in records], await repo.count_devices(**filters))
+
+
+# Every list is paged: `limit` (1-10,000, default 1,000) and `offset` in the query; the answer stays a
+# JSON array, with `X-Total-Count` (how many the whole list holds) and, while more follow, a
+# `Link: <...>; rel="next"` header carrying the query of the next page.
+PAGE_DEFAULT = 1000
+PAGE_MAX = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    limit: int
+    offset: int
+
+
+def _page(request: web.Request) -> Page:
+    q = request.query
+    return Page(
+        _query_int(q.get("limit"), "limit", PAGE_DEFAULT, 1, PAGE_MAX),
+        _query_int(q.get("offset"), "offset", 0, 0, 10**12),
     )
-    return web.json_response([device_view(d) for d in records])
+
+
+def _paged(request: web.Request, page: Page, items: list[Any], total: int) -> web.Response:
+    headers = {"X-Total-Count": str(total)}
+    if items and page.offset + len(items) < total:
+        following = request.rel_url.update_query(limit=page.limit, offset=page.offset + len(items))
+        headers["Link"] = f'<{following}>; rel="next"'
+    return web.json_response(items, headers=headers)
 
 
 def _query_int(value: str | None, field: str, default: int, low: int, high: int) -> int:
@@ -549,8 +577,11 @@ def _form_flag(fields: dict[str, str], name: str) -> bool:
 
 
 async def list_firmware(request: web.Request) -> web.Response:
-    items = await _service(request).repo.list_firmware(request.query.get("product_key"))
-    return web.json_response([firmware_view(f) for f in items])
+    product_key = request.query.get("product_key")
+    page = _page(request)
+    repo = _service(request).repo
+    items = await repo.list_firmware(product_key, limit=page.limit, offset=page.offset)
+    return _paged(request, page, [firmware_view(f) for f in items], await repo.count_firmware(product_key))
 
 
 async def show_firmware(request: web.Request) -> web.Response:
@@ -700,9 +731,12 @@ def _rollout_spec(raw: Any) -> Rollout | None:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
+    """Jobs, newest first."""
     service = _service(request)
+    page = _page(request)
+    jobs = await service.repo.list_jobs(limit=page.limit, offset=page.offset)
     now = service.clock()
-    return web.json_response([job_view(j, now) for j in await service.repo.list_jobs()])
+    return _paged(request, page, [job_view(j, now) for j in jobs], await service.repo.count_jobs())
 
 
 async def _job_answer(request: web.Request, job: JobRecord) -> web.Response:
@@ -717,7 +751,9 @@ async def job_tasks(request: web.Request) -> web.Response:
     service = _service(request)
     job_id = _int_path(request)
     await service.repo.get_job(job_id)
-    return web.json_response([task_view(t) for t in await service.repo.tasks_of_job(job_id)])
+    page = _page(request)
+    tasks = await service.repo.tasks_of_job(job_id, limit=page.limit, offset=page.offset)
+    return _paged(request, page, [task_view(t) for t in tasks], await service.repo.count_tasks_of_job(job_id))
 
 
 async def job_report(request: web.Request) -> web.Response:

@@ -70,9 +70,32 @@ class Api:
         }
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self._client() as client:
+            response = self._send(client, method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def every(self, path: str, params: dict[str, str] | None = None) -> list[Any]:
+        """Every item of a paged list: the pages the API links to (`Link: <...>; rel="next"`), in order."""
+        items: list[Any] = []
+        target: str | httpx.URL = path
+        with self._client() as client:
+            for _ in range(_MAX_PAGES):
+                response = self._send(client, "GET", target, params=params)
+                items.extend(response.json())
+                following = response.links.get("next", {}).get("url")
+                if not following:
+                    return items
+                target, params = httpx.URL(self.url).join(following), None
+        fail(f"GET {path}: more than {_MAX_PAGES} pages")
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(**self._client_args)
+
+    def _send(
+        self, client: httpx.Client, method: str, path: str | httpx.URL, **kwargs: Any
+    ) -> httpx.Response:
         try:
-            with httpx.Client(**self._client_args) as client:
-                response = client.request(method, path, **kwargs)
+            response = client.request(method, path, **kwargs)
         except httpx.TransportError as e:
             fail(f"cannot reach the management API at {self.url} ({e}); is `ota-broker run` running?")
         if response.status_code >= 400:
@@ -81,7 +104,10 @@ class Api:
                 fail(f"{body.get('message', response.text)} ({response.status_code} {body.get('error', '')})")
             except ValueError:
                 fail(f"{response.status_code} {response.text[:200]}")
-        return response.json() if response.content else None
+        return response
+
+
+_MAX_PAGES = 100_000
 
 
 def show_json(value: Any) -> None:
@@ -223,7 +249,7 @@ def device_list(
     }
     if online is not None:
         params["online"] = "true" if online else "false"
-    devices = Api(admin_url, token).call("GET", "/devices", params=params)
+    devices = Api(admin_url, token).every("/devices", params)
     if as_json:
         show_json(devices)
         return
@@ -317,7 +343,7 @@ def firmware_add(
 @firmware_app.command("list")
 def firmware_list(admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
     """List firmware."""
-    items = Api(admin_url, token).call("GET", "/firmware")
+    items = Api(admin_url, token).every("/firmware")
     show_json(items) if as_json else _firmware_table(items)
 
 
@@ -515,7 +541,7 @@ def job_report(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = No
 @job_app.command("list")
 def job_list(admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
     """List jobs, newest first."""
-    jobs = Api(admin_url, token).call("GET", "/jobs")
+    jobs = Api(admin_url, token).every("/jobs")
     if as_json:
         show_json(jobs)
         return
@@ -569,7 +595,7 @@ def job_tasks(
     job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False
 ) -> None:
     """List a job's tasks."""
-    tasks = Api(admin_url, token).call("GET", f"/jobs/{job_id}/tasks")
+    tasks = Api(admin_url, token).every(f"/jobs/{job_id}/tasks")
     show_json(tasks) if as_json else _task_table(tasks)
 
 

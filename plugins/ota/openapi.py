@@ -39,6 +39,45 @@ _PK_DN = [
 ]
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
 _LIST = {"type": "array", "items": {}}
+_PAGE = [
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000},
+        "description": "Items per page",
+    },
+    {
+        "name": "offset",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 0, "default": 0},
+        "description": "Items to skip",
+    },
+]
+_PAGE_HEADERS = {
+    "X-Total-Count": {"description": "How many items the whole list holds", "schema": {"type": "integer"}},
+    "Link": {
+        "description": 'While more items follow: `<...?limit=&offset=>; rel="next"`, the next page',
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _list(summary: str, item: str, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A paged list: a JSON array of `item`, one page at a time (`limit`, `offset`), with its total in
+    `X-Total-Count` and the next page in `Link`."""
+    op = _op(summary, answer={"type": "array", "items": _ref(item)})
+    op["parameters"] = [*(params or []), *_PAGE]
+    op["responses"]["200"]["headers"] = _PAGE_HEADERS
+    op["description"] = (
+        "Paged: at most `limit` items from `offset`; `X-Total-Count` is the size of the whole list and, "
+        'while more follow, `Link: <...>; rel="next"` is the URL of the next page.'
+    )
+    return op
+
+
+def _query(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "query", "schema": {"type": "string"}} for n in names]
+
 
 _EVENTS: dict[str, Any] = _op("Live job: server-sent events", errors=("401", "404", "503"))
 _EVENTS["responses"]["200"]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
@@ -208,11 +247,13 @@ OPENAPI: dict[str, Any] = {
         },
         "/devices": {
             "post": _op("Register a device", "201", _ref("Device"), _json(_ref("Device"))),
-            "get": _op("List devices", answer={"type": "array", "items": _ref("Device")}),
+            "get": _list("List devices", "Device", _query("product_key", "module", "version", "online")),
         },
         "/devices/import": {
             "post": _op(
-                "Register devices from CSV", body={"content": {"text/csv": {"schema": {"type": "string"}}}}
+                "Register devices from CSV",
+                body={"content": {"text/csv": {"schema": {"type": "string"}}}},
+                errors=("401", "413", "422"),
             )
         },
         "/devices/{pk}/{dn}": {
@@ -230,7 +271,7 @@ OPENAPI: dict[str, Any] = {
                 {"content": {"multipart/form-data": {"schema": {"type": "object"}}}},
                 errors=("401", "409", "413", "422"),
             ),
-            "get": _op("List firmware", answer={"type": "array", "items": _ref("Firmware")}),
+            "get": _list("List firmware, oldest first", "Firmware", _query("product_key")),
         },
         "/firmware/{id}": {
             "parameters": _ID,
@@ -241,13 +282,13 @@ OPENAPI: dict[str, Any] = {
             "post": _op(
                 "Start a job", "201", _ref("Job"), _json(_ref("JobRequest")), errors=("401", "409", "422")
             ),
-            "get": _op("List jobs", answer={"type": "array", "items": _ref("Job")}),
+            "get": _list("List jobs, newest first", "Job"),
         },
         "/jobs/{id}": {"parameters": _ID, "get": _op("One job", answer=_ref("Job"))},
         "/jobs/{id}/events": {"parameters": _ID, "get": _EVENTS},
         "/jobs/{id}/tasks": {
             "parameters": _ID,
-            "get": _op("The job's tasks", answer={"type": "array", "items": _ref("Task")}),
+            "get": _list("The job's tasks", "Task"),
         },
         "/jobs/{id}/report.csv": {"parameters": _ID, "get": _op("The job's tasks as CSV")},
         "/jobs/{id}/cancel": {"parameters": _ID, "post": _op("Cancel tasks by state", answer=_ref("Job"))},

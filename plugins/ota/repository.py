@@ -332,25 +332,9 @@ class Repository:
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]:
-        where: list[str] = ["1=1"]
-        args: list[str | int] = []
-        if product_key is not None:
-            where.append("d.product_key=?")
-            args.append(product_key)
-        if online is not None:
-            where.append("d.online=?")
-            args.append(int(online))
-        if module is not None or version is not None:
-            sub = "SELECT 1 FROM device_modules m WHERE m.product_key=d.product_key AND m.device_name=d.device_name"
-            if module is not None:
-                sub += " AND m.module=?"
-                args.append(module)
-            if version is not None:
-                sub += " AND m.version=?"
-                args.append(version)
-            where.append(f"EXISTS ({sub})")
+        where, args = _device_filter(product_key, module, version, online)
         rows = await self._all(
-            f"SELECT d.* FROM devices d WHERE {' AND '.join(where)}"  # noqa: S608 - only fixed fragments
+            f"SELECT d.* FROM devices d WHERE {where}"  # noqa: S608 - only fixed fragments
             " ORDER BY d.product_key, d.device_name LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
@@ -363,6 +347,19 @@ class Repository:
             ):
                 modules.setdefault((m["product_key"], m["device_name"]), {})[m["module"]] = m["version"]
         return [_device(r, modules.get((r["product_key"], r["device_name"]), {})) for r in rows]
+
+    async def count_devices(
+        self,
+        *,
+        product_key: str | None = None,
+        module: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+    ) -> int:
+        """How many devices `list_devices` with the same filters would list in all."""
+        where, args = _device_filter(product_key, module, version, online)
+        row = await self._one(f"SELECT COUNT(*) FROM devices d WHERE {where}", args)  # noqa: S608
+        return int(row[0]) if row else 0
 
     async def device_login(self, ref: DeviceRef) -> tuple[str, bool] | None:
         row = await self._one(
@@ -499,12 +496,21 @@ class Repository:
             raise NotFound(f"firmware {firmware_id} does not exist")
         return found
 
-    async def list_firmware(self, product_key: str | None = None) -> list[Firmware]:
-        if product_key is None:
-            rows = await self._all("SELECT * FROM firmware ORDER BY id")
-        else:
-            rows = await self._all("SELECT * FROM firmware WHERE product_key=? ORDER BY id", (product_key,))
+    async def list_firmware(
+        self, product_key: str | None = None, *, limit: int = -1, offset: int = 0
+    ) -> list[Firmware]:
+        """Firmware oldest first (`limit` -1: all)."""
+        rows = await self._all(
+            "SELECT * FROM firmware WHERE ?1 IS NULL OR product_key=?1 ORDER BY id LIMIT ?2 OFFSET ?3",
+            (product_key, limit, offset),
+        )
         return [_firmware(r) for r in rows]
+
+    async def count_firmware(self, product_key: str | None = None) -> int:
+        row = await self._one(
+            "SELECT COUNT(*) FROM firmware WHERE ?1 IS NULL OR product_key=?1", (product_key,)
+        )
+        return int(row[0]) if row else 0
 
     async def delete_firmware(self, firmware_id: int) -> Firmware:
         """Delete the firmware's record (and its finished jobs); Conflict while an unfinished task uses it."""
@@ -695,8 +701,9 @@ class Repository:
             raise NotFound(f"job {job_id} does not exist")
         return found
 
-    async def list_jobs(self, limit: int = 200) -> list[JobRecord]:
-        rows = await self._all("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+    async def list_jobs(self, limit: int = 200, offset: int = 0) -> list[JobRecord]:
+        """Jobs newest first."""
+        rows = await self._all("SELECT * FROM jobs ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
         counts: dict[int, dict[TaskState, int]] = {}
         for c in await self._all(
             "SELECT job_id, state, COUNT(*) AS n FROM tasks WHERE job_id IN (SELECT value FROM json_each(?))"
@@ -705,6 +712,10 @@ class Repository:
         ):
             counts.setdefault(int(c["job_id"]), {})[TaskState(c["state"])] = int(c["n"])
         return [_job(r, counts.get(int(r["id"]), {})) for r in rows]
+
+    async def count_jobs(self) -> int:
+        row = await self._one("SELECT COUNT(*) FROM jobs")
+        return int(row[0]) if row else 0
 
     # ----------------------------------------------------------------------------------------- tasks
 
@@ -738,15 +749,30 @@ class Repository:
         )
         return {DeviceRef(r["product_key"], r["device_name"]) for r in rows}
 
-    async def tasks_of_job(self, job_id: int, states: Iterable[TaskState] | None = None) -> list[Task]:
+    async def tasks_of_job(
+        self,
+        job_id: int,
+        states: Iterable[TaskState] | None = None,
+        *,
+        limit: int = -1,
+        offset: int = 0,
+    ) -> list[Task]:
+        """The job's tasks in the order they were planned (`limit` -1: all)."""
         if states is None:
-            rows = await self._all("SELECT * FROM tasks WHERE job_id=? ORDER BY id", (job_id,))
+            rows = await self._all(
+                "SELECT * FROM tasks WHERE job_id=? ORDER BY id LIMIT ? OFFSET ?", (job_id, limit, offset)
+            )
         else:
             rows = await self._all(
-                "SELECT * FROM tasks WHERE job_id=? AND state IN (SELECT value FROM json_each(?)) ORDER BY id",
-                (job_id, json.dumps([s.value for s in states])),
+                "SELECT * FROM tasks WHERE job_id=? AND state IN (SELECT value FROM json_each(?))"
+                " ORDER BY id LIMIT ? OFFSET ?",
+                (job_id, json.dumps([s.value for s in states]), limit, offset),
             )
         return [_task(r) for r in rows]
+
+    async def count_tasks_of_job(self, job_id: int) -> int:
+        row = await self._one("SELECT COUNT(*) FROM tasks WHERE job_id=?", (job_id,))
+        return int(row[0]) if row else 0
 
     async def tasks_of_device(self, ref: DeviceRef, limit: int = 100) -> list[Task]:
         rows = await self._all(
@@ -810,6 +836,32 @@ class Repository:
 
 
 # ------------------------------------------------------------------------------------------ row mapping
+
+
+def _device_filter(
+    product_key: str | None, module: str | None, version: str | None, online: bool | None
+) -> tuple[str, list[str | int]]:
+    """The WHERE clause (over `devices d`) and its arguments for the device list's filters."""
+    where: list[str] = ["1=1"]
+    args: list[str | int] = []
+    if product_key is not None:
+        where.append("d.product_key=?")
+        args.append(product_key)
+    if online is not None:
+        where.append("d.online=?")
+        args.append(int(online))
+    if module is not None or version is not None:
+        sub = (
+            "SELECT 1 FROM device_modules m WHERE m.product_key=d.product_key AND m.device_name=d.device_name"
+        )
+        if module is not None:
+            sub += " AND m.module=?"
+            args.append(module)
+        if version is not None:
+            sub += " AND m.version=?"
+            args.append(version)
+        where.append(f"EXISTS ({sub})")
+    return " AND ".join(where), args
 
 
 def _device(row: sqlite3.Row, modules: dict[str, str]) -> DeviceRecord:

@@ -45,3 +45,18 @@ def test_document_is_well_formed() -> None:
         for method, op in item.items():
             if method != "parameters":
                 assert op["summary"] and op["responses"]
+
+
+def test_every_list_is_documented_as_paged() -> None:
+    """Each GET answering a JSON array takes `limit` and `offset` and names `X-Total-Count` and `Link`."""
+    lists = 0
+    for path, item in OPENAPI["paths"].items():
+        get = item.get("get")
+        ok = (get or {}).get("responses", {}).get("200", {})
+        schema = ok.get("content", {}).get("application/json", {}).get("schema", {})
+        if schema.get("type") != "array":
+            continue
+        lists += 1
+        assert {"limit", "offset"} <= {p["name"] for p in get.get("parameters", [])}, path
+        assert {"X-Total-Count", "Link"} <= set(ok.get("headers", {})), path
+    assert lists == 4
