@@ -9,15 +9,17 @@ import logging
 import os
 import ssl
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from argon2 import PasswordHasher
 
 from broker import app as broker_app
-from broker import logs
+from broker import datadir, logs
 from broker.config import ConfigError, load, ota_settings, prepare
 from broker.config_check import effective_config
 from firmware_store.links import nginx_secure_link
@@ -57,22 +59,66 @@ def run(
         ),
     ] = logs.LogFormat.TEXT,
 ) -> None:
-    """Start the broker, the OTA service, the firmware HTTPS endpoint and the management API."""
+    """Start the broker, the OTA service, the firmware HTTPS endpoint and the management API.
+
+    Exit status 2 for a configuration error, 1 when the broker cannot start (one line names the cause),
+    0 after SIGINT or SIGTERM.
+    """
+    datadir.restrict_umask()  # before anything is written: the data folder holds device secrets
     setup_logging(log_level, log_format)
     log = logging.getLogger("ota.broker")
     try:
         loaded = load(config)
+        data_dir = ota_settings(loaded.raw, os.environ).data_dir
+    except ConfigError as e:
+        log.error("configuration error: %s", e)
+        raise typer.Exit(2) from e
+    try:
+        datadir.prepare(data_dir)  # before the configuration writes TLS material into the folder
+    except datadir.DataDirError as e:
+        log.error("could not start: %s", e)
+        _exit_after_failed_start()
+    try:
         amqtt_config, settings = prepare(loaded)
     except ConfigError as e:
         log.error("configuration error: %s", e)
         raise typer.Exit(2) from e
+    except (OSError, ValueError) as e:  # unreadable or damaged TLS files under the data folder
+        log.error(
+            "could not start: the TLS files in %s cannot be used: %s (move them aside: new ones are generated)",
+            data_dir / "tls",
+            e,
+        )
+        _exit_after_failed_start()
     log.info("configuration: %s; data in %s", loaded.source, settings.data_dir.resolve())
     try:
         code = asyncio.run(broker_app.serve(amqtt_config))
     except broker_app.StartError as e:
-        log.error("%s", e)
-        raise typer.Exit(1) from e
+        log.error("could not start: %s", e)
+        _exit_after_failed_start()
     raise typer.Exit(code)
+
+
+_THREADS_WAIT_S = 2.0
+
+
+def _exit_after_failed_start() -> NoReturn:
+    """Exit 1, so that systemd's and Docker's restart policies see the failure.
+
+    The start path closes what it opened; a worker thread some library still left behind (an aiosqlite
+    connection opened by code that failed before it could be closed) must not keep a process with nothing
+    listening alive, so after a short wait the process ends without waiting for such threads."""
+    deadline = time.monotonic() + _THREADS_WAIT_S
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(
+        t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()
+    ):
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(1)
+    raise typer.Exit(1)
 
 
 @cli.command("check-config")

@@ -8,14 +8,16 @@ A JSON line is one object: `ts` (UTC, ISO 8601 with milliseconds), `level`, `log
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any, TextIO
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "LogFormat", "setup"]
+__all__ = ["TEXT_FORMAT", "JsonFormatter", "LogFormat", "errors_reported_by_caller", "setup"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _NOISY = ("amqtt", "transitions", "aiohttp.access")
@@ -66,3 +68,45 @@ def setup(level: str, fmt: LogFormat | str = LogFormat.TEXT, stream: TextIO | No
     if level.upper() != "DEBUG":
         for noisy in _NOISY:
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _HeldErrors(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def errors_reported_by_caller(*names: str) -> Iterator[None]:
+    """Keep the ERROR and CRITICAL records of loggers `names` aside while the block runs.
+
+    For a start-up that fails, the caller logs one line naming the cause; what amqtt and the OTA plugin
+    logged about it (with tracebacks) is logged at DEBUG then. When the block ends normally, the records
+    held are logged as they were.
+    """
+    held = _HeldErrors()
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(held)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for logger in loggers:
+            logger.removeFilter(held)
+        for record in held.records:
+            logger = logging.getLogger(record.name)
+            if failed:
+                if not logger.isEnabledFor(logging.DEBUG):
+                    continue
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            logger.handle(record)
