@@ -387,7 +387,8 @@ async def start_site(
     header_timeout_s: float = 10.0,
 ) -> Site:
     """Serve `app` on host:port (port 0 picks a free one). A client gets `header_timeout_s` for the TLS
-    handshake and for each request head, so slow or idle clients cannot hold connections open."""
+    handshake, for each request head and between pieces of a request body, so slow, idle or stalled
+    clients cannot hold connections open."""
     deadlines: dict[object, _HeadDeadline] = {}
     app[_DEADLINES] = deadlines
     app.middlewares.insert(0, _request_head_arrived)
