@@ -11,8 +11,6 @@ against the stored task, and task writes are compare-and-set.
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -22,6 +20,7 @@ from typing import Any, Protocol
 
 from firmware_store import Blob, FirmwareStore, LinkSigner
 from plugins.ota import machine, messages
+from plugins.ota.device_csv import parse_devices
 from plugins.ota.errors import Conflict, InvalidInput, NotFound
 from plugins.ota.limits import RateLimiter
 from plugins.ota.machine import (
@@ -447,30 +446,10 @@ class OtaService:
         await self.channel.disconnect(device)
 
     async def import_devices(self, text: str) -> ImportResult:
-        """Register devices from CSV rows `product_key,device_name[,device_secret]` (a header is allowed)."""
-        rows: list[tuple[DeviceRef, str]] = []
-        errors: list[tuple[int, str]] = []
-        seen: set[DeviceRef] = set()
-        for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-            cells = [c.strip() for c in row]
-            if not cells or not any(cells) or (line_no == 1 and cells[0].lower() == "product_key"):
-                continue
-            if len(cells) not in (2, 3):
-                errors.append((line_no, "expected product_key,device_name[,device_secret]"))
-                continue
-            try:
-                ref = DeviceRef(cells[0], cells[1])
-            except ValueError as e:
-                errors.append((line_no, str(e)))
-                continue
-            secret = cells[2] if len(cells) == 3 and cells[2] else new_device_secret()
-            if len(secret) > 128 or not secret.isprintable():
-                errors.append((line_no, "device_secret must be at most 128 printable characters"))
-            elif ref in seen:
-                errors.append((line_no, f"{ref} is listed twice"))
-            else:
-                seen.add(ref)
-                rows.append((ref, secret))
+        """Register devices from CSV rows `product_key,device_name[,device_secret]` (plugins.ota.device_csv)."""
+        parsed = parse_devices(text)
+        errors = parsed.errors
+        rows = [(r.device, r.secret or new_device_secret()) for r in parsed.devices]
         created = set(await self.repo.add_devices(rows, self.clock()))
         for ref, _ in rows:
             self._registered(ref)

@@ -212,7 +212,7 @@ async def test_signed_device_logs_in_and_upgrades(secure: Env) -> None:
     """Correct hmacsha256/hmacsha1 signatures, with or without timestamp, log in; the device gets its notice
     without subscribing and completes download, progress and new version."""
     env = secure
-    secret = await register(env, "pk", "d1", "s3cret-of-d1")
+    secret = await register(env, "pk", "d1", "s3cret-of-device-d1")
     variants: list[dict[str, Any]] = [
         {"method": "hmacsha256"},
         {"method": "hmacsha256", "timestamp": now_ms()},
