@@ -27,6 +27,7 @@ from aiohttp.web_request import BaseRequest
 
 from firmware_store.links import LinkSigner
 from firmware_store.store import Blob, FirmwareStore
+from firmware_store.tls import HandshakeLog, tls_acceptor
 
 log = logging.getLogger("ota.download")
 
@@ -397,12 +398,12 @@ async def start_site(
     aiohttp_server = runner.server
     assert aiohttp_server is not None
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: _HeadDeadline(aiohttp_server(), header_timeout_s, deadlines),
-        host,
-        port,
-        ssl=ssl_context,
-        ssl_handshake_timeout=header_timeout_s if ssl_context is not None else None,
-        reuse_address=True,
-    )
+
+    def factory() -> asyncio.Protocol:
+        return _HeadDeadline(aiohttp_server(), header_timeout_s, deadlines)
+
+    if ssl_context is not None:  # a failed handshake is logged, not dropped silently as with ssl=
+        failures = HandshakeLog(f"https listener {host}:{port}")
+        factory = tls_acceptor(factory, ssl_context, failures, handshake_timeout_s=header_timeout_s)
+    server = await loop.create_server(factory, host, port, reuse_address=True)
     return Site(runner, server)
