@@ -6,6 +6,11 @@ is stored only as an argon2 hash and checked off the event loop. Every refused C
 with the peer, the clientId and the reason, never the secret or the password. In `open` mode (labs)
 everyone may connect and use any topic.
 
+An argon2 check costs its memory (64 MiB by default) while it runs, so at most `PASSWORD_CHECKS` run at
+once, and repeated wrong passwords per username and per client address are refused without a check for
+a growing time (`throttle`): one log line when such a block starts, not one per attempt. Refusals are
+counted by reason for Prometheus (`ota_mqtt_logins_refused`) when the directory offers a `LoginMetrics`.
+
 The device registry lives in the OTA service; this plugin asks it through the `DeviceDirectory`
 protocol, which the OTA plugin implements.
 """
@@ -27,11 +32,21 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from plugins.device_auth import acl
 from plugins.device_auth.signing import CredentialsError, DeviceCredentials, Refusal, verify
+from plugins.device_auth.throttle import WINDOW_S, LoginThrottle
 from plugins.ota.topics import DeviceRef
 
 log = logging.getLogger("ota.auth")
 
 OPEN = "open"
+PASSWORD_CHECKS = 2  # argon2 checks running at once, at most (each holds its memory cost while it runs)
+THROTTLED = "throttled"  # the refusal reason of an attempt refused without a password check
+
+
+@runtime_checkable
+class LoginMetrics(Protocol):
+    """Where refused logins are counted (the OTA plugin's Prometheus metrics)."""
+
+    def login_refused(self, reason: str) -> None: ...
 
 
 @runtime_checkable
@@ -71,6 +86,8 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
         super().__init__(context)
         self._hasher = PasswordHasher()
         self._directory: DeviceDirectory | None = None
+        self._password_checks = asyncio.Semaphore(PASSWORD_CHECKS)
+        self.throttle = LoginThrottle()
         problem = config_problem(self.config)
         if problem:
             raise ValueError(problem)
@@ -98,15 +115,11 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
         client_id = str(session.client_id or "")[:96]
         account = self.config.accounts.get(session.username or "")
         if account is not None:
-            ok = await asyncio.to_thread(self._check_password, account.password_hash, session.password)
-            if not ok:
-                log.warning(
-                    "refused CONNECT from %s (account %r): %s", peer, session.username, Refusal.BAD_PASSWORD
-                )
-            return ok
+            return await self._account_login(session, account, peer)
         try:
             await self._check_device(session)
         except CredentialsError as e:
+            self._count(e.refusal.name.lower())
             claimed = DeviceRef.from_username(session.username)  # the device it claimed to be, if any
             log.warning(
                 "refused CONNECT from %s (%sclientId %r, username %r): %s",
@@ -119,6 +132,44 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
             )
             return False
         return True
+
+    async def _account_login(self, session: Session, account: AccountConfig, peer: str) -> bool:
+        username, address = str(session.username), str(session.remote_address)
+        if self.throttle.refused(address, username, time.monotonic()):
+            self._count(THROTTLED)
+            return False
+        async with self._password_checks:
+            # Waiting here, the attempt may have become one of a burst that is blocked meanwhile.
+            if self.throttle.refused(address, username, time.monotonic()):
+                self._count(THROTTLED)
+                return False
+            ok = await asyncio.to_thread(self._check_password, account.password_hash, session.password)
+        if ok:
+            self.throttle.succeeded(username)
+            return True
+        self._count(Refusal.BAD_PASSWORD.name.lower())
+        now = time.monotonic()
+        blocks = self.throttle.failed(address, username, now)
+        for block in blocks:
+            log.warning(
+                "%d wrong passwords %s %r within %gs: its logins are refused for %gs without a check%s",
+                block.failures,
+                "for account" if block.kind == "username" else "for different accounts from",
+                block.key,
+                WINDOW_S,
+                block.seconds,
+                f" ({block.refused_before} refused during its previous block)"
+                if block.refused_before
+                else "",
+            )
+        if not blocks and self.throttle.recent_failures(username, now) == 1:  # the first of a burst
+            log.warning("refused CONNECT from %s (account %r): %s", peer, username, Refusal.BAD_PASSWORD)
+        return False
+
+    def _count(self, reason: str) -> None:
+        metrics = getattr(self.directory(), "metrics", None)
+        if isinstance(metrics, LoginMetrics):
+            metrics.login_refused(reason)
 
     def _check_password(self, password_hash: str, password: Any) -> bool:
         if password is None:

@@ -4,7 +4,8 @@ Each broker has its own `CollectorRegistry` (never prometheus-client's global on
 in one process do not clash. Two kinds of values:
 
 - counted as they happen, by the code that sees them: MQTT messages in by topic kind and out by kind
-  (`OtaPlugin`), database call durations (a hook the repository calls);
+  (`OtaPlugin`), database call durations (a hook the repository calls), refused logins by reason (a hook
+  the auth plugin calls);
 - read when Prometheus scrapes, from counters their owners keep anyway (`OtaService.rejected`,
   `OtaService.notices_sent`, the download endpoint's `DownloadStats`, the broker's `delivered_count`),
   from the plugin's connection tracking, and from the database (`Repository.task_state_counts`, one
@@ -101,6 +102,15 @@ class OtaMetrics:
             registry=self.registry,
         )
         self._db = {op: self.db_seconds.labels(op) for op in ("read", "write")}
+        self.logins_refused = Counter(
+            "ota_mqtt_logins_refused",
+            "MQTT CONNECTs refused by the auth plugin, by reason (bad_password, throttled: refused without a "
+            "password check after repeated failures, bad_signature, unknown_device...).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("bad_password", "throttled"):
+            self.logins_refused.labels(reason)  # present from the start, at 0
         self.registry.register(_ScrapeCollector(self))
         ProcessCollector(registry=self.registry)
 
@@ -113,6 +123,10 @@ class OtaMetrics:
         child = self._out.get(kind)
         if child is not None:
             child.inc()
+
+    def login_refused(self, reason: str) -> None:
+        """The auth plugin's hook (`plugins.device_auth.plugin.LoginMetrics`): one CONNECT refused."""
+        self.logins_refused.labels(reason).inc()
 
     def observe_db(self, op: str, seconds: float) -> None:
         """The repository's hook: one query (`read`) or transaction (`write`) took `seconds`."""
