@@ -187,7 +187,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
     def _resume_or_start(self, incoming: Session) -> Session:
         client_id = incoming.client_id
         existing = self._sessions.get(client_id)
-        if incoming.clean_session or existing is None:
+        # A clean session is never resumed (MQTT-3.1.2-6): a clean-session-0 connection that takes over a
+        # live clean-session-1 one starts empty too, with session-present 0 (MQTT-3.2.2-2).
+        if incoming.clean_session or existing is None or existing[0].clean_session:
             if existing is not None:
                 self._drop_session(client_id)
             return incoming
@@ -366,6 +368,10 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             client_id=client_session.client_id,
             client_session=client_session,
         )
+        if client_session.clean_session:  # MQTT-3.1.2-6: a clean session ends with its connection
+            entry = self._sessions.get(client_session.client_id)
+            if entry is not None and entry[0] is client_session:
+                self._drop_session(client_session.client_id)
 
     async def _fire(self, event: Any, **kwargs: Any) -> None:
         """Call the plugins' handlers of `event` in this task (amqtt starts a task per handler per event)."""
