@@ -47,8 +47,12 @@ def loose(root: Path) -> list[str]:
     """Everything under `root` (itself included) that group or others may read, write or enter."""
     found = []
     for path in [root, *root.rglob("*")]:
-        mode = stat.S_IMODE(path.lstat().st_mode)
-        if not path.is_symlink() and mode & 0o077:
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue  # a temporary file (an upload's, a journal) gone meanwhile
+        mode = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISLNK(info.st_mode) and mode & 0o077:
             found.append(f"{path.relative_to(root.parent)} {mode:04o}")
     return found
 
