@@ -36,6 +36,8 @@ from plugins.ota.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.model import (
     DEFAULT_MODULE,
+    NOTIFY_TIMEOUT_MINUTES,
+    DownloadProtocol,
     Firmware,
     JobSpec,
     JobState,
@@ -685,6 +687,13 @@ def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
         if not isinstance(v, str) or not k or len(k) > 64 or len(v) > 1024:
             raise InvalidInput(f"tags.{k}", "keys are 1-64 characters, values strings of at most 1024")
     rollout = _rollout_spec(body.get("rollout"))
+    try:
+        protocol = DownloadProtocol(body.get("download_protocol", "https"))
+    except ValueError as e:
+        raise InvalidInput("download_protocol", "must be 'https' or 'mqtt'") from e
+    notify_timeout = _or(
+        _number(body, "notify_timeout_minutes", low=0, high=1440 * 30), NOTIFY_TIMEOUT_MINUTES
+    )
     return JobSpec(
         firmware_id=fw,
         type=job_type,
@@ -702,6 +711,8 @@ def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
         retry_interval_minutes=_or(_number(body, "retry_interval_minutes", low=0, high=1440), 0.0),
         rollout=rollout,
         tags=tuple((str(k), str(v)) for k, v in tags.items()),
+        download_protocol=protocol,
+        notify_timeout_minutes=notify_timeout or None,  # 0: never
     )
 
 

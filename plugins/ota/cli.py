@@ -399,7 +399,19 @@ def job_create(
         str | None, typer.Option("--end-at", help="ISO 8601 end: unfinished tasks cancelled.")
     ] = None,
     rate: Annotated[int | None, typer.Option("--rate", help="At most this many notices per minute.")] = None,
-    timeout_minutes: Annotated[float | None, typer.Option("--timeout-minutes")] = None,
+    timeout_minutes: Annotated[
+        float | None, typer.Option("--timeout-minutes", help="No success that long after the first progress.")
+    ] = None,
+    notify_timeout_minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--notify-timeout-minutes",
+            help="No progress that long after the notice (default 1440; 0: never).",
+        ),
+    ] = None,
+    download_protocol: Annotated[
+        str, typer.Option("--download-protocol", help="https, or mqtt for devices with no HTTP stack.")
+    ] = "https",
     retries: Annotated[
         int, typer.Option("--retries", help="Re-notify a failed task up to this many times.")
     ] = 0,
@@ -425,7 +437,7 @@ def job_create(
     as_json: AsJson = False,
 ) -> None:
     """Start an upgrade job (every option of POST /api/v1/jobs)."""
-    body: dict[str, Any] = {"firmware_id": firmware, "type": job_type}
+    body: dict[str, Any] = {"firmware_id": firmware, "type": job_type, "download_protocol": download_protocol}
     listed = list(device or [])
     if devices_file is not None:
         listed += _read_device_list(devices_file)
@@ -437,6 +449,7 @@ def job_create(
         "end_at": end_at,
         "rate_per_minute": rate,
         "timeout_minutes": timeout_minutes,
+        "notify_timeout_minutes": notify_timeout_minutes,
         "retry_count": retries or None,
         "retry_interval_minutes": retry_interval or None,
         "need_confirm": confirm or None,

@@ -14,7 +14,8 @@ Rules (SPEC §3):
 - a device that informs a non-target version before any progress gets the notice again;
 - a device that connects (or pulls) while its task is queued or notified gets the notice; no notice is
   pushed again while the task is in progress, nor twice to the same MQTT session;
-- progress steps 0..100 are percentages, -1..-4 failures; the timeout runs from the first progress report.
+- progress steps 0..100 are percentages, -1..-4 failures; the timeout runs from the first progress report,
+  and a notified task with no progress report times out `notify_timeout_s` after its latest notice.
 """
 
 from __future__ import annotations
@@ -284,12 +285,23 @@ def _confirm(task: Task, _event: Event, now: float) -> Decision:
 
 
 def _tick(task: Task, _event: Event, now: float) -> Decision:
-    if task.timeout_s is None or task.started_at is None or now < task.started_at + task.timeout_s:
+    """Timeouts: in progress, counted from the first progress report; notified, from the latest notice
+    (a device that never answers a notice does not stay notified forever)."""
+    if task.state is TaskState.NOTIFIED:
+        limit, since, what = (
+            task.notify_timeout_s,
+            task.noticed_at,
+            "no progress report {:g} min after the notice",
+        )
+    else:
+        limit, since, what = (
+            task.timeout_s,
+            task.started_at,
+            "no success {:g} min after the first progress report",
+        )
+    if limit is None or since is None or now < since + limit:
         return Decision(task)
-    minutes = task.timeout_s / 60
-    return _finish(
-        task, TaskState.TIMED_OUT, f"no success {minutes:g} min after the first progress report", now
-    )
+    return _finish(task, TaskState.TIMED_OUT, what.format(limit / 60), now)
 
 
 def _finish(task: Task, state: TaskState, desc: str, now: float, *, progress: int | None = None) -> Decision:
@@ -317,7 +329,7 @@ TRANSITIONS: Mapping[tuple[TaskState, type], Rule] = {
     (_S.NOTIFIED, VersionReported): Rule((_S.SUCCEEDED, _S.NOTIFIED), _version_before_progress),
     (_S.NOTIFIED, ProgressReported): Rule((_S.IN_PROGRESS, _S.FAILED, _S.QUEUED), _progress),
     (_S.NOTIFIED, CancelRequested): Rule((_S.CANCELLED,), _cancel),
-    (_S.NOTIFIED, Ticked): Rule((), _ignore),
+    (_S.NOTIFIED, Ticked): Rule((_S.TIMED_OUT,), _tick),
     (_S.IN_PROGRESS, DeviceAvailable): Rule((), _ignore),
     (_S.IN_PROGRESS, FirmwareRequested): Rule((), _reply),
     (_S.IN_PROGRESS, VersionReported): Rule((_S.SUCCEEDED, _S.FAILED, _S.QUEUED), _version_in_progress),

@@ -61,6 +61,21 @@ class SignMethod(StrEnum):
     SHA256 = "SHA256"
 
 
+class DownloadProtocol(StrEnum):
+    """How a job's devices fetch the firmware (Aliyun's per-job `DownloadProtocol`): a signed HTTPS link, or
+    block by block over MQTT (`/sys/{pk}/{dn}/thing/file/download`) for devices with no HTTP stack."""
+
+    HTTPS = "https"
+    MQTT = "mqtt"
+
+
+# A notified task that gets no progress report (nor its target version) this long after its latest notice
+# times out: a day, as long as the notice's download link lives.
+NOTIFY_TIMEOUT_MINUTES = 24 * 60.0
+# Aliyun packages hold up to 20 files (LinkSDK v4 parses at most 20).
+MAX_PACKAGE_FILES = 20
+
+
 class FirmwareStatus(StrEnum):
     UNVERIFIED = "unverified"
     VERIFYING = "verifying"
@@ -76,7 +91,23 @@ class SkipReason(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class FirmwareFile:
+    """One file of a firmware package, stored by its sha256."""
+
+    name: str
+    size: int
+    md5: str
+    sha256: str
+
+    def sign(self, method: SignMethod) -> str:
+        return self.md5 if method is SignMethod.MD5 else self.sha256
+
+
+@dataclass(frozen=True, slots=True)
 class Firmware:
+    """A package: one file (its size and digests are the firmware's own) or several (`files`, in order;
+    the first is the one the firmware's size and digests describe)."""
+
     id: int
     product_key: str
     module: str
@@ -89,11 +120,21 @@ class Firmware:
     description: str
     status: FirmwareStatus
     created_at: float
+    files: tuple[FirmwareFile, ...] = ()  # empty: a single-file package (the fields above describe it)
 
     @property
     def sign(self) -> str:
         """The digest named by `sign_method`, lowercase hex."""
         return self.md5 if self.sign_method is SignMethod.MD5 else self.sha256
+
+    @property
+    def package(self) -> tuple[FirmwareFile, ...]:
+        """Every file of the package, in order (one for a single-file package)."""
+        return self.files or (FirmwareFile("", self.size, self.md5, self.sha256),)
+
+    @property
+    def multi_file(self) -> bool:
+        return len(self.files) > 1
 
     @property
     def is_diff(self) -> bool:
@@ -124,6 +165,7 @@ class Task:
     not_before: float | None = None  # a queued task waits until then (retry interval, schedule)
     retry_count: int = 0
     retry_interval_s: float = 0.0
+    notify_timeout_s: float | None = None  # notified without progress this long after the latest notice
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +200,5 @@ class JobSpec:
     retry_interval_minutes: float = 0.0
     rollout: Rollout | None = None
     tags: tuple[tuple[str, str], ...] = ()
+    download_protocol: DownloadProtocol = DownloadProtocol.HTTPS
+    notify_timeout_minutes: float | None = NOTIFY_TIMEOUT_MINUTES  # None: a notified task never times out

@@ -155,7 +155,23 @@ OPENAPI: dict[str, Any] = {
                     "schedule_at": {"type": "string", "format": "date-time"},
                     "end_at": {"type": "string", "format": "date-time"},
                     "rate_per_minute": {"type": "integer"},
-                    "timeout_minutes": {"type": "number"},
+                    "timeout_minutes": {
+                        "type": "number",
+                        "description": "A task with no success this long after its first progress report"
+                        " times out.",
+                    },
+                    "notify_timeout_minutes": {
+                        "type": "number",
+                        "default": 1440,
+                        "description": "A notified task with no progress report this long after its latest"
+                        " notice times out; 0: never.",
+                    },
+                    "download_protocol": {
+                        "enum": ["https", "mqtt"],
+                        "default": "https",
+                        "description": "mqtt: devices fetch the firmware in blocks over MQTT"
+                        " (/sys/{pk}/{dn}/thing/file/download), each file at most 16 MB.",
+                    },
                     "retry_count": {"type": "integer"},
                     "retry_interval_minutes": {"type": "number"},
                     "rollout": {

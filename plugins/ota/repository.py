@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from plugins.ota.model import (
     DOWNLOADABLE,
     UNFINISHED,
     Firmware,
+    FirmwareFile,
     FirmwareStatus,
     JobState,
     JobType,
@@ -134,6 +135,12 @@ MIGRATIONS: Sequence[str] = (
         VALUES (NEW.id, NEW.updated_at, NEW.state, NEW.progress, NEW.note);
     END
     """,
+    # 4: notified tasks time out; multi-file packages (each file's name, size and digests, as JSON)
+    """
+    ALTER TABLE tasks ADD COLUMN notify_timeout_s REAL;
+    ALTER TABLE firmware ADD COLUMN files TEXT NOT NULL DEFAULT '[]';
+    CREATE INDEX tasks_by_state ON tasks (state)
+    """,
 )
 
 
@@ -188,6 +195,7 @@ class TaskPolicy:
     timeout_s: float | None = None
     retry_count: int = 0
     retry_interval_s: float = 0.0
+    notify_timeout_s: float | None = None
 
 
 def new_device_secret() -> str:
@@ -460,12 +468,15 @@ class Repository:
         sign_method: SignMethod,
         description: str,
         now: float,
+        files: Sequence[FirmwareFile] = (),
     ) -> Firmware:
+        """A new firmware; `files` lists every file of a multi-file package (the first one is the file
+        `size`, `md5` and `sha256` describe), and is empty for a single-file one."""
         try:
             async with self._tx() as db:
                 cur = await db.execute(
                     "INSERT INTO firmware (product_key, module, version, src_version, size, md5, sha256,"
-                    " sign_method, description, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " sign_method, description, status, created_at, files) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         product_key,
                         module,
@@ -478,6 +489,7 @@ class Repository:
                         description,
                         status.value,
                         now,
+                        json.dumps([asdict(f) for f in files]),
                     ),
                 )
                 fw_id = cur.lastrowid
@@ -533,7 +545,13 @@ class Repository:
         return firmware
 
     async def blob_in_use(self, sha256: str) -> bool:
-        return await self._one("SELECT 1 FROM firmware WHERE sha256=? LIMIT 1", (sha256,)) is not None
+        """Whether any firmware's file is this blob."""
+        found = await self._one(
+            "SELECT 1 FROM firmware WHERE sha256=?1 UNION ALL SELECT 1 FROM firmware, json_each(firmware.files)"
+            " WHERE json_extract(json_each.value, '$.sha256')=?1 LIMIT 1",
+            (sha256,),
+        )
+        return found is not None
 
     # ------------------------------------------------------------------------------------------ jobs
 
@@ -587,8 +605,8 @@ class Repository:
         for p in planned:
             cur = await db.execute(
                 "INSERT INTO tasks (job_id, firmware_id, product_key, device_name, module, target_version,"
-                " state, desc, timeout_s, retry_count, retry_interval_s, group_no, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " state, desc, timeout_s, retry_count, retry_interval_s, group_no, created_at, updated_at,"
+                " notify_timeout_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job_id,
                     firmware.id,
@@ -604,6 +622,7 @@ class Repository:
                     p.group_no,
                     now,
                     now,
+                    policy.notify_timeout_s,
                 ),
             )
             await db.execute(
@@ -782,10 +801,13 @@ class Repository:
         return [_task(r) for r in rows]
 
     async def overdue_tasks(self, now: float) -> list[Task]:
-        """Tasks in progress whose timeout, counted from the first progress report, has passed."""
+        """Tasks in progress whose timeout, counted from the first progress report, has passed, and notified
+        tasks whose notify timeout, counted from the latest notice, has."""
         rows = await self._all(
             "SELECT * FROM tasks WHERE state='in_progress' AND timeout_s IS NOT NULL"
-            " AND started_at IS NOT NULL AND started_at + timeout_s <= ? ORDER BY id",
+            " AND started_at IS NOT NULL AND started_at + timeout_s <= ?1"
+            " UNION ALL SELECT * FROM tasks WHERE state='notified' AND notify_timeout_s IS NOT NULL"
+            " AND noticed_at IS NOT NULL AND noticed_at + notify_timeout_s <= ?1 ORDER BY id",
             (now,),
         )
         return [_task(r) for r in rows]
@@ -890,6 +912,7 @@ def _firmware(row: sqlite3.Row) -> Firmware:
         description=row["description"],
         status=FirmwareStatus(row["status"]),
         created_at=row["created_at"],
+        files=tuple(FirmwareFile(**f) for f in json.loads(row["files"])),
     )
 
 
@@ -932,4 +955,5 @@ def _task(row: sqlite3.Row) -> Task:
         not_before=row["not_before"],
         retry_count=row["retry_count"],
         retry_interval_s=row["retry_interval_s"],
+        notify_timeout_s=row["notify_timeout_s"],
     )

@@ -121,8 +121,8 @@ def table_tasks(state: TaskState) -> list[Task]:
     """Tasks in `state` whose timeout has long expired at NOW (so Ticked can reach timed_out), one with no
     retries left and one with a retry left (so a failure can reach both failed and queued)."""
     return [
-        make_task(state, timeout_s=30.0),
-        make_task(state, timeout_s=30.0, retry_count=1, retry_interval_s=60.0),
+        make_task(state, timeout_s=30.0, notify_timeout_s=30.0),
+        make_task(state, timeout_s=30.0, notify_timeout_s=30.0, retry_count=1, retry_interval_s=60.0),
     ]
 
 
@@ -499,11 +499,36 @@ def test_no_timeout_without_timeout_s() -> None:
 
 @pytest.mark.parametrize("state", [TaskState.QUEUED, TaskState.NOTIFIED])
 def test_timeout_does_not_run_before_progress(state: TaskState) -> None:
-    """The timeout runs from the first progress report: queued and notified tasks ignore Ticked."""
+    """The timeout runs from the first progress report: queued and notified tasks ignore it."""
     task = make_task(state, timeout_s=1.0)
     decision = apply(task, Ticked(), NOW + 10**6)
     assert decision.task == task
     assert decision.effects == ()
+
+
+def test_notified_task_times_out_after_its_latest_notice() -> None:
+    """A notified task with no progress report times out notify_timeout_s after its latest notice (not its
+    first), exactly then; a queued one never does, and None means never."""
+    task = make_task(TaskState.NOTIFIED, notify_timeout_s=600.0, notified_at=NOTICED - 5000)
+    deadline = NOTICED + 600.0
+    assert apply(task, Ticked(), deadline - 0.001).task == task
+    at = apply(task, Ticked(), deadline)
+    assert at.task.state is TaskState.TIMED_OUT
+    assert at.task.desc == "no progress report 10 min after the notice"
+    assert at.effects == ()
+    queued = make_task(TaskState.QUEUED, notify_timeout_s=1.0, noticed_at=NOTICED)
+    assert apply(queued, Ticked(), NOW + 10**6).task == queued
+    never = make_task(TaskState.NOTIFIED, notify_timeout_s=None)
+    assert apply(never, Ticked(), NOW + 10**9).task == never
+
+
+def test_a_notice_again_restarts_the_notify_timeout() -> None:
+    """A notice sent again (the device reconnected with a new session) counts from the new notice."""
+    task = make_task(TaskState.NOTIFIED, notify_timeout_s=600.0)
+    again = apply(task, DeviceAvailable(session_started_at=NOTICED + 500), NOTICED + 500).task
+    assert again.noticed_at == NOTICED + 500
+    assert apply(again, Ticked(), NOTICED + 700).task.state is TaskState.NOTIFIED
+    assert apply(again, Ticked(), NOTICED + 1100).task.state is TaskState.TIMED_OUT
 
 
 # --------------------------------------------------------------------------------------------- plan
