@@ -147,6 +147,21 @@ class FirmwareStore:
             return False
         return (size, md5.hexdigest(), sha256.hexdigest()) == (blob.size, blob.md5, blob.sha256)
 
+    async def read(self, blob: Blob, offset: int, size: int) -> bytes | None:
+        """`size` bytes of the blob from `offset` (fewer at its end), read from the file alone; None when
+        the stored file no longer matches the blob (it is never served)."""
+        if not (await self.check(blob)).ok:
+            return None
+        return await asyncio.to_thread(_read_range, self.path(blob.sha256), offset, size)
+
     async def delete(self, sha256: str) -> None:
         self._verdicts.pop(sha256, None)
         await asyncio.to_thread(self.path(sha256).unlink, missing_ok=True)
+
+
+def _read_range(path: Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)

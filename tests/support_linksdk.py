@@ -352,6 +352,8 @@ class LinkSdkDownload:
         """Drop the connection and connect again with a clean session, without subscribing again: what a
         LinkSDK device does after a network loss (the download handle keeps its place)."""
         self.device.disconnect()
+        # paho 1.x's loop_start makes a new wake-up socket pair without closing the last one's
+        self.device.client._reset_sockets(sockpair_only=True)
         self.device.client.connect("127.0.0.1", self.device.port, keepalive=30)
         self.device.client.loop_start()
         await eventually(self.device.client.is_connected, what=f"{self.device.ref} to reconnect")

@@ -1,4 +1,4 @@
-"""Per-device rate limits (pure: time is an argument)."""
+"""Per-device rate limiters (pure: time is an argument): token buckets that drop or pace."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ class RateLimiter:
             return True
         bucket.dropped += 1
         return False
+
+    def reserve(self, key: object, now: float, cost: float) -> float:
+        """Take `cost` tokens, into debt if need be: the seconds to wait before acting so that the rate
+        holds (0 when the bucket had them). For work that is paced, not dropped."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate) - cost
+        bucket.stamp = now
+        return 0.0 if bucket.tokens >= 0 else -bucket.tokens / self.rate
 
     def should_warn(self, key: object, now: float, every_s: float = 10.0) -> int:
         """How many were dropped since the last warning, when a warning is due now (else 0)."""

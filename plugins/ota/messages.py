@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.ota.model import DEFAULT_MODULE, Firmware
+from plugins.ota.blocks import FIRST_FILE_ID
+from plugins.ota.model import DEFAULT_MODULE, Firmware, FirmwareFile
 
 MAX_VERSION_LEN = 64
 MODULE_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -130,16 +132,59 @@ def parse_legacy_request(payload: bytes, max_bytes: int) -> LegacyRequest:
 # ------------------------------------------------------------------------------------ server → device
 
 
-def notice_data(firmware: Firmware, url: str, ext_data: dict[str, str] | None = None) -> dict[str, Any]:
-    """The `data` object of a push notice and of a pull reply, in the field order of Aliyun's docs."""
-    data: dict[str, Any] = {
-        "size": firmware.size,
-        "version": firmware.version,
-        "url": url,
-        "md5": firmware.md5,
-        "sign": firmware.sign,
-        "signMethod": str(firmware.sign_method),
-    }
+def notice_data(
+    firmware: Firmware, links: Sequence[str], ext_data: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The `data` object of a push notice and of a pull reply for an HTTPS download: `links` holds one
+    signed URL per file of the package, in order."""
+    if len(links) != len(firmware.package):
+        raise ValueError(f"{len(firmware.package)} link(s) expected, {len(links)} given")
+    if not firmware.multi_file:
+        data: dict[str, Any] = {"size": firmware.size, "version": firmware.version, "url": links[0]}
+        data |= _digests(firmware)
+        return _closing(data, firmware, ext_data)
+    files = [_file(firmware, f, {"fileUrl": link}) for f, link in zip(firmware.files, links, strict=True)]
+    return _closing(_package(firmware, {}, files), firmware, ext_data)
+
+
+def mqtt_notice_data(
+    firmware: Firmware, stream_id: int, ext_data: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The `data` object of a notice whose package is fetched over MQTT, block by block, as stream
+    `stream_id` (Aliyun's `dProtocol` "mqtt"): no URL, a `streamFileId` per file (`blocks.FIRST_FILE_ID`
+    for the first, then in order)."""
+    protocol = {"dProtocol": "mqtt", "streamId": stream_id}
+    if not firmware.multi_file:
+        data: dict[str, Any] = {"size": firmware.size, "version": firmware.version}
+        data |= _digests(firmware) | protocol | {"streamFileId": FIRST_FILE_ID}
+        return _closing(data, firmware, ext_data)
+    files = [_file(firmware, f, {"streamFileId": FIRST_FILE_ID + i}) for i, f in enumerate(firmware.files)]
+    return _closing(_package(firmware, protocol, files), firmware, ext_data)
+
+
+def _digests(firmware: Firmware) -> dict[str, Any]:
+    return {"md5": firmware.md5, "sign": firmware.sign, "signMethod": str(firmware.sign_method)}
+
+
+def _package(firmware: Firmware, protocol: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, Any]:
+    """A multi-file package in the field names LinkSDK v4 parses. LinkSDK's JSON reader takes the first
+    `"key"` anywhere in the text, so the package's own keys come before the files, and in each file its
+    name (free text) comes last."""
+    return (
+        {"version": firmware.version, "signMethod": str(firmware.sign_method)} | protocol | {"files": files}
+    )
+
+
+def _file(firmware: Firmware, file: FirmwareFile, where: dict[str, Any]) -> dict[str, Any]:
+    """One file of a package: flat (LinkSDK cuts each file at its first `}`), its name last."""
+    return (
+        {"fileSize": file.size, "fileSign": file.sign(firmware.sign_method), "fileMd5": file.md5}
+        | where
+        | {"fileName": file.name}
+    )
+
+
+def _closing(data: dict[str, Any], firmware: Firmware, ext_data: Mapping[str, str] | None) -> dict[str, Any]:
     if firmware.is_diff:
         data["isDiff"] = 1
     if firmware.module != DEFAULT_MODULE:

@@ -32,7 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from firmware_store.server import DownloadStats
 from plugins.ota.model import TaskState
-from plugins.ota.topics import TopicKind
+from plugins.ota.topics import SERVER_TO_DEVICE, TopicKind
 
 __all__ = ["CONTENT_TYPE", "MESSAGE_KINDS", "OtaMetrics", "Sources", "message_kind"]
 
@@ -91,8 +91,7 @@ class OtaMetrics:
             registry=self.registry,
         )
         self._out = {
-            kind: self.messages_out.labels(kind)
-            for kind in (TopicKind.UPGRADE, TopicKind.FIRMWARE_GET_REPLY, TopicKind.LEGACY_REQUEST)
+            kind: self.messages_out.labels(kind) for kind in (*SERVER_TO_DEVICE, TopicKind.LEGACY_REQUEST)
         }
         self.db_seconds = Histogram(
             "ota_db_query_seconds",

@@ -105,6 +105,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             max_payload_bytes=s.max_payload_bytes,
             progress_per_second=s.progress_per_second,
             progress_burst=s.progress_burst,
+            mqtt_download_bytes_per_second=s.mqtt_download_bytes_per_second,
             step_s=s.tick_seconds,
         )
         dl = download_app(
@@ -325,13 +326,14 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         conn = self._connection(device)
         return None if conn is None else conn.connected_at
 
-    async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
-        """Deliver to the device's own session, plus any other subscribers of `topic`."""
+    async def send(self, device: DeviceRef, topic: str, payload: bytes, qos: int = NOTICE_QOS) -> bool:
+        """Deliver to the device's own session (at `qos` when it did not subscribe), plus any other
+        subscribers of `topic` (at the QoS they were granted)."""
         parsed = _parse(topic)
         if parsed is not None:
             self.metrics.message_sent(parsed.kind)
         conn = self._connection(device)
-        if conn is not None and _holds(conn.session, topic, payload):
+        if conn is not None and qos and _holds(conn.session, topic, payload):
             # Its session has this notice unacknowledged or queued (a persistent session after a restart or
             # a reconnect): that copy is sent again, with DUP and its packet id; a second one would be a
             # duplicate.
@@ -343,9 +345,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             return False
         if not subscribed:
             task = asyncio.create_task(
-                conn.handler.mqtt_publish(
-                    topic, payload, NOTICE_QOS, retain=False, ack_timeout=_ACK_TIMEOUT_S
-                )
+                conn.handler.mqtt_publish(topic, payload, qos, retain=False, ack_timeout=_ACK_TIMEOUT_S)
             )
             self._deliveries.add(task)
             task.add_done_callback(lambda done: self._delivery_done(device, done))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from firmware_store import Blob, FirmwareStore, LinkSigner
-from plugins.ota import machine, messages
+from plugins.ota import blocks, machine, messages
 from plugins.ota.device_csv import parse_devices
 from plugins.ota.errors import Conflict, InvalidInput, NotFound
 from plugins.ota.limits import RateLimiter
@@ -41,6 +42,7 @@ from plugins.ota.model import (
     DOWNLOADABLE,
     PENDING,
     UNFINISHED,
+    DownloadProtocol,
     Firmware,
     FirmwareStatus,
     JobSpec,
@@ -71,8 +73,9 @@ class DeviceChannel(Protocol):
         """When the device's current session began (None when it has none)."""
         ...
 
-    async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
-        """Deliver to the device's own session (whether or not it subscribed); False when offline."""
+    async def send(self, device: DeviceRef, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Deliver to the device's own session (whether or not it subscribed; at `qos` then), and to other
+        subscribers of `topic` at the QoS they were granted; False when the device is offline."""
         ...
 
     async def disconnect(self, device: DeviceRef) -> None:
@@ -108,6 +111,7 @@ class OtaService:
         max_payload_bytes: int,
         progress_per_second: float = 5.0,
         progress_burst: float = 20.0,
+        mqtt_download_bytes_per_second: float = 1_048_576,
         step_s: float = 1.0,
     ) -> None:
         self.repo = repo
@@ -120,6 +124,11 @@ class OtaService:
         self.rejected: Counter[str] = Counter()
         self.notices_sent: Counter[str] = Counter()  # notices handed to an online session: push, pull
         self.progress_limit = RateLimiter(progress_per_second, progress_burst)
+        # Firmware over MQTT: each device's blocks are paced to this many bytes a second (a burst of a
+        # second's worth, at least one largest block).
+        self.block_pacer = RateLimiter(
+            mqtt_download_bytes_per_second, max(mqtt_download_bytes_per_second, blocks.MAX_BLOCK_SIZE)
+        )
         self._job_pacers: dict[int, RateLimiter] = {}
         self.step_s = step_s  # how often tick() runs
         self._locks: dict[DeviceRef, asyncio.Lock] = {}
@@ -130,8 +139,9 @@ class OtaService:
         self._existing: set[DeviceRef] = set()
         self._absent: set[DeviceRef] = set()  # looked up and not registered (until registered here)
         self._firmware_cache: dict[int, Firmware] = {}
-        self._tags_cache: dict[int, dict[str, str]] = {}
-        self._download_grants: dict[tuple[str, str], float] = {}  # (firmware id, device) -> until
+        self._job_cache: dict[int, _JobFacts] = {}
+        self._download_grants: dict[tuple[int, DeviceRef], float] = {}  # (firmware id, device) -> until
+        self._streams: dict[int, tuple[Task, float]] = {}  # stream id (a task id) -> (task, until)
 
     # --------------------------------------------------------------------------------- housekeeping
 
@@ -177,6 +187,9 @@ class OtaService:
         """One device publish on an OTA topic. Never raises: failures are logged with the device."""
         device = topic.device
         if topic.kind is TopicKind.PROGRESS and not self._progress_allowed(device):
+            return
+        if topic.kind is TopicKind.FILE_DOWNLOAD:
+            await self._on_block_request(device, payload)  # reads only: no lock, paced per device
             return
         try:
             async with self._device_lock(device):
@@ -345,7 +358,8 @@ class OtaService:
                     continue
                 saved = stored
                 if saved.state not in DOWNLOADABLE:
-                    self._download_grants.pop((str(saved.firmware_id), str(saved.device)), None)
+                    self._download_grants.pop((saved.firmware_id, saved.device), None)
+                    self._streams.pop(saved.id, None)
                 if decision.note:
                     log.info(
                         "%s: task %d %s -> %s (%s)",
@@ -381,21 +395,118 @@ class OtaService:
         self, task: Task, effect: SendNotice, reply: PullReply | None, now: float
     ) -> tuple[str, bytes]:
         """The topic and payload that carry out `effect`: a push notice, or the answer to a pull."""
-        firmware = self._firmware_cache.get(task.firmware_id)
-        if firmware is None:
-            firmware = self._firmware_cache[task.firmware_id] = await self.repo.get_firmware(task.firmware_id)
-        tags = self._tags_cache.get(task.job_id)
-        if tags is None:
-            job = await self.repo.get_job(task.job_id)
-            tags = self._tags_cache[task.job_id] = dict(job.options.get("tags", {}))
-        url = self.signer.mint(str(firmware.id), str(task.device), now, blob=firmware.sha256)
-        data = messages.notice_data(firmware, url, dict(tags))
+        firmware = await self._firmware(task.firmware_id)
+        job = await self._job_facts(task.job_id)
         device = task.device
+        if job.protocol is DownloadProtocol.MQTT:
+            data = messages.mqtt_notice_data(firmware, task.id, job.tags)  # the stream is the task
+        else:
+            links = [
+                self.signer.mint(resource_of(firmware.id, i), str(device), now, blob=f.sha256)
+                for i, f in enumerate(firmware.package)
+            ]
+            data = messages.notice_data(firmware, links, job.tags)
         if effect.delivery is Delivery.REPLY and reply is not None:
             if reply.kind is TopicKind.FIRMWARE_GET_REPLY:
                 return topic_name(reply.kind, device), messages.get_reply(reply.request_id, data)
             return topic_name(reply.kind, device), messages.push_notice(int(now * 1000), data)
         return topic_name(TopicKind.UPGRADE, device), messages.push_notice(int(now * 1000), data)
+
+    async def _firmware(self, firmware_id: int) -> Firmware:
+        firmware = self._firmware_cache.get(firmware_id)
+        if firmware is None:
+            firmware = self._firmware_cache[firmware_id] = await self.repo.get_firmware(firmware_id)
+        return firmware
+
+    async def _job_facts(self, job_id: int) -> _JobFacts:
+        """What a notice needs of its job (fixed once the job exists)."""
+        facts = self._job_cache.get(job_id)
+        if facts is None:
+            options = (await self.repo.get_job(job_id)).options
+            facts = self._job_cache[job_id] = _JobFacts(
+                dict(options.get("tags", {})),
+                DownloadProtocol(options.get("download_protocol", DownloadProtocol.HTTPS)),
+            )
+        return facts
+
+    # ------------------------------------------------------------------------- firmware over MQTT
+
+    async def _on_block_request(self, device: DeviceRef, payload: bytes) -> None:
+        """A block of a firmware file over MQTT (`thing/file/download`): read from the stored blob and
+        sent on `download_reply`, paced to `mqtt_download_bytes_per_second` per device (the device's
+        connection waits meanwhile); a request that cannot be served gets an error reply (code != 200)
+        and is counted. Never raises."""
+        try:
+            answer, blob = await self._block(device, payload)
+            cost = answer.size if isinstance(answer, blocks.Block) else _REFUSED_BLOCK_COST
+            wait = self.block_pacer.reserve(device, self.clock(), cost)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if isinstance(answer, blocks.Block):
+                assert blob is not None
+                data = await self.store.read(blob, answer.offset, answer.size)
+                if data is not None and len(data) == answer.size:
+                    await self._send_block(device, blocks.reply_frame(answer, data))
+                    return
+                log.error(
+                    "%s: firmware file %s cannot be served over MQTT: the stored blob is damaged",
+                    device,
+                    blob.sha256[:12],
+                    extra=_about(device),
+                )
+                answer = blocks.Rejection(
+                    blocks.ReplyCode.UNAVAILABLE, "the file is not available", answer.request_id
+                )
+            self.reject(device, f"file_download_{answer.code.name.lower()}", answer.msg)
+            await self._send_block(device, blocks.error_frame(answer))
+        except Exception:
+            self.rejected["internal_error"] += 1
+            log.exception("failed to serve a firmware block to %s", device, extra=_about(device))
+
+    async def _block(
+        self, device: DeviceRef, payload: bytes
+    ) -> tuple[blocks.Block | blocks.Rejection, Blob | None]:
+        request = blocks.parse_request(payload)
+        if isinstance(request, blocks.Rejection):
+            return request, None
+        found = await self._stream(request.stream_id)
+        if found is None:
+            return blocks.decide(request, device, None), None
+        task, firmware = found
+        index = request.file_id - blocks.FIRST_FILE_ID
+        package = firmware.package
+        if not 0 <= index < len(package):
+            index = -1  # no such file: decide() says so
+        file = package[index] if index >= 0 else None
+        stream = blocks.StreamFile(
+            request.stream_id, request.file_id if file else -1, file.size if file else 0, task.device
+        )
+        answer = blocks.decide(request, device, stream)
+        return answer, None if file is None else Blob(file.sha256, file.md5, file.size)
+
+    async def _stream(self, stream_id: int) -> tuple[Task, Firmware] | None:
+        """The task whose package stream `stream_id` is (its id), while it may be downloaded over MQTT. A
+        yes is remembered for `DOWNLOAD_GRANT_S`, so a download's thousands of blocks cost few reads; the
+        task's own state change forgets it at once."""
+        now = self.clock()
+        cached = self._streams.get(stream_id)
+        if cached is None or cached[1] <= now:
+            try:
+                task = await self.repo.get_task(stream_id)
+            except NotFound:
+                return None
+            if task.state not in DOWNLOADABLE:
+                return None
+            if len(self._streams) > 100_000:
+                self._streams = {k: v for k, v in self._streams.items() if v[1] > now}
+            cached = self._streams[stream_id] = (task, now + DOWNLOAD_GRANT_S)
+        task = cached[0]
+        if (await self._job_facts(task.job_id)).protocol is not DownloadProtocol.MQTT:
+            return None
+        return task, await self._firmware(task.firmware_id)
+
+    async def _send_block(self, device: DeviceRef, frame: bytes) -> None:
+        await self.channel.send(device, topic_name(TopicKind.FILE_DOWNLOAD_REPLY, device), frame, qos=0)
 
     async def _drive_by_id(self, task_id: int, event: Event) -> None:
         task = await self.repo.get_task(task_id)
@@ -552,6 +663,14 @@ class OtaService:
         return await self.repo.get_job(job_id)
 
     async def _check_firmware_for(self, firmware: Firmware, spec: JobSpec) -> None:
+        if spec.download_protocol is DownloadProtocol.MQTT:
+            too_large = [f for f in firmware.package if f.size > blocks.MAX_FILE_SIZE]
+            if too_large:
+                raise InvalidInput(
+                    "download_protocol",
+                    f"a file of {too_large[0].size} bytes is over the {blocks.MAX_FILE_SIZE}-byte limit of"
+                    " a download over MQTT: use https",
+                )
         if spec.type is JobType.VERIFY:
             if spec.devices is None or not 1 <= len(spec.devices) <= 10:
                 raise InvalidInput("devices", "a verify job names 1 to 10 devices")
@@ -804,33 +923,70 @@ class OtaService:
     # ------------------------------------------------------------------------- download questions
 
     async def resolve_blob(self, resource: str) -> Blob | None:
-        if not resource.isdigit() or len(resource) > 18:
+        """The blob a download link's resource names: a firmware's file (`resource_of`)."""
+        parsed = parse_resource(resource)
+        if parsed is None:
             return None
-        firmware = self._firmware_cache.get(int(resource))
+        firmware_id, index = parsed
+        firmware = self._firmware_cache.get(firmware_id)
         if firmware is None:
-            firmware = await self.repo.find_firmware(int(resource))
+            firmware = await self.repo.find_firmware(firmware_id)
             if firmware is None:
                 return None
             self._firmware_cache[firmware.id] = firmware
-        return Blob(firmware.sha256, firmware.md5, firmware.size)
+        if index >= len(firmware.package):
+            return None
+        file = firmware.package[index]
+        return Blob(file.sha256, file.md5, file.size)
 
     async def may_download(self, resource: str, subject: str) -> bool:
-        """Whether `subject` has a task for firmware `resource` it may download now. A yes is remembered
-        for `DOWNLOAD_GRANT_S`, so the Range requests of one download cost one database read."""
+        """Whether `subject` has a task for the firmware of `resource` it may download now. A yes is
+        remembered for `DOWNLOAD_GRANT_S`, so the Range requests of one download cost one database read."""
         now = self.clock()
-        key = (resource, subject)
-        if self._download_grants.get(key, 0.0) > now:
-            return True
+        parsed = parse_resource(resource)
         try:
             device = DeviceRef.parse(subject)
         except ValueError:
             return False
-        if not (resource.isdigit() and await self.repo.may_download(int(resource), device)):
+        if parsed is None:
+            return False
+        key = (parsed[0], device)
+        if self._download_grants.get(key, 0.0) > now:
+            return True
+        if not await self.repo.may_download(parsed[0], device):
             return False
         if len(self._download_grants) > 100_000:
             self._download_grants = {k: t for k, t in self._download_grants.items() if t > now}
         self._download_grants[key] = now + DOWNLOAD_GRANT_S
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class _JobFacts:
+    tags: dict[str, str]
+    protocol: DownloadProtocol
+
+
+# A refused block request is paced as if it had cost this many bytes (a flood of bad requests waits too).
+_REFUSED_BLOCK_COST = 1024
+_RESOURCE = re.compile(r"([0-9]{1,18})(?:\.([0-9]{1,2}))?")
+
+
+def resource_of(firmware_id: int, index: int) -> str:
+    """The download links' resource for file `index` of a firmware: `<id>` for the first (the only one of
+    a single-file package), `<id>.<index>` for the others."""
+    return str(firmware_id) if index == 0 else f"{firmware_id}.{index}"
+
+
+def parse_resource(resource: str) -> tuple[int, int] | None:
+    """(firmware id, file index) of a resource made by `resource_of`, None for anything else."""
+    match = _RESOURCE.fullmatch(resource)
+    if match is None:
+        return None
+    index = match.group(2)
+    if index is not None and index.startswith("0"):  # `<id>` names file 0; no second spelling of any file
+        return None
+    return int(match.group(1)), int(index or 0)
 
 
 def _about(device: DeviceRef | str) -> dict[str, str]:
@@ -859,6 +1015,8 @@ def _job_options(spec: JobSpec, seed: str) -> dict[str, Any]:
         value = getattr(spec, key)
         if value not in (None, False, 0, 0.0):
             options[key] = value
+    options["download_protocol"] = spec.download_protocol.value
+    options["notify_timeout_minutes"] = spec.notify_timeout_minutes or 0  # 0: never
     if spec.rollout is not None:
         options["rollout"] = {
             "phases": list(spec.rollout.phases),
@@ -870,19 +1028,18 @@ def _job_options(spec: JobSpec, seed: str) -> dict[str, Any]:
 
 
 def _policy(spec: JobSpec) -> TaskPolicy:
-    return TaskPolicy(
-        timeout_s=None if spec.timeout_minutes is None else spec.timeout_minutes * 60,
-        retry_count=spec.retry_count,
-        retry_interval_s=spec.retry_interval_minutes * 60,
-    )
+    return _policy_of(_job_options(spec, ""))
 
 
 def _policy_of(options: dict[str, Any]) -> TaskPolicy:
     timeout = options.get("timeout_minutes")
+    # Jobs created before notified tasks timed out have no such option: they keep never timing out.
+    notify_timeout = float(options.get("notify_timeout_minutes", 0))
     return TaskPolicy(
         timeout_s=None if timeout is None else float(timeout) * 60,
         retry_count=int(options.get("retry_count", 0)),
         retry_interval_s=float(options.get("retry_interval_minutes", 0)) * 60,
+        notify_timeout_s=notify_timeout * 60 if notify_timeout > 0 else None,
     )
 
 

@@ -47,6 +47,7 @@ class OtaConfig:
     max_upload_mb: int = 1024
     progress_per_second: float = 5.0
     progress_burst: int = 20
+    mqtt_download_bytes_per_second: int = 1_048_576
     max_downloads_per_device: int = 2
     http_header_timeout_s: float = 10.0
     tick_seconds: float = 1.0
@@ -92,6 +93,7 @@ class Settings:
     max_upload_bytes: int
     progress_per_second: float
     progress_burst: int
+    mqtt_download_bytes_per_second: int  # firmware served over MQTT, per device
     max_downloads_per_device: int
     http_header_timeout_s: float
     tick_seconds: float
@@ -176,6 +178,7 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         "max_upload_mb",
         "progress_per_second",
         "progress_burst",
+        "mqtt_download_bytes_per_second",
         "max_downloads_per_device",
         "http_header_timeout_s",
         "tick_seconds",
@@ -201,6 +204,7 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         max_upload_bytes=int(cfg.max_upload_mb) * 1024 * 1024,
         progress_per_second=float(cfg.progress_per_second),
         progress_burst=int(cfg.progress_burst),
+        mqtt_download_bytes_per_second=int(cfg.mqtt_download_bytes_per_second),
         max_downloads_per_device=int(cfg.max_downloads_per_device),
         http_header_timeout_s=float(cfg.http_header_timeout_s),
         tick_seconds=float(cfg.tick_seconds),

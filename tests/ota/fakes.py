@@ -34,7 +34,7 @@ class FakeChannel:
     def session_started_at(self, device: DeviceRef) -> float | None:
         return self.sessions.get(device)
 
-    async def send(self, device: DeviceRef, topic: str, payload: bytes) -> bool:
+    async def send(self, device: DeviceRef, topic: str, payload: bytes, qos: int = 1) -> bool:
         if device not in self.sessions:
             return False
         self.sent.append((device, topic, json.loads(payload)))

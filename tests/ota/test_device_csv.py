@@ -24,7 +24,12 @@ def test_rows_become_devices_or_errors_naming_their_lines() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["product_key,device_name", "PRODUCT_KEY,Device_Name", "productKey,deviceName", "product-key, device name"],
+    [
+        "product_key,device_name",
+        "PRODUCT_KEY,Device_Name",
+        "productKey,deviceName",
+        "product-key, device name",
+    ],
 )
 def test_a_header_is_not_a_device(header: str) -> None:
     """A first row naming the columns in any common spelling is a header, not a device."""

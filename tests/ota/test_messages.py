@@ -420,7 +420,7 @@ def test_id_echoed_unchanged_through_get_reply(req_id: str | int) -> None:
 
 def test_notice_data_md5_default_module() -> None:
     """Md5 firmware for the default module: exactly size, version, url, md5, sign=md5, signMethod, extData."""
-    data = notice_data(make_firmware(), URL)
+    data = notice_data(make_firmware(), [URL])
     assert data == {
         "size": len(BLOB),
         "version": "2.0.0",
@@ -435,7 +435,7 @@ def test_notice_data_md5_default_module() -> None:
 
 def test_notice_data_sha256_signs_with_sha256() -> None:
     """SHA256 firmware: signMethod "SHA256", sign is the sha256 and md5 is still present."""
-    data = notice_data(make_firmware(sign_method=SignMethod.SHA256), URL)
+    data = notice_data(make_firmware(sign_method=SignMethod.SHA256), [URL])
     assert data["signMethod"] == "SHA256"
     assert data["sign"] == SHA256
     assert data["md5"] == MD5
@@ -443,14 +443,14 @@ def test_notice_data_sha256_signs_with_sha256() -> None:
 
 def test_notice_data_names_non_default_module() -> None:
     """A firmware for another module names it in `module`."""
-    data = notice_data(make_firmware(module="MCU"), URL)
+    data = notice_data(make_firmware(module="MCU"), [URL])
     assert data["module"] == "MCU"
 
 
 def test_notice_data_is_diff_only_for_differential() -> None:
     """`isDiff: 1` appears for differential packages only."""
-    assert "isDiff" not in notice_data(make_firmware(), URL)
-    data = notice_data(make_firmware(src_version="1.0.0"), URL)
+    assert "isDiff" not in notice_data(make_firmware(), [URL])
+    data = notice_data(make_firmware(src_version="1.0.0"), [URL])
     assert data["isDiff"] == 1
     assert type(data["isDiff"]) is int
 
@@ -458,14 +458,14 @@ def test_notice_data_is_diff_only_for_differential() -> None:
 def test_notice_data_ext_data_is_copied() -> None:
     """extData carries the given mapping, copied so later changes to it do not leak in."""
     ext = {"key": "value"}
-    data = notice_data(make_firmware(), URL, ext)
+    data = notice_data(make_firmware(), [URL], ext)
     ext["key"] = "changed"
     assert data["extData"] == {"key": "value"}
 
 
 def test_push_notice_format() -> None:
     """The push notice is JSON with code "1000" (a string), message "success", an integer id and the data."""
-    data = notice_data(make_firmware(module="MCU", sign_method=SignMethod.SHA256), URL)
+    data = notice_data(make_firmware(module="MCU", sign_method=SignMethod.SHA256), [URL])
     raw = push_notice(1732851000123, data)
     doc = json.loads(raw.decode("utf-8"))
     assert set(doc) == {"code", "message", "id", "data"}
@@ -479,7 +479,7 @@ def test_push_notice_format() -> None:
 
 def test_push_notice_is_utf8_not_escaped() -> None:
     """Non-ASCII text is sent as UTF-8, not as \\u escapes."""
-    raw = push_notice(1, notice_data(make_firmware(version="版本2"), URL))
+    raw = push_notice(1, notice_data(make_firmware(version="版本2"), [URL]))
     assert "版本2".encode() in raw
 
 
@@ -494,7 +494,7 @@ def test_get_reply_echoes_id_unchanged(req_id: str | int) -> None:
 
 def test_get_reply_carries_notice_data() -> None:
     """A pull reply carries the same data as the push notice."""
-    data = notice_data(make_firmware(), URL)
+    data = notice_data(make_firmware(), [URL])
     assert json.loads(get_reply(7, data))["data"] == data
 
 
