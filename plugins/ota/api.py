@@ -36,6 +36,7 @@ from plugins.ota.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.model import (
     DEFAULT_MODULE,
+    MAX_PACKAGE_FILES,
     NOTIFY_TIMEOUT_MINUTES,
     DownloadProtocol,
     Firmware,
@@ -212,6 +213,9 @@ def firmware_view(f: Firmware) -> dict[str, Any]:
         "status": str(f.status),
         "description": f.description,
         "created_at": iso(f.created_at),
+        "files": [
+            {"name": p.name or None, "size": p.size, "md5": p.md5, "sha256": p.sha256} for p in f.package
+        ],
     }
 
 
@@ -476,7 +480,8 @@ async def import_devices(request: web.Request) -> web.Response:
 
 
 async def add_firmware(request: web.Request) -> web.Response:
-    """Multipart upload; the file streams to the store as it arrives, fields may come in any order."""
+    """Multipart upload; each file streams to the store as it arrives, fields may come in any order. One
+    'file' part is a firmware; several (up to 20, each named by its filename) are a multi-file package."""
     if not request.content_type.startswith("multipart/"):
         raise InvalidInput("body", "must be multipart/form-data with a 'file' part")
     service = _service(request)
@@ -485,16 +490,16 @@ async def add_firmware(request: web.Request) -> web.Response:
     except ValueError as e:
         raise InvalidInput("body", f"malformed multipart/form-data: {e}") from e
     fields: dict[str, str] = {}
-    blob: Blob | None = None
+    blobs: list[tuple[str, Blob]] = []  # a package of several files: each 'file' part, in order
     try:
         while (part := await _next_part(reader)) is not None:
             if not isinstance(part, BodyPartReader):
                 raise InvalidInput("body", "nested multipart is not accepted")
             name = part.name or ""
             if name == "file":
-                if blob is not None:
-                    raise InvalidInput("file", "give exactly one file")
-                blob = await _store_stream(service, part)
+                if len(blobs) == MAX_PACKAGE_FILES:
+                    raise InvalidInput("file", f"give at most {MAX_PACKAGE_FILES} files")
+                blobs.append((part.filename or "", await _store_stream(service, part)))
                 continue
             if name in fields:
                 raise InvalidInput(name, "given twice")
@@ -503,11 +508,12 @@ async def add_firmware(request: web.Request) -> web.Response:
                 fields[name] = value.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise InvalidInput(name, "is not UTF-8") from e
-        if blob is None:
+        if not blobs:
             raise InvalidInput("file", "is required")
-        firmware = await service.add_firmware(blob, **_firmware_fields(fields))
+        package = blobs[0][1] if len(blobs) == 1 else blobs
+        firmware = await service.add_firmware(package, **_firmware_fields(fields))
     except BaseException:
-        if blob is not None:
+        for _, blob in blobs:
             await service.discard_upload(blob)
         raise
     return web.json_response(firmware_view(firmware), status=201)

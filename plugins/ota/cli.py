@@ -5,6 +5,7 @@ against `OTA_ADMIN_CACERT`, else `<OTA_DATA_DIR or ./data>/tls/ca.crt` when it e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -299,7 +300,12 @@ def _firmware_table(items: list[dict[str, Any]]) -> None:
 
 @firmware_app.command("add")
 def firmware_add(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            exists=True, dir_okay=False, readable=True, help="One file, or up to 20 for a multi-file package."
+        ),
+    ],
     product_key: Annotated[str, typer.Option("--product-key")],
     version: Annotated[str, typer.Option("--version")],
     module: Annotated[str, typer.Option("--module")] = "default",
@@ -313,7 +319,7 @@ def firmware_add(
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Upload a firmware file; prints its id, size and digests."""
+    """Upload a firmware (one file, or several as one package); prints its id, sizes and digests."""
     data = {
         "product_key": product_key,
         "version": version,
@@ -324,10 +330,11 @@ def firmware_add(
     }
     if src_version:
         data["src_version"] = src_version
-    with file.open("rb") as f:
-        created = Api(admin_url, token).call(
-            "POST", "/firmware", data=data, files={"file": (file.name, f, "application/octet-stream")}
-        )
+    with contextlib.ExitStack() as opened:
+        parts = [
+            ("file", (p.name, opened.enter_context(p.open("rb")), "application/octet-stream")) for p in files
+        ]
+        created = Api(admin_url, token).call("POST", "/firmware", data=data, files=parts)
     if as_json:
         show_json(created)
         return
@@ -335,9 +342,9 @@ def firmware_add(
         f"firmware {created['id']}: {created['product_key']}/{created['module']} {created['version']}",
         highlight=False,
     )
-    console.print(
-        f"  size {created['size']}  md5 {created['md5']}  sha256 {created['sha256']}", highlight=False
-    )
+    for f in created["files"]:
+        name = f"{f['name']}: " if f["name"] else ""
+        console.print(f"  {name}size {f['size']}  md5 {f['md5']}  sha256 {f['sha256']}", highlight=False)
 
 
 @firmware_app.command("list")

@@ -5,6 +5,7 @@ Status enums are `StrEnum`s persisted as their string values.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -74,6 +75,9 @@ class DownloadProtocol(StrEnum):
 NOTIFY_TIMEOUT_MINUTES = 24 * 60.0
 # Aliyun packages hold up to 20 files (LinkSDK v4 parses at most 20).
 MAX_PACKAGE_FILES = 20
+# A file name in a package: what a device writes to its flash, and text LinkSDK's JSON reader must survive.
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FILE_NAME_RULE = "must be 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
 
 class FirmwareStatus(StrEnum):

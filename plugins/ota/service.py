@@ -40,10 +40,14 @@ from plugins.ota.machine import (
 from plugins.ota.model import (
     DEFAULT_MODULE,
     DOWNLOADABLE,
+    FILE_NAME,
+    FILE_NAME_RULE,
+    MAX_PACKAGE_FILES,
     PENDING,
     UNFINISHED,
     DownloadProtocol,
     Firmware,
+    FirmwareFile,
     FirmwareStatus,
     JobSpec,
     JobState,
@@ -574,7 +578,7 @@ class OtaService:
 
     async def add_firmware(
         self,
-        blob: Blob,
+        package: Blob | Sequence[tuple[str, Blob]],
         *,
         product_key: str,
         version: str,
@@ -584,25 +588,44 @@ class OtaService:
         description: str,
         verify: bool = False,
     ) -> Firmware:
-        """Record an uploaded blob as firmware; the caller discards the blob if this raises. Firmware
-        uploaded with `verify` must pass a verify job before batch jobs take it (as Aliyun's NeedToVerify)."""
-        if blob.size == 0:
-            raise InvalidInput("file", "the firmware file is empty")
+        """Record uploaded blobs as firmware: one file, or a package of (file name, blob) in order; the caller
+        discards the blobs if this raises. Firmware uploaded with `verify` must pass a verify job before batch
+        jobs take it (as Aliyun's NeedToVerify)."""
+        files = [("", package)] if isinstance(package, Blob) else list(package)
+        if not 1 <= len(files) <= MAX_PACKAGE_FILES:
+            raise InvalidInput("file", f"give 1 to {MAX_PACKAGE_FILES} files")
+        for name, blob in files:
+            if blob.size == 0:
+                raise InvalidInput("file", f"{name or 'the firmware file'} is empty")
+        if len(files) > 1:
+            for name, _ in files:
+                if not FILE_NAME.fullmatch(name):
+                    raise InvalidInput("file", f"file name {name[:80]!r}: {FILE_NAME_RULE}")
+            if len({name for name, _ in files}) != len(files):
+                raise InvalidInput("file", "the files of a package need different names")
+        main = files[0][1]
         firmware = await self.repo.add_firmware(
             product_key=product_key,
             module=module,
             version=version,
             src_version=src_version,
-            size=blob.size,
-            md5=blob.md5,
-            sha256=blob.sha256,
+            size=main.size,
+            md5=main.md5,
+            sha256=main.sha256,
             sign_method=sign_method,
             description=description,
             now=self.clock(),
             status=FirmwareStatus.UNVERIFIED if verify else FirmwareStatus.NO_VERIFY_NEEDED,
+            files=[FirmwareFile(n, b.size, b.md5, b.sha256) for n, b in files] if len(files) > 1 else (),
         )
         log.info(
-            "firmware %d added: %s/%s %s, %d bytes", firmware.id, product_key, module, version, blob.size
+            "firmware %d added: %s/%s %s, %d file(s), %d bytes",
+            firmware.id,
+            product_key,
+            module,
+            version,
+            len(files),
+            sum(b.size for _, b in files),
         )
         return firmware
 
@@ -617,7 +640,8 @@ class OtaService:
     async def delete_firmware(self, firmware_id: int) -> None:
         firmware = await self.repo.delete_firmware(firmware_id)
         self._firmware_cache.pop(firmware_id, None)
-        await self._drop_blob_if_unused(Blob(firmware.sha256, firmware.md5, firmware.size))
+        for file in firmware.package:
+            await self._drop_blob_if_unused(Blob(file.sha256, file.md5, file.size))
         log.info("firmware %d deleted", firmware_id)
 
     async def create_job(self, spec: JobSpec) -> JobRecord:

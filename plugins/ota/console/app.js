@@ -380,7 +380,7 @@ async function firmwarePage(main, _params, _query, alive) {
   const form = h('form', { class: 'card', id: 'upload-form' },
     h('h2', {}, 'Upload firmware'),
     h('div', { class: 'grid' },
-      field('fw-file', 'Firmware file', h('input', { id: 'fw-file', name: 'file', type: 'file', required: true })),
+      field('fw-file', 'Firmware file(s)', h('input', { id: 'fw-file', name: 'file', type: 'file', multiple: true, required: true, 'aria-describedby': 'fw-file-help' }), 'Several files (up to 20) make one multi-file package.'),
       field('fw-product', 'Product key', h('input', { id: 'fw-product', name: 'product_key', required: true, maxlength: 64 })),
       field('fw-version', 'Version', h('input', { id: 'fw-version', name: 'version', required: true, maxlength: 64 })),
       field('fw-module', 'Module', h('input', { id: 'fw-module', name: 'module', placeholder: 'default', 'aria-describedby': 'fw-module-help' }), 'Empty: the default module.'),
@@ -403,8 +403,7 @@ async function firmwarePage(main, _params, _query, alive) {
     for (const [name, value] of new FormData(form)) {
       if (name !== 'file' && value !== '') data.append(name, value);
     }
-    const file = $('#fw-file').files[0];
-    data.append('file', file, file.name); // the file last: the other fields are read first
+    for (const file of $('#fw-file').files) data.append('file', file, file.name); // the files last, in order
     const button = $('button[type=submit]', form);
     button.disabled = true;
     try {
@@ -438,7 +437,17 @@ function firmwareDetails(fw, heading) {
       h('dt', {}, 'MD5'), h('dd', {}, h('code', { class: 'hash' }, fw.md5)),
       h('dt', {}, 'SHA-256'), h('dd', {}, h('code', { class: 'hash' }, fw.sha256)),
       h('dt', {}, `Sign (${fw.sign_method})`), h('dd', {}, h('code', { class: 'hash' }, fw.sign)),
-      h('dt', {}, 'Status'), h('dd', {}, statusText(fw.status))));
+      h('dt', {}, 'Status'), h('dd', {}, statusText(fw.status))),
+    fw.files.length > 1 ? packageFiles(fw) : null);
+}
+
+function packageFiles(fw) {
+  return h('table', { class: 'files', 'aria-label': `Files of firmware ${fw.id}` },
+    h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'File'), h('th', { scope: 'col' }, 'Size'),
+      h('th', { scope: 'col' }, 'MD5 / SHA-256'))),
+    h('tbody', {}, ...fw.files.map((f) => h('tr', {},
+      h('td', {}, f.name), h('td', { class: 'num' }, bytes(f.size)),
+      h('td', {}, h('code', { class: 'hash' }, f.md5), h('br'), h('code', { class: 'hash' }, f.sha256))))));
 }
 
 function statusText(status) {
@@ -469,7 +478,8 @@ async function renderFirmwareList(main, list) {
       h('td', {}, fw.product_key),
       h('td', {}, fw.module),
       h('td', {}, fw.version, fw.src_version ? ` (from ${fw.src_version})` : ''),
-      h('td', { class: 'num' }, bytes(fw.size)),
+      h('td', { class: 'num' }, fw.files.length > 1
+        ? `${fw.files.length} files, ${bytes(fw.files.reduce((sum, f) => sum + f.size, 0))}` : bytes(fw.size)),
       h('td', {}, h('code', { class: 'hash', title: `MD5 ${fw.md5}` }, fw.md5), h('br'),
         h('code', { class: 'hash', title: `SHA-256 ${fw.sha256}` }, fw.sha256)),
       h('td', {}, statusText(fw.status)),
@@ -540,7 +550,10 @@ async function newJobPage(main, _params, query, alive) {
       h('div', { class: 'grid' },
         field('firmware', 'Firmware', fwSelect),
         field('type', 'Type', typeSelect,
-          'static: the devices matching now; dynamic: also devices that report a matching version later, until cancelled; verify: 1–10 listed devices, all must succeed.'))),
+          'static: the devices matching now; dynamic: also devices that report a matching version later, until cancelled; verify: 1–10 listed devices, all must succeed.'),
+        field('download_protocol', 'Download over', h('select', { id: id('download_protocol'), name: 'download_protocol', 'aria-describedby': `${id('download_protocol')}-help` },
+          h('option', { value: 'https' }, 'HTTPS'), h('option', { value: 'mqtt' }, 'MQTT')),
+          'MQTT: devices with no HTTP stack fetch the firmware in blocks over their MQTT connection (files up to 16 MB).'))),
     h('fieldset', {}, h('legend', {}, 'Targets'),
       h('div', { class: 'grid' },
         field('devices', 'Devices', h('textarea', { id: id('devices'), name: 'devices', rows: 4, 'aria-describedby': `${id('devices')}-help`, spellcheck: 'false' }),
@@ -553,6 +566,7 @@ async function newJobPage(main, _params, query, alive) {
         field('end_at', 'End at', input('end_at', { type: 'datetime-local' }), 'Unfinished tasks are cancelled then.'),
         field('rate_per_minute', 'Notices per minute', input('rate_per_minute', { type: 'number', min: 1, max: 100000, step: 1 }), 'Empty: no limit.'),
         field('timeout_minutes', 'Timeout (minutes)', input('timeout_minutes', { type: 'number', min: 0.001, step: 'any' }), 'No success that long after the first progress report: timed out.'),
+        field('notify_timeout_minutes', 'Notice timeout (minutes)', input('notify_timeout_minutes', { type: 'number', min: 0, max: 43200, step: 'any', placeholder: '1440' }), 'No progress report that long after the notice: timed out. Empty: a day; 0: never.'),
         field('retry_count', 'Retries', input('retry_count', { type: 'number', min: 0, max: 10, step: 1 }), 'A failed task is notified again, up to this many times.'),
         field('retry_interval_minutes', 'Retry after (minutes)', input('retry_interval_minutes', { type: 'number', min: 0, max: 1440, step: 'any' }), ''))),
     h('fieldset', {}, h('legend', {}, 'Phased rollout'),
@@ -617,12 +631,15 @@ function jobSpec(form) {
     if (Number.isNaN(date.getTime())) throw new Error(`${name}: not a valid time`);
     return date.toISOString();
   };
-  const spec = { firmware_id: Number(text('firmware_id')), type: text('type') || 'static' };
+  const spec = {
+    firmware_id: Number(text('firmware_id')), type: text('type') || 'static',
+    download_protocol: text('download_protocol') || 'https',
+  };
   const devices = list('devices');
   if (devices.length) spec.devices = devices;
   const srcVersions = list('src_versions');
   if (srcVersions.length) spec.src_versions = srcVersions;
-  for (const name of ['gray_percent', 'rate_per_minute', 'timeout_minutes', 'retry_count', 'retry_interval_minutes']) {
+  for (const name of ['gray_percent', 'rate_per_minute', 'timeout_minutes', 'notify_timeout_minutes', 'retry_count', 'retry_interval_minutes']) {
     const value = number(name);
     if (value !== undefined) spec[name] = value;
   }
