@@ -36,7 +36,7 @@ from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
-from broker import protocol, session_state
+from broker import keepalive, protocol, session_state
 from broker.sessions import InFlight, SessionStore
 from broker.tls_listeners import TlsListeners
 from broker.topic_index import InvalidTopicFilter, TopicIndex, matching_retained
@@ -75,6 +75,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         self._subscriptions: TopicIndex[Session] = TopicIndex(key=_client_id)
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._connection_ended: dict[str, asyncio.Future[None]] = {}
+        self._pre_connect: dict[str, dict[object, Any]] = {}  # listener -> sockets without a CONNECT yet
         self.delivered_count = 0  # messages handed to subscribers' connections (read by /metrics)
         self.dropped_count = 0  # QoS 0 messages dropped for clients that read too slowly
 
@@ -84,36 +85,81 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         server = self._servers.get(listener_name)
         if not server:
             raise BrokerError(f"Invalid listener name '{listener_name}'")
-        await server.acquire_connection()
+        remote = writer.get_peer_info()
+        if remote is None:
+            await writer.close()
+            return
+        connect = await self._read_connect(listener_name, server, reader, writer, remote)
+        if connect is None:
+            return
+        await server.acquire_connection()  # `max_connections` counts connected clients only
         try:
-            await self._serve(listener_name, reader, writer)
+            await self._serve(listener_name, reader, writer, connect)
         except (AMQTTError, MQTTError, NoDataError, OSError, asyncio.IncompleteReadError) as e:
             log.info("connection ended: %s", e or type(e).__name__)
         finally:
             server.release_connection()  # however the connection ended (amqtt leaked it on OSError)
 
-    async def _serve(self, listener_name: str, reader: Any, writer: Any) -> None:
-        writer = protocol.CoalescingWriter(writer)
-        remote = writer.get_peer_info()
-        if remote is None:
-            await writer.close()
-            return
-        try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager
+    async def _read_connect(
+        self, listener_name: str, server: Any, reader: Any, writer: Any, remote: tuple[str, int]
+    ) -> protocol.Connect | None:
+        """The connection's CONNECT, or None when it was closed instead (after a CONNACK refusing it, or
+        without one for a malformed CONNECT or another first packet, MQTT-3.1.4-1; at once either way).
+
+        Until its CONNECT has arrived a socket is counted apart from the connected clients: a listener
+        with `max_connections` holds at most that many such sockets, and one more closes the oldest, so
+        sockets that never send a CONNECT cannot keep a client out until their `connect_timeout_s`."""
+        waiting = self._pre_connect.setdefault(listener_name, {})
+        limit = server.max_connections
+        if limit > 0 and len(waiting) >= limit:
+            oldest = next(iter(waiting))
+            log.info(
+                "listener %r: %d connections without a CONNECT: closing the oldest", listener_name, limit
             )
-        except (AMQTTError, MQTTError, NoDataError) as e:
-            log.info("no valid CONNECT from %s:%s: %s", remote[0], remote[1], e)
+            protocol.abort(waiting.pop(oldest))
+        token = object()
+        waiting[token] = writer
+        peer = f"{remote[0]}:{remote[1]}"
+        try:
+            return await asyncio.wait_for(protocol.read_connect(reader), keepalive.CONNECT_DEADLINE_S)
+        except protocol.ConnectRefused as e:
+            log.info("refused the CONNECT from %s with return code %d: %s", peer, e.return_code, e)
             with contextlib.suppress(Exception):
-                await writer.close()
-            return
-        if not incoming.client_id:
-            incoming.client_id = gen_client_id()
-        elif "\x00" in incoming.client_id:  # MQTT-1.5.3-2; also keeps `_session_key`'s separator unforgeable
-            log.info("no valid CONNECT from %s:%s: NUL in the client id", remote[0], remote[1])
-            with contextlib.suppress(Exception):
-                await writer.close()
-            return
+                writer.write(protocol.connack(e.return_code))
+                await asyncio.wait_for(writer.drain(), keepalive.CONNECT_DEADLINE_S)
+        except protocol.ProtocolViolation as e:
+            log.info("closing the connection from %s: %s", peer, e)
+        except TimeoutError:
+            log.info(
+                "closing the connection from %s: no CONNECT within %gs", peer, keepalive.CONNECT_DEADLINE_S
+            )
+        except (NoDataError, OSError, asyncio.IncompleteReadError):
+            log.debug("the connection from %s ended before its CONNECT", peer)
+        finally:
+            waiting.pop(token, None)
+        protocol.abort(writer)
+        return None
+
+    def _incoming_session(self, connect: protocol.Connect, writer: Any) -> Session:
+        """amqtt's `Session` for an accepted CONNECT, as amqtt's `init_from_connect` fills it."""
+        session = Session()
+        session.client_id = connect.client_id or gen_client_id()
+        session.clean_session = connect.clean_session
+        will = connect.will
+        session.will_flag = will is not None
+        if will is not None:
+            session.will_topic, session.will_message = will.topic, will.message
+            session.will_qos, session.will_retain = will.qos, will.retain
+        session.username, session.password = connect.username, connect.password
+        session.remote_address, session.remote_port = writer.get_peer_info()
+        session.ssl_object = writer.get_ssl_info()
+        session.keep_alive = keepalive.reader_timeout(connect.keep_alive)
+        return session
+
+    async def _serve(self, listener_name: str, reader: Any, writer: Any, connect: protocol.Connect) -> None:
+        writer = protocol.CoalescingWriter(writer)
+        incoming = self._incoming_session(connect, writer)
+        handler = BrokerProtocolHandler(self.plugins_manager)
         incoming.parent = 0
         started = asyncio.get_running_loop().time()
         if not await self._authenticate(incoming, self.listeners_config[listener_name]):
@@ -235,14 +281,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             return False
         if not session.will_flag:
             return True
-        topic = session.will_topic
-        if isinstance(topic, bytes):
-            try:
-                topic = topic.decode("utf-8")
-            except UnicodeDecodeError:
-                topic = None
-        if not topic or "+" in topic or "#" in topic or topic.startswith("$") or "\x00" in topic:
-            log.warning("refused CONNECT of %r: invalid Will topic %r", _who(session), topic)
+        topic = str(session.will_topic)  # well-formed: `protocol.parse_connect` checked it
+        if topic.startswith("$"):  # the broker's topics (MQTT-4.7.2-1): no client publishes there
+            log.warning("refused CONNECT of %r: Will topic %r is the broker's", _who(session), topic[:128])
             return False
         if not await self._topic_filtering(session, topic=topic, action=Action.PUBLISH):
             log.warning("dropped the Will of %r: it may not publish to %r", _who(session), topic[:128])

@@ -5,7 +5,7 @@ amqtt's reader waits `keep_alive` seconds for the next packet and then does noth
 its Will is never sent. Here the reader waits one and a half keep-alive periods, as the standard says,
 and a timeout closes the connection, which ends the session as an abnormal disconnect (the Will is
 published, the OTA service marks the device offline). A new connection that sends no CONNECT within
-`CONNECT_DEADLINE_S` is closed too, so idle sockets cannot exhaust a listener.
+`CONNECT_DEADLINE_S` is closed too (`broker.hardened` reads the CONNECT with this deadline).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import asyncio
 import logging
 from typing import Any
 
-from amqtt.errors import MQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 log = logging.getLogger("ota.broker")
@@ -24,15 +23,9 @@ CONNECT_DEADLINE_S = 10.0  # a new connection must send its CONNECT within this
 _closing: set[asyncio.Task[Any]] = set()
 
 
-async def _init_from_connect(cls: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        handler, session = await asyncio.wait_for(_ORIGINAL_INIT(cls, *args, **kwargs), CONNECT_DEADLINE_S)
-    except TimeoutError as e:
-        # amqtt closes the socket for an MQTTError here; without a deadline an idle socket is held forever
-        raise MQTTError(f"no CONNECT within {CONNECT_DEADLINE_S:g}s") from e
-    if session.keep_alive > 0:
-        session.keep_alive = session.keep_alive * GRACE  # the reader's timeout for the next packet
-    return handler, session
+def reader_timeout(keep_alive: int) -> float:
+    """How long the reader waits for a client's next packet: 1.5 x its keep-alive (0: forever)."""
+    return keep_alive * GRACE if keep_alive > 0 else 0
 
 
 def _handle_read_timeout(self: Any) -> None:
@@ -48,13 +41,9 @@ def _handle_read_timeout(self: Any) -> None:
         task.add_done_callback(_closing.discard)
 
 
-_ORIGINAL_INIT = BrokerProtocolHandler.init_from_connect.__func__
-
-
 def install() -> None:
     """Enforce keep-alive in every broker of this process (idempotent)."""
     if getattr(BrokerProtocolHandler, "_ota_keepalive", False):
         return
-    BrokerProtocolHandler.init_from_connect = classmethod(_init_from_connect)
     BrokerProtocolHandler.handle_read_timeout = _handle_read_timeout
     BrokerProtocolHandler._ota_keepalive = True

@@ -179,14 +179,155 @@ async def _read_fixed_header(reader: Any) -> tuple[int, int, int] | None:
         first = (await read_or_raise(reader, 1))[0]
     except NoDataError:
         return None
+    return first >> 4, first & 0x0F, await _read_length(reader)
+
+
+async def _read_length(reader: Any) -> int:
     length, multiplier = 0, 1
+    byte: int
     for _ in range(4):
         byte = (await read_or_raise(reader, 1))[0]
         length += (byte & 0x7F) * multiplier
         if not byte & 0x80:
-            return first >> 4, first & 0x0F, length
+            return length
         multiplier *= 128
     raise ProtocolViolation("remaining length longer than 4 bytes [MQTT-2.2.3]")
+
+
+# ------------------------------------------------------------------------------------ the CONNECT
+
+_PACKET_NAMES = {
+    CONNACK: "CONNACK",
+    PUBLISH: "PUBLISH",
+    PUBACK: "PUBACK",
+    PUBREC: "PUBREC",
+    PUBREL: "PUBREL",
+    PUBCOMP: "PUBCOMP",
+    SUBSCRIBE: "SUBSCRIBE",
+    SUBACK: "SUBACK",
+    UNSUBSCRIBE: "UNSUBSCRIBE",
+    UNSUBACK: "UNSUBACK",
+    PINGREQ: "PINGREQ",
+    PINGRESP: "PINGRESP",
+    DISCONNECT: "DISCONNECT",
+}
+PROTOCOL_LEVEL = 4  # MQTT 3.1.1, the only one served (MQTT 3.1's "MQIsdp" and MQTT 5 get return code 1)
+UNACCEPTABLE_PROTOCOL_LEVEL = 1
+IDENTIFIER_REJECTED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    message: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """A CONNECT that passed every check of MQTT 3.1.1 section 3.1."""
+
+    client_id: str  # "" when the client sent none (clean session 1)
+    clean_session: bool
+    keep_alive: int
+    will: Will | None
+    username: str | None
+    password: str | bytes | None  # binary data: text when it is valid UTF-8
+
+
+class ConnectRefused(Exception):
+    """A well-formed CONNECT the broker answers with CONNACK `return_code`, then closes."""
+
+    def __init__(self, return_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.return_code = return_code
+
+
+async def read_connect(reader: Any, limits: Limits | None = None) -> Connect:
+    """The first packet of a connection, which must be a CONNECT (MQTT-3.1.0-1): its fixed header is
+    checked before anything else is read, its remaining length against `max_packet_size`, then it is read
+    whole and decoded from memory. Raises `ProtocolViolation` (close without a CONNACK, MQTT-3.1.4-1),
+    `ConnectRefused` (answer with that return code, then close) or `NoDataError` (EOF)."""
+    limits = limits or LIMITS
+    first = (await read_or_raise(reader, 1))[0]
+    if first >> 4 != CONNECT:
+        name = _PACKET_NAMES.get(first >> 4, f"packet type {first >> 4}")
+        raise ProtocolViolation(f"the first packet is {name}, not CONNECT [MQTT-3.1.0-1]")
+    if first & 0x0F:
+        raise ProtocolViolation(f"CONNECT with reserved flags {first & 0x0F:#x} [MQTT-2.2.2-2]")
+    length = await _read_length(reader)
+    if length > limits.max_packet_size:
+        raise ProtocolViolation(f"CONNECT of {length} bytes, over max_packet_size {limits.max_packet_size}")
+    return parse_connect(await read_or_raise(reader, length))
+
+
+def parse_connect(body: bytes) -> Connect:
+    """Decode and check the body of a CONNECT (after its fixed header)."""
+    name, at = _string(body, 0, "CONNECT protocol name")
+    if name not in ("MQTT", "MQIsdp"):
+        raise ProtocolViolation(f"CONNECT with protocol name {name[:32]!r} [MQTT-3.1.2-1]")
+    if at >= len(body):
+        raise ProtocolViolation("CONNECT without a protocol level")
+    level = body[at]
+    if name != "MQTT" or level != PROTOCOL_LEVEL:  # whatever follows: MQTT 5's properties are not read
+        raise ConnectRefused(
+            UNACCEPTABLE_PROTOCOL_LEVEL, f"protocol {name!r} level {level} is not MQTT 3.1.1 [MQTT-3.1.2-2]"
+        )
+    if at + 4 > len(body):
+        raise ProtocolViolation("CONNECT variable header cut short")
+    flags = body[at + 1]
+    (keep_alive,) = unpack_from("!H", body, at + 2)
+    at += 4
+    will_flag, will_qos = bool(flags & 0x04), (flags >> 3) & 0x3
+    if flags & 0x01:
+        raise ProtocolViolation("CONNECT reserved flag set [MQTT-3.1.2-3]")
+    if not will_flag and will_qos:
+        raise ProtocolViolation("CONNECT Will QoS set without the Will flag [MQTT-3.1.2-13]")
+    if not will_flag and flags & 0x20:
+        raise ProtocolViolation("CONNECT Will retain set without the Will flag [MQTT-3.1.2-15]")
+    if will_qos == 3:
+        raise ProtocolViolation("CONNECT Will QoS 3 [MQTT-3.1.2-14]")
+    if flags & 0x40 and not flags & 0x80:
+        raise ProtocolViolation("CONNECT password flag set without the user name flag [MQTT-3.1.2-22]")
+    client_id, at = _string(body, at, "CONNECT client id")
+    will = None
+    if will_flag:
+        topic, at = _string(body, at, "Will topic")
+        if not topic:
+            raise ProtocolViolation("empty Will topic [MQTT-4.7.3-1]")
+        if "+" in topic or "#" in topic:
+            raise ProtocolViolation(f"Will topic {topic[:64]!r} has a wildcard [MQTT-3.1.2-9, MQTT-4.7.1-1]")
+        message, at = _binary(body, at, "Will message")
+        will = Will(topic, message, will_qos, bool(flags & 0x20))
+    username: str | None = None
+    password: str | bytes | None = None
+    if flags & 0x80:
+        username, at = _string(body, at, "CONNECT user name")
+    if flags & 0x40:
+        raw, at = _binary(body, at, "CONNECT password")
+        try:
+            password = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            password = raw
+    if at != len(body):
+        raise ProtocolViolation(f"CONNECT with {len(body) - at} byte(s) after its payload")
+    if not client_id and not flags & 0x02:
+        raise ConnectRefused(IDENTIFIER_REJECTED, "empty client id with clean session 0 [MQTT-3.1.3-8]")
+    return Connect(client_id, bool(flags & 0x02), keep_alive, will, username, password)
+
+
+def _binary(body: bytes, at: int, what: str) -> tuple[bytes, int]:
+    if at + 2 > len(body):
+        raise ProtocolViolation(f"{what}: truncated length")
+    (n,) = unpack_from("!H", body, at)
+    if at + 2 + n > len(body):
+        raise ProtocolViolation(f"{what}: longer than the packet")
+    return bytes(body[at + 2 : at + 2 + n]), at + 2 + n
+
+
+def connack(return_code: int, session_present: bool = False) -> bytes:
+    return bytes((0x20, 2, 1 if session_present else 0, return_code))
 
 
 async def _read_packet(reader: Any, packet_type: int, flags: int, length: int, limits: Limits) -> Any:
@@ -273,13 +414,28 @@ def end(handler: Any) -> None:
     the reader started, or while it runs): packets the client sent and the reader has not handled yet are
     not handled, and the connection then ends as on EOF (the Will, if any, is published)."""
     handler._ota_ending = True
-    transport = getattr(getattr(handler.writer, "_writer", None), "transport", None)  # asyncio's StreamWriter
+    if handler.writer is not None:
+        abort(handler.writer)
+
+
+def transport_of(writer: Any) -> asyncio.WriteTransport | None:
+    """The socket's transport under one of amqtt's writer adapters (plain or TLS stream, or WebSocket)."""
+    inner = getattr(writer, "_writer", None)  # StreamWriterAdapter's asyncio StreamWriter
+    if inner is not None:
+        return inner.transport  # type: ignore[no-any-return]
+    connection = getattr(writer, "_protocol", None)  # WebSocketsWriter's websockets connection
+    return getattr(connection, "transport", None)
+
+
+def abort(writer: Any) -> None:
+    """Drop a connection at once (no more reads or writes), whatever it is carried on."""
+    transport = transport_of(writer)
     if transport is not None:
         transport.abort()
-    elif handler.writer is not None:  # not a plain stream (websockets)
-        closing = asyncio.ensure_future(handler.writer.close())
-        _closing.add(closing)
-        closing.add_done_callback(_closing.discard)
+        return
+    closing = asyncio.ensure_future(writer.close())
+    _closing.add(closing)
+    closing.add_done_callback(_closing.discard)
 
 
 _closing: set[asyncio.Future[None]] = set()

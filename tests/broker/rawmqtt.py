@@ -87,6 +87,23 @@ def connect(
     return packet(CONNECT, 0, variable + payload)
 
 
+def raw_connect(
+    flags: int,
+    *fields: bytes,
+    name: str | bytes = "MQTT",
+    level: int = 4,
+    keep_alive: int = 60,
+    properties: bytes | None = None,
+    header_flags: int = 0,
+) -> bytes:
+    """A CONNECT with any connect flags and payload `fields` (already encoded: `string(...)`), any protocol
+    name and level; `properties`: an MQTT 5 property block (its length is prefixed here)."""
+    variable = string(name) + bytes([level, flags]) + struct.pack("!H", keep_alive)
+    if properties is not None:
+        variable += encode_length(len(properties)) + properties
+    return packet(CONNECT, header_flags, variable + b"".join(fields))
+
+
 def publish(
     topic: str | bytes,
     payload: bytes = b"",

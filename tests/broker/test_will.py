@@ -1,5 +1,5 @@
-"""Will messages: invalid Will topics are refused at CONNECT, and a Will the client may not publish is
-never sent (amqtt 0.12.1 accepts both)."""
+"""Will messages: malformed Will topics close the connection at CONNECT, a Will on a `$` topic is refused,
+and a Will the client may not publish is never sent (amqtt 0.12.1 accepts all three)."""
 
 from __future__ import annotations
 
@@ -44,10 +44,22 @@ async def connack(port: int, packet: bytes) -> tuple[int, asyncio.StreamWriter]:
     return answer[3], writer
 
 
-@pytest.mark.parametrize("topic", ["/a/#", "/a/+/b", "$SYS/x", ""])
-async def test_invalid_will_topic_is_refused(env: Env, topic: str) -> None:
-    """MQTT-3.1.2-14 / MQTT-4.7.1-1: a Will topic with wildcards, a leading $ or nothing is refused."""
-    rc, writer = await connack(env.mqtt_port, connect_packet("w1", "dev&pk", "x", (topic, b"bye")))
+@pytest.mark.parametrize("topic", ["/a/#", "/a/+/b", "#", ""])
+async def test_malformed_will_topic_closes_without_connack(env: Env, topic: str) -> None:
+    """MQTT-3.1.4-1 / MQTT-4.7.1-1 / MQTT-4.7.3-1: a Will topic with wildcards, or empty, makes the CONNECT
+    malformed: the connection is closed at once, without a CONNACK."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.mqtt_port)
+    try:
+        writer.write(connect_packet("w1", "dev&pk", "x", (topic, b"bye")))
+        assert await asyncio.wait_for(reader.read(4), 2) == b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_will_on_a_dollar_topic_is_refused(env: Env) -> None:
+    """MQTT-4.7.2-1: `$` topics are the broker's, so a Will there is refused with return code 5."""
+    rc, writer = await connack(env.mqtt_port, connect_packet("w1", "dev&pk", "x", ("$SYS/x", b"bye")))
     writer.close()
     await writer.wait_closed()
     assert rc == 5
