@@ -462,3 +462,36 @@ async def test_overview_counts_devices_versions_jobs_and_failures(env: Env) -> N
 async def _offline(env: Env, ref: str) -> bool:
     found = await env.find(f"/devices/{ref}")
     return found is not None and not found["online"]
+
+
+async def test_a_package_and_a_job_over_mqtt_in_the_console(env: Env, page: Any) -> None:
+    """Several files chosen in the upload form make one package, listed as such with each file's digests;
+    the job form sends the download protocol and the notice timeout."""
+    from playwright.async_api import expect
+
+    await reporting(env, "dev1")
+    await page.goto("/")
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.keyboard.press("Enter")
+    await page.get_by_role("link", name="Firmware", exact=True).click()
+    parts = {"app.bin": b"a" * 3000, "dsp.bin": b"d" * 2000}
+    await page.get_by_label("Firmware file(s)").set_input_files(
+        files=[{"name": n, "mimeType": "application/octet-stream", "buffer": b} for n, b in parts.items()]
+    )
+    await page.get_by_label("Product key").fill("pk")
+    await page.get_by_label("Version", exact=True).fill("2.0.0")
+    await page.get_by_role("button", name="Upload").click()
+    files = page.get_by_role("table", name="Files of firmware 1")
+    await expect(files.get_by_role("row", name="dsp.bin")).to_contain_text(
+        hashlib.md5(parts["dsp.bin"]).hexdigest()
+    )
+    await expect(page.get_by_role("table", name="All firmware")).to_contain_text("2 files")
+
+    await page.get_by_role("link", name="New job for firmware 1").click()
+    await page.get_by_label("Devices", exact=True).fill("pk/dev1")
+    await page.get_by_label("Download over").select_option("mqtt")
+    await page.get_by_label("Timeout after the notice (minutes)").fill("30")
+    await page.get_by_role("button", name="Start job").click()
+    await expect(page.get_by_role("heading", name="Job #1")).to_be_visible()
+    options = (await env.api("GET", "/jobs/1", expect=200))["options"]
+    assert (options["download_protocol"], options["notify_timeout_minutes"]) == ("mqtt", 30)

@@ -566,7 +566,7 @@ async function newJobPage(main, _params, query, alive) {
         field('end_at', 'End at', input('end_at', { type: 'datetime-local' }), 'Unfinished tasks are cancelled then.'),
         field('rate_per_minute', 'Notices per minute', input('rate_per_minute', { type: 'number', min: 1, max: 100000, step: 1 }), 'Empty: no limit.'),
         field('timeout_minutes', 'Timeout (minutes)', input('timeout_minutes', { type: 'number', min: 0.001, step: 'any' }), 'No success that long after the first progress report: timed out.'),
-        field('notify_timeout_minutes', 'Notice timeout (minutes)', input('notify_timeout_minutes', { type: 'number', min: 0, max: 43200, step: 'any', placeholder: '1440' }), 'No progress report that long after the notice: timed out. Empty: a day; 0: never.'),
+        field('notify_timeout_minutes', 'Timeout after the notice (minutes)', input('notify_timeout_minutes', { type: 'number', min: 0, max: 43200, step: 'any', placeholder: '1440' }), 'No progress report that long after the notice: timed out. Empty: a day; 0: never.'),
         field('retry_count', 'Retries', input('retry_count', { type: 'number', min: 0, max: 10, step: 1 }), 'A failed task is notified again, up to this many times.'),
         field('retry_interval_minutes', 'Retry after (minutes)', input('retry_interval_minutes', { type: 'number', min: 0, max: 1440, step: 'any' }), ''))),
     h('fieldset', {}, h('legend', {}, 'Phased rollout'),
