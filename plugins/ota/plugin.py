@@ -70,8 +70,8 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         try:
             await self._start()
         except Exception as e:  # amqtt swallows event failures: keep it for the runner to act on
-            self.start_error = e
-            log.critical("the OTA service could not start: %s", e, exc_info=True)
+            self.start_error = e  # `broker.app.start` reports it in one line and exits
+            log.debug("the OTA service could not start: %s", e, exc_info=True)
 
     async def _start(self) -> None:
         s = self.settings
