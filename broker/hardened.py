@@ -8,10 +8,14 @@ offer upstream. Numbers refer to the broker hardening issue; docs/conformance.md
 - Routing (11, and the fleet-scale issue): subscriptions live in a `TopicIndex` (exact topics hashed,
   wildcard filters in a trie), so routing a message costs the same with 10 or 10,000 devices subscribed;
   each subscriber gets one copy at min(publish QoS, granted QoS) (MQTT-3.3.5-1, MQTT-3.8.4-6).
+- CONNECT: `protocol.read_connect` reads and checks it (a malformed one is closed without a CONNACK,
+  another protocol level gets return code 1); until it arrives a socket is counted apart from the
+  listener's `max_connections`, which evicts the oldest such socket rather than keep clients out.
+- Clean sessions end with their connection (MQTT-3.1.2-6): never resumed by a later clean-session-0 one.
 - Retained messages (4): a session gets retained messages only for filters it holds itself, and only those
-  its topic ACL lets it receive (MQTT-3.3.1-6).
-- The Will (5): a CONNECT whose Will topic is empty, has wildcards, starts with `$` or is not valid UTF-8 is
-  refused (MQTT-3.1.2-9/-14, MQTT-4.7.1-1), and a Will on a topic the client may not publish to is dropped
+  its topic ACL lets it receive (MQTT-3.3.1-6); they are kept in SQLite with the sessions.
+- The Will (5): a CONNECT whose Will topic starts with `$` is refused with return code 5 (malformed Will
+  topics never get this far), and a Will on a topic the client may not publish to is dropped
   at CONNECT with a log line, so it is never sent.
 - Queues (8): QoS 1/2 messages for an offline persistent session are kept up to `max_queued_messages`,
   then dropped with a log line; deliveries never wait inline on a client's acknowledgement, and a failed
@@ -539,6 +543,18 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         if session.parent and self._persistent(session):  # a resumed session
             self._store.messages_taken(session.client_id)  # type: ignore[union-attr]
 
+    async def retain_message(
+        self, source_session: Any, topic_name: str | None, data: bytes | None, qos: int | None = None
+    ) -> None:
+        """amqtt's retained-message table, kept in SQLite as well (restored at start)."""
+        await super().retain_message(source_session, topic_name, data, qos)
+        if self._store is None or topic_name is None:
+            return
+        if data:
+            self._store.retain(topic_name, bytes(data), qos or QOS_0)
+        else:  # an empty retained message removes the topic's (MQTT-3.3.1-10)
+            self._store.forget_retained(topic_name)
+
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
     ) -> None:
@@ -564,7 +580,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         if self._store is None:
             return
         saved = await self._store.open()
-        for stored in saved:
+        for topic, payload, qos in saved.retained:
+            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, qos)
+        for stored in saved.sessions:
             handler, session = self.create_offline_session(stored.client_id)
             session.clean_session = False
             session.username = stored.username
@@ -584,8 +602,13 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
                 if sent.received:
                     message.pubrec_packet = PubrecPacket.build(sent.packet_id)
                 session.inflight_out[sent.packet_id] = message
-        if saved:
-            log.info("restored %d persistent MQTT session(s) from %s", len(saved), self._store.path)
+        if saved.sessions or saved.retained:
+            log.info(
+                "restored %d persistent MQTT session(s) and %d retained message(s) from %s",
+                len(saved.sessions),
+                len(saved.retained),
+                self._store.path,
+            )
 
     async def shutdown(self) -> None:
         self._stopping = True

@@ -444,11 +444,14 @@ _closing: set[asyncio.Future[None]] = set()
 # -------------------------------------------------------------------------------------- the fast path
 
 
-def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, dup: bool = False) -> bytes:
-    """A PUBLISH packet (retain 0: a routed message, MQTT-3.3.1-9)."""
+def encode_publish(
+    topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, dup: bool = False, retain: bool = False
+) -> bytes:
+    """A PUBLISH packet; `retain` only for a retained message sent for a new subscription (MQTT-3.3.1-8),
+    a routed message goes out with retain 0 (MQTT-3.3.1-9)."""
     name = topic.encode()
     size = 2 + len(name) + (2 if qos else 0) + len(payload)
-    head = bytearray(((0x30 | (qos << 1) | (0x8 if dup else 0)),))
+    head = bytearray(((0x30 | (qos << 1) | (0x8 if dup else 0) | (0x1 if retain else 0)),))
     while True:
         byte, size = size & 0x7F, size >> 7
         head.append(byte | 0x80 if size else byte)
@@ -719,7 +722,9 @@ async def _outgoing_flow(self: Any, message: Any) -> None:
     packet_id = message.packet_id
     try:
         if message.pubrec_packet is None:
-            again = encode_publish(message.topic, message.data, message.qos, packet_id, dup=True)
+            again = encode_publish(
+                message.topic, message.data, message.qos, packet_id, dup=True, retain=bool(message.retain)
+            )
             write(self, again if message.publish_packet is not None else _first_send(message, again))
             message.pubrec_packet = await _await_ack(self, self._pubrec_waiters, packet_id, again)
         pubrel = _ack(0x62, packet_id)
@@ -736,7 +741,9 @@ async def _outgoing_flow(self: Any, message: Any) -> None:
 def _first_send(message: Any, again: bytes) -> bytes:
     """The first PUBLISH of `message`; marks it sent, so later sends carry DUP (MQTT-3.3.1-1)."""
     message.publish_packet = again
-    return encode_publish(message.topic, message.data, message.qos, message.packet_id)
+    return encode_publish(
+        message.topic, message.data, message.qos, message.packet_id, retain=bool(message.retain)
+    )
 
 
 def send_qos1(handler: Any, topic: str, data: bytes) -> bool:
@@ -766,7 +773,9 @@ def _send_in_window(
     in flight until acknowledged, is sent again with DUP every retry interval, and is left in flight for
     redelivery when the connection ends; then the place is given back and `finished` is set."""
     packet_id = message.packet_id
-    again = encode_publish(message.topic, message.data, QOS_1, packet_id, dup=True)
+    again = encode_publish(
+        message.topic, message.data, QOS_1, packet_id, dup=True, retain=bool(message.retain)
+    )
     session.inflight_out[packet_id] = message
     write(handler, again if message.publish_packet is not None else _first_send(message, again))
     loop = asyncio.get_running_loop()

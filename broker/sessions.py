@@ -1,5 +1,6 @@
 """Persistent MQTT sessions in SQLite: the subscriptions and undelivered QoS 1/2 messages of every client
-that connected with clean session 0, kept across broker restarts in the OTA service's database.
+that connected with clean session 0, and the retained messages, kept across broker restarts in the OTA
+service's database.
 
 amqtt keeps sessions in memory only, so a restart forgot every persistent session and the notices queued
 for offline devices with it. Writes go through one ordered queue and are committed in short batches, so
@@ -9,7 +10,9 @@ What survives what: subscriptions and messages queued for an offline session are
 messages a connected client had not acknowledged are written at a clean shutdown with their packet id
 (and whether a QoS 2 PUBREC came), so after the restart they are sent again as what they are: the same
 message, with DUP set and its original packet id (MQTT-4.4.0-1), never as a new one. After a crash, those
-in-flight messages are lost (amqtt kept none at all), the rest is there.
+in-flight messages are lost (amqtt kept none at all), the rest is there: a retained message (or its
+removal) is written like a queued message, as it happens, so a crash loses at most the batch not yet
+committed, milliseconds' worth.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ CREATE TABLE IF NOT EXISTS mqtt_message (
     received INTEGER NOT NULL DEFAULT 0  -- 1: a QoS 2 message whose PUBREC came (PUBREL is next)
 );
 CREATE INDEX IF NOT EXISTS mqtt_message_client ON mqtt_message(client_id, id);
+CREATE TABLE IF NOT EXISTS mqtt_retained (
+    topic TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL
+);
 """
 
 _BATCH = 500  # statements per transaction at most
@@ -60,6 +68,14 @@ class StoredSession:
     subscriptions: list[tuple[str, int]] = field(default_factory=list)
     messages: list[tuple[str, bytes, int]] = field(default_factory=list)  # topic, payload, qos; in order
     in_flight: list[InFlight] = field(default_factory=list)  # in the order they were first sent
+
+
+@dataclass
+class Saved:
+    """What `SessionStore.open` found: the persistent sessions and the retained messages."""
+
+    sessions: list[StoredSession]
+    retained: list[tuple[str, bytes, int]]  # topic, payload, qos
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +98,8 @@ class SessionStore:
         self._queue: asyncio.Queue[tuple[str, tuple[Any, ...]] | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
-    async def open(self) -> list[StoredSession]:
-        """Open the database and return the sessions saved in it."""
+    async def open(self) -> Saved:
+        """Open the database and return the sessions and retained messages saved in it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(self.path)
         await db.execute("PRAGMA journal_mode=WAL")
@@ -113,8 +129,14 @@ class SessionStore:
                 stored.messages.append((topic, bytes(payload), qos))
             else:
                 stored.in_flight.append(InFlight(packet_id, topic, bytes(payload), qos, bool(received)))
+        retained = [
+            (topic, bytes(payload), qos)
+            for topic, payload, qos in await db.execute_fetchall(
+                "SELECT topic, payload, qos FROM mqtt_retained ORDER BY topic"
+            )
+        ]
         self._writer = asyncio.create_task(self._write_loop())
-        return list(sessions.values())
+        return Saved(list(sessions.values()), retained)
 
     # All writers below only queue the statement: the routing path never waits for SQLite.
 
@@ -165,6 +187,18 @@ class SessionStore:
         """The session's queued and in-flight messages were handed to its new connection (which keeps what
         it has not acknowledged in flight until it does, and writes it again at the next clean stop)."""
         self._put("DELETE FROM mqtt_message WHERE client_id = ?", (client_id,))
+
+    def retain(self, topic: str, payload: bytes, qos: int) -> None:
+        """The retained message of `topic` is now this one."""
+        self._put(
+            "INSERT INTO mqtt_retained (topic, payload, qos) VALUES (?, ?, ?) "
+            "ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos",
+            (topic, bytes(payload), qos),
+        )
+
+    def forget_retained(self, topic: str) -> None:
+        """`topic` has no retained message any more (MQTT-3.3.1-10)."""
+        self._put("DELETE FROM mqtt_retained WHERE topic = ?", (topic,))
 
     def _put(self, sql: str, args: tuple[Any, ...]) -> None:
         if self._writer is not None and not self._writer.done():

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher
 
 from broker import keepalive
 from tests.broker import rawmqtt as mq
@@ -339,3 +340,58 @@ async def test_connect_deadline_still_closes_a_silent_socket(
         await client.send(mq.connect("slow")[:5])
         assert await client.closed(2)
         assert client.skipped == []
+
+
+# --------------------------------------------------------------------------- client ids and identities
+
+
+def _two_accounts(data: Path, tls: Tls) -> dict[str, object]:
+    config = broker_config(data, tls, auth_mode="device-secret")
+    rights = {"publish": ["t/#"], "subscribe": ["t/#"]}
+    config["plugins"]["plugins.device_auth.plugin.DeviceAuthPlugin"] = {
+        "accounts": {
+            "alpha": {"password_hash": PasswordHasher().hash("alpha-pw"), **rights},
+            "beta": {"password_hash": PasswordHasher().hash("beta-pw"), **rights},
+        }
+    }
+    return config
+
+
+@pytest.mark.parametrize("online", [True, False])
+@pytest.mark.parametrize("clean", [True, False])
+async def test_an_account_cannot_take_over_another_accounts_client_id(
+    tmp_path: Path, tls: Tls, online: bool, clean: bool
+) -> None:
+    """MQTT-3.1.4-2 applies within one identity: an account connecting with a client id another account
+    holds (online or with an offline persistent session) gets a session of its own (session-present 0,
+    no subscriptions, no queued messages); the holder keeps its connection, subscription and queue."""
+    client_id, topic = "shared-app-id", "t/alpha"
+    async with started(_two_accounts(tmp_path / "data", tls)) as running:
+        port = running.mqtt_address[1]
+        async with RawClient.open(port) as alpha, RawClient.open(port) as pub:
+            ack = await alpha.connect(client_id, clean=False, username="alpha", password="alpha-pw")
+            assert ack.return_code == 0
+            assert await alpha.subscribe(1, (topic, 1)) == [1]
+            assert (await pub.connect("pub", username="alpha", password="alpha-pw")).return_code == 0
+            if not online:
+                await alpha.send(mq.disconnect())
+                assert await alpha.closed(CLOSE_S)
+                await publish_qos1(pub, topic, b"queued for alpha", 1)
+            async with RawClient.open(port) as beta:
+                ack = await beta.connect(client_id, clean=clean, username="beta", password="beta-pw")
+                assert (ack.return_code, ack.session_present) == (0, False)
+                await publish_qos1(pub, topic, b"for alpha", 2)
+                assert await beta.silent(QUIET_S) is None  # neither alpha's queue nor its subscription
+                if online:
+                    got = await alpha.expect(mq.PUBLISH)  # still connected, still subscribed
+                    assert got.payload == b"for alpha"
+                    await alpha.send(mq.puback(got.packet_id), mq.disconnect())
+                await beta.send(mq.disconnect())
+            if not online:
+                async with RawClient.open(port) as again:
+                    ack = await again.connect(client_id, clean=False, username="alpha", password="alpha-pw")
+                    assert (ack.return_code, ack.session_present) == (0, True)
+                    got = [await again.expect(mq.PUBLISH) for _ in range(2)]
+                    assert [p.payload for p in got] == [b"queued for alpha", b"for alpha"]
+                    await again.send(*(mq.puback(p.packet_id) for p in got), mq.disconnect())
+            await pub.send(mq.disconnect())

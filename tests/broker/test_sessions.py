@@ -199,7 +199,9 @@ async def test_sessions_saved_by_an_older_version_are_restored(tmp_path: Path) -
         )
     store = SessionStore(db)
     try:
-        (saved,) = await store.open()
+        found = await store.open()
     finally:
         await store.close()
+    (saved,) = found.sessions
+    assert found.retained == []
     assert (saved.client_id, saved.messages, saved.in_flight) == ("keeper", [("t", b"\x01", 1)], [])
