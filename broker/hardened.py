@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
 from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_0
@@ -40,7 +41,7 @@ from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
-from broker import keepalive, protocol, session_state
+from broker import keepalive, protocol, session_state, websocket
 from broker.sessions import InFlight, SessionStore
 from broker.tls_listeners import TlsListeners
 from broker.topic_index import InvalidTopicFilter, TopicIndex, matching_retained
@@ -472,13 +473,13 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
     def _send_qos0(self, handler: Any, packet: bytes, topic: str) -> None:
         """QoS 0 goes straight to the socket; a client that reads too slowly loses QoS 0 messages (counted),
         as MQTT allows, rather than growing the broker's memory."""
-        transport = getattr(getattr(handler.writer, "_writer", None), "transport", None)
-        if transport is None:  # not a plain stream (websockets): amqtt's own path
+        transport = protocol.transport_of(handler.writer)
+        if transport is None:  # another kind of writer (amqtt's external listeners): drained per message
             self._deliver(handler, topic, packet, 0, raw=True)
             return
         if transport.is_closing():
             return
-        if transport.get_write_buffer_size() > protocol.LIMITS.max_write_buffer:
+        if protocol.write_buffer_size(handler.writer, transport) > protocol.LIMITS.max_write_buffer:
             self.dropped_count += 1
             if self.dropped_count % 1000 == 1:
                 log.warning(
@@ -571,6 +572,28 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
                 )
 
     # ------------------------------------------------------------------------------- lifecycle
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        if listener_type != ListenerType.WS:
+            return await super()._create_server_instance(
+                listener_name, listener_type, address, port, ssl_context
+            )
+
+        async def connected(reader: websocket.WebSocketReader, writer: websocket.WebSocketWriter) -> None:
+            await self._client_connected(listener_name, reader, writer)
+
+        server = await websocket.serve(connected, address, port, ssl_context)
+        host, bound = next(iter(server.sockets)).getsockname()[:2]
+        scheme = "wss" if ssl_context is not None else "ws"
+        log.info("mqtt over websockets listening on %s://%s:%d%s", scheme, host, bound, websocket.PATH)
+        return server
 
     async def _start_listeners(self) -> None:
         await self._restore_sessions()  # before the first client can connect

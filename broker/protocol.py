@@ -419,12 +419,16 @@ def end(handler: Any) -> None:
 
 
 def transport_of(writer: Any) -> asyncio.WriteTransport | None:
-    """The socket's transport under one of amqtt's writer adapters (plain or TLS stream, or WebSocket)."""
+    """The socket's transport under a writer adapter (plain or TLS stream, or `broker.websocket`'s)."""
     inner = getattr(writer, "_writer", None)  # StreamWriterAdapter's asyncio StreamWriter
     if inner is not None:
         return inner.transport  # type: ignore[no-any-return]
-    connection = getattr(writer, "_protocol", None)  # WebSocketsWriter's websockets connection
-    return getattr(connection, "transport", None)
+    return getattr(writer, "transport", None)
+
+
+def write_buffer_size(writer: Any, transport: asyncio.WriteTransport) -> int:
+    """Bytes written to `writer` and not sent yet."""
+    return transport.get_write_buffer_size() + int(getattr(writer, "pending_bytes", 0))
 
 
 def abort(writer: Any) -> None:

@@ -30,9 +30,11 @@ def test_amqtt_still_has_the_names_tls_listeners_relies_on(name: str, params: li
 
 
 def test_hardened_broker_builds_its_tls_listeners_with_the_product_context() -> None:
-    """HardenedBroker resolves _create_ssl_context and _create_server_instance to TlsListeners'."""
-    for name in ("_create_ssl_context", "_create_server_instance"):
-        assert getattr(HardenedBroker, name) is getattr(TlsListeners, name), name
+    """HardenedBroker resolves _create_ssl_context to TlsListeners' (for TCP and WebSocket listeners), and
+    its own _create_server_instance (WebSocket listeners) hands the others to TlsListeners'."""
+    assert HardenedBroker._create_ssl_context is TlsListeners._create_ssl_context
+    after = super(HardenedBroker, HardenedBroker)
+    assert after._create_server_instance is TlsListeners._create_server_instance  # type: ignore[misc]
 
 
 def test_tls_profile_comes_from_the_ota_plugin_entry() -> None:
