@@ -1,5 +1,6 @@
 """Load the broker configuration: `--config`, else `./config.yaml`, else the built-in defaults; then the
-`OTA_*` environment overrides and the MQTT-over-TLS listener. Fails fast with the key path and reason."""
+`OTA_*` environment overrides and the MQTT-over-TLS and WebSocket listeners. Fails fast with the key path
+and reason."""
 
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ def prepare(
     else:
         parse_bind(str(cfg["listeners"]["default"].get("bind", "")), "listeners.default.bind")
     settings = ota_settings(cfg, env)
-    if settings.mqtts_bind is not None and "tls" not in cfg["listeners"]:
+    listeners = cfg["listeners"]
+    secure = {"tls": ("tcp", settings.mqtts_bind), "wss": ("ws", settings.wss_bind)}
+    if any(bind is not None and name not in listeners for name, (_, bind) in secure.items()):
         if settings.tls_cert and settings.tls_key:
             cert, key = settings.tls_cert, settings.tls_key
         elif dry_run:
@@ -134,13 +137,17 @@ def prepare(
         else:
             files = ensure_tls(settings.data_dir / "tls", settings.public_host, settings.tls_profile)
             cert, key = files.cert, files.key
-        cfg["listeners"]["tls"] = {
-            "type": "tcp",
-            "bind": str(settings.mqtts_bind),
-            "ssl": True,
-            "certfile": str(cert),
-            "keyfile": str(key),
-        }
+        for name, (kind, bind) in secure.items():
+            if bind is not None and name not in listeners:
+                listeners[name] = {
+                    "type": kind,
+                    "bind": str(bind),
+                    "ssl": True,
+                    "certfile": str(cert),
+                    "keyfile": str(key),
+                }
+    if settings.ws_bind is not None and "ws" not in listeners:  # MQTT over WebSockets, at /mqtt
+        listeners["ws"] = {"type": "ws", "bind": str(settings.ws_bind)}
     if not dry_run:
         for warning in warnings(settings):
             log.warning("%s", warning)

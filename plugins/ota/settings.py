@@ -39,6 +39,8 @@ class OtaConfig:
     admin_token: str = ""
     admin_tls: bool = False
     mqtts_bind: str = "0.0.0.0:8883"
+    ws_bind: str = ""
+    wss_bind: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     tls_profile: str = "compatible"
@@ -61,6 +63,8 @@ ENV: Mapping[str, str] = {
     "OTA_DOWNLOAD_OFFLOAD": "download_offload",
     "OTA_ADMIN_BIND": "admin_bind",
     "OTA_MQTTS_BIND": "mqtts_bind",
+    "OTA_WS_BIND": "ws_bind",
+    "OTA_WSS_BIND": "wss_bind",
     "OTA_TLS_PROFILE": "tls_profile",
 }
 
@@ -97,6 +101,8 @@ class Settings:
     max_downloads_per_device: int
     http_header_timeout_s: float
     tick_seconds: float
+    ws_bind: Bind | None = None  # MQTT over WebSockets, off by default
+    wss_bind: Bind | None = None  # MQTT over secure WebSockets, off by default
 
     @property
     def public_host(self) -> str:
@@ -208,4 +214,6 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         max_downloads_per_device=int(cfg.max_downloads_per_device),
         http_header_timeout_s=float(cfg.http_header_timeout_s),
         tick_seconds=float(cfg.tick_seconds),
+        ws_bind=parse_bind(cfg.ws_bind, f"{key}.ws_bind") if cfg.ws_bind.strip() else None,
+        wss_bind=parse_bind(cfg.wss_bind, f"{key}.wss_bind") if cfg.wss_bind.strip() else None,
     )

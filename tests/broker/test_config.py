@@ -69,6 +69,24 @@ def test_empty_mqtts_bind_turns_tls_listener_off(tmp_path: Path) -> None:
     assert "tls" not in cfg["listeners"] and settings.mqtts_bind is None
 
 
+def test_websocket_listeners_are_off_by_default_and_set_by_environment(tmp_path: Path) -> None:
+    """MQTT over WebSockets (OTA_WS_BIND) and secure WebSockets (OTA_WSS_BIND, with the generated
+    certificate) are listeners of amqtt's type ws, added only when their bind is set."""
+    base = {"OTA_DATA_DIR": str(tmp_path / "d"), "OTA_MQTTS_BIND": ""}
+    cfg, settings = prepare(load(None, cwd=tmp_path), base)
+    assert {"ws", "wss"}.isdisjoint(cfg["listeners"]) and (settings.ws_bind, settings.wss_bind) == (
+        None,
+        None,
+    )
+    env = base | {"OTA_WS_BIND": "127.0.0.1:8080", "OTA_WSS_BIND": "127.0.0.1:8084"}
+    cfg, settings = prepare(load(None, cwd=tmp_path), env)
+    assert cfg["listeners"]["ws"] == {"type": "ws", "bind": "127.0.0.1:8080"}
+    wss = cfg["listeners"]["wss"]
+    assert (wss["type"], wss["bind"], wss["ssl"]) == ("ws", "127.0.0.1:8084", True)
+    assert Path(wss["certfile"]).exists() and Path(wss["keyfile"]).exists()
+    assert "tls" not in cfg["listeners"]
+
+
 def test_public_url_port_zero_takes_the_bound_port() -> None:
     """A public URL with port 0 is completed with the port the HTTPS endpoint bound; others stay as given."""
     s = resolve(OtaConfig(public_url="https://127.0.0.1:0"), {})
@@ -88,6 +106,8 @@ def test_public_url_port_zero_takes_the_bound_port() -> None:
         ({"OTA_AUTH_MODE": "whatever"}, "auth_mode"),
         ({"OTA_PUBLIC_URL": "http://insecure:8443"}, "public_url"),
         ({"OTA_MQTTS_BIND": "1.2.3.4"}, "mqtts_bind"),
+        ({"OTA_WS_BIND": "1.2.3.4"}, "ws_bind"),
+        ({"OTA_WSS_BIND": "nonsense:x"}, "wss_bind"),
     ],
 )
 def test_bad_values_fail_with_the_key(tmp_path: Path, env: dict[str, str], key: str) -> None:
