@@ -17,7 +17,7 @@ from typing import Any
 from amqtt.broker import Broker
 from amqtt.events import BrokerEvents
 
-from broker import datadir, limits, logs
+from broker import datadir, logs
 from broker.hardened import HardenedBroker
 from plugins.ota.plugin import OtaPlugin
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, resolve
@@ -84,7 +84,6 @@ async def start(config: dict[str, Any]) -> RunningBroker:
 
     The data folder is checked first (`broker.datadir`), then every TLS certificate and key, so the
     common failures are found before anything is opened at all."""
-    limits.apply(config.get("plugins", {}).get("broker.limits.MqttLimits"))
     data_dir = _data_dir(config)
     try:
         if data_dir is not None:

@@ -1,5 +1,9 @@
 """`HardenedBroker`: amqtt's `Broker` with fixes for what amqtt 0.12.1 leaves open, each small enough to
-offer upstream. Numbers refer to the broker hardening issue; docs/conformance.md lists the tests.
+offer upstream; docs/conformance.md lists the tests. It is extended by subclassing only: each connection
+gets a `broker.handler.StrictHandler` (the strict reader, keep-alive, lossless QoS 1/2 flows) and each
+session is a `broker.session_state.LeanSession`, both built here; amqtt's own classes are left as they are.
+The limits (`broker.limits`) belong to the instance, so brokers in one process may differ. The amqtt
+internals still relied on are listed, and checked, in tests/broker/test_amqtt_internals.py.
 
 - Connections (2, 3, 6): a CONNECT is authenticated before any existing session is looked at, so a refused
   CONNECT reusing a client id changes nothing and its CONNACK says session-present 0; a new connection with
@@ -29,19 +33,21 @@ import contextlib
 import logging
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
-from amqtt.events import BrokerEvents
+from amqtt.events import BrokerEvents, MQTTEvents
 from amqtt.mqtt.constants import QOS_0
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
-from broker import keepalive, protocol, session_state, websocket
+from broker import protocol, websocket
+from broker.handler import StrictHandler, reader_timeout
+from broker.limits import limits_of
+from broker.session_state import LeanSession
 from broker.sessions import InFlight, SessionStore
 from broker.tls_listeners import TlsListeners
 from broker.topic_index import InvalidTopicFilter, TopicIndex, matching_retained
@@ -50,6 +56,7 @@ log = logging.getLogger("ota.broker")
 
 TAKEOVER_WAIT_S = 5.0  # how long a new connection waits for the old one with its client id to end
 _REFUSED = 0x80
+_P = TypeVar("_P")
 
 
 def _client_id(session: Session) -> str:
@@ -71,8 +78,23 @@ def _who(session: Any) -> str:
 
 
 class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
-    def __init__(self, *args: Any, session_db: Path | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    """Every connection gets a `StrictHandler` and every session is a `LeanSession`, both built here.
+    `limits` (default: the configuration's `broker.limits.MqttLimits` entry) belong to this broker."""
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        *args: Any,
+        session_db: Path | None = None,
+        limits: protocol.Limits | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.limits = limits if limits is not None else limits_of(config)
+        super().__init__(config, *args, **kwargs)
+        if self.plugins_manager._event_plugin_callbacks.get(MQTTEvents.PACKET_RECEIVED):
+            log.warning(
+                "a plugin handles on_mqtt_packet_received: this broker reads packets itself and never fires it"
+            )
         self._store = SessionStore(session_db) if session_db is not None else None
         self._stopping = False
         # Read by amqtt and plugins as a mapping: filter -> [(session, qos)]. amqtt's Session is not hashable
@@ -83,6 +105,80 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         self._pre_connect: dict[str, dict[object, Any]] = {}  # listener -> sockets without a CONNECT yet
         self.delivered_count = 0  # messages handed to subscribers' connections (read by /metrics)
         self.dropped_count = 0  # QoS 0 messages dropped for clients that read too slowly
+        for plugin in self.plugins_manager.plugins:  # the plugins' handle on this broker (see "for plugins")
+            bind = getattr(plugin, "bind_broker", None)
+            if callable(bind):
+                bind(self)
+
+    # ------------------------------------------------------------------------------- for plugins
+    #
+    # What a plugin may use of the broker: a plugin that defines `bind_broker(broker)` is given it once
+    # its constructor has run. Nothing else of amqtt's broker, handlers or plugin manager is for plugins.
+
+    def connection(self, client_id: str) -> tuple[LeanSession, StrictHandler] | None:
+        """The session of `client_id` and the handler of its latest connection (connected or not), or None
+        when the broker holds no session for it."""
+        entry: tuple[LeanSession, StrictHandler] | None = self._sessions.get(client_id)
+        return entry
+
+    def is_connected(self, session: Session) -> bool:
+        return bool(session.transitions.state == "connected")
+
+    def is_subscribed(self, session: Session, topic: str) -> bool:
+        """Whether `session` holds a subscription matching `topic`."""
+        return self.subscriber_qos(session, topic) is not None
+
+    def subscriber_qos(self, session: Session, topic: str) -> int | None:
+        """The QoS `session` would receive `topic` at through its own subscriptions, None if none match."""
+        mine = _client_id(session)
+        for subscription in self._subscriptions.match(topic):
+            if _client_id(subscription.subscriber) == mine:
+                return subscription.qos
+        return None
+
+    def deliver(self, session: Session, topic: str, payload: bytes, qos: int) -> bool:
+        """Send `payload` on `topic` to `session`'s connection at `qos`, subscribed or not (QoS 1/2 stay in
+        flight until acknowledged, and are sent again on a reconnect); False when it is not connected."""
+        handler = self._handler_of(session)
+        if handler is None or not self.is_connected(session):
+            return False
+        if qos == 0:
+            self._send_qos0(handler, protocol.encode_publish(topic, payload), topic)
+        elif not (qos == 1 and handler.send_qos1(topic, payload)):
+            self._deliver(handler, topic, payload, qos)
+        return True
+
+    def end_connection(self, handler: StrictHandler) -> None:
+        """Close a client's connection at any point after it authenticated (for plugins: a device disabled,
+        deleted or given a new secret); nothing it sent after this is handled."""
+        handler.end()
+
+    def close_client(self, client_id: str) -> bool:
+        """`end_connection` for the connection of `client_id`; False when it has none open."""
+        entry = self._sessions.get(client_id)
+        if entry is None or not self.is_connected(entry[0]):
+            return False
+        entry[1].end()
+        return True
+
+    def find_plugin(self, kind: type[_P]) -> _P | None:
+        """The first loaded plugin that is a `kind` (a class or a runtime-checkable protocol)."""
+        for plugin in self.plugins_manager.plugins:
+            if isinstance(plugin, kind):
+                return plugin
+        return None
+
+    def create_offline_session(self, client_id: str) -> tuple[StrictHandler, LeanSession]:
+        """A disconnected session (restored from SQLite, or made by a plugin through amqtt's context)."""
+        session = LeanSession()
+        session.client_id = client_id
+        handler = StrictHandler(self.plugins_manager, self, self.limits, session)
+        session.transitions.disconnect()
+        return handler, session
+
+    def _handler_of(self, session: Session) -> StrictHandler | None:
+        handler: StrictHandler | None = self._sessions.get(_client_id(session), (None, None))[1]
+        return handler
 
     # ------------------------------------------------------------------------------- connections
 
@@ -124,20 +220,19 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             protocol.abort(waiting.pop(oldest))
         token = object()
         waiting[token] = writer
+        deadline = self.limits.connect_timeout_s
         peer = f"{remote[0]}:{remote[1]}"
         try:
-            return await asyncio.wait_for(protocol.read_connect(reader), keepalive.CONNECT_DEADLINE_S)
+            return await asyncio.wait_for(protocol.read_connect(reader, self.limits), deadline)
         except protocol.ConnectRefused as e:
             log.info("refused the CONNECT from %s with return code %d: %s", peer, e.return_code, e)
             with contextlib.suppress(Exception):
                 writer.write(protocol.connack(e.return_code))
-                await asyncio.wait_for(writer.drain(), keepalive.CONNECT_DEADLINE_S)
+                await asyncio.wait_for(writer.drain(), deadline)
         except protocol.ProtocolViolation as e:
             log.info("closing the connection from %s: %s", peer, e)
         except TimeoutError:
-            log.info(
-                "closing the connection from %s: no CONNECT within %gs", peer, keepalive.CONNECT_DEADLINE_S
-            )
+            log.info("closing the connection from %s: no CONNECT within %gs", peer, deadline)
         except (NoDataError, OSError, asyncio.IncompleteReadError):
             log.debug("the connection from %s ended before its CONNECT", peer)
         finally:
@@ -145,9 +240,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         protocol.abort(writer)
         return None
 
-    def _incoming_session(self, connect: protocol.Connect, writer: Any) -> Session:
-        """amqtt's `Session` for an accepted CONNECT, as amqtt's `init_from_connect` fills it."""
-        session = Session()
+    def _incoming_session(self, connect: protocol.Connect, writer: Any) -> LeanSession:
+        """The session of an accepted CONNECT, filled as amqtt's `init_from_connect` fills it."""
+        session = LeanSession()
         session.client_id = connect.client_id or gen_client_id()
         session.clean_session = connect.clean_session
         will = connect.will
@@ -158,13 +253,13 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         session.username, session.password = connect.username, connect.password
         session.remote_address, session.remote_port = writer.get_peer_info()
         session.ssl_object = writer.get_ssl_info()
-        session.keep_alive = keepalive.reader_timeout(connect.keep_alive)
+        session.keep_alive = reader_timeout(connect.keep_alive)
         return session
 
     async def _serve(self, listener_name: str, reader: Any, writer: Any, connect: protocol.Connect) -> None:
         writer = protocol.CoalescingWriter(writer)
         incoming = self._incoming_session(connect, writer)
-        handler = BrokerProtocolHandler(self.plugins_manager)
+        handler = StrictHandler(self.plugins_manager, self, self.limits)
         incoming.parent = 0
         started = asyncio.get_running_loop().time()
         if not await self._authenticate(incoming, self.listeners_config[listener_name]):
@@ -184,13 +279,11 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         try:
             session.transitions.connect()
             handler.attach(session, reader, writer)
-            handler._ota_router = self  # the reader hands packets straight to on_publish & co.
-            session_state.lighten(session, handler)
             self._sessions[client_id] = (session, handler)
             await handler.mqtt_connack_authorize(True)
             # What was in flight before this connection is resent when the handler starts; what plugins
             # send from their connected handler (an OTA notice) goes out once, now.
-            handler._ota_resend = list(session.inflight_out.values())
+            handler.resend = list(session.inflight_out.values())
             await self._fire(BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session)
             await handler.start()  # also resends what the session had in flight (MQTT-4.4.0-1)
             self._send_queued(session, handler)
@@ -208,7 +301,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         if live is None or ended is None or live[0].transitions.state != "connected":
             return
         log.info("client %r connected again: closing its older connection", client_id[:96])
-        protocol.end(live[1])
+        live[1].end()
         try:
             await asyncio.wait_for(asyncio.shield(ended), TAKEOVER_WAIT_S)
         except TimeoutError:
@@ -235,7 +328,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         )
         return apart
 
-    def _resume_or_start(self, incoming: Session) -> Session:
+    def _resume_or_start(self, incoming: LeanSession) -> LeanSession:
         client_id = incoming.client_id
         existing = self._sessions.get(client_id)
         # A clean session is never resumed (MQTT-3.1.2-6): a clean-session-0 connection that takes over a
@@ -244,7 +337,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             if existing is not None:
                 self._drop_session(client_id)
             return incoming
-        session: Session = existing[0]
+        session: LeanSession = existing[0]
         for name in (
             "will_flag",
             "will_message",
@@ -328,19 +421,6 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
     async def _del_all_subscriptions(self, session: Session) -> None:
         self._subscriptions.remove_all(session)
 
-    def end_connection(self, handler: Any) -> None:
-        """Close a client's connection at any point after it authenticated (for plugins: a device disabled,
-        deleted or given a new secret); nothing it sent after this is handled."""
-        protocol.end(handler)
-
-    def subscriber_qos(self, session: Session, topic: str) -> int | None:
-        """The QoS `session` would receive `topic` at through its own subscriptions, None if none match."""
-        mine = _client_id(session)
-        for subscription in self._subscriptions.match(topic):
-            if _client_id(subscription.subscriber) == mine:
-                return subscription.qos
-        return None
-
     # ------------------------------------------------------------------------------------ routing
 
     async def on_publish(self, session: Session, topic: str, payload: bytes, qos: int, retain: bool) -> None:
@@ -359,16 +439,6 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         await self._route(topic, payload, qos)
         if retain:
             await self.retain_message(session, topic, payload, qos)
-
-    async def _handle_message_delivery(
-        self, client_session: Session, handler: Any, wait_deliver: Any
-    ) -> bool:
-        """amqtt's queue path (used only when a plugin listens to every packet): routed like the fast path."""
-        message = wait_deliver.result()
-        if message is not None:
-            retain = bool(message.publish_packet and message.publish_packet.retain_flag)
-            await self.on_publish(client_session, message.topic, message.data, message.qos or 0, retain)
-        return True
 
     async def on_subscribe(self, handler: Any, packet: Any) -> None:
         session = handler.session
@@ -391,14 +461,10 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             )
         await handler.mqtt_acknowledge_unsubscription(packet.variable_header.packet_id)
 
-    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
-        if "_ota_router" not in handler.__dict__:
-            await super()._client_message_loop(client_session, handler)
-            return
+    async def _client_message_loop(self, client_session: Session, handler: StrictHandler) -> None:
         # The reader does the work; this task only waits for the end of the connection.
         await handler.wait_disconnect()
-        clean = handler.__dict__.get("_ota_clean_disconnect", False)
-        if not clean and client_session.will_flag:  # MQTT-3.1.2-8: abnormal end, the Will is published
+        if not handler.clean_disconnect and client_session.will_flag:  # MQTT-3.1.2-8: an abnormal end
             await self._route(client_session.will_topic, client_session.will_message, client_session.will_qos)
             if client_session.will_retain:
                 await self.retain_message(
@@ -457,11 +523,11 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
                 if qos and not target.clean_session and not target.is_anonymous:
                     self._queue_offline(target, topic, data, qos)
                 continue
-            handler = self._get_handler(target)
+            handler = self._handler_of(target)
             if handler is None:
                 continue
             if qos:
-                if qos == 1 and protocol.send_qos1(handler, topic, data):
+                if qos == 1 and handler.send_qos1(topic, data):
                     self.delivered_count += 1
                 else:
                     self._deliver(handler, topic, data, qos)  # QoS 2, or queued behind a full window
@@ -479,7 +545,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             return
         if transport.is_closing():
             return
-        if protocol.write_buffer_size(handler.writer, transport) > protocol.LIMITS.max_write_buffer:
+        if protocol.write_buffer_size(handler.writer, transport) > self.limits.max_write_buffer:
             self.dropped_count += 1
             if self.dropped_count % 1000 == 1:
                 log.warning(
@@ -490,11 +556,6 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             return
         handler.writer.write(packet)
         self.delivered_count += 1
-
-    async def _run_broadcast(self, running_tasks: Any) -> None:
-        """amqtt's broadcast queue, for anything still put on it: routed like the rest."""
-        broadcast = await self._broadcast_queue.get()
-        await self._route(broadcast["topic"], broadcast["data"], broadcast.get("qos"))
 
     def _deliver(
         self, handler: Any, topic: str, data: bytes, qos: int, retain: bool = False, raw: bool = False
@@ -521,7 +582,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
 
     def _queue_offline(self, session: Session, topic: str, data: bytes, qos: int) -> None:
         queue = session.retained_messages
-        if queue.qsize() >= protocol.LIMITS.max_queued_messages:
+        if queue.qsize() >= self.limits.max_queued_messages:
             log.warning(
                 "client %r is offline with %d messages queued: message to %r dropped",
                 _who(session),
@@ -562,7 +623,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         topic_filter, qos = subscription
         if topic_filter not in self._subscriptions.filters_of(session):
             return  # another client's filter: not this session's to receive
-        handler = self._get_handler(session)
+        handler = self._handler_of(session)
         if handler is None:
             return
         for _, retained in matching_retained(topic_filter, self._retained_messages):
@@ -589,7 +650,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         async def connected(reader: websocket.WebSocketReader, writer: websocket.WebSocketWriter) -> None:
             await self._client_connected(listener_name, reader, writer)
 
-        server = await websocket.serve(connected, address, port, ssl_context)
+        server = await websocket.serve(connected, address, port, ssl_context, self.limits.max_packet_size)
         host, bound = next(iter(server.sockets)).getsockname()[:2]
         scheme = "wss" if ssl_context is not None else "ws"
         log.info("mqtt over websockets listening on %s://%s:%d%s", scheme, host, bound, websocket.PATH)

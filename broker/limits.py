@@ -1,18 +1,22 @@
-"""`broker.limits.MqttLimits`: the broker's MQTT limits, set in config.yaml's `plugins:` section.
+"""The broker's MQTT limits in config.yaml: the `plugins:` entry `broker.limits.MqttLimits`.
 
 amqtt's own configuration is strict (unknown top-level keys are refused), so the limits travel as a plugin
-entry; `amqtt -c config.yaml` loads it too, and it installs the strict packet reader there as well.
+entry. `HardenedBroker` reads them from its configuration (`limits_of`); each broker has its own, and the
+plugin itself does nothing but carry and check them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from amqtt.broker import BrokerContext
 from amqtt.plugins.base import BasePlugin
 
-from broker import keepalive, protocol, session_state
+from broker.protocol import Limits
+
+PLUGIN_KEY = "broker.limits.MqttLimits"
 
 
 @dataclass
@@ -30,35 +34,31 @@ class LimitsConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise ValueError(
-                    f"broker.limits.MqttLimits: {f.name} must be a positive number, not {value!r}"
-                )
+                raise ValueError(f"{PLUGIN_KEY}: {f.name} must be a positive number, not {value!r}")
 
-    def limits(self) -> protocol.Limits:
-        return protocol.Limits(
+    def limits(self) -> Limits:
+        return Limits(
             max_packet_size=int(self.max_packet_size_kb) * 1024,
             max_inflight_messages=int(self.max_inflight_messages),
             max_queued_messages=int(self.max_queued_messages),
             max_incoming_qos2=int(self.max_incoming_qos2),
             retry_interval_s=float(self.retry_interval_s),
+            connect_timeout_s=float(self.connect_timeout_s),
         )
 
 
-def apply(config: LimitsConfig | dict[str, Any] | None) -> protocol.Limits:
-    """Install the keep-alive rules and the strict reader with these limits (for every broker in the process)."""
-    if not isinstance(config, LimitsConfig):
-        config = LimitsConfig(**(config or {}))
-    limits = config.limits()
-    keepalive.install()
-    keepalive.CONNECT_DEADLINE_S = float(config.connect_timeout_s)
-    protocol.install(limits)
-    session_state.install()
-    return limits
+def limits_of(config: Any) -> Limits:
+    """The limits in an amqtt configuration (a mapping, or amqtt's `BrokerConfig`); defaults without an
+    entry. Raises ValueError (or TypeError for an unknown key) for a bad entry."""
+    plugins = config.get("plugins") if isinstance(config, Mapping) else getattr(config, "plugins", None)
+    entry = (plugins or {}).get(PLUGIN_KEY) if isinstance(plugins, Mapping) else None
+    if isinstance(entry, LimitsConfig):
+        return entry.limits()
+    return LimitsConfig(**(entry or {})).limits()
 
 
 class MqttLimits(BasePlugin[BrokerContext]):  # type: ignore[misc]
-    Config = LimitsConfig
+    """The config.yaml entry of the limits: amqtt checks it against `LimitsConfig` when it loads the
+    plugins; `HardenedBroker` applies it to itself."""
 
-    def __init__(self, context: BrokerContext) -> None:
-        super().__init__(context)
-        apply(self.config)
+    Config = LimitsConfig

@@ -1,13 +1,14 @@
-"""Lighter per-connection state for amqtt's `Session` and protocol handler.
+"""`LeanSession`: amqtt's `Session` subclassed, with a lighter state and the broker's own per-session state
+(the broker builds every session as one; amqtt's own class is left as it is).
 
 amqtt gives every session its own `transitions.Machine` (three states, five transitions), built anew per
-connection: about 40 % of the broker's CPU in a connect storm and several KB per connected client. This
-class offers what amqtt and ota-broker use of it, `state`, `connect()`, `disconnect()` and
+connection: about 40 % of the broker's CPU in a connect storm and several KB per connected client.
+`SessionState` offers what amqtt and ota-broker use of it, `state`, `connect()`, `disconnect()` and
 `is_connected()`, with the same rules (connecting a connected session raises `MachineError`) and the same
 callbacks (`_on_enter_connected`, `_on_enter_disconnected`).
 
 amqtt also gives every connection four `asyncio.Queue`s (about 3 KB each: three deques and an Event). The
-broker's fast path routes in the reader and never uses three of them (`NoQueue` stands in), and a session's
+broker's reader routes packets itself and never uses three of them (`NoQueue` stands in), and a session's
 offline queue is a `LightQueue`, one deque made on first use.
 """
 
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amqtt.session import Session
 from transitions import MachineError
+
+if TYPE_CHECKING:
+    from broker.protocol import Window
 
 
 class SessionState:
@@ -100,26 +104,18 @@ class NoQueue:
 NO_QUEUE = NoQueue()
 
 
-def lighten(session: Any, handler: Any) -> None:
-    """Drop the queues a fast-path connection never uses (amqtt's queue path is off for it)."""
-    session.delivered_message_queue = NO_QUEUE
-    handler._pending_subscriptions = NO_QUEUE
-    handler._pending_unsubscriptions = NO_QUEUE
+class LeanSession(Session):  # type: ignore[misc]
+    """A session of `HardenedBroker`: amqtt's fields, the light state and queues, and the broker's own."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.retained_messages = LightQueue()  # messages queued while offline
+        self.delivered_message_queue = NO_QUEUE  # the reader routes what the client publishes
+        # Loop time from which this login's credentials were read (for plugins: credentials changed while
+        # the client logged in); None until it authenticated.
+        self.authenticated_since: float | None = None
+        self.window: Window | None = None  # outgoing QoS 1/2 in flight, made on first use
+        self.waiting = 0  # outgoing QoS 1/2 messages waiting for a place in the window
 
-_original_init = Session.__init__
-
-
-def _session_init(self: Any) -> None:
-    _original_init(self)
-    self.retained_messages = LightQueue()
-
-
-def _init_states(self: Any) -> None:
-    self.transitions = SessionState(self)
-
-
-def install() -> None:
-    """Give every `Session` created from now on the light state machine and offline queue (idempotent)."""
-    Session._init_states = _init_states
-    Session.__init__ = _session_init
+    def _init_states(self) -> None:
+        self.transitions = SessionState(self)

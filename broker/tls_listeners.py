@@ -5,7 +5,7 @@ client certificate asked for) and serves it with `asyncio.start_server(ssl=...)`
 handshake vanishes without a trace. `TlsListeners` replaces both for TCP listeners: the context comes
 from `firmware_store.tls.server_context` (the same one the HTTPS endpoints use), and the handshake runs
 in `firmware_store.tls.tls_acceptor`, which logs each failure (rate-limited) with the peer and reason.
-The two amqtt names overridden here are checked by tests/broker/test_tls_listeners.py.
+The two amqtt names overridden here are checked by tests/broker/test_amqtt_internals.py.
 """
 
 from __future__ import annotations

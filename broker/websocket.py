@@ -25,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from broker.protocol import LIMITS, ProtocolViolation
+from broker.protocol import ProtocolViolation
 
 log = logging.getLogger("ota.broker")
 
@@ -138,8 +138,10 @@ async def serve(
     address: str | None,
     port: int,
     ssl_context: ssl.SSLContext | None,
+    max_packet_size: int,
 ) -> Server:
-    """A WebSocket listener handing each MQTT connection to `connected`."""
+    """A WebSocket listener handing each MQTT connection to `connected` (frames up to `max_packet_size`
+    and a fixed header, and at least 1 MiB)."""
 
     async def handler(connection: ServerConnection) -> None:
         # websockets refuses (400) a handshake that does not offer the "mqtt" subprotocol
@@ -152,6 +154,6 @@ async def serve(
         ssl=ssl_context,
         subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
         process_request=_only_mqtt,
-        max_size=max(LIMITS.max_packet_size + _FIXED_HEADER_MAX, 1024 * 1024),
+        max_size=max(max_packet_size + _FIXED_HEADER_MAX, 1024 * 1024),
         logger=_HandshakeLog(logging.getLogger("ota.broker.websocket"), {}),
     )

@@ -21,7 +21,6 @@ import pytest
 from argon2 import PasswordHasher
 
 from broker import app as broker_app
-from broker import protocol
 from tests.broker import rawmqtt as mq
 from tests.broker.rawmqtt import RawClient
 from tests.support import Env, Tls, broker_config, eventually
@@ -85,9 +84,10 @@ async def started(config: dict[str, Any]) -> AsyncIterator[broker_app.RunningBro
         await running.stop()
 
 
-def use_limits(monkeypatch: pytest.MonkeyPatch, **changes: Any) -> None:
-    """Change the broker's limits for this test (read by the broker at use; restored afterwards)."""
-    monkeypatch.setattr(protocol, "LIMITS", dataclasses.replace(protocol.LIMITS, **changes))
+def use_limits(env: Env, **changes: Any) -> None:
+    """Change the limits of this test's broker, for the connections it accepts from now on."""
+    broker = env.running.broker
+    broker.limits = dataclasses.replace(broker.limits, **changes)
 
 
 async def publish_qos1(client: RawClient, topic: str, payload: bytes, packet_id: int) -> None:
@@ -413,12 +413,10 @@ async def test_clean_reconnect_discards_the_session(env: Env) -> None:
             assert await client.silent(QUIET_S) is None
 
 
-async def test_unacknowledged_publish_is_resent_while_connected(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_unacknowledged_publish_is_resent_while_connected(env: Env) -> None:
     """MQTT-4.4.0-1: a QoS 1 PUBLISH not acknowledged within retry_interval_s is sent again with DUP and
     the same packet id, and no more once acknowledged [item 7]."""
-    use_limits(monkeypatch, retry_interval_s=0.3)
+    use_limits(env, retry_interval_s=0.3)
     async with RawClient.open(env.mqtt_port) as client, RawClient.open(env.mqtt_port) as pub:
         await client.connect("retry")
         assert await client.subscribe(1, ("t/r", 1)) == [1]
@@ -435,10 +433,10 @@ async def test_unacknowledged_publish_is_resent_while_connected(
             assert await client.silent(0.7) is None
 
 
-async def test_at_most_max_inflight_messages_in_flight(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_at_most_max_inflight_messages_in_flight(env: Env) -> None:
     """MQTT-4.6.0-2 / MQTT-4.6.0-3: with max_inflight_messages 2, at most two QoS 1 messages await a PUBACK;
     the rest follow as they are acknowledged, all in publish order [item 7]."""
-    use_limits(monkeypatch, max_inflight_messages=2)
+    use_limits(env, max_inflight_messages=2)
     async with RawClient.open(env.mqtt_port) as client, RawClient.open(env.mqtt_port) as pub:
         await client.connect("window")
         assert await client.subscribe(1, ("t/w", 1)) == [1]
@@ -455,12 +453,10 @@ async def test_at_most_max_inflight_messages_in_flight(env: Env, monkeypatch: py
         assert not any(p.dup for p in received)
 
 
-async def test_offline_queue_is_bounded(
-    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_offline_queue_is_bounded(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     """MQTT-3.1.2-5: an offline persistent session keeps at most max_queued_messages (3) messages; later
     ones are dropped with a log line [item 8]."""
-    use_limits(monkeypatch, max_queued_messages=3)
+    use_limits(env, max_queued_messages=3)
     await _offline_session(env.mqtt_port, "q1", "t/q")
     async with RawClient.open(env.mqtt_port) as pub:
         await pub.connect("q1-pub")

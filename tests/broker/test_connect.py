@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,6 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from broker import keepalive
 from tests.broker import rawmqtt as mq
 from tests.broker.rawmqtt import RawClient
 from tests.broker.test_conformance import (
@@ -335,7 +335,8 @@ async def test_connect_deadline_still_closes_a_silent_socket(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A socket that sends part of a CONNECT and then nothing is closed at connect_timeout_s."""
-    monkeypatch.setattr(keepalive, "CONNECT_DEADLINE_S", 0.5)
+    broker = env.running.broker
+    monkeypatch.setattr(broker, "limits", dataclasses.replace(broker.limits, connect_timeout_s=0.5))
     async with RawClient.open(env.mqtt_port) as client:
         await client.send(mq.connect("slow")[:5])
         assert await client.closed(2)

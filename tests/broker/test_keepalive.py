@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
 import time
 
 import pytest
 
-from broker import keepalive
 from tests.support import Env, eventually
 
 
@@ -97,7 +97,8 @@ async def test_dead_device_goes_offline_and_its_will_is_published(env: Env) -> N
 
 async def test_connection_without_connect_is_closed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """An idle socket that never sends CONNECT is closed after the deadline; the listener still serves."""
-    monkeypatch.setattr(keepalive, "CONNECT_DEADLINE_S", 0.5)
+    broker = env.running.broker
+    monkeypatch.setattr(broker, "limits", dataclasses.replace(broker.limits, connect_timeout_s=0.5))
     reader, writer = await asyncio.open_connection("127.0.0.1", env.mqtt_port)
     try:
         started = time.monotonic()

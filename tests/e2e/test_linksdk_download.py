@@ -13,7 +13,6 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from broker import app as broker_app
-from broker import limits
 from broker.hardened import HardenedBroker
 from plugins.ota.blocks import Block, Rejection, StreamFile, decide, error_frame, parse_request, reply_frame
 from plugins.ota.topics import DeviceRef
@@ -40,7 +39,6 @@ class Bare:
 @pytest.fixture
 async def env() -> AsyncIterator[Bare]:
     """No OTA service answers `thing/file/download` here: only the scripted server does."""
-    limits.apply(None)  # what `broker.app.start` does before building the broker
     broker = HardenedBroker(
         {
             "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},

@@ -1,0 +1,445 @@
+"""`StrictHandler`: the broker side of one MQTT connection, amqtt's `BrokerProtocolHandler` subclassed (the
+broker builds one per connection; amqtt's own class is left as it is).
+
+The reader (`_reader_loop`) reads each packet whole by its remaining length, up to the broker's
+`max_packet_size`, checks it against MQTT 3.1.1 (`broker.protocol`) and hands it to the broker, its
+`Router`, in its own task: a message is routed before its PUBACK/PUBCOMP is sent (no queue, no task per
+packet), so a client that disconnects right after publishing loses nothing it was told was received. A
+violation closes the connection with one log line (MQTT-4.8.0-1), never a traceback.
+
+Keep-alive (MQTT-3.1.2-24): the reader waits one and a half keep-alive periods for the next packet (the
+broker sets the session's `keep_alive` to that, `reader_timeout`), then closes the connection, which ends
+the session as an abnormal disconnect (the Will is published). amqtt waited and did nothing.
+
+Outgoing QoS 1/2 messages stay in the session's in-flight table until they are acknowledged: amqtt
+dropped them after a hard-coded 5 s, and on a disconnect, so an OTA notice in flight was lost. Here an
+unacknowledged PUBLISH is sent again with DUP set every `retry_interval_s` while the client stays connected,
+and on the reconnect of a persistent session (MQTT-4.4.0-1); at most `max_inflight_messages` are in flight
+per session, and a client that stops acknowledging cannot make the broker queue more than
+`max_queued_messages` behind them.
+
+The amqtt names this class overrides, calls or writes are listed in tests/broker/test_amqtt_internals.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from amqtt.adapters import BufferReader
+from amqtt.codecs_amqtt import read_or_raise
+from amqtt.errors import NoDataError
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.packet import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.manager import PluginManager
+from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage
+
+from broker.protocol import (
+    PINGRESP_PACKET,
+    Limits,
+    ProtocolViolation,
+    QueueFull,
+    Window,
+    abort,
+    ack,
+    check_body,
+    check_header,
+    check_publish,
+    encode_publish,
+    read_fixed_header,
+)
+from broker.session_state import NO_QUEUE, LeanSession
+
+log = logging.getLogger("ota.broker")
+
+GRACE = 1.5  # the reader waits GRACE x keep-alive for a client's next packet (MQTT-3.1.2-24)
+
+
+def reader_timeout(keep_alive: int) -> float:
+    """How long the reader waits for a client's next packet: 1.5 x its keep-alive (0: forever)."""
+    return keep_alive * GRACE if keep_alive > 0 else 0
+
+
+class Router(Protocol):
+    """What the reader hands packets to (the broker)."""
+
+    async def on_publish(self, session: Any, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
+
+    async def on_subscribe(self, handler: Any, packet: Any) -> None: ...
+
+    async def on_unsubscribe(self, handler: Any, packet: Any) -> None: ...
+
+
+class ConnectionEnded(Exception):
+    """The connection of a flow ended; its message stays in the session's in-flight table."""
+
+
+_RETRY = object()
+
+
+def _time_to_retry(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_RETRY)
+
+
+class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    def __init__(
+        self, plugins_manager: PluginManager[Any], router: Router, limits: Limits, session: Any = None
+    ) -> None:
+        super().__init__(plugins_manager, session)
+        self.router = router
+        self.limits = limits
+        self.ending = False  # `end` was called: nothing more the client sent is handled
+        self.clean_disconnect = False  # the client sent DISCONNECT (its Will is not published)
+        self.resend: list[OutgoingApplicationMessage] | None = None  # in flight before this connection
+        self._closed: asyncio.Future[None] | None = None
+        self._flows: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        # The reader routes SUBSCRIBE and UNSUBSCRIBE itself: amqtt's two queues for them are never used.
+        self._pending_subscriptions = NO_QUEUE
+        self._pending_unsubscriptions = NO_QUEUE
+
+    # ------------------------------------------------------------------------------------ the reader
+
+    async def _reader_loop(self) -> None:
+        session = self.session
+        assert session is not None
+        assert self._reader_ready is not None
+        who = str(session.client_id)[:96]
+        timeout = session.keep_alive if session.keep_alive > 0 else None
+        self._reader_ready.set()
+        try:
+            while self.reader is not None and not self.ending:
+                try:
+                    header = await asyncio.wait_for(read_fixed_header(self.reader), timeout)
+                except TimeoutError:
+                    self.handle_read_timeout()
+                    continue
+                if header is None or self.ending:
+                    break  # EOF, or `end` was called: what the client sent after that is not handled
+                await self._handle(*header)
+        except asyncio.CancelledError:
+            pass
+        except ProtocolViolation as e:
+            log.warning("closing the connection of %r: %s", who, e)
+        except NoDataError:
+            log.debug("client %r: connection closed in the middle of a packet", who)
+        except (OSError, asyncio.IncompleteReadError) as e:
+            log.debug("client %r: connection lost: %s", who, e)
+        except Exception as e:  # amqtt's decoders raise many kinds; none may leave a traceback per client
+            log.warning("closing the connection of %r: undecodable packet (%s: %s)", who, type(e).__name__, e)
+        finally:
+            await self.handle_connection_closed()
+            self._reader_stopped.set()
+            await self.stop()
+
+    async def _handle(self, packet_type: int, flags: int, length: int) -> None:
+        limits = self.limits
+        check_header(packet_type, flags, length, limits)
+        body = await read_or_raise(self.reader, length) if length else b""
+        session = self.session
+        if packet_type == PUBLISH:
+            topic, packet_id, at = check_publish(flags, body)
+            qos, retain = (flags >> 1) & 0x3, bool(flags & 0x1)
+            if qos < QOS_2:
+                await self.router.on_publish(session, topic, body[at:], qos, retain)
+                if qos:
+                    self.write(ack(0x40, packet_id))  # PUBACK once routed
+                return
+            if packet_id not in session.inflight_in:  # else a DUP: PUBREC again, route once (MQTT-4.3.3)
+                if len(session.inflight_in) >= limits.max_incoming_qos2:
+                    raise ProtocolViolation(
+                        f"more than max_incoming_qos2 ({limits.max_incoming_qos2}) QoS 2 messages unreleased"
+                    )
+                session.inflight_in[packet_id] = IncomingApplicationMessage(
+                    packet_id, topic, QOS_2, body[at:], retain
+                )
+            self.write(ack(0x50, packet_id))
+            return
+        check_body(packet_type, flags, body)
+        if packet_type in (PUBACK, PUBREC, PUBCOMP):
+            packet_id = (body[0] << 8) | body[1]
+            waiters = (
+                self._puback_waiters
+                if packet_type == PUBACK
+                else self._pubrec_waiters
+                if packet_type == PUBREC
+                else self._pubcomp_waiters
+            )
+            waiter = waiters.get(packet_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(packet_id)
+        elif packet_type == PUBREL:
+            packet_id = (body[0] << 8) | body[1]
+            message = session.inflight_in.pop(packet_id, None)
+            if message is not None:
+                await self.router.on_publish(session, message.topic, message.data, QOS_2, message.retain)
+            self.write(ack(0x70, packet_id))  # PUBCOMP, also for an id already released
+        elif packet_type == PINGREQ:
+            self.write(PINGRESP_PACKET)
+        elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
+            fixed = MQTTFixedHeader(packet_type, flags, length)
+            packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
+            if packet_type == SUBSCRIBE:
+                await self.router.on_subscribe(self, packet)
+            else:
+                await self.router.on_unsubscribe(self, packet)
+        elif packet_type == DISCONNECT:
+            self.clean_disconnect = True
+            await self.handle_disconnect(DisconnectPacket())
+
+    def handle_read_timeout(self) -> None:
+        """Nothing from the client for 1.5 x its keep-alive: close (EOF ends the reader and the session)."""
+        session = self.session
+        log.info(
+            "client %r sent nothing for %gs (1.5 x keep-alive): closing its connection",
+            str(session.client_id)[:96] if session else "?",
+            session.keep_alive if session else 0,
+        )
+        if self.writer is not None:
+            self._track(asyncio.ensure_future(self.writer.close()))
+
+    # ----------------------------------------------------------------------------- the connection
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes on the connection without waiting (each write is whole, so writes never interleave)."""
+        writer = self.writer
+        if writer is not None:
+            writer.write(data)
+
+    def end(self) -> None:
+        """Close the connection now, at any point after its CONNECT was read (before the CONNACK, before the
+        reader started, or while it runs): packets the client sent and the reader has not handled yet are
+        not handled, and the connection then ends as on EOF (the Will, if any, is published)."""
+        self.ending = True
+        if self.writer is not None:
+            abort(self.writer)
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Done once the connection has stopped."""
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        return self._closed
+
+    async def stop(self) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        for task in list(self._flows):
+            task.cancel()
+        await super().stop()
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------- outgoing QoS 1 and 2 flows
+
+    def _window(self) -> Window:
+        session: LeanSession = self.session
+        if session.window is None:
+            session.window = Window(self.limits.max_inflight_messages)
+        return session.window
+
+    async def _handle_qos1_message_flow(self, message: Any) -> None:
+        if message.direction == OUTGOING:
+            await self._outgoing_flow(message)
+        else:
+            await super()._handle_qos1_message_flow(message)
+
+    async def _handle_qos2_message_flow(self, message: Any) -> None:
+        if message.direction == OUTGOING:
+            await self._outgoing_flow(message)
+        else:
+            await super()._handle_qos2_message_flow(message)
+
+    async def _retry_deliveries(self) -> None:
+        """On (re)connect, send unacknowledged messages again in their order, without holding up the
+        connection: each flow runs on its own until acknowledged or the connection ends (MQTT-4.4.0-1)."""
+        session = self.session
+        pending = self.resend  # what the broker saw in flight before this connection
+        if pending is None:
+            pending = list(session.inflight_out.values())  # in the order they were first sent
+        if not pending:
+            return
+        log.info(
+            "client %r: resending %d unacknowledged message(s)", str(session.client_id)[:96], len(pending)
+        )
+        for message in pending:
+            task = asyncio.create_task(self._outgoing_flow(message))
+            self._flows.add(task)
+            task.add_done_callback(self._flow_done)
+
+    def _flow_done(self, task: asyncio.Task[None]) -> None:
+        self._flows.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("redelivery ended: %s", task.exception())
+
+    def _who(self) -> str:
+        return str(getattr(self.session, "client_id", "?"))[:96]
+
+    async def _await_ack(self, waiters: dict[int, asyncio.Future[Any]], packet_id: int, resend: bytes) -> Any:
+        """Wait for the acknowledgement of `packet_id`, sending `resend` again every retry interval."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if self.closed.done():
+                    raise ConnectionEnded
+                waiter: asyncio.Future[Any] = loop.create_future()
+                waiters[packet_id] = waiter  # amqtt's stop() cancels every waiter of the connection
+                timer = loop.call_later(self.limits.retry_interval_s, _time_to_retry, waiter)
+                try:
+                    result = await waiter
+                except asyncio.CancelledError:
+                    if waiter.cancelled():
+                        raise ConnectionEnded from None
+                    raise
+                finally:
+                    timer.cancel()
+                if result is not _RETRY:
+                    return result
+                log.info("client %r: packet %d not acknowledged, sending it again", self._who(), packet_id)
+                self.write(resend)
+        finally:
+            waiters.pop(packet_id, None)
+
+    async def _acquire(self, window: Window) -> None:
+        """A place in the session's in-flight window, or `ConnectionEnded` if the connection goes first."""
+        session: LeanSession = self.session
+        if window.take():
+            return
+        if session.waiting >= self.limits.max_queued_messages:
+            raise QueueFull(f"client {str(session.client_id)[:96]!r}: outgoing queue full")
+        session.waiting += 1
+        place: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        window.waiters.append(place)
+        closed: asyncio.Future[Any] = self.closed
+        try:
+            await asyncio.wait({place, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            session.waiting -= 1
+            if not place.done():
+                place.cancel()  # give() skips it
+        if place.cancelled():
+            raise ConnectionEnded
+        if closed.done():
+            window.give()
+            raise ConnectionEnded
+
+    async def _outgoing_flow(self, message: Any) -> None:
+        """QoS 1/2 PUBLISH to a client: the message leaves the session's in-flight table only when it is
+        acknowledged; a disconnect leaves it there for redelivery with DUP (MQTT-4.4.0-1)."""
+        session = self.session
+        window = self._window()
+        try:
+            await self._acquire(window)
+        except ConnectionEnded:
+            session.inflight_out.setdefault(message.packet_id, message)  # redelivered on reconnect
+            return
+        if message.qos == QOS_1:
+            finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._send_in_window(window, message, finished)  # gives the place back itself
+            await finished
+            return
+        session.inflight_out[message.packet_id] = message
+        packet_id = message.packet_id
+        try:
+            if message.pubrec_packet is None:
+                again = encode_publish(
+                    message.topic, message.data, message.qos, packet_id, dup=True, retain=bool(message.retain)
+                )
+                self.write(again if message.publish_packet is not None else _first_send(message, again))
+                message.pubrec_packet = await self._await_ack(self._pubrec_waiters, packet_id, again)
+            pubrel = ack(0x62, packet_id)
+            message.pubrel_packet = pubrel
+            self.write(pubrel)
+            message.pubcomp_packet = await self._await_ack(self._pubcomp_waiters, packet_id, pubrel)
+            session.inflight_out.pop(message.packet_id, None)
+        except ConnectionEnded:
+            pass  # stays in flight: sent again when the session reconnects
+        finally:
+            window.give()
+
+    def send_qos1(self, topic: str, data: bytes) -> bool:
+        """Send a QoS 1 PUBLISH at once when the session's window has room, without a task per message;
+        False (nothing done) when the caller must queue it through `mqtt_publish` instead."""
+        session = self.session
+        if session is None or self.closed.done():
+            return False
+        window = self._window()
+        if not window.take():
+            return False
+        try:
+            packet_id = session.next_packet_id
+        except Exception:
+            window.give()
+            return False
+        self._send_in_window(window, OutgoingApplicationMessage(packet_id, topic, QOS_1, data, False))
+        return True
+
+    def _send_in_window(
+        self, window: Window, message: Any, finished: asyncio.Future[None] | None = None
+    ) -> None:
+        """Send a QoS 1 message holding a place in the window, and follow its PUBACK with callbacks: it
+        stays in flight until acknowledged, is sent again with DUP every retry interval, and is left in
+        flight for redelivery when the connection ends; then the place is given back and `finished` is set."""
+        session = self.session
+        packet_id = message.packet_id
+        again = encode_publish(
+            message.topic, message.data, QOS_1, packet_id, dup=True, retain=bool(message.retain)
+        )
+        session.inflight_out[packet_id] = message
+        self.write(again if message.publish_packet is not None else _first_send(message, again))
+        loop = asyncio.get_running_loop()
+        waiters = self._puback_waiters
+        retry_s = self.limits.retry_interval_s
+
+        def wait() -> None:
+            waiter: asyncio.Future[Any] = loop.create_future()
+            waiters[packet_id] = waiter  # amqtt's stop() cancels it when the connection ends
+            timer = loop.call_later(retry_s, _time_to_retry, waiter)
+
+            def done(answer: asyncio.Future[Any]) -> None:
+                timer.cancel()
+                if waiters.get(packet_id) is answer:
+                    del waiters[packet_id]
+                retry = not answer.cancelled() and answer.result() is _RETRY
+                if retry and not self.closed.done():
+                    log.info(
+                        "client %r: packet %d not acknowledged, sending it again", self._who(), packet_id
+                    )
+                    self.write(again)
+                    wait()  # keeps its place in the window
+                    return
+                if not answer.cancelled() and not retry:
+                    session.inflight_out.pop(packet_id, None)  # acknowledged
+                window.give()  # else it stays in flight: sent again when the session reconnects
+                if finished is not None and not finished.done():
+                    finished.set_result(None)
+
+            waiter.add_done_callback(done)
+
+        wait()
+
+
+def _first_send(message: Any, again: bytes) -> bytes:
+    """The first PUBLISH of `message`; marks it sent, so later sends carry DUP (MQTT-3.3.1-1)."""
+    message.publish_packet = again
+    return encode_publish(
+        message.topic, message.data, message.qos, message.packet_id, retain=bool(message.retain)
+    )
