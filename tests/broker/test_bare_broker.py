@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from amqtt.broker import BrokerContext
+from amqtt.plugins.base import BasePlugin
 
 from broker import app as broker_app
 from broker.hardened import HardenedBroker
 from broker.limits import PLUGIN_KEY
 from tests.broker import rawmqtt as mq
 from tests.broker.rawmqtt import RawClient
+from tests.support import eventually
 
 ANONYMOUS = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
 
@@ -110,3 +113,49 @@ async def test_bare_broker_limits_come_from_its_config() -> None:
     assert (second.limits.max_inflight_messages, second.limits.connect_timeout_s) == (20, 10.0)
     third = HardenedBroker(bare_config(), limits=first.limits)
     assert third.limits is first.limits
+
+
+class Probe(BasePlugin[BrokerContext]):  # type: ignore[misc]
+    """A plugin that keeps the broker it is bound to."""
+
+    def __init__(self, context: BrokerContext) -> None:
+        super().__init__(context)
+        self.broker: HardenedBroker | None = None
+
+    def bind_broker(self, broker: HardenedBroker) -> None:
+        self.broker = broker
+
+
+async def test_plugins_get_the_broker_and_its_public_interface() -> None:
+    """A plugin with `bind_broker` gets the broker, which finds sessions, tells whether a session is
+    subscribed, delivers to a session subscribed or not at the QoS asked, and closes a client."""
+    config = bare_config()
+    config["plugins"][f"{__name__}.Probe"] = {}
+    broker = HardenedBroker(config)
+    probe = broker.find_plugin(Probe)
+    assert probe is not None and probe.broker is broker
+    await broker.start()
+    try:
+        bound = broker_app._bound(broker, "default")
+        assert bound is not None
+        async with RawClient.open(bound[1]) as client:
+            await client.connect("c1")
+            assert await client.subscribe(1, ("sub/+", 0)) == [0]
+            entry = broker.connection("c1")
+            assert entry is not None and broker.is_connected(entry[0])
+            session = entry[0]
+            assert broker.is_subscribed(session, "sub/x") and not broker.is_subscribed(session, "other")
+            assert broker.deliver(session, "other", b"q1", 1)  # not subscribed: delivered anyway
+            got = await _receive(client, 1)
+            assert (got.topic, got.payload) == ("other", b"q1")
+            assert broker.deliver(session, "other", b"q2", 2)
+            assert (await _receive(client, 2)).payload == b"q2"
+            assert broker.deliver(session, "other", b"q0", 0)
+            assert (await _receive(client, 0)).payload == b"q0"
+            assert broker.connection("nobody") is None and not broker.close_client("nobody")
+            assert broker.close_client("c1")
+            assert await client.closed()
+        await eventually(lambda: broker.connection("c1") is None, what="the clean session to end")
+        assert not broker.deliver(session, "other", b"late", 1)  # its connection has ended
+    finally:
+        await broker.shutdown()
