@@ -141,8 +141,8 @@ def test_bad_files_fail_with_the_key(tmp_path: Path, text: str, key: str) -> Non
         prepare(load(path), {"OTA_DATA_DIR": str(tmp_path)})
 
 
-async def test_stock_amqtt_loads_the_repo_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`amqtt -c config.yaml` works: amqtt's own loader accepts the file and instantiates the OTA plugin."""
+async def test_repo_config_keeps_amqtts_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.yaml keeps amqtt's format: amqtt's own loader accepts the file and instantiates the OTA plugin."""
     monkeypatch.setenv("OTA_DATA_DIR", str(tmp_path))
     broker = Broker(yaml.safe_load((REPO / "config.yaml").read_text()))
     plugin = broker.plugins_manager.get_plugin("OtaPlugin")
