@@ -148,6 +148,12 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             self._deliver(handler, topic, payload, qos)
         return True
 
+    def pending(self, session: LeanSession) -> list[tuple[str, bytes]]:
+        """(topic, payload) of what `session` has in flight (unacknowledged) or queued (while offline),
+        oldest first; a message there is sent again on its own (a second copy would be a duplicate)."""
+        held = [*session.inflight_out.values(), *session.retained_messages]
+        return [(str(message.topic), bytes(message.data)) for message in held]
+
     def end_connection(self, handler: StrictHandler) -> None:
         """Close a client's connection at any point after it authenticated (for plugins: a device disabled,
         deleted or given a new secret); nothing it sent after this is handled."""

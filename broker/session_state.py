@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from amqtt.session import Session
@@ -62,6 +63,10 @@ class LightQueue:
 
     def qsize(self) -> int:
         return len(self._items) if self._items else 0
+
+    def __iter__(self) -> Iterator[Any]:
+        """The queued items, oldest first (without taking them)."""
+        return iter(self._items or ())
 
     def empty(self) -> bool:
         return not self._items

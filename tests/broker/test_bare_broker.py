@@ -128,7 +128,8 @@ class Probe(BasePlugin[BrokerContext]):  # type: ignore[misc]
 
 async def test_plugins_get_the_broker_and_its_public_interface() -> None:
     """A plugin with `bind_broker` gets the broker, which finds sessions, tells whether a session is
-    subscribed, delivers to a session subscribed or not at the QoS asked, and closes a client."""
+    subscribed, delivers to a session subscribed or not at the QoS asked, lists what the session holds
+    unacknowledged, and closes a client."""
     config = bare_config()
     config["plugins"][f"{__name__}.Probe"] = {}
     broker = HardenedBroker(config)
@@ -146,7 +147,10 @@ async def test_plugins_get_the_broker_and_its_public_interface() -> None:
             session = entry[0]
             assert broker.is_subscribed(session, "sub/x") and not broker.is_subscribed(session, "other")
             assert broker.deliver(session, "other", b"q1", 1)  # not subscribed: delivered anyway
-            got = await _receive(client, 1)
+            got = await client.expect(mq.PUBLISH)
+            assert broker.pending(session) == [("other", b"q1")]  # in flight until acknowledged
+            await client.send(mq.puback(got.packet_id))
+            await eventually(lambda: not broker.pending(session), what="the PUBACK to be handled")
             assert (got.topic, got.payload) == ("other", b"q1")
             assert broker.deliver(session, "other", b"q2", 2)
             assert (await _receive(client, 2)).payload == b"q2"
