@@ -60,7 +60,7 @@ from rich.live import Live
 from rich.table import Table
 
 from plugins.device_auth.signing import login_for
-from plugins.ota.topics import DeviceRef, InvalidDeviceRef
+from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef
 
 log = logging.getLogger("ota.simulator")
 

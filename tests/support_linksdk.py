@@ -48,7 +48,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from plugins.device_auth.signing import login_for
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 from tests.support import Device, eventually
 
 DEFAULT_REQUEST_SIZE = 5 * 1024  # MQTT_DOWNLOAD_DEFAULT_REQUEST_SIZE

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from plugins.ota.machine import mermaid_diagram
+from plugins.ota.core.machine import mermaid_diagram
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from plugins.ota.topics import SERVER_TO_DEVICE, DeviceRef, filter_matches, topic_name
+from plugins.ota.core.topics import SERVER_TO_DEVICE, DeviceRef, filter_matches, topic_name
 
 
 def _namespaces(device: DeviceRef) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from plugins.device_auth import acl
 from plugins.device_auth.signing import CredentialsError, DeviceCredentials, Refusal, verify
 from plugins.device_auth.throttle import WINDOW_S, LoginThrottle
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
 log = logging.getLogger("ota.auth")
 

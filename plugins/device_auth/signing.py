@@ -15,7 +15,7 @@ import hmac
 from dataclasses import dataclass
 from enum import StrEnum
 
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
 SIGN_METHODS = {"hmacmd5": hashlib.md5, "hmacsha1": hashlib.sha1, "hmacsha256": hashlib.sha256}
 

@@ -27,19 +27,19 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from firmware_store import Blob, BlobTooLarge
 from firmware_store.server import BodyStalled
-from plugins.ota import machine
-from plugins.ota.credentials import secret_problem
-from plugins.ota.errors import Conflict, InvalidInput, NotFound, OtaError
-from plugins.ota.messages import MAX_VERSION_LEN
-from plugins.ota.messages import MODULE_PATTERN as _MODULE
-from plugins.ota.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from plugins.ota.metrics import OtaMetrics
-from plugins.ota.model import (
+from plugins.ota.core import machine
+from plugins.ota.core.credentials import secret_problem
+from plugins.ota.core.errors import Conflict, InvalidInput, NotFound, OtaError
+from plugins.ota.core.messages import MAX_VERSION_LEN
+from plugins.ota.core.messages import MODULE_PATTERN as _MODULE
+from plugins.ota.core.model import (
     DEFAULT_MODULE,
     MAX_PACKAGE_FILES,
     NOTIFY_TIMEOUT_MINUTES,
+    DeviceRecord,
     DownloadProtocol,
     Firmware,
+    JobRecord,
     JobSpec,
     JobState,
     JobType,
@@ -48,10 +48,11 @@ from plugins.ota.model import (
     Task,
     TaskState,
 )
+from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef
+from plugins.ota.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from plugins.ota.metrics import OtaMetrics
 from plugins.ota.openapi import OPENAPI
-from plugins.ota.repository import DeviceRecord, JobRecord
 from plugins.ota.service import OtaService
-from plugins.ota.topics import DeviceRef, InvalidDeviceRef
 
 log = logging.getLogger("ota.api")
 
@@ -237,7 +238,7 @@ def job_view(j: JobRecord, now: float) -> dict[str, Any]:
         "success_rate": round(succeeded / finished, 4) if finished else None,
         "throughput_per_minute": round(succeeded / minutes, 2) if now >= started else 0.0,
         "current_phase": j.current_group + 1,
-        "options": {k: v for k, v in j.options.items() if k not in ("seed", "acknowledged_failures")},
+        "options": j.options.public(),
         "schedule_at": iso(j.schedule_at),
         "end_at": iso(j.end_at),
         "created_at": iso(j.created_at),
@@ -454,7 +455,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
 
 
 async def import_devices(request: web.Request) -> web.Response:
-    """CSV body `product_key,device_name[,device_secret]` (plugins.ota.device_csv), read whole; answers the
+    """CSV body `product_key,device_name[,device_secret]` (plugins.ota.core.device_csv), read whole; answers the
     rows read, the created devices with their secrets, how many existed, and every refused line. The
     devices are created in one transaction."""
     if request.content_type not in ("text/csv", "text/plain"):

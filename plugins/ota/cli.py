@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from plugins.device_auth.signing import login_for
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -31,8 +31,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from firmware_store.server import DownloadStats
-from plugins.ota.model import TaskState
-from plugins.ota.topics import SERVER_TO_DEVICE, TopicKind
+from plugins.ota.core.model import TaskState
+from plugins.ota.core.topics import SERVER_TO_DEVICE, TopicKind
 
 __all__ = ["CONTENT_TYPE", "MESSAGE_KINDS", "OtaMetrics", "Sources", "message_kind"]
 

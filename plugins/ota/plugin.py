@@ -24,12 +24,13 @@ from firmware_store import FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls, write_private
 from plugins.ota.api import admin_app
-from plugins.ota.messages import same_notice
+from plugins.ota.core.messages import same_notice
+from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, filter_matches
 from plugins.ota.metrics import OtaMetrics
-from plugins.ota.repository import Repository
 from plugins.ota.service import OtaService
 from plugins.ota.settings import OtaConfig, Settings, resolve
-from plugins.ota.topics import DeviceRef, InvalidDeviceRef, OtaTopic, filter_matches
+from plugins.ota.store.repository import Repository
+from plugins.ota.store.sqlite import SqliteRepository
 
 log = logging.getLogger("ota.plugin")
 
@@ -81,7 +82,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             if s.tls_cert and s.tls_key
             else ensure_tls(s.data_dir / "tls", s.public_host, s.tls_profile)
         )
-        repo = Repository(s.data_dir / "ota.db")
+        repo = SqliteRepository(s.data_dir / "ota.db")
         repo.observe = self.metrics.observe_db
         await repo.open()
         self._repo = repo

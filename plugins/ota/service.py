@@ -16,15 +16,15 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from firmware_store import Blob, FirmwareStore, LinkSigner
-from plugins.ota import blocks, machine, messages
-from plugins.ota.device_csv import parse_devices
-from plugins.ota.errors import Conflict, InvalidInput, NotFound
-from plugins.ota.limits import RateLimiter
-from plugins.ota.machine import (
+from plugins.ota.core import blocks, machine, messages
+from plugins.ota.core.credentials import new_device_secret
+from plugins.ota.core.device_csv import parse_devices
+from plugins.ota.core.errors import Conflict, InvalidInput, NotFound
+from plugins.ota.core.machine import (
     CancelRequested,
     Confirmed,
     Delivery,
@@ -37,7 +37,7 @@ from plugins.ota.machine import (
     Ticked,
     VersionReported,
 )
-from plugins.ota.model import (
+from plugins.ota.core.model import (
     DEFAULT_MODULE,
     DOWNLOADABLE,
     FILE_NAME,
@@ -45,20 +45,23 @@ from plugins.ota.model import (
     MAX_PACKAGE_FILES,
     PENDING,
     UNFINISHED,
+    DeviceRecord,
     DownloadProtocol,
     Firmware,
     FirmwareFile,
     FirmwareStatus,
+    JobOptions,
+    JobRecord,
     JobSpec,
     JobState,
     JobType,
-    Rollout,
     SignMethod,
     Task,
     TaskState,
 )
-from plugins.ota.repository import DeviceRecord, JobRecord, Repository, TaskPolicy, new_device_secret
-from plugins.ota.topics import DeviceRef, OtaTopic, TopicKind, topic_name
+from plugins.ota.core.rate_limits import RateLimiter
+from plugins.ota.core.topics import DeviceRef, OtaTopic, TopicKind, topic_name
+from plugins.ota.store.repository import Repository
 
 log = logging.getLogger("ota.service")
 
@@ -427,10 +430,7 @@ class OtaService:
         facts = self._job_cache.get(job_id)
         if facts is None:
             options = (await self.repo.get_job(job_id)).options
-            facts = self._job_cache[job_id] = _JobFacts(
-                dict(options.get("tags", {})),
-                DownloadProtocol(options.get("download_protocol", DownloadProtocol.HTTPS)),
-            )
+            facts = self._job_cache[job_id] = _JobFacts(dict(options.tags), options.download_protocol)
         return facts
 
     # ------------------------------------------------------------------------- firmware over MQTT
@@ -561,7 +561,7 @@ class OtaService:
         await self.channel.disconnect(device)
 
     async def import_devices(self, text: str) -> ImportResult:
-        """Register devices from CSV rows `product_key,device_name[,device_secret]` (plugins.ota.device_csv)."""
+        """Register devices from CSV rows `product_key,device_name[,device_secret]` (plugins.ota.core.device_csv)."""
         parsed = parse_devices(text)
         errors = parsed.errors
         rows = [(r.device, r.secret or new_device_secret()) for r in parsed.devices]
@@ -664,13 +664,13 @@ class OtaService:
         if not planned and spec.type is not JobType.DYNAMIC:
             raise InvalidInput("devices", "no device matches the job")
         now = self.clock()
-        options = _job_options(spec, seed)
+        options = JobOptions.of(spec, seed)
         job_id = await self.repo.create_job(
             firmware,
             spec.type,
             options,
             planned,
-            _policy(spec),
+            options.policy,
             now,
             schedule_at=spec.schedule_at,
             end_at=spec.end_at,
@@ -750,7 +750,7 @@ class OtaService:
         """May this queued task be notified now, outside its job's dispatcher (see the core's rule)?"""
         job = await self.repo.get_job(task.job_id)
         state = machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=self.clock())
-        paced = bool(job.options.get("rate_per_minute"))
+        paced = bool(job.options.rate_per_minute)
         return machine.may_notify_queued(state, task.group_no, job.current_group, paced=paced, pulled=pulled)
 
     async def _advance_job_by_id(self, job_id: int) -> None:
@@ -766,13 +766,13 @@ class OtaService:
         if job.end_at is not None and now >= job.end_at:
             await self._end_job(job, now)
             return
-        rollout = _rollout(job.options)
+        rollout = job.options.rollout
         if rollout is not None:
             decision = machine.rollout_step(
                 rollout,
                 job.current_group,
                 await self.repo.group_counts(job.id),
-                int(job.options.get("acknowledged_failures", 0)),
+                job.options.acknowledged_failures,
             )
             if decision.pause_reason is not None:
                 await self.repo.update_job(
@@ -795,7 +795,7 @@ class OtaService:
         await self._finish_job(await self.repo.get_job(job.id), now)
 
     async def _dispatch(self, job: JobRecord, now: float) -> None:
-        rate = job.options.get("rate_per_minute")
+        rate = job.options.rate_per_minute
         pacer = None
         if rate:
             # At most one step's worth at a time: smooth, and no burst when a job, a phase or the process starts.
@@ -841,7 +841,7 @@ class OtaService:
             firmware = await self.repo.get_firmware(job.firmware_id)
             if firmware.product_key != device.product_key or firmware.module != module:
                 continue
-            listed = job.options.get("devices")
+            listed = job.options.devices
             if listed is not None and str(device) not in listed:
                 continue  # a dynamic job with a device list takes only those devices
             if await self.repo.job_task_of_device(job.id, device) is not None:
@@ -850,14 +850,14 @@ class OtaService:
             planned = machine.plan_tasks(
                 firmware,
                 [candidate],
-                src_versions=job.options.get("src_versions", []),
-                need_confirm=bool(job.options.get("need_confirm")),
-                gray_percent=job.options.get("gray_percent"),
-                seed=job.options.get("seed", ""),
+                src_versions=job.options.src_versions,
+                need_confirm=job.options.need_confirm,
+                gray_percent=job.options.gray_percent,
+                seed=job.options.seed,
             )
             planned = [p for p in planned if p.state is not TaskState.SKIPPED]
             if planned:
-                await self.repo.add_tasks(job.id, firmware, planned, _policy_of(job.options), self.clock())
+                await self.repo.add_tasks(job.id, firmware, planned, job.options.policy, self.clock())
                 log.info("%s joined dynamic job %d", device, job.id, extra=_about(device))
                 return
 
@@ -908,7 +908,7 @@ class OtaService:
         if job.stored_state is not JobState.PAUSED:
             raise Conflict(f"job {job_id} is {job.stored_state}; only a paused job can be resumed")
         failed = sum(job.counts.get(s, 0) for s in (TaskState.FAILED, TaskState.TIMED_OUT))
-        options = {**job.options, "acknowledged_failures": failed}
+        options = replace(job.options, acknowledged_failures=failed)
         await self.repo.update_job(
             job_id, self.clock(), state=JobState.RUNNING, pause_reason="", options=options
         )
@@ -935,8 +935,8 @@ class OtaService:
                 rerun += 1
         if rerun:
             # Failures re-run are no longer failures the operator acknowledged by resuming.
-            acknowledged = max(int(job.options.get("acknowledged_failures", 0)) - rerun, 0)
-            options = {**job.options, "acknowledged_failures": acknowledged}
+            acknowledged = max(job.options.acknowledged_failures - rerun, 0)
+            options = replace(job.options, acknowledged_failures=acknowledged)
             await self.repo.update_job(
                 job_id, self.clock(), state=JobState.RUNNING, pause_reason="", options=options
             )
@@ -1016,64 +1016,3 @@ def parse_resource(resource: str) -> tuple[int, int] | None:
 def _about(device: DeviceRef | str) -> dict[str, str]:
     """The `extra` of a log record about a device: structured logs carry it as the `device` field."""
     return {"device": str(device)} if isinstance(device, DeviceRef) else {}
-
-
-def _job_options(spec: JobSpec, seed: str) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "src_versions": list(spec.src_versions),
-        "seed": seed,
-        "tags": dict(spec.tags),
-    }
-    if spec.type is JobType.DYNAMIC and spec.devices is not None:
-        options["devices"] = [str(d) for d in spec.devices]
-    for key in (
-        "gray_percent",
-        "overwrite",
-        "force",
-        "need_confirm",
-        "rate_per_minute",
-        "timeout_minutes",
-        "retry_count",
-        "retry_interval_minutes",
-    ):
-        value = getattr(spec, key)
-        if value not in (None, False, 0, 0.0):
-            options[key] = value
-    options["download_protocol"] = spec.download_protocol.value
-    options["notify_timeout_minutes"] = spec.notify_timeout_minutes or 0  # 0: never
-    if spec.rollout is not None:
-        options["rollout"] = {
-            "phases": list(spec.rollout.phases),
-            "success_threshold": spec.rollout.success_threshold,
-            "error_threshold_count": spec.rollout.error_threshold_count,
-            "error_threshold_percent": spec.rollout.error_threshold_percent,
-        }
-    return options
-
-
-def _policy(spec: JobSpec) -> TaskPolicy:
-    return _policy_of(_job_options(spec, ""))
-
-
-def _policy_of(options: dict[str, Any]) -> TaskPolicy:
-    timeout = options.get("timeout_minutes")
-    # Jobs created before notified tasks timed out have no such option: they keep never timing out.
-    notify_timeout = float(options.get("notify_timeout_minutes", 0))
-    return TaskPolicy(
-        timeout_s=None if timeout is None else float(timeout) * 60,
-        retry_count=int(options.get("retry_count", 0)),
-        retry_interval_s=float(options.get("retry_interval_minutes", 0)) * 60,
-        notify_timeout_s=notify_timeout * 60 if notify_timeout > 0 else None,
-    )
-
-
-def _rollout(options: dict[str, Any]) -> Rollout | None:
-    raw = options.get("rollout")
-    if not raw:
-        return None
-    return Rollout(
-        tuple(raw["phases"]),
-        raw.get("success_threshold", 100.0),
-        raw.get("error_threshold_count"),
-        raw.get("error_threshold_percent"),
-    )

@@ -14,7 +14,7 @@ import pytest
 
 from broker import app as broker_app
 from broker.sessions import SessionStore
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 from tests.broker.rawmqtt import PUBACK, PUBLISH, RawClient, puback
 from tests.broker.rawmqtt import publish as raw_publish
 from tests.support import Device, Env, Tls, broker_config, eventually

@@ -14,7 +14,7 @@ from argon2 import PasswordHasher
 
 from broker import app as broker_app
 from plugins.device_auth.signing import login_for
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 from tests.support import Env, Tls, broker_config
 
 

@@ -24,7 +24,7 @@ from plugins.device_auth.signing import (
     login_for,
     verify,
 )
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
 PK, DN = "a1B2c3D4e5F", "dev-01"
 SECRET = "q8Zk3nT0vWb5RfYh2LmXc7PsDaE4GjUo"

@@ -16,7 +16,7 @@ import pytest
 
 from broker import app as broker_app
 from plugins.ota import api
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 from tests.support import TOKEN, Env, Tls, broker_config
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -156,7 +156,9 @@ async def test_an_import_over_the_limit_is_413_and_creates_nothing(
         b"1e999999",
     ],
 )
-async def test_bad_json_of_any_shape_is_a_4xx(env: Env, body: bytes, caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_json_of_any_shape_is_a_4xx(
+    env: Env, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     """Deeply nested, truncated, non-UTF-8 or non-object JSON bodies answer 422 naming the body, with no
     traceback in the log."""
     # An empty body to the secret rotation is no body: rotate to a generated secret (404 here).
@@ -240,8 +242,8 @@ async def test_a_client_leaving_mid_body_is_one_info_line(
     if what == "upload":
         boundary = "b0undary"
         start = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"product_key\"\r\n\r\npk\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"version\"\r\n\r\n2.0.0\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="product_key"\r\n\r\npk\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="version"\r\n\r\n2.0.0\r\n'
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f.bin"\r\n\r\n'
         ).encode() + b"\x7fELF" * 100_000
         head = _head("/firmware", f"multipart/form-data; boundary={boundary}", len(start) + 1_000_000)

@@ -18,7 +18,7 @@ import pytest
 from broker import app as broker_app
 from broker.config import Loaded, prepare
 from plugins.device_auth.signing import login_for
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 from tests.support import Device, Env, Tls, broker_config, eventually
 
 SDK_SUITES = ("AES128-SHA256", "AES256-SHA256", "AES128-SHA", "AES256-SHA")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugins.ota.credentials import SECRET_MIN_LEN
+from plugins.ota.core.credentials import SECRET_MIN_LEN
 from tests.e2e.test_fuzz import WAIT_S, BrokerThread
 from tests.support import TOKEN, Tls, broker_config
 
@@ -29,7 +29,9 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client
     try:
         host, port = broker.admin_address
         with httpx.Client(
-            base_url=f"http://{host}:{port}/api/v1", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=WAIT_S
+            base_url=f"http://{host}:{port}/api/v1",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=WAIT_S,
         ) as client:
             yield client, data_dir / "ota.db"
     finally:
@@ -76,7 +78,9 @@ def test_an_import_creates_exactly_what_it_accepts(api: tuple[httpx.Client, Path
     @given(rows=st.lists(cells, max_size=30), header=st.booleans())
     def run(rows: list[tuple[str, ...]], header: bool) -> None:
         before = devices(db)
-        r = client.post("/devices/import", content=csv_text(rows, header), headers={"Content-Type": "text/csv"})
+        r = client.post(
+            "/devices/import", content=csv_text(rows, header), headers={"Content-Type": "text/csv"}
+        )
         assert r.status_code == 200, r.text[:300]
         doc = r.json()
         after = devices(db)

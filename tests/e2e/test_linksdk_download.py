@@ -14,8 +14,16 @@ import pytest
 
 from broker import app as broker_app
 from broker.hardened import HardenedBroker
-from plugins.ota.blocks import Block, Rejection, StreamFile, decide, error_frame, parse_request, reply_frame
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.blocks import (
+    Block,
+    Rejection,
+    StreamFile,
+    decide,
+    error_frame,
+    parse_request,
+    reply_frame,
+)
+from plugins.ota.core.topics import DeviceRef
 from tests.support import Device
 from tests.support_linksdk import LinkSdkDownload, Refused, Status
 

@@ -32,7 +32,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from plugins.device_auth.signing import LoginExample, login_for
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 from tests.e2e.processes import Launched, clean_env
 from tests.support import Device, eventually
 

@@ -25,7 +25,7 @@ from argon2 import PasswordHasher
 
 from broker import app as broker_app
 from plugins.device_auth.signing import login_for
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 from tests.broker.rawmqtt import RawClient
 from tests.broker.rawmqtt import connect as raw_connect
 from tests.broker.rawmqtt import publish as raw_publish

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterable
 from typing import Any
 
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
 
 class Clock:

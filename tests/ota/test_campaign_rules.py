@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugins.ota import machine
-from plugins.ota.machine import (
+from plugins.ota.core import machine
+from plugins.ota.core.machine import (
     FAILURE_STEPS,
     Delivery,
     DeviceAvailable,
@@ -31,8 +31,8 @@ from plugins.ota.machine import (
     plan_tasks,
     rollout_step,
 )
-from plugins.ota.model import UNFINISHED, FirmwareStatus, JobState, Rollout, SkipReason, Task, TaskState
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.model import UNFINISHED, FirmwareStatus, JobState, Rollout, SkipReason, Task, TaskState
+from plugins.ota.core.topics import DeviceRef
 from tests.ota.test_machine import NOW, OLD, STARTED, TARGET, candidate, make_firmware, make_task
 
 S = TaskState

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from firmware_store import FirmwareStore, LinkSigner
-from plugins.ota import machine
-from plugins.ota.errors import Conflict, InvalidInput
-from plugins.ota.model import (
+from plugins.ota.core import machine
+from plugins.ota.core.errors import Conflict, InvalidInput
+from plugins.ota.core.model import (
     FirmwareStatus,
+    JobRecord,
     JobSpec,
     JobState,
     JobType,
@@ -29,9 +30,9 @@ from plugins.ota.model import (
     Task,
     TaskState,
 )
-from plugins.ota.repository import JobRecord, Repository
+from plugins.ota.core.topics import DeviceRef, OtaTopic
 from plugins.ota.service import OtaService
-from plugins.ota.topics import DeviceRef, OtaTopic
+from plugins.ota.store.sqlite import SqliteRepository
 from tests.ota.fakes import Clock, FakeChannel
 from tests.ota.fakes import chunks_of as _chunks
 
@@ -61,7 +62,7 @@ class World:
         self.service: OtaService
 
     async def start(self) -> None:
-        repo = Repository(self.path / "ota.db")
+        repo = SqliteRepository(self.path / "ota.db")
         await repo.open()
         store = FirmwareStore(self.path / "firmware", max_size=1 << 20)
         store.open()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from plugins.ota.device_csv import parse_devices
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.device_csv import parse_devices
+from plugins.ota.core.topics import DeviceRef
 
 
 def test_rows_become_devices_or_errors_naming_their_lines() -> None:

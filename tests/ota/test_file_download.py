@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugins.ota.blocks import (
+from plugins.ota.core.blocks import (
     DEFAULT_BLOCK_SIZE,
     MAX_BLOCK_SIZE,
     MAX_FILE_SIZE,
@@ -29,7 +29,7 @@ from plugins.ota.blocks import (
     parse_request,
     reply_frame,
 )
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 from tests.support_linksdk import Refused, Reply, crc_ibm, json_value, read_reply, request_payload
 
 CRCMOD_ARC = crcmod.predefined.mkCrcFun("crc-16")  # crcmod's name for CRC-16/ARC

@@ -1,4 +1,4 @@
-"""The pure task core (`plugins.ota.machine`): the transition table, the success rule, re-notify rules,
+"""The pure task core (`plugins.ota.core.machine`): the transition table, the success rule, re-notify rules,
 progress, timeouts, job planning and job state, the generated diagram. Time is passed in as `now`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from plugins.ota.machine import (
+from plugins.ota.core.machine import (
     DESC_MAX,
     FAILURE_STEPS,
     TRANSITIONS,
@@ -33,7 +33,7 @@ from plugins.ota.machine import (
     mermaid_diagram,
     plan_tasks,
 )
-from plugins.ota.model import (
+from plugins.ota.core.model import (
     UNFINISHED,
     Firmware,
     FirmwareStatus,
@@ -43,7 +43,7 @@ from plugins.ota.model import (
     Task,
     TaskState,
 )
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
 T0 = 1_700_000_000.0  # when the task was created
 NOTICED = T0 + 10.0  # when the (notified) task's latest notice went out

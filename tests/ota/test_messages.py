@@ -1,4 +1,4 @@
-"""Wire messages of the Aliyun OTA device protocol (`plugins.ota.messages`, SPEC §3): parsing device
+"""Wire messages of the Aliyun OTA device protocol (`plugins.ota.core.messages`, SPEC §3): parsing device
 payloads into frozen values (anything malformed raises `BadMessage`) and building notices and replies."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugins.ota import messages
-from plugins.ota.messages import (
+from plugins.ota.core import messages
+from plugins.ota.core.messages import (
     BadMessage,
     FirmwareGet,
     Inform,
@@ -27,7 +27,7 @@ from plugins.ota.messages import (
     parse_progress,
     push_notice,
 )
-from plugins.ota.model import Firmware, FirmwareStatus, SignMethod
+from plugins.ota.core.model import Firmware, FirmwareStatus, SignMethod
 
 MAX = 65536
 BLOB = b"firmware bytes"

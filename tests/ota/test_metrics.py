@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from plugins.ota.core.model import TaskState
+from plugins.ota.core.topics import TopicKind
 from plugins.ota.metrics import OtaMetrics, message_kind
-from plugins.ota.model import TaskState
-from plugins.ota.topics import TopicKind
 
 
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 
 from firmware_store import FirmwareStore, LinkSigner
-from plugins.ota.model import JobSpec, JobType, SignMethod, TaskState
-from plugins.ota.repository import MIGRATIONS, Repository
+from plugins.ota.core.model import JobSpec, JobType, SignMethod, TaskState
+from plugins.ota.core.topics import DeviceRef, OtaTopic
 from plugins.ota.service import OtaService
-from plugins.ota.topics import DeviceRef, OtaTopic
+from plugins.ota.store.sqlite import MIGRATIONS, SqliteRepository
 from tests.ota.fakes import Clock, FakeChannel
 from tests.ota.fakes import chunks_of as _chunks
 
 DEV = DeviceRef("pk", "dev1")
 
 
-def _service(repo: Repository, tmp_path: Path) -> tuple[OtaService, FakeChannel, Clock]:
+def _service(repo: SqliteRepository, tmp_path: Path) -> tuple[OtaService, FakeChannel, Clock]:
     clock = Clock()
     channel = FakeChannel(clock)
     store = FirmwareStore(tmp_path / "firmware", max_size=1 << 20)
@@ -41,7 +41,7 @@ def _service(repo: Repository, tmp_path: Path) -> tuple[OtaService, FakeChannel,
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[tuple[OtaService, FakeChannel, Clock]]:
-    repo = Repository(tmp_path / "ota.db")
+    repo = SqliteRepository(tmp_path / "ota.db")
     await repo.open()
     service, channel, clock = _service(repo, tmp_path)
     yield service, channel, clock
@@ -194,7 +194,7 @@ async def test_state_survives_reopening_the_database(world, tmp_path: Path) -> N
     job_id = await start_job(service, [DEV])
     await progress(service, DEV, "30")
     await service.repo.close()
-    repo = Repository(tmp_path / "ota.db")
+    repo = SqliteRepository(tmp_path / "ota.db")
     await repo.open()
     service.repo = repo
     task = await task_of(service, job_id)
@@ -239,7 +239,7 @@ async def test_database_of_the_previous_schema_is_migrated(tmp_path: Path) -> No
     (since schema 3 by a trigger, in the same statement)."""
     import sqlite3
 
-    from plugins.ota.repository import _statements
+    from plugins.ota.store.sqlite import _statements
 
     path = tmp_path / "ota.db"
     with sqlite3.connect(path) as old:
@@ -247,7 +247,7 @@ async def test_database_of_the_previous_schema_is_migrated(tmp_path: Path) -> No
             for statement in _statements(script):
                 old.execute(statement)
             old.execute(f"PRAGMA user_version = {number}")
-    repo = Repository(path)
+    repo = SqliteRepository(path)
     await repo.open()
     try:
         async with repo.db.execute("PRAGMA user_version") as cur:

@@ -1,4 +1,4 @@
-"""Aliyun OTA topic names (`plugins.ota.topics`): DeviceRef, parsing topics into (kind, device) at the
+"""Aliyun OTA topic names (`plugins.ota.core.topics`): DeviceRef, parsing topics into (kind, device) at the
 boundary, building topic names, and MQTT 3.1.1 topic filter matching."""
 
 from __future__ import annotations
@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugins.ota.topics import DeviceRef, InvalidDeviceRef, OtaTopic, TopicKind, filter_matches, topic_name
+from plugins.ota.core.topics import (
+    DeviceRef,
+    InvalidDeviceRef,
+    OtaTopic,
+    TopicKind,
+    filter_matches,
+    topic_name,
+)
 
 DEV = DeviceRef("a1B2c3D4e5", "dev-01")
 

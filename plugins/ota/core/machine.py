@@ -5,7 +5,7 @@ current time and returns a `Decision`: the task's new snapshot and the effects t
 that the table does not allow in the task's state raises `IllegalTransition` and changes nothing.
 
 The table `TRANSITIONS` is the single source of truth: `docs/design.md`'s diagram is generated from it
-(`python -m plugins.ota.machine`).
+(`python -m plugins.ota.core.machine`).
 
 Rules (SPEC §3):
 - success is decided only by the version the device informs for the task's module;
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from plugins.ota.model import (
+from plugins.ota.core.model import (
     UNFINISHED,
     Firmware,
     FirmwareStatus,
@@ -35,7 +35,7 @@ from plugins.ota.model import (
     Task,
     TaskState,
 )
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
 FAILURE_STEPS: Mapping[int, str] = {
     -1: "upgrade failed",

@@ -11,8 +11,8 @@ import csv
 import io
 from dataclasses import dataclass, field
 
-from plugins.ota.credentials import secret_problem
-from plugins.ota.topics import DeviceRef, InvalidDeviceRef
+from plugins.ota.core.credentials import secret_problem
+from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef
 
 COLUMNS = ("product_key", "device_name", "device_secret")
 _REQUIRED = COLUMNS[:2]

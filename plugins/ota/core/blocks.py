@@ -34,7 +34,7 @@ from typing import Any
 
 import anycrc  # type: ignore[import-untyped]  # no type hints upstream
 
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
 MAX_FILE_SIZE = 16 * 1024 * 1024
 """Aliyun serves a file over MQTT only up to 16 MB."""

@@ -1,7 +1,9 @@
-"""Device secrets: the one rule for a secret an operator gives (pure). Generated secrets come from
-`plugins.ota.repository.new_device_secret`: 32 hex characters from 16 random bytes."""
+"""Device secrets: the one rule for a secret an operator gives (pure). A generated secret
+(`new_device_secret`) is 32 hex characters from 16 random bytes."""
 
 from __future__ import annotations
+
+import secrets
 
 SECRET_MIN_LEN = 16
 SECRET_MAX_LEN = 128
@@ -20,3 +22,8 @@ def secret_problem(secret: str) -> str | None:
             " with no leading or trailing space"
         )
     return None
+
+
+def new_device_secret() -> str:
+    """32 hex characters from 16 random bytes, the shape of an Aliyun DeviceSecret."""
+    return secrets.token_hex(16)

@@ -1,4 +1,5 @@
-"""The SQLite repository (aiosqlite, WAL) and its schema migrations.
+"""The SQLite `Repository` (aiosqlite, WAL); its schema is the numbered scripts in `migrations/`, run in
+order and counted in `PRAGMA user_version`.
 
 Rows become domain values here and nowhere else. Task writes are compare-and-set on `rev`, and every
 task change appends a history row in the same transaction.
@@ -7,145 +8,58 @@ task change appends a history row in the same transaction.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
-import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from plugins.ota.errors import Conflict, NotFound
-from plugins.ota.machine import PlannedTask
-from plugins.ota.model import (
+from plugins.ota.core.credentials import new_device_secret
+from plugins.ota.core.errors import Conflict, NotFound
+from plugins.ota.core.machine import PlannedTask
+from plugins.ota.core.model import (
     DOWNLOADABLE,
     UNFINISHED,
+    DeviceRecord,
     Firmware,
     FirmwareFile,
     FirmwareStatus,
+    JobOptions,
+    JobRecord,
     JobState,
     JobType,
     SignMethod,
     Task,
+    TaskPolicy,
     TaskState,
 )
-from plugins.ota.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef
 
-MIGRATIONS: Sequence[str] = (
-    # 1: the seed flow
-    """
-    CREATE TABLE devices (
-        product_key   TEXT NOT NULL,
-        device_name   TEXT NOT NULL,
-        device_secret TEXT NOT NULL,
-        enabled       INTEGER NOT NULL DEFAULT 1,
-        online        INTEGER NOT NULL DEFAULT 0,
-        created_at    REAL NOT NULL,
-        last_seen     REAL,
-        PRIMARY KEY (product_key, device_name)
-    );
-    CREATE TABLE device_modules (
-        product_key TEXT NOT NULL,
-        device_name TEXT NOT NULL,
-        module      TEXT NOT NULL,
-        version     TEXT NOT NULL,
-        updated_at  REAL NOT NULL,
-        PRIMARY KEY (product_key, device_name, module),
-        FOREIGN KEY (product_key, device_name) REFERENCES devices ON DELETE CASCADE
-    );
-    CREATE TABLE firmware (
-        id          INTEGER PRIMARY KEY AUTOINCREMENT,
-        product_key TEXT NOT NULL,
-        module      TEXT NOT NULL,
-        version     TEXT NOT NULL,
-        src_version TEXT,
-        size        INTEGER NOT NULL,
-        md5         TEXT NOT NULL,
-        sha256      TEXT NOT NULL,
-        sign_method TEXT NOT NULL,
-        description TEXT NOT NULL DEFAULT '',
-        status      TEXT NOT NULL,
-        created_at  REAL NOT NULL
-    );
-    CREATE UNIQUE INDEX firmware_identity ON firmware (product_key, module, version, IFNULL(src_version, ''));
-    CREATE TABLE jobs (
-        id          INTEGER PRIMARY KEY AUTOINCREMENT,
-        firmware_id INTEGER NOT NULL REFERENCES firmware (id),
-        type        TEXT NOT NULL,
-        state       TEXT NOT NULL,
-        options     TEXT NOT NULL DEFAULT '{}',
-        created_at  REAL NOT NULL,
-        updated_at  REAL NOT NULL
-    );
-    CREATE TABLE tasks (
-        id             INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id         INTEGER NOT NULL REFERENCES jobs (id),
-        firmware_id    INTEGER NOT NULL REFERENCES firmware (id),
-        product_key    TEXT NOT NULL,
-        device_name    TEXT NOT NULL,
-        module         TEXT NOT NULL,
-        target_version TEXT NOT NULL,
-        state          TEXT NOT NULL,
-        progress       INTEGER NOT NULL DEFAULT 0,
-        desc           TEXT NOT NULL DEFAULT '',
-        attempts       INTEGER NOT NULL DEFAULT 0,
-        timeout_s      REAL,
-        notified_at    REAL,
-        noticed_at     REAL,
-        started_at     REAL,
-        created_at     REAL NOT NULL,
-        updated_at     REAL NOT NULL,
-        rev            INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX tasks_by_device ON tasks (product_key, device_name, module, state);
-    CREATE INDEX tasks_by_job ON tasks (job_id, state);
-    CREATE TABLE task_history (
-        id       INTEGER PRIMARY KEY AUTOINCREMENT,
-        task_id  INTEGER NOT NULL REFERENCES tasks (id),
-        at       REAL NOT NULL,
-        state    TEXT NOT NULL,
-        progress INTEGER NOT NULL,
-        desc     TEXT NOT NULL
-    );
-    CREATE INDEX task_history_by_task ON task_history (task_id, id);
-    """,
-    # 2: campaigns (phases, retries, schedules)
-    """
-    ALTER TABLE tasks ADD COLUMN group_no INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE tasks ADD COLUMN not_before REAL;
-    ALTER TABLE tasks ADD COLUMN retry_count INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE tasks ADD COLUMN retry_interval_s REAL NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN current_group INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN schedule_at REAL;
-    ALTER TABLE jobs ADD COLUMN end_at REAL;
-    ALTER TABLE jobs ADD COLUMN pause_reason TEXT NOT NULL DEFAULT '';
-    CREATE INDEX jobs_by_state ON jobs (state);
-    CREATE INDEX tasks_by_job_group ON tasks (job_id, state, group_no)
-    """,
-    # 3: a task change and its history row in one statement (one round trip to the database thread)
-    """
-    ALTER TABLE tasks ADD COLUMN note TEXT NOT NULL DEFAULT '';
-    CREATE TRIGGER task_history_on_save AFTER UPDATE OF note ON tasks
-    BEGIN
-        INSERT INTO task_history (task_id, at, state, progress, desc)
-        VALUES (NEW.id, NEW.updated_at, NEW.state, NEW.progress, NEW.note);
-    END
-    """,
-    # 4: notified tasks time out; multi-file packages (each file's name, size and digests, as JSON)
-    """
-    ALTER TABLE tasks ADD COLUMN notify_timeout_s REAL;
-    ALTER TABLE firmware ADD COLUMN files TEXT NOT NULL DEFAULT '[]';
-    CREATE INDEX tasks_by_state ON tasks (state)
-    """,
-)
+
+def _migrations() -> tuple[str, ...]:
+    """The migration scripts `migrations/NNNN_<what>.sql`, in order; their numbers run 1, 2, 3... with no gap."""
+    folder = importlib.resources.files(__package__).joinpath("migrations")
+    scripts = sorted(
+        (f.name, f.read_text(encoding="utf-8")) for f in folder.iterdir() if f.name.endswith(".sql")
+    )
+    for number, (name, _) in enumerate(scripts, start=1):
+        if not name.startswith(f"{number:04d}_"):
+            raise RuntimeError(f"migration {name}: expected number {number:04d}")
+    return tuple(script for _, script in scripts)
+
+
+MIGRATIONS: Sequence[str] = _migrations()
 
 
 def _statements(script: str) -> Iterator[str]:
     """The SQL statements of a migration script (a trigger's body holds semicolons of its own)."""
+    script = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
     pending = ""
     for piece in script.split(";"):
         pending += piece + ";"
@@ -161,49 +75,9 @@ _UNFINISHED_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(UNFINISHED)) + "
 _DOWNLOADABLE_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(DOWNLOADABLE)) + ")"
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceRecord:
-    device: DeviceRef
-    device_secret: str
-    enabled: bool
-    online: bool
-    created_at: float
-    last_seen: float | None
-    modules: dict[str, str] = field(default_factory=dict)
+class SqliteRepository:
+    """The `Repository` on one SQLite file."""
 
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    id: int
-    firmware_id: int
-    type: JobType
-    stored_state: JobState
-    options: dict[str, Any]
-    created_at: float
-    updated_at: float
-    counts: dict[TaskState, int]
-    current_group: int = 0
-    schedule_at: float | None = None
-    end_at: float | None = None
-    pause_reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class TaskPolicy:
-    """What every task of a job carries from the job's options."""
-
-    timeout_s: float | None = None
-    retry_count: int = 0
-    retry_interval_s: float = 0.0
-    notify_timeout_s: float | None = None
-
-
-def new_device_secret() -> str:
-    """32 hex characters from 16 random bytes, the shape of an Aliyun DeviceSecret."""
-    return secrets.token_hex(16)
-
-
-class Repository:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
@@ -559,7 +433,7 @@ class Repository:
         self,
         firmware: Firmware,
         job_type: JobType,
-        options: dict[str, Any],
+        options: JobOptions,
         planned: Sequence[PlannedTask],
         policy: TaskPolicy,
         now: float,
@@ -575,7 +449,7 @@ class Repository:
                     firmware.id,
                     job_type.value,
                     JobState.RUNNING.value,
-                    json.dumps(options),
+                    json.dumps(options.to_json()),
                     now,
                     now,
                     schedule_at,
@@ -649,7 +523,7 @@ class Repository:
         state: JobState | None = None,
         current_group: int | None = None,
         pause_reason: str | None = None,
-        options: dict[str, Any] | None = None,
+        options: JobOptions | None = None,
         only_from: Sequence[JobState] = (),
     ) -> bool:
         """Change the job; with `only_from`, only while it is in one of those states. Whether it changed."""
@@ -657,7 +531,7 @@ class Repository:
         args: list[float | int | str] = [now]
         if options is not None:
             sets.append("options=?")
-            args.append(json.dumps(options))
+            args.append(json.dumps(options.to_json()))
         for column, value in (
             ("state", state),
             ("current_group", current_group),
@@ -922,7 +796,7 @@ def _job(row: sqlite3.Row, counts: dict[TaskState, int]) -> JobRecord:
         firmware_id=row["firmware_id"],
         type=JobType(row["type"]),
         stored_state=JobState(row["state"]),
-        options=json.loads(row["options"]),
+        options=JobOptions.from_json(json.loads(row["options"])),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         counts=counts,

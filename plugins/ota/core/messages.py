@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.ota.blocks import FIRST_FILE_ID
-from plugins.ota.model import DEFAULT_MODULE, Firmware, FirmwareFile
+from plugins.ota.core.blocks import FIRST_FILE_ID
+from plugins.ota.core.model import DEFAULT_MODULE, Firmware, FirmwareFile
+from plugins.ota.core.topics import TopicKind
 
 MAX_VERSION_LEN = 64
 MODULE_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -235,3 +236,36 @@ def get_reply(request_id: RequestId, data: dict[str, Any]) -> bytes:
 
 def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to a device: the kind of its topic (spelled by `topics.topic_name`), its payload and the
+    QoS it goes at to the device's own session."""
+
+    kind: TopicKind
+    payload: bytes
+    qos: int = 1
+
+    @property
+    def is_push(self) -> bool:
+        """A notice pushed on the upgrade topic (the others answer a request)."""
+        return self.kind is TopicKind.UPGRADE
+
+
+def upgrade_notice(now_ms: int, data: dict[str, Any]) -> Outgoing:
+    """A push notice on `/ota/device/upgrade/...`."""
+    return Outgoing(TopicKind.UPGRADE, push_notice(now_ms, data))
+
+
+def pull_answer(reply_kind: TopicKind, request_id: RequestId, now_ms: int, data: dict[str, Any]) -> Outgoing:
+    """The answer to a pull: on `.../firmware/get_reply` with the request's id, or (the legacy request) a
+    notice on the legacy request's own topic."""
+    if reply_kind is TopicKind.FIRMWARE_GET_REPLY:
+        return Outgoing(reply_kind, get_reply(request_id, data))
+    return Outgoing(reply_kind, push_notice(now_ms, data))
+
+
+def block_reply(frame: bytes) -> Outgoing:
+    """A block of a firmware file over MQTT (or its error frame), at QoS 0 as Aliyun sends it."""
+    return Outgoing(TopicKind.FILE_DOWNLOAD_REPLY, frame, qos=0)
