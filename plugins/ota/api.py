@@ -27,6 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from firmware_store import Blob, BlobTooLarge
 from firmware_store.server import BodyStalled
+from plugins.ota.app.ota_app import OtaApp
 from plugins.ota.core import machine
 from plugins.ota.core.credentials import secret_problem
 from plugins.ota.core.errors import Conflict, InvalidInput, NotFound, OtaError
@@ -52,14 +53,13 @@ from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef
 from plugins.ota.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.openapi import OPENAPI
-from plugins.ota.service import OtaService
 
 log = logging.getLogger("ota.api")
 
 STATUS_OF: dict[type[OtaError], int] = {NotFound: 404, Conflict: 409, InvalidInput: 422}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SERVICE = web.AppKey("service", OtaService)
+SERVICE = web.AppKey("service", OtaApp)
 _CHUNK = 256 * 1024
 JSON_MAX = 1024 * 1024  # bytes of a JSON request body
 IMPORT_MAX = 64 * 1024 * 1024  # bytes of a CSV import
@@ -72,7 +72,7 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 def admin_app(
-    service: OtaService,
+    service: OtaApp,
     token: str,
     *,
     metrics: OtaMetrics | None = None,
@@ -334,7 +334,7 @@ def _int_path(request: web.Request, name: str = "id") -> int:
     return int(text)
 
 
-def _service(request: web.Request) -> OtaService:
+def _service(request: web.Request) -> OtaApp:
     return request.app[SERVICE]
 
 
@@ -349,7 +349,7 @@ async def add_device(request: web.Request) -> web.Response:
     body = await _json_object(request)
     ref = _device_ref(body.get("product_key"), body.get("device_name"), "product_key/device_name")
     secret = _secret(body.get("device_secret"))
-    record = await _service(request).add_device(ref, secret)
+    record = await _service(request).devices.add(ref, secret)
     return web.json_response(
         {
             "product_key": ref.product_key,
@@ -374,9 +374,8 @@ async def list_devices(request: web.Request) -> web.Response:
         "online": online,
     }
     page = _page(request)
-    repo = _service(request).repo
-    records = await repo.list_devices(**filters, limit=page.limit, offset=page.offset)
-    return _paged(request, page, [device_view(d) for d in records], await repo.count_devices(**filters))
+    records, total = await _service(request).devices.page(**filters, limit=page.limit, offset=page.offset)
+    return _paged(request, page, [device_view(d) for d in records], total)
 
 
 # Every list is paged: `limit` (1-10,000, default 1,000) and `offset` in the query; the answer stays a
@@ -419,8 +418,7 @@ def _query_int(value: str | None, field: str, default: int, low: int, high: int)
 async def show_device(request: web.Request) -> web.Response:
     ref = _device_ref(request.match_info["pk"], request.match_info["dn"], "device")
     service = _service(request)
-    record = await service.repo.get_device(ref)
-    tasks = await service.repo.tasks_of_device(ref)
+    record, tasks = await service.devices.get(ref)
     return web.json_response({**device_view(record), "tasks": [task_view(t) for t in tasks]})
 
 
@@ -433,12 +431,12 @@ async def update_device(request: web.Request) -> web.Response:
     enabled = body.get("enabled")
     if not isinstance(enabled, bool):
         raise InvalidInput("enabled", "must be true or false")
-    record = await _service(request).set_device_enabled(_path_device(request), enabled)
+    record = await _service(request).devices.set_enabled(_path_device(request), enabled)
     return web.json_response(device_view(record))
 
 
 async def delete_device(request: web.Request) -> web.Response:
-    await _service(request).delete_device(_path_device(request))
+    await _service(request).devices.delete(_path_device(request))
     return web.Response(status=204)
 
 
@@ -448,7 +446,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
         body = await _json_object(request)
         secret = _secret(body.get("device_secret"))
     ref = _path_device(request)
-    new = await _service(request).rotate_secret(ref, secret)
+    new = await _service(request).devices.rotate_secret(ref, secret)
     return web.json_response(
         {"product_key": ref.product_key, "device_name": ref.device_name, "device_secret": new}
     )
@@ -465,7 +463,7 @@ async def import_devices(request: web.Request) -> web.Response:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise InvalidInput("body", "is not UTF-8") from e
-    result = await _service(request).import_devices(text)
+    result = await _service(request).devices.import_csv(text)
     return web.json_response(
         {
             "created": [
@@ -512,10 +510,10 @@ async def add_firmware(request: web.Request) -> web.Response:
         if not blobs:
             raise InvalidInput("file", "is required")
         package = blobs[0][1] if len(blobs) == 1 else blobs
-        firmware = await service.add_firmware(package, **_firmware_fields(fields))
+        firmware = await service.firmware.add(package, **_firmware_fields(fields))
     except BaseException:
         for _, blob in blobs:
-            await service.discard_upload(blob)
+            await service.firmware.discard_upload(blob)
         raise
     return web.json_response(firmware_view(firmware), status=201)
 
@@ -538,16 +536,16 @@ async def _read_field(part: BodyPartReader, name: str) -> bytes:
     return value
 
 
-async def _store_stream(service: OtaService, part: BodyPartReader) -> Blob:
+async def _store_stream(service: OtaApp, part: BodyPartReader) -> Blob:
     async def chunks() -> AsyncIterator[bytes]:
         while chunk := await part.read_chunk(_CHUNK):
             yield chunk
 
     try:
-        return await service.store.put(chunks())
+        return await service.firmware.put_blob(chunks())
     except BlobTooLarge as e:
         raise web.HTTPRequestEntityTooLarge(
-            max_size=service.store.max_size, actual_size=service.store.max_size + 1, text=str(e)
+            max_size=service.firmware.max_size, actual_size=service.firmware.max_size + 1, text=str(e)
         ) from e
 
 
@@ -588,24 +586,23 @@ def _form_flag(fields: dict[str, str], name: str) -> bool:
 async def list_firmware(request: web.Request) -> web.Response:
     product_key = request.query.get("product_key")
     page = _page(request)
-    repo = _service(request).repo
-    items = await repo.list_firmware(product_key, limit=page.limit, offset=page.offset)
-    return _paged(request, page, [firmware_view(f) for f in items], await repo.count_firmware(product_key))
+    items, total = await _service(request).firmware.page(product_key, limit=page.limit, offset=page.offset)
+    return _paged(request, page, [firmware_view(f) for f in items], total)
 
 
 async def show_firmware(request: web.Request) -> web.Response:
-    return web.json_response(firmware_view(await _service(request).repo.get_firmware(_int_path(request))))
+    return web.json_response(firmware_view(await _service(request).firmware.get(_int_path(request))))
 
 
 async def delete_firmware(request: web.Request) -> web.Response:
-    await _service(request).delete_firmware(_int_path(request))
+    await _service(request).firmware.delete(_int_path(request))
     return web.Response(status=204)
 
 
 async def create_job(request: web.Request) -> web.Response:
     service = _service(request)
     spec = parse_job_spec(await _json_object(request), service.clock())
-    job = await service.create_job(spec)
+    job = await service.jobs.create(spec)
     return web.json_response(job_view(job, service.clock()), status=201)
 
 
@@ -752,9 +749,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     """Jobs, newest first."""
     service = _service(request)
     page = _page(request)
-    jobs = await service.repo.list_jobs(limit=page.limit, offset=page.offset)
+    jobs, total = await service.jobs.page(limit=page.limit, offset=page.offset)
     now = service.clock()
-    return _paged(request, page, [job_view(j, now) for j in jobs], await service.repo.count_jobs())
+    return _paged(request, page, [job_view(j, now) for j in jobs], total)
 
 
 async def _job_answer(request: web.Request, job: JobRecord) -> web.Response:
@@ -762,29 +759,27 @@ async def _job_answer(request: web.Request, job: JobRecord) -> web.Response:
 
 
 async def show_job(request: web.Request) -> web.Response:
-    return await _job_answer(request, await _service(request).repo.get_job(_int_path(request)))
+    return await _job_answer(request, await _service(request).jobs.get(_int_path(request)))
 
 
 async def job_tasks(request: web.Request) -> web.Response:
     service = _service(request)
     job_id = _int_path(request)
-    await service.repo.get_job(job_id)
     page = _page(request)
-    tasks = await service.repo.tasks_of_job(job_id, limit=page.limit, offset=page.offset)
-    return _paged(request, page, [task_view(t) for t in tasks], await service.repo.count_tasks_of_job(job_id))
+    tasks = await service.jobs.tasks(job_id, limit=page.limit, offset=page.offset)
+    return _paged(request, page, [task_view(t) for t in tasks], await service.jobs.count_tasks(job_id))
 
 
 async def job_report(request: web.Request) -> web.Response:
     """Every task of the job as CSV, for spreadsheets and audits."""
     service = _service(request)
     job_id = _int_path(request)
-    await service.repo.get_job(job_id)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
         ["device", "module", "target_version", "state", "progress", "attempts", "desc", "updated_at"]
     )
-    for t in await service.repo.tasks_of_job(job_id):
+    for t in await service.jobs.tasks(job_id):
         writer.writerow(
             [
                 str(t.device),
@@ -822,39 +817,36 @@ async def cancel_job(request: web.Request) -> web.Response:
             raise InvalidInput(
                 "states", "must name task states: confirm, queued, notified, in_progress"
             ) from e
-    return await _job_answer(request, await _service(request).cancel_job(_int_path(request), parsed))
+    return await _job_answer(request, await _service(request).jobs.cancel(_int_path(request), parsed))
 
 
 async def pause_job(request: web.Request) -> web.Response:
-    return await _job_answer(request, await _service(request).pause_job(_int_path(request)))
+    return await _job_answer(request, await _service(request).jobs.pause(_int_path(request)))
 
 
 async def resume_job(request: web.Request) -> web.Response:
-    return await _job_answer(request, await _service(request).resume_job(_int_path(request)))
+    return await _job_answer(request, await _service(request).jobs.resume(_int_path(request)))
 
 
 async def confirm_job(request: web.Request) -> web.Response:
     """Body (optional): {"devices": ["pk/dn", ...]} (default: every task waiting in confirm)."""
     body = await _optional_body(request)
     devices = None if body.get("devices") is None else _device_list(body["devices"], "devices")
-    return await _job_answer(request, await _service(request).confirm_tasks(_int_path(request), devices))
+    return await _job_answer(request, await _service(request).jobs.confirm(_int_path(request), devices))
 
 
 async def rerun_job(request: web.Request) -> web.Response:
-    return await _job_answer(request, await _service(request).rerun_failed(_int_path(request)))
+    return await _job_answer(request, await _service(request).jobs.rerun_failed(_int_path(request)))
 
 
 async def cancel_task(request: web.Request) -> web.Response:
-    task = await _service(request).cancel_task(_int_path(request), _path_device(request))
+    task = await _service(request).jobs.cancel_task(_int_path(request), _path_device(request))
     return web.json_response(task_view(task))
 
 
 async def task_history(request: web.Request) -> web.Response:
     service = _service(request)
-    task = await service.repo.job_task_of_device(_int_path(request), _path_device(request))
-    if task is None:
-        raise NotFound("no such task")
-    history = await service.repo.task_history(task.id)
+    task, history = await service.jobs.task_history(_int_path(request), _path_device(request))
     return web.json_response(
         {
             "task": task_view(task),
@@ -891,14 +883,13 @@ async def overview(request: web.Request) -> web.Response:
     """The fleet at a glance for the console: devices online/offline, devices per product, module and
     version, unfinished jobs and the newest failed tasks. Counts stop at 200,000 devices (`partial`)."""
     service = _service(request)
-    repo = service.repo
     now = service.clock()
     online = total = 0
     versions: Counter[tuple[str, str, str]] = Counter()
     partial = False
     offset = 0
     while True:
-        page = await repo.list_devices(limit=_OVERVIEW_PAGE, offset=offset)
+        page = await service.devices.some(limit=_OVERVIEW_PAGE, offset=offset)
         for d in page:
             total += 1
             online += d.online
@@ -910,12 +901,12 @@ async def overview(request: web.Request) -> web.Response:
         if offset >= _OVERVIEW_MAX_DEVICES:
             partial = True
             break
-    active = [job_view(j, now) for j in await repo.jobs_in_states(JobState.RUNNING, JobState.PAUSED)]
+    active = [job_view(j, now) for j in await service.jobs.unfinished()]
     failed_states = (TaskState.FAILED, TaskState.TIMED_OUT)
     failures: list[Task] = []
-    for j in await repo.list_jobs(limit=_RECENT_JOBS):
+    for j in (await service.jobs.page(limit=_RECENT_JOBS, offset=0))[0]:
         if any(j.counts.get(s, 0) for s in failed_states):
-            failures.extend(await repo.tasks_of_job(j.id, failed_states))
+            failures.extend(await service.jobs.tasks_in_states(j.id, failed_states))
     failures.sort(key=lambda t: t.updated_at, reverse=True)
     return web.json_response(
         {
@@ -993,7 +984,7 @@ async def _end_streams(app: web.Application) -> None:
 
 
 def _clock(request: web.Request) -> float:
-    service: OtaService | None = request.app[SERVICE]
+    service: OtaApp | None = request.app[SERVICE]
     return service.clock() if service is not None else time.time()
 
 
@@ -1016,7 +1007,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     after 30 minutes (the client reconnects), when the client leaves or the listener shuts down."""
     service = _service(request)
     job_id = _int_path(request)
-    await service.repo.get_job(job_id)  # 404 before the stream starts
+    await service.jobs.get(job_id)  # 404 before the stream starts
     streams = request.app[STREAMS]
     if streams.open >= _STREAM_MAX:
         return _error(503, "too_many_streams", f"at most {_STREAM_MAX} event streams at a time; retry later")
@@ -1044,7 +1035,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 async def _stream_job(
     request: web.Request,
     response: web.StreamResponse,
-    service: OtaService,
+    service: OtaApp,
     job_id: int,
     closing: asyncio.Event,
 ) -> None:
@@ -1058,10 +1049,10 @@ async def _stream_job(
         if transport is None or transport.is_closing():
             return
         now = service.clock()
-        job = await service.repo.find_job(job_id)
+        job = await service.jobs.find(job_id)
         if job is None:
             break
-        tasks = await service.repo.tasks_of_job(job_id)
+        tasks = await service.jobs.tasks_in_states(job_id, None)
         view = job_view(job, now)
         seen = (
             (view["state"], view["pause_reason"], view["counts"], view["current_phase"], job.updated_at),

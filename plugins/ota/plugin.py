@@ -24,17 +24,16 @@ from firmware_store import FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls, write_private
 from plugins.ota.api import admin_app
-from plugins.ota.core.messages import same_notice
-from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, filter_matches
+from plugins.ota.app.ota_app import OtaApp
+from plugins.ota.core.messages import Outgoing, same_notice
+from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, filter_matches, topic_name
 from plugins.ota.metrics import OtaMetrics
-from plugins.ota.service import OtaService
 from plugins.ota.settings import OtaConfig, Settings, resolve
 from plugins.ota.store.repository import Repository
 from plugins.ota.store.sqlite import SqliteRepository
 
 log = logging.getLogger("ota.plugin")
 
-NOTICE_QOS = 1
 _ACK_TIMEOUT_S = 60
 REVOKED_KEEP_S = 120.0  # longer than a login can take (amqtt's connect timeout and the auth checks)
 
@@ -48,7 +47,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         super().__init__(context)
         self.settings: Settings = resolve(self.config)
         self.clock = clock
-        self.service: OtaService | None = None
+        self.service: OtaApp | None = None
         self.start_error: BaseException | None = None
         self.https_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -96,7 +95,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
 
         # The signer needs the public URL, which may name the HTTPS port only known once bound.
         signer = LinkSigner(link_key, s.public_url, s.link_ttl_s, offload=s.download_offload)
-        self.service = service = OtaService(
+        self.service = service = OtaApp(
             repo,
             store,
             signer,
@@ -112,8 +111,8 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         dl = download_app(
             store,
             signer,
-            service.resolve_blob,
-            service.may_download,
+            service.downloads.resolve_blob,
+            service.downloads.may_download,
             self.clock,
             max_per_subject=s.max_downloads_per_device,
             stats=self.metrics.sources.downloads,
@@ -152,7 +151,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             log.info("auth mode: device-secret (devices log in with Aliyun one-device-one-secret signatures)")
         self._ticker = asyncio.create_task(self._tick_loop())
 
-    def _wire_metrics(self, service: OtaService, repo: Repository) -> None:
+    def _wire_metrics(self, service: OtaApp, repo: Repository) -> None:
         sources = self.metrics.sources
         sources.devices_connected = lambda: len(self._device_clients)
         sources.clients_connected = lambda: len(self._conns)
@@ -237,7 +236,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             and self.service is not None
             and (self._bind(client_id, device) or old is not None)
         ):
-            await self.service.device_connected(device)
+            await self.service.events.device_connected(device)
 
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
         conn = self._conns.get(client_id)
@@ -255,14 +254,14 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         if not clients:
             self._device_clients.pop(device, None)
             if self.service is not None:
-                await self.service.device_disconnected(device)
+                await self.service.events.device_disconnected(device)
 
     async def on_broker_client_subscribed(self, *, client_id: str, topic: str, qos: int) -> None:
         parsed = _parse(topic)
         if parsed is None or parsed.kind.device_to_server or self.service is None or not self.open_mode:
             return
         if self._bind(client_id, parsed.device):
-            await self.service.device_connected(parsed.device)
+            await self.service.events.device_connected(parsed.device)
 
     async def on_broker_message_received(self, *, client_id: str, message: ApplicationMessage | None) -> None:
         if message is None or self.service is None:
@@ -282,7 +281,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             )
             return
         newly = self.open_mode and self._bind(client_id, parsed.device)
-        await self.service.handle_publish(parsed, bytes(message.data or b""), now_online=newly)
+        await self.service.events.handle_publish(parsed, bytes(message.data or b""), now_online=newly)
 
     # ------------------------------------------------------------------ sessions and device identity
 
@@ -327,12 +326,11 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         conn = self._connection(device)
         return None if conn is None else conn.connected_at
 
-    async def send(self, device: DeviceRef, topic: str, payload: bytes, qos: int = NOTICE_QOS) -> bool:
-        """Deliver to the device's own session (at `qos` when it did not subscribe), plus any other
-        subscribers of `topic` (at the QoS they were granted)."""
-        parsed = _parse(topic)
-        if parsed is not None:
-            self.metrics.message_sent(parsed.kind)
+    async def send(self, device: DeviceRef, message: Outgoing) -> bool:
+        """Deliver to the device's own session (at the message's QoS when it did not subscribe), plus any
+        other subscribers of its topic (at the QoS they were granted)."""
+        topic, payload, qos = topic_name(message.kind, device), message.payload, message.qos
+        self.metrics.message_sent(message.kind)
         conn = self._connection(device)
         if conn is not None and qos and _holds(conn.session, topic, payload):
             # Its session has this notice unacknowledged or queued (a persistent session after a restart or

@@ -29,12 +29,12 @@ async def _post(env: Env, path: str, body: bytes, headers: dict[str, str]) -> tu
 
 
 async def _device_count(env: Env) -> int:
-    row = await env.service.repo._one("SELECT COUNT(*) FROM devices")
+    row = await env.service._repo._one("SELECT COUNT(*) FROM devices")
     return int(row[0])
 
 
 async def _secret_of(env: Env, pk: str, dn: str) -> str | None:
-    found = await env.service.repo.device_login(DeviceRef(pk, dn))
+    found = await env.service._repo.device_login(DeviceRef(pk, dn))
     return None if found is None else str(found[0])
 
 
@@ -267,4 +267,4 @@ async def test_a_client_leaving_mid_body_is_one_info_line(
     _no_errors(caplog)
     assert await _device_count(quick) == 0
     assert await quick.api("GET", "/firmware", expect=200) == []
-    assert list((Path(quick.service.store.root) / "tmp").iterdir()) == []
+    assert list((Path(quick.service.firmware.store.root) / "tmp").iterdir()) == []

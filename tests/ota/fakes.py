@@ -6,7 +6,8 @@ import json
 from collections.abc import AsyncIterable
 from typing import Any
 
-from plugins.ota.core.topics import DeviceRef
+from plugins.ota.core.messages import Outgoing
+from plugins.ota.core.topics import DeviceRef, topic_name
 
 
 class Clock:
@@ -34,10 +35,10 @@ class FakeChannel:
     def session_started_at(self, device: DeviceRef) -> float | None:
         return self.sessions.get(device)
 
-    async def send(self, device: DeviceRef, topic: str, payload: bytes, qos: int = 1) -> bool:
+    async def send(self, device: DeviceRef, message: Outgoing) -> bool:
         if device not in self.sessions:
             return False
-        self.sent.append((device, topic, json.loads(payload)))
+        self.sent.append((device, topic_name(message.kind, device), json.loads(message.payload)))
         return True
 
     async def disconnect(self, device: DeviceRef) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from firmware_store import FirmwareStore, LinkSigner
+from plugins.ota.app.ota_app import OtaApp as OtaService
 from plugins.ota.core import machine
 from plugins.ota.core.errors import Conflict, InvalidInput
 from plugins.ota.core.model import (
@@ -31,7 +32,6 @@ from plugins.ota.core.model import (
     TaskState,
 )
 from plugins.ota.core.topics import DeviceRef, OtaTopic
-from plugins.ota.service import OtaService
 from plugins.ota.store.sqlite import SqliteRepository
 from tests.ota.fakes import Clock, FakeChannel
 from tests.ota.fakes import chunks_of as _chunks
@@ -80,7 +80,7 @@ class World:
 
     async def stop(self) -> None:
         await self.service.drain()
-        await self.service.repo.close()
+        await self.service._repo.close()
 
     async def restart(self) -> None:
         """A new repository on the same file and a new service (nothing held in memory survives)."""
@@ -90,8 +90,8 @@ class World:
     # ---- operator
 
     async def firmware(self, version: str = TARGET, *, verify: bool = False) -> int:
-        blob = await self.service.store.put(_chunks(f"firmware {version}".encode() * 100))
-        fw = await self.service.add_firmware(
+        blob = await self.service.firmware.put_blob(_chunks(f"firmware {version}".encode() * 100))
+        fw = await self.service.firmware.add(
             blob,
             product_key="pk",
             version=version,
@@ -109,7 +109,7 @@ class World:
         if firmware_id is None:
             firmware_id = await self.firmware()
         spec = JobSpec(firmware_id, devices=None if devices is None else tuple(devices), **kwargs)
-        job = await self.service.create_job(spec)
+        job = await self.service.jobs.create(spec)
         await self.service.drain()
         return job.id
 
@@ -133,12 +133,12 @@ class World:
 
     async def connect(self, device: DeviceRef) -> None:
         self.channel.connect(device)
-        await self.service.device_connected(device)
+        await self.service.events.device_connected(device)
 
     async def publish(self, topic: str, doc: dict[str, Any]) -> None:
         parsed = OtaTopic.parse(topic)
         assert parsed is not None
-        await self.service.handle_publish(parsed, json.dumps(doc).encode())
+        await self.service.events.handle_publish(parsed, json.dumps(doc).encode())
 
     async def inform(self, device: DeviceRef, version: str) -> None:
         topic = f"/ota/device/inform/{device.product_key}/{device.device_name}"
@@ -159,14 +159,14 @@ class World:
     # ---- looking
 
     async def task(self, job_id: int, device: DeviceRef) -> Task:
-        [task] = [t for t in await self.service.repo.tasks_of_job(job_id) if t.device == device]
+        [task] = [t for t in await self.service._repo.tasks_of_job(job_id) if t.device == device]
         return task
 
     async def states(self, job_id: int) -> dict[DeviceRef, TaskState]:
-        return {t.device: t.state for t in await self.service.repo.tasks_of_job(job_id)}
+        return {t.device: t.state for t in await self.service._repo.tasks_of_job(job_id)}
 
     async def get_job(self, job_id: int) -> JobRecord:
-        return await self.service.repo.get_job(job_id)
+        return await self.service._repo.get_job(job_id)
 
     async def job_state(self, job_id: int) -> JobState:
         """The state the API answers for the job (derived from its stored state, start time and counts)."""
@@ -174,7 +174,7 @@ class World:
         return machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=self.clock())
 
     async def firmware_status(self, firmware_id: int) -> FirmwareStatus:
-        return (await self.service.repo.get_firmware(firmware_id)).status
+        return (await self.service._repo.get_firmware(firmware_id)).status
 
 
 @pytest.fixture
@@ -251,7 +251,7 @@ async def test_end_at_also_ends_a_paused_job(world: World) -> None:
     await world.online(a)
     await world.offline(b)
     job_id = await world.job([a, b], end_at=world.clock.now + 600)
-    await world.service.pause_job(job_id)
+    await world.service.jobs.pause(job_id)
 
     await world.tick(600)
     await world.tick(60)
@@ -355,7 +355,7 @@ async def test_error_threshold_pauses_and_resume_acknowledges_failures(world: Wo
     assert world.channel.notices(d[3]) == []
     assert (await world.task(job_id, d[3])).state is S.QUEUED
 
-    await world.service.resume_job(job_id)
+    await world.service.jobs.resume(job_id)
     await world.service.drain()
     assert (await world.get_job(job_id)).stored_state is JobState.RUNNING
     assert len(world.channel.notices(d[3])) == 1
@@ -378,8 +378,8 @@ async def test_failures_after_rerun_of_acknowledged_failures_pause_again(world: 
     await world.progress(d[1], "-2")
     await world.tick(1)
     assert (await world.get_job(job_id)).stored_state is JobState.PAUSED
-    await world.service.resume_job(job_id)
-    await world.service.rerun_failed(job_id)
+    await world.service.jobs.resume(job_id)
+    await world.service.jobs.rerun_failed(job_id)
     await world.service.drain()
     assert (await world.states(job_id))[d[0]] is S.NOTIFIED
 
@@ -457,7 +457,7 @@ async def test_rerun_failed_requeues_failed_and_timed_out_tasks(world: World) ->
     other = await world.job([moved], firmware_id=await world.firmware("3.0.0"))
     assert (await world.task(other, moved)).state is S.NOTIFIED
 
-    await world.service.rerun_failed(job_id)
+    await world.service.jobs.rerun_failed(job_id)
     await world.service.drain()
     assert await world.states(job_id) == {failed: S.NOTIFIED, slow: S.NOTIFIED, moved: S.FAILED}
     assert (await world.task(job_id, failed)).attempts == 2
@@ -479,11 +479,11 @@ async def test_verify_job_lifecycle(world: World) -> None:
     fw = await world.firmware(verify=True)
     assert await world.firmware_status(fw) is FirmwareStatus.UNVERIFIED
     with pytest.raises(Conflict, match="unverified"):
-        await world.service.create_job(JobSpec(fw, devices=(c,)))
+        await world.service.jobs.create(JobSpec(fw, devices=(c,)))
 
     for devices in ((), tuple(fleet(11)), None):
         with pytest.raises(InvalidInput) as e:
-            await world.service.create_job(JobSpec(fw, JobType.VERIFY, devices))
+            await world.service.jobs.create(JobSpec(fw, JobType.VERIFY, devices))
         assert e.value.field == "devices"
     assert await world.firmware_status(fw) is FirmwareStatus.UNVERIFIED
 
@@ -491,7 +491,7 @@ async def test_verify_job_lifecycle(world: World) -> None:
     assert await world.firmware_status(fw) is FirmwareStatus.VERIFYING
     assert set(world.channel.notified()) == {a, b}
     with pytest.raises(Conflict, match="verifying"):
-        await world.service.create_job(JobSpec(fw, devices=(c,)))
+        await world.service.jobs.create(JobSpec(fw, devices=(c,)))
 
     await world.inform(a, TARGET)
     await world.tick(1)
@@ -517,12 +517,12 @@ async def test_verify_job_failure_and_cancel(world: World) -> None:
     assert await world.firmware_status(failing) is FirmwareStatus.VERIFY_FAILED
     assert (await world.get_job(job_id)).stored_state is JobState.COMPLETED
     with pytest.raises(Conflict, match="verify_failed"):
-        await world.service.create_job(JobSpec(failing, devices=(c,)))
+        await world.service.jobs.create(JobSpec(failing, devices=(c,)))
 
     cancelled = await world.firmware("4.0.0", verify=True)
     job_id = await world.job([c], firmware_id=cancelled, type=JobType.VERIFY)
     assert await world.firmware_status(cancelled) is FirmwareStatus.VERIFYING
-    await world.service.cancel_job(job_id)
+    await world.service.jobs.cancel(job_id)
     assert await world.firmware_status(cancelled) is FirmwareStatus.UNVERIFIED
     assert (await world.task(job_id, c)).state is S.CANCELLED
 
@@ -554,16 +554,16 @@ async def test_dynamic_job_takes_devices_that_later_inform_a_source_version(worl
 
     await world.progress(late, "-2")
     await world.inform(late, OLD)  # a device joins a dynamic job once
-    late_tasks = [t for t in await world.service.repo.tasks_of_job(job_id) if t.device == late]
+    late_tasks = [t for t in await world.service._repo.tasks_of_job(job_id) if t.device == late]
     assert [t.state for t in late_tasks] == [S.FAILED]
     assert len(world.channel.notices(late)) == 1
 
     await world.tick(60)
     assert (await world.get_job(job_id)).stored_state is JobState.RUNNING  # dynamic jobs do not complete
     with pytest.raises(Conflict, match="dynamic"):
-        await world.service.create_job(JobSpec(fw, JobType.DYNAMIC, None, src_versions=(OLD,)))
+        await world.service.jobs.create(JobSpec(fw, JobType.DYNAMIC, None, src_versions=(OLD,)))
 
-    await world.service.cancel_job(job_id)
+    await world.service.jobs.cancel(job_id)
     assert (await world.get_job(job_id)).stored_state is JobState.CANCELLED
     newcomer = dev("newcomer")
     await world.online(newcomer)
@@ -586,12 +586,12 @@ async def test_need_confirm_holds_tasks_until_confirmed(world: World) -> None:
     assert (await world.pull(b))["data"] == {}
     assert world.channel.notified() == []
 
-    await world.service.confirm_tasks(job_id, [a])
+    await world.service.jobs.confirm(job_id, [a])
     await world.service.drain()
     assert await world.states(job_id) == {a: S.NOTIFIED, b: S.CONFIRM}
     assert world.channel.notified() == [a]
 
-    await world.service.confirm_tasks(job_id, None)
+    await world.service.jobs.confirm(job_id, None)
     await world.service.drain()
     assert await world.states(job_id) == {a: S.NOTIFIED, b: S.NOTIFIED}
     assert len(world.channel.notices(a)) == 1 and len(world.channel.notices(b)) == 1
@@ -623,16 +623,16 @@ async def test_cancel_by_state_and_single_task(world: World) -> None:
     job_id = await world.job([waiting, told, working])
     await world.progress(working, "30")
 
-    job = await world.service.cancel_job(job_id, [S.QUEUED])
+    job = await world.service.jobs.cancel(job_id, [S.QUEUED])
     assert job.stored_state is JobState.RUNNING
     assert await world.states(job_id) == {waiting: S.CANCELLED, told: S.NOTIFIED, working: S.IN_PROGRESS}
     await world.connect(waiting)
     assert world.channel.notices(waiting) == []
 
-    task = await world.service.cancel_task(job_id, told)
+    task = await world.service.jobs.cancel_task(job_id, told)
     assert task.state is S.CANCELLED
     with pytest.raises(Conflict):
-        await world.service.cancel_task(job_id, told)
+        await world.service.jobs.cancel_task(job_id, told)
     await world.tick(1)
     assert await world.states(job_id) == {waiting: S.CANCELLED, told: S.CANCELLED, working: S.IN_PROGRESS}
     assert (await world.get_job(job_id)).stored_state is JobState.RUNNING

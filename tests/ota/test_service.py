@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from firmware_store import FirmwareStore, LinkSigner
+from plugins.ota.app.ota_app import OtaApp as OtaService
 from plugins.ota.core.model import JobSpec, JobType, SignMethod, TaskState
 from plugins.ota.core.topics import DeviceRef, OtaTopic
-from plugins.ota.service import OtaService
 from plugins.ota.store.sqlite import MIGRATIONS, SqliteRepository
 from tests.ota.fakes import Clock, FakeChannel
 from tests.ota.fakes import chunks_of as _chunks
@@ -46,13 +46,13 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[OtaService, FakeChannel, 
     service, channel, clock = _service(repo, tmp_path)
     yield service, channel, clock
     await service.drain()
-    await service.repo.close()
+    await service._repo.close()
 
 
 async def publish(service: OtaService, topic: str, doc: dict) -> None:
     parsed = OtaTopic.parse(topic)
     assert parsed is not None
-    await service.handle_publish(parsed, json.dumps(doc).encode())
+    await service.events.handle_publish(parsed, json.dumps(doc).encode())
 
 
 async def inform(service: OtaService, device: DeviceRef, version: str) -> None:
@@ -66,8 +66,8 @@ async def progress(service: OtaService, device: DeviceRef, step: str) -> None:
 
 
 async def start_job(service: OtaService, devices: list[DeviceRef], **kwargs: object) -> int:
-    blob = await service.store.put(_chunks(b"firmware" * 100))
-    fw = await service.add_firmware(
+    blob = await service.firmware.put_blob(_chunks(b"firmware" * 100))
+    fw = await service.firmware.add(
         blob,
         product_key="pk",
         version="2.0.0",
@@ -76,13 +76,13 @@ async def start_job(service: OtaService, devices: list[DeviceRef], **kwargs: obj
         src_version=None,
         description="",
     )
-    job = await service.create_job(JobSpec(fw.id, JobType.STATIC, tuple(devices), **kwargs))  # type: ignore[arg-type]
+    job = await service.jobs.create(JobSpec(fw.id, JobType.STATIC, tuple(devices), **kwargs))  # type: ignore[arg-type]
     await service.drain()
     return job.id
 
 
 async def task_of(service: OtaService, job_id: int, device: DeviceRef = DEV):
-    [task] = [t for t in await service.repo.tasks_of_job(job_id) if t.device == device]
+    [task] = [t for t in await service._repo.tasks_of_job(job_id) if t.device == device]
     return task
 
 
@@ -99,7 +99,7 @@ async def test_dispatch_notifies_only_online_devices(world) -> None:
     assert len(channel.notices(DEV)) == 1
 
     channel.connect(offline)
-    await service.device_connected(offline)
+    await service.events.device_connected(offline)
     assert (await task_of(service, job_id, offline)).state is TaskState.NOTIFIED
     assert len(channel.notices(offline)) == 1
 
@@ -113,7 +113,7 @@ async def test_interleaved_reports_for_one_device_are_serialized(world) -> None:
     await asyncio.gather(*(progress(service, DEV, str(step)) for step in range(1, 51)))
     task = await task_of(service, job_id)
     assert task.state is TaskState.IN_PROGRESS and task.progress == 50
-    history = await service.repo.task_history(task.id)
+    history = await service._repo.task_history(task.id)
     assert [h["progress"] for h in history if h["state"] == "in_progress"] == list(range(1, 51))
     assert service.rejected.total() == 0
 
@@ -126,14 +126,14 @@ async def test_cancel_racing_progress_ends_cancelled(world) -> None:
     job_id = await start_job(service, [DEV])
     await asyncio.gather(
         *(progress(service, DEV, str(s)) for s in range(1, 20)),
-        service.cancel_job(job_id),
+        service.jobs.cancel(job_id),
         *(progress(service, DEV, str(s)) for s in range(20, 40)),
     )
     await progress(service, DEV, "90")
     await inform(service, DEV, "2.0.0")
     task = await task_of(service, job_id)
     assert task.state is TaskState.CANCELLED
-    job = await service.repo.get_job(job_id)
+    job = await service._repo.get_job(job_id)
     assert job.counts == {TaskState.CANCELLED: 1}
 
 
@@ -147,7 +147,7 @@ async def test_stale_write_is_refused(world) -> None:
     await progress(service, DEV, "10")
     from dataclasses import replace
 
-    assert await service.repo.save_task(replace(stale, state=TaskState.FAILED), "stale") is None
+    assert await service._repo.save_task(replace(stale, state=TaskState.FAILED), "stale") is None
     assert (await task_of(service, job_id)).state is TaskState.IN_PROGRESS
 
 
@@ -180,7 +180,7 @@ async def test_renotify_only_for_a_new_session(world) -> None:
     assert len(channel.notices(DEV)) == 1
     clock.now += 5
     channel.connect(DEV)
-    await service.device_connected(DEV)
+    await service.events.device_connected(DEV)
     await inform(service, DEV, "1.0.0")
     assert len(channel.notices(DEV)) == 2
     assert (await task_of(service, job_id)).attempts == 1
@@ -193,10 +193,10 @@ async def test_state_survives_reopening_the_database(world, tmp_path: Path) -> N
     await inform(service, DEV, "1.0.0")
     job_id = await start_job(service, [DEV])
     await progress(service, DEV, "30")
-    await service.repo.close()
+    await service._repo.close()
     repo = SqliteRepository(tmp_path / "ota.db")
     await repo.open()
-    service.repo = repo
+    service._repo = repo
     task = await task_of(service, job_id)
     assert task.state is TaskState.IN_PROGRESS and task.progress == 30
     assert (await repo.get_device(DEV)).modules == {"default": "1.0.0"}

@@ -1,0 +1,78 @@
+"""Read-mostly facts kept in memory so a device's message costs fewer database round trips: the devices
+known to exist (forgotten when deleted), firmware rows and what a notice needs of its job (both fixed
+once created)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plugins.ota.core.model import DownloadProtocol, Firmware
+from plugins.ota.core.topics import DeviceRef
+from plugins.ota.store.repository import Repository
+
+_ABSENT_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class JobFacts:
+    """What a notice needs of its job."""
+
+    tags: dict[str, str]
+    protocol: DownloadProtocol
+
+
+class Catalog:
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self._existing: set[DeviceRef] = set()
+        self._absent: set[DeviceRef] = set()  # looked up and not registered (until registered here)
+        self._firmware: dict[int, Firmware] = {}
+        self._jobs: dict[int, JobFacts] = {}
+
+    # ---------------------------------------------------------------------------------------- devices
+
+    async def exists(self, device: DeviceRef) -> bool:
+        if device in self._existing:
+            return True
+        if device in self._absent:
+            return False
+        if await self.repo.find_device(device) is None:
+            if len(self._absent) >= _ABSENT_MAX:
+                self._absent.clear()
+            self._absent.add(device)
+            return False
+        self._existing.add(device)
+        return True
+
+    def registered(self, device: DeviceRef) -> None:
+        self._absent.discard(device)
+        self._existing.add(device)
+
+    def deleted(self, device: DeviceRef) -> None:
+        self._existing.discard(device)
+
+    # ------------------------------------------------------------------------------- firmware, jobs
+
+    async def firmware(self, firmware_id: int) -> Firmware:
+        found = self._firmware.get(firmware_id)
+        if found is None:
+            found = self._firmware[firmware_id] = await self.repo.get_firmware(firmware_id)
+        return found
+
+    async def find_firmware(self, firmware_id: int) -> Firmware | None:
+        found = self._firmware.get(firmware_id)
+        if found is None:
+            found = await self.repo.find_firmware(firmware_id)
+            if found is not None:
+                self._firmware[firmware_id] = found
+        return found
+
+    def firmware_deleted(self, firmware_id: int) -> None:
+        self._firmware.pop(firmware_id, None)
+
+    async def job_facts(self, job_id: int) -> JobFacts:
+        facts = self._jobs.get(job_id)
+        if facts is None:
+            options = (await self.repo.get_job(job_id)).options
+            facts = self._jobs[job_id] = JobFacts(dict(options.tags), options.download_protocol)
+        return facts
