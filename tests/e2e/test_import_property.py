@@ -61,7 +61,7 @@ cells = st.one_of(
 
 def csv_text(rows: list[tuple[str, ...]], header: bool) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\r\n")  # RFC 4180: a cell holding a bare CR is then quoted
     if header:
         writer.writerow(["product_key", "device_name", "device_secret"])
     writer.writerows(rows)
