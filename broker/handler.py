@@ -51,6 +51,7 @@ from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicat
 
 from broker.protocol import (
     PINGRESP_PACKET,
+    UNSUBSCRIBE_FLAGS,
     Limits,
     ProtocolViolation,
     QueueFull,
@@ -150,6 +151,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     async def _handle(self, packet_type: int, flags: int, length: int) -> None:
         limits = self.limits
+        if packet_type == UNSUBSCRIBE and flags == 0 and self._aliyun_sdk():
+            flags = UNSUBSCRIBE_FLAGS  # Aliyun Link SDK C 4.0/4.1 send 0xA0: tolerated from its clients only
         check_header(packet_type, flags, length, limits)
         body = await read_or_raise(self.reader, length) if length else b""
         session = self.session
@@ -202,6 +205,15 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         elif packet_type == DISCONNECT:
             self.clean_disconnect = True
             await self.handle_disconnect(DisconnectPacket())
+
+    def _aliyun_sdk(self) -> bool:
+        """Whether this client logged in the way Aliyun's device SDKs do (a clientId of the form
+        `<id>|securemode=..,...|`). Link SDK C 4.0 and 4.1 send UNSUBSCRIBE with flags 0 (MQTT 3.1.1 says
+        0x2, MQTT-3.10.1-1) after every MQTT download; Aliyun's platform takes it, so the broker does for
+        these clients, and stays strict with every other."""
+        client_id = str(getattr(self.session, "client_id", "") or "")
+        parts = client_id.split("|")
+        return len(parts) >= 3 and "securemode=" in parts[1]
 
     def handle_read_timeout(self) -> None:
         """Nothing from the client for 1.5 x its keep-alive: close (EOF ends the reader and the session)."""

@@ -154,6 +154,23 @@ async def test_unsubscribe_with_wrong_header_flags_closes(env: Env, caplog: pyte
     )
 
 
+@pytest.mark.parametrize("flags", [0x0, 0x1, 0x3, 0xF])
+async def test_aliyun_sdk_clients_may_unsubscribe_with_flags_0_only(env: Env, flags: int) -> None:
+    """A deliberate deviation from MQTT-3.10.1-1: Aliyun's Link SDK C 4.0/4.1 send UNSUBSCRIBE with
+    flags 0 (after every MQTT download), so a client logged in the Aliyun way (`<id>|securemode=..|`) gets
+    its UNSUBACK for flags 0; any other wrong flags still close its connection."""
+    async with mq.RawClient.open(env.mqtt_port) as client:
+        await client.connect("pk.d1|securemode=3,signmethod=hmacsha256,_v=sdk-c-4.1.0|", username="d1&pk")
+        assert await client.subscribe(1, ("/sys/pk/d1/thing/file/download_reply", 0)) == [0]
+        await client.send(mq.unsubscribe(2, "/sys/pk/d1/thing/file/download_reply", flags=flags))
+        if flags == 0x0:
+            assert (await client.expect(mq.UNSUBACK)).packet_id == 2
+            await client.send(mq.pingreq())
+            await client.expect(mq.PINGRESP)
+        else:
+            assert await client.closed()
+
+
 async def test_pubrel_with_wrong_header_flags_closes(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     """MQTT-3.6.1-1: a PUBREL whose fixed-header flags are not 0b0010 closes the connection [item 10]."""
     await assert_closes(env, caplog, "reserved flags", mq.pubrel(1, flags=0x0), forbidden=mq.PUBCOMP)
