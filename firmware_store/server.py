@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import ssl
+import struct
+import termios
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -253,9 +256,23 @@ class BodyStalled(ConnectionResetError):
     logged once, by the deadline)."""
 
 
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to `transport` that the peer has not yet taken: the transport's buffer plus, on Linux,
+    the socket's send queue (a slow reader leaves megabytes in the kernel after the handler is done)."""
+    pending = int(transport.get_write_buffer_size())  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    outq = getattr(termios, "TIOCOUTQ", None)
+    if sock is not None and outq is not None:
+        with contextlib.suppress(OSError, ValueError):
+            pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), outq, b"\0\0\0\0"))[0]
+    return pending
+
+
 class _HeadDeadline(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection: the client must send a complete request head within
-    `timeout` of connecting or of its previous response, else the connection is closed (slow-loris).
+    `timeout` of connecting or of having read its previous response, else the connection is closed
+    (slow-loris); a client that reads its response slowly is not cut off while it makes progress, one that
+    stops reading for `timeout` is (as nginx's `send_timeout`).
     While a request body is being received, each piece must come within `timeout` of the one before: a
     stalled body is failed with `BodyStalled` and its connection closed. Time the client spends waiting
     on us (reading paused because the handler has not taken the data yet) does not count."""
@@ -269,6 +286,7 @@ class _HeadDeadline(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.BaseTransport | None = None
         self._body: StreamReader | None = None
+        self._unsent = -1  # bytes of our response the client had not read at the last deadline
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -277,8 +295,9 @@ class _HeadDeadline(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def arm(self) -> None:
-        """Wait for the next request head."""
+        """Wait for the next request head (once the client has read the response before it)."""
         self._body = None
+        self._unsent = -1
         self._start_timer()
 
     def disarm(self) -> None:
@@ -309,7 +328,24 @@ class _HeadDeadline(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         body = self._body
         if body is None:
-            log.warning("closed a connection from %s: no complete request within %gs", peer, self._timeout)
+            unsent = _unsent(transport)
+            if unsent != self._unsent and (unsent or self._unsent > 0):
+                # The client is still reading our last response (or finished it since the last look): its
+                # next request head is due a full `timeout` after that, not before.
+                self._unsent = unsent
+                self._start_timer()
+                return
+            if unsent:
+                log.warning(
+                    "closed a connection from %s: it stopped reading its response (%d bytes unsent for %gs)",
+                    peer,
+                    unsent,
+                    self._timeout,
+                )
+            else:
+                log.warning(
+                    "closed a connection from %s: no complete request within %gs", peer, self._timeout
+                )
         elif body.is_eof():
             self._body = None
             return

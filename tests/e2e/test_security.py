@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -726,3 +727,48 @@ async def test_csv_import(secure: Env) -> None:
         d = signed(env, "pk", dn, created[dn]["device_secret"])
         assert await d.attempt() == 0, dn
         assert await signed(env, "pk", dn, "a-wrong-secret", client_id_part=f"x{dn}").attempt() == REFUSED
+
+
+async def test_a_slow_reader_gets_the_whole_firmware(secure: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """A device that reads its download slowly (a small receive window, a few KB at a time) for much longer
+    than the request-head deadline gets every byte: the deadline for its next request starts once it has
+    read the response, and only a client that stops reading altogether is cut off."""
+    env = secure  # http_header_timeout_s = 0.5
+    data = os.urandom(3 * 1024 * 1024)
+    d = await online(env, "pk", "slow")
+    form = aiohttp.FormData()
+    form.add_field("product_key", "pk")
+    form.add_field("version", "2.0.0")
+    form.add_field("file", io.BytesIO(data), filename="fw.bin", content_type="application/octet-stream")
+    fw = await env.api("POST", "/firmware", expect=201, data=form)
+    await env.job(fw["id"], ["pk/slow"])
+    [notice] = await d.notices()
+    url = notice["data"]["url"]
+    host, port = env.running.https_address
+    path = url.split(f":{port}", 1)[1] if f":{port}" in url else "/" + url.split("/", 3)[3]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect((host, port))
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=env.tls.client_context(), server_hostname="127.0.0.1"
+    )
+    received = bytearray()
+    started = time.monotonic()
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head[:100]
+        while len(received) < len(data) and time.monotonic() - started < 60:
+            chunk = await asyncio.wait_for(reader.read(16384), 5)
+            if not chunk:
+                break
+            received += chunk
+            await asyncio.sleep(0.01)  # about 1.5 MB/s: several seconds, many head deadlines
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    assert time.monotonic() - started > 1.0  # the deadline (0.5 s) passed several times meanwhile
+    assert bytes(received) == data
+    assert not [r for r in caplog.records if "no complete request" in r.getMessage()]
