@@ -30,6 +30,7 @@ from amqtt.session import Session
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from plugins.broker_port import MqttBroker
 from plugins.device_auth import acl
 from plugins.device_auth.signing import CredentialsError, DeviceCredentials, Refusal, verify
 from plugins.device_auth.throttle import WINDOW_S, LoginThrottle
@@ -86,6 +87,7 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
         super().__init__(context)
         self._hasher = PasswordHasher()
         self._directory: DeviceDirectory | None = None
+        self._broker: MqttBroker | None = None
         self._password_checks = asyncio.Semaphore(PASSWORD_CHECKS)
         self.throttle = LoginThrottle()
         problem = config_problem(self.config)
@@ -94,12 +96,14 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
 
     # ---------------------------------------------------------------------------------- directory
 
+    def bind_broker(self, broker: MqttBroker) -> None:
+        """ota-broker's broker hands itself over; the device directory is found through it."""
+        self._broker = broker
+
     def directory(self) -> DeviceDirectory | None:
-        if self._directory is None:
-            manager = self.context._broker_instance.plugins_manager  # amqtt offers no public handle
-            for plugin in manager.plugins:
-                if isinstance(plugin, DeviceDirectory) and plugin is not self:
-                    self._directory = plugin
+        if self._directory is None and self._broker is not None:
+            # a runtime-checkable protocol is what isinstance checks against; mypy wants a concrete class
+            self._directory = self._broker.find_plugin(DeviceDirectory)  # type: ignore[type-abstract]
         return self._directory
 
     def _open(self) -> bool:

@@ -23,10 +23,11 @@ from amqtt.session import ApplicationMessage, Session
 from firmware_store import FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls, write_private
+from plugins.broker_port import MqttBroker
 from plugins.ota.api import admin_app
 from plugins.ota.app.ota_app import OtaApp
 from plugins.ota.core.messages import Outgoing, same_notice
-from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, filter_matches, topic_name
+from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, topic_name
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.settings import OtaConfig, Settings, resolve
 from plugins.ota.store.repository import Repository
@@ -34,7 +35,6 @@ from plugins.ota.store.sqlite import SqliteRepository
 
 log = logging.getLogger("ota.plugin")
 
-_ACK_TIMEOUT_S = 60
 REVOKED_KEEP_S = 120.0  # longer than a login can take (amqtt's connect timeout and the auth checks)
 
 
@@ -61,8 +61,18 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         self._conns: dict[str, _Connection] = {}  # client id -> the connection that authenticated
         # device -> when (event loop time) its credentials last changed; oldest first, kept REVOKED_KEEP_S
         self._revoked: dict[DeviceRef, float] = {}
-        self._deliveries: set[asyncio.Task[Any]] = set()
+        self._broker: MqttBroker | None = None  # given by the broker (`bind_broker`)
         self.metrics = OtaMetrics()
+
+    def bind_broker(self, broker: MqttBroker) -> None:
+        """ota-broker's broker hands itself over: the plugin delivers and closes connections through it."""
+        self._broker = broker
+
+    @property
+    def broker(self) -> MqttBroker:
+        if self._broker is None:
+            raise RuntimeError("the OTA plugin runs in ota-broker's broker only (`ota-broker run`)")
+        return self._broker
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -161,9 +171,8 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         sources.task_states = repo.task_state_counts
 
     def _broker_delivered(self) -> int | None:
-        """The broker's count of deliveries to subscribers, when the broker keeps one."""
-        count = getattr(self.context._broker_instance, "delivered_count", None)
-        return count if isinstance(count, int) else None
+        """The broker's count of deliveries to subscribers."""
+        return None if self._broker is None else self._broker.delivered_count
 
     async def _tick_loop(self) -> None:
         while True:
@@ -186,9 +195,6 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         """After the broker closed its sessions: finish in-flight work, then close the database."""
         if self.service is not None:
             await self.service.drain()
-        for task in list(self._deliveries):
-            task.cancel()
-        await asyncio.gather(*self._deliveries, return_exceptions=True)
         if self._repo is not None:
             await self._repo.close()
             self._repo = None
@@ -214,7 +220,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         """Record the connection that authenticated; the OTA service delivers through this record. (The
         broker, `broker.hardened.HardenedBroker`, has already closed an older connection with this client id,
         MQTT-3.1.4-2, and authenticates before it touches its session table.)"""
-        entry = self.context._broker_instance.sessions.get(client_id)  # amqtt offers no public handle
+        entry = self.broker.connection(client_id)
         if entry is None or entry[0] is not client_session:
             return
         old = self._conns.get(client_id)
@@ -242,7 +248,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         conn = self._conns.get(client_id)
         if conn is None or conn.session is not client_session:
             return  # an older connection of a client id that has connected again
-        if conn.session.transitions.state == "connected":
+        if self.broker.is_connected(conn.session):
             return  # the same session taken over by a new connection (clean session off)
         del self._conns[client_id]
         device = self._client_device.pop(client_id, None)
@@ -315,7 +321,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
     def _connection(self, device: DeviceRef) -> _Connection | None:
         for client_id in reversed(self._device_clients.get(device, [])):
             conn = self._conns.get(client_id)
-            if conn is not None and conn.session.transitions.state == "connected":
+            if conn is not None and self.broker.is_connected(conn.session):
                 return conn
         return None
 
@@ -331,51 +337,35 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         other subscribers of its topic (at the QoS they were granted)."""
         topic, payload, qos = topic_name(message.kind, device), message.payload, message.qos
         self.metrics.message_sent(message.kind)
+        broker = self.broker
         conn = self._connection(device)
-        if conn is not None and qos and _holds(conn.session, topic, payload):
+        if conn is not None and qos and self._holds(conn.session, topic, payload):
             # Its session has this notice unacknowledged or queued (a persistent session after a restart or
             # a reconnect): that copy is sent again, with DUP and its packet id; a second one would be a
             # duplicate.
             return True
-        subscribed = conn is not None and self._subscribed(conn.session, topic)
+        subscribed = conn is not None and broker.is_subscribed(conn.session, topic)
         # Subscribers, the device among them if it subscribed, get it through the broker's routing.
         await self.context.broadcast_message(topic, payload)  # each at its granted QoS
         if conn is None:
             return False
-        if not subscribed:
-            task = asyncio.create_task(
-                conn.handler.mqtt_publish(topic, payload, qos, retain=False, ack_timeout=_ACK_TIMEOUT_S)
-            )
-            self._deliveries.add(task)
-            task.add_done_callback(lambda done: self._delivery_done(device, done))
+        if not subscribed:  # the broker keeps a QoS 1 message in flight until acknowledged, resending it
+            broker.deliver(conn.session, topic, payload, qos)
         return True
 
-    def _subscribed(self, session: Session, topic: str) -> bool:
-        broker = self.context._broker_instance
-        # ota-broker's indexed broker answers without a scan of every filter
-        lookup = getattr(broker, "subscriber_qos", None)
-        if lookup is not None:
-            return lookup(session, topic) is not None
-        return any(
-            filter_matches(topic_filter, topic) and any(s is session for s, _ in subscribers)
-            for topic_filter, subscribers in self.context.subscriptions.items()
-        )
+    def _holds(self, session: Session, topic: str, payload: bytes) -> bool:
+        """Whether `session` has the same notice on `topic` in flight (unacknowledged) or queued (offline)."""
+        return any(t == topic and same_notice(held, payload) for t, held in self.broker.pending(session))
 
     def _revoked_since_login(self, device: DeviceRef, session: Session) -> bool:
         """Whether `device`'s credentials changed after `session` began to authenticate (the broker
-        stamps `authenticated_since`; a plain amqtt broker does not, and then nothing is checked)."""
+        stamps `authenticated_since` on the session)."""
         since = getattr(session, "authenticated_since", None)
         revoked = self._revoked.get(device)
         return not self.open_mode and since is not None and revoked is not None and revoked >= since
 
     def _end(self, handler: Any) -> None:
-        end = getattr(self.context._broker_instance, "end_connection", None)  # ota-broker's broker
-        if end is not None:
-            end(handler)
-        else:
-            task = asyncio.ensure_future(handler.handle_connection_closed())
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+        self.broker.end_connection(handler)
 
     async def disconnect(self, device: DeviceRef) -> None:
         """Close every connection of `device`, including one still logging in (its credentials changed)."""
@@ -398,31 +388,12 @@ class OtaPlugin(BasePlugin[BrokerContext]):
                 )
                 self._end(conn.handler)
 
-    def _delivery_done(self, device: DeviceRef, task: asyncio.Task[Any]) -> None:
-        self._deliveries.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.info(
-                "%s: a notice was not acknowledged: %s",
-                device,
-                task.exception(),
-                extra={"device": str(device)},
-            )
-
 
 @dataclass(slots=True)
 class _Connection:
     session: Session
     handler: Any  # amqtt's BrokerProtocolHandler of this connection
     connected_at: float
-
-
-def _holds(session: Session, topic: str, payload: bytes) -> bool:
-    """Whether `session` has the same notice on `topic` in flight (unacknowledged) or queued (offline)."""
-    queued = getattr(session.retained_messages, "_items", None) or ()  # the broker's LightQueue
-    return any(
-        message.topic == topic and same_notice(bytes(message.data), payload)
-        for message in (*session.inflight_out.values(), *queued)
-    )
 
 
 def _parse(topic: str) -> OtaTopic | None:
