@@ -247,10 +247,16 @@ def simulate(
     Exit status 0; 1 when no device could log in, the limit cut busy devices off or a worker process died;
     130 after Ctrl-C.
     """
-    from broker import simulator  # noqa: PLC0415 - paho-mqtt and the fleet load only for this command
+    from simulator import model  # noqa: PLC0415 - the fleet loads only for this command
+
+    try:
+        from simulator import display  # noqa: PLC0415 - paho-mqtt (the `simulator` extra) only for this command
+    except model.ClientMissing as e:
+        print(f"simulate: {e}", file=sys.stderr)
+        raise typer.Exit(2) from e
 
     setup_logging(log_level)
-    options = simulator.SimulationOptions(
+    options = model.SimulationOptions(
         devices=devices,
         product_key=product_key,
         version=version,
@@ -274,21 +280,21 @@ def simulate(
     )
     try:
         options.check()
-        simulator.plan_devices(options)
-    except simulator.SimulatorError as e:
+        model.plan_devices(options)
+    except model.SimulatorError as e:
         print(f"simulate: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
-    result = asyncio.run(simulator.run_with_display(options, live=sys.stdout.isatty()))
-    for line in simulator.summary_lines(result):
+    result = asyncio.run(display.run_with_display(options, live=sys.stdout.isatty()))
+    for line in display.summary_lines(result):
         print(line)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
         print(f"results written to {json_out}")
-    if result.end_reason == simulator.EndReason.INTERRUPTED:
+    if result.end_reason == model.EndReason.INTERRUPTED:
         raise typer.Exit(130)
-    busy_cut = result.counts["unfinished"] > 0 and result.end_reason == simulator.EndReason.DURATION_LIMIT
+    busy_cut = result.counts["unfinished"] > 0 and result.end_reason == model.EndReason.DURATION_LIMIT
     none_online = bool(result.devices) and result.counts["offline"] == len(result.devices)
-    raise typer.Exit(1 if busy_cut or none_online or result.end_reason == simulator.EndReason.ABORTED else 0)
+    raise typer.Exit(1 if busy_cut or none_online or result.end_reason == model.EndReason.ABORTED else 0)
 
 
 @cli.command("nginx-link")

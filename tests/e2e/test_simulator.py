@@ -15,14 +15,8 @@ import aiohttp
 import pytest
 
 from broker import app as broker_app
-from broker.simulator import (
-    DeviceState,
-    EndReason,
-    SimulationOptions,
-    SimulationResult,
-    read_secrets,
-    run_simulation,
-)
+from simulator.fleet import run_simulation
+from simulator.model import DeviceState, EndReason, SimulationOptions, SimulationResult, read_secrets
 from tests.support import Env, Tls, eventually, secure_config
 
 FIRMWARE = os.urandom(200_000)
@@ -280,3 +274,42 @@ async def test_download_speed_and_no_reboot(env: Env, tmp_path: Path) -> None:
     assert min(result.upgrade_seconds) >= len(FIRMWARE) / speed * 0.9
     assert all(d.reconnects == 0 for d in result.devices)
     await all_tasks(env, job_id, "succeeded")
+
+
+WITHOUT_PAHO = """
+import sys
+sys.modules["paho"] = None  # as if paho-mqtt were not installed: `import paho...` raises ImportError
+import broker.app, broker.cli, plugins.ota.plugin, plugins.device_auth.plugin  # the broker needs no paho
+sys.argv = ["ota-broker", *sys.argv[1:]]
+broker.cli.main()
+"""
+
+
+def test_the_broker_runs_without_paho_and_simulate_names_the_extra(tmp_path: Path) -> None:
+    """paho-mqtt is the simulator's alone: the broker imports without it, and `ota-broker simulate` says
+    which extra to install (exit 2, one line, no traceback)."""
+    import subprocess
+
+    ran = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PAHO, "simulate", "--devices", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 2, ran.stderr
+    assert "pip install 'ota-broker[simulator]'" in ran.stderr and "Traceback" not in ran.stderr
+    helped = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PAHO, "--help"], cwd=REPO, capture_output=True, timeout=60, check=False
+    )
+    assert helped.returncode == 0 and b"simulate" in helped.stdout
+
+
+def test_paho_is_an_extra_not_a_dependency() -> None:
+    """An installation of the broker pins no paho-mqtt major version; the `simulator` extra brings it."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.lower().startswith("paho")]
+    assert any(d.lower().startswith("paho-mqtt") for d in project["optional-dependencies"]["simulator"])
