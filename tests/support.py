@@ -7,11 +7,13 @@ Every wait here is bounded in time and stops by itself; everything talks to loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,7 +160,8 @@ class Env:
         form.add_field("version", version)
         for k, v in fields.items():
             form.add_field(k, v)
-        form.add_field("file", data, filename="fw.bin", content_type="application/octet-stream")
+        # a stream: aiohttp warns (an error here) about large bodies given as bytes
+        form.add_field("file", io.BytesIO(data), filename="fw.bin", content_type="application/octet-stream")
         return await self.api("POST", "/firmware", expect=201, data=form)
 
     async def job(self, firmware_id: int, devices: list[str], **options: Any) -> Any:
@@ -183,6 +186,21 @@ class Env:
         """GET `url` over HTTPS trusting the test CA: status, headers (case-insensitive) and body."""
         async with self.http.get(url, ssl=self.tls.client_context(), headers=headers or {}) as r:
             return r.status, r.headers.copy(), await r.read()
+
+
+@contextlib.asynccontextmanager
+async def started(config: dict[str, Any], tls: Tls) -> AsyncIterator[Env]:
+    """A broker started in this process from `config`, and an HTTP client; stopped (and its devices
+    disconnected) on the way out."""
+    running = await broker_app.start(config)
+    async with aiohttp.ClientSession() as http:
+        e = Env(running, tls, http)
+        try:
+            yield e
+        finally:
+            for d in e.devices:
+                d.disconnect()
+            await running.stop()
 
 
 class Device:

@@ -8,6 +8,7 @@ import json
 import socket
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,6 +21,17 @@ from tests.broker.rawmqtt import publish as raw_publish
 from tests.support import Device, Env, Tls, broker_config, eventually
 
 _DEV1 = DeviceRef("pk", "dev1")
+_LOGIN: dict[str, Any] = {"clean": False, "username": "dev1&pk", "password": "x"}  # a persistent session
+
+
+async def _subscribe_and_report(device: RawClient) -> None:
+    """Device pk/dev1 connects with a persistent session, subscribes to its notices at QoS 1 and reports
+    version 1.0.0."""
+    assert (await device.connect("pk.dev1", **_LOGIN)).return_code == 0
+    assert await device.subscribe(1, ("/ota/device/upgrade/pk/dev1", 1)) == [1]
+    inform = json.dumps({"id": 1, "params": {"version": "1.0.0"}}).encode()
+    await device.send(raw_publish("/ota/device/inform/pk/dev1", inform, qos=1, packet_id=1))
+    await device.expect(PUBACK)
 
 
 async def _start(data: Path, tls: Tls) -> broker_app.RunningBroker:
@@ -109,7 +121,7 @@ async def test_an_unacknowledged_notice_is_resent_once_after_a_restart(
     packet id (MQTT-4.4.0-1), and the OTA service does not push a second copy of the same notice."""
     data = tmp_path / "data"
     topic = "/ota/device/upgrade/pk/dev1"
-    login = {"clean": False, "username": "dev1&pk", "password": "x"}
+    login = _LOGIN
     # The download address stays the same across the restart, as in a deployment.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -118,11 +130,7 @@ async def test_an_unacknowledged_notice_is_resent_once_after_a_restart(
     running = await broker_app.start(config)
     try:
         async with RawClient.open(running.mqtt_address[1]) as device:
-            assert (await device.connect("pk.dev1", **login)).return_code == 0
-            assert await device.subscribe(1, (topic, 1)) == [1]
-            inform = json.dumps({"id": 1, "params": {"version": "1.0.0"}}).encode()
-            await device.send(raw_publish("/ota/device/inform/pk/dev1", inform, qos=1, packet_id=1))
-            await device.expect(PUBACK)
+            await _subscribe_and_report(device)
             await eventually(
                 lambda: _rows(data / "ota.db", "SELECT 1 FROM device_modules"), what="the version recorded"
             )
@@ -157,15 +165,11 @@ async def test_a_notice_queued_for_an_offline_session_is_delivered_once(tmp_path
     reconnects (whether the notice was queued for it or sent on reconnect), never twice."""
     data = tmp_path / "data"
     topic = "/ota/device/upgrade/pk/dev1"
-    login = {"clean": False, "username": "dev1&pk", "password": "x"}
+    login = _LOGIN
     running = await _start(data, tls)
     try:
         async with RawClient.open(running.mqtt_address[1]) as device:
-            assert (await device.connect("pk.dev1", **login)).return_code == 0
-            assert await device.subscribe(1, (topic, 1)) == [1]
-            inform = json.dumps({"id": 1, "params": {"version": "1.0.0"}}).encode()
-            await device.send(raw_publish("/ota/device/inform/pk/dev1", inform, qos=1, packet_id=1))
-            await device.expect(PUBACK)
+            await _subscribe_and_report(device)
         async with aiohttp.ClientSession() as http:
             env = Env(running, tls, http)
             await eventually(lambda: not running.plugin.is_online(_DEV1), what="the device to be offline")

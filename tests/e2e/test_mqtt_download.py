@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import os
 import time
@@ -14,11 +13,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from broker import app as broker_app
-from tests.support import Device, Env, Tls, broker_config, eventually, reporting
+from tests.support import Device, Env, Tls, broker_config, eventually, reporting, started
 from tests.support_linksdk import LinkSdkDownload, Refused, Reply, Status, read_reply, request_payload
 
 FIRMWARE = os.urandom(150_000)
@@ -137,11 +134,7 @@ async def test_an_https_job_offers_no_stream_and_a_too_large_file_no_mqtt_job(en
     await asyncio.sleep(0.2)
     task_id = (await env.tasks(job["id"]))["pk/h1"]["id"]
     assert await _ask(device, request_payload(1, task_id, 1, 5120, 0)) == (Refused.HEADER, 404)
-    form = aiohttp.FormData()
-    form.add_field("product_key", "pk")
-    form.add_field("version", "3.0.0")
-    form.add_field("file", io.BytesIO(b"\0" * (16 * 1024 * 1024 + 1)), filename="big.bin")
-    big = await env.api("POST", "/firmware", expect=201, data=form)
+    big = await env.upload(b"\0" * (16 * 1024 * 1024 + 1), version="3.0.0")
     body = {"firmware_id": big["id"], "devices": ["pk/h1"], "download_protocol": "mqtt"}
     refused = await env.api("POST", "/jobs", expect=422, json=body)
     assert "download_protocol" in json.dumps(refused)
@@ -151,15 +144,8 @@ async def test_an_https_job_offers_no_stream_and_a_too_large_file_no_mqtt_job(en
 async def slow(tmp_path: Path, tls: Tls) -> AsyncIterator[Env]:
     """A broker that serves firmware over MQTT at 100 KiB/s per device."""
     config = broker_config(tmp_path / "data", tls, mqtt_download_bytes_per_second=100 * 1024)
-    running = await broker_app.start(config)
-    async with aiohttp.ClientSession() as http:
-        e = Env(running, tls, http)
-        try:
-            yield e
-        finally:
-            for d in e.devices:
-                d.disconnect()
-            await running.stop()
+    async with started(config, tls) as e:
+        yield e
 
 
 async def test_blocks_are_paced_per_device(slow: Env) -> None:

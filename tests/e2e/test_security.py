@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import json
 import logging
 import os
@@ -643,11 +642,7 @@ async def test_download_limits_and_slow_loris(secure: Env) -> None:
     env = secure
     big = os.urandom(24 * 1024 * 1024)  # far more than the socket buffers: the first download stays open
     d = await online(env, "pk", "d")
-    form = aiohttp.FormData()
-    form.add_field("product_key", "pk")
-    form.add_field("version", "2.0.0")
-    form.add_field("file", io.BytesIO(big), filename="big.bin", content_type="application/octet-stream")
-    fw = await env.api("POST", "/firmware", expect=201, data=form)
+    fw = await env.upload(big)
     await env.job(fw["id"], ["pk/d"])
     [notice] = await d.notices()
     url = notice["data"]["url"]
@@ -736,11 +731,7 @@ async def test_a_slow_reader_gets_the_whole_firmware(secure: Env, caplog: pytest
     env = secure  # http_header_timeout_s = 0.5
     data = os.urandom(3 * 1024 * 1024)
     d = await online(env, "pk", "slow")
-    form = aiohttp.FormData()
-    form.add_field("product_key", "pk")
-    form.add_field("version", "2.0.0")
-    form.add_field("file", io.BytesIO(data), filename="fw.bin", content_type="application/octet-stream")
-    fw = await env.api("POST", "/firmware", expect=201, data=form)
+    fw = await env.upload(data)
     await env.job(fw["id"], ["pk/slow"])
     [notice] = await d.notices()
     url = notice["data"]["url"]
