@@ -20,11 +20,11 @@ from argon2 import PasswordHasher
 
 from broker import app as broker_app
 from broker import datadir, logs
-from broker.config import ConfigError, load, ota_settings, prepare
+from broker.config import BrokerSettings, ConfigError, configure, load, warnings
 from broker.config_check import effective_config
 from firmware_store.links import nginx_secure_link
-from plugins.ota.cli import device_app, firmware_app, job_app
-from plugins.ota.settings import parse_bind
+from plugins.ota.cli import AdminEndpoint, device_app, firmware_app, job_app
+from plugins.ota.settings import Settings
 
 cli = typer.Typer(
     help="A self-hosted OTA service for MQTT devices (Aliyun OTA protocol).", no_args_is_help=True
@@ -32,6 +32,27 @@ cli = typer.Typer(
 cli.add_typer(device_app, name="device")
 cli.add_typer(firmware_app, name="firmware")
 cli.add_typer(job_app, name="job")
+
+
+def settings_for(config: Path | None) -> BrokerSettings:
+    """The settings `ota-broker run --config <config>` would use (file, else ./config.yaml, else the
+    built-in defaults; `OTA_*` overrides applied); exit status 2, naming the key, when they are not valid."""
+    try:
+        return configure(load(config))
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from e
+
+
+def _client_settings() -> Settings:
+    """What the API's clients (health, device, firmware, job) read to find the management API."""
+    return settings_for(None).ota
+
+
+@cli.callback()
+def _root(ctx: typer.Context) -> None:
+    # Every subcommand that talks to the management API finds it through the same settings as `run`.
+    ctx.obj = _client_settings
 
 
 def setup_logging(level: str, fmt: logs.LogFormat = logs.LogFormat.TEXT) -> None:
@@ -68,29 +89,28 @@ def run(
     setup_logging(log_level, log_format)
     log = logging.getLogger("ota.broker")
     try:
-        loaded = load(config)
-        data_dir = ota_settings(loaded.raw, os.environ).data_dir
+        tree = configure(load(config))  # the settings, loaded once, then passed down
     except ConfigError as e:
         log.error("configuration error: %s", e)
         raise typer.Exit(2) from e
+    settings = tree.ota
     try:
-        datadir.prepare(data_dir)  # before the configuration writes TLS material into the folder
+        datadir.prepare(settings.data_dir)  # before the configuration writes TLS material into the folder
     except datadir.DataDirError as e:
         log.error("could not start: %s", e)
         _exit_after_failed_start()
     try:
-        amqtt_config, settings = prepare(loaded)
-    except ConfigError as e:
-        log.error("configuration error: %s", e)
-        raise typer.Exit(2) from e
+        amqtt_config = tree.amqtt_config()
     except (OSError, ValueError) as e:  # unreadable or damaged TLS files under the data folder
         log.error(
             "could not start: the TLS files in %s cannot be used: %s (move them aside: new ones are generated)",
-            data_dir / "tls",
+            settings.data_dir / "tls",
             e,
         )
         _exit_after_failed_start()
-    log.info("configuration: %s; data in %s", loaded.source, settings.data_dir.resolve())
+    for warning in warnings(settings):
+        log.warning("%s", warning)
+    log.info("configuration: %s; data in %s", tree.source, settings.data_dir.resolve())
     try:
         code = asyncio.run(broker_app.serve(amqtt_config))
     except broker_app.StartError as e:
@@ -129,9 +149,8 @@ def check_config(config: ConfigOption = None) -> None:
     path and the reason, when the configuration is not valid.
     """
     try:
-        loaded = load(config)
-        amqtt_config, settings = prepare(loaded, dry_run=True)
-        text = effective_config(loaded, amqtt_config, settings, os.environ)
+        tree = configure(load(config))
+        text = effective_config(tree, tree.amqtt_config(dry_run=True))
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         raise typer.Exit(2) from e
@@ -145,22 +164,19 @@ def health(
         typer.Option(
             "--admin-url",
             envvar="OTA_ADMIN_URL",
-            help="Base URL of the management API (default: from OTA_ADMIN_BIND, else http://127.0.0.1:8080).",
+            help="Base URL of the management API (default: from the settings' admin_bind / OTA_ADMIN_BIND).",
         ),
     ] = None,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the answer.")] = 3.0,
 ) -> None:
     """Exit 0 when the broker's management API answers GET /api/v1/health, else 1 (container healthchecks)."""
-    url = (admin_url or _local_admin_url()).rstrip("/") + "/api/v1/health"
+    endpoint = AdminEndpoint(admin_url, _client_settings)
+    url = endpoint.url + "/api/v1/health"
     if not url.startswith(("http://", "https://")):
         print(f"unhealthy: {url}: not an http(s) URL", file=sys.stderr)
         raise typer.Exit(1)
-    context = None
-    if url.startswith("https:"):
-        ca = os.environ.get("OTA_ADMIN_CACERT") or str(
-            Path(os.environ.get("OTA_DATA_DIR", "./data")) / "tls/ca.crt"
-        )
-        context = ssl.create_default_context(cafile=ca if Path(ca).is_file() else None)
+    verify = endpoint.verify()
+    context = verify if isinstance(verify, ssl.SSLContext) else None
     # Straight to the broker: never through an HTTP(S)_PROXY of the environment.
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
@@ -176,19 +192,6 @@ def health(
         print(f"unhealthy: {url}: status {status!r}", file=sys.stderr)
         raise typer.Exit(1)
     print(f"ok: {url}")
-
-
-def _local_admin_url() -> str:
-    """Where this machine reaches the admin listener named by OTA_ADMIN_BIND (any-address binds: loopback)."""
-    bind = os.environ.get("OTA_ADMIN_BIND")
-    if not bind:
-        return "http://127.0.0.1:8080"
-    try:
-        parsed = parse_bind(bind, "OTA_ADMIN_BIND")
-    except ConfigError:
-        return "http://127.0.0.1:8080"
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(parsed.host, parsed.host)  # noqa: S104
-    return f"http://[{host}]:{parsed.port}" if ":" in host else f"http://{host}:{parsed.port}"
 
 
 @cli.command()
@@ -308,12 +311,7 @@ def nginx_link(
 
     The output holds the link secret: `(umask 077; ota-broker nginx-link > /etc/nginx/ota-broker-link.conf)`.
     """
-    try:
-        settings = ota_settings(load(config).raw, os.environ)
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        raise typer.Exit(2) from e
-    key_file = settings.data_dir / "link.key"
+    key_file = settings_for(config).ota.data_dir / "link.key"
     if not key_file.is_file():
         print(f"{key_file} does not exist yet: start the broker once, it makes the key", file=sys.stderr)
         raise typer.Exit(1)

@@ -1,6 +1,12 @@
-"""Load the broker configuration: `--config`, else `./config.yaml`, else the built-in defaults; then the
-`OTA_*` environment overrides and the MQTT-over-TLS and WebSocket listeners. Fails fast with the key path
-and reason."""
+"""The broker's settings, loaded once: `--config`, else `./config.yaml`, else the built-in defaults, read
+(`load`), then validated with the `OTA_*` environment overrides applied into one typed tree (`configure`,
+`BrokerSettings`), which the CLI passes down. Fails fast with the key path and reason.
+
+config.yaml keeps amqtt's format (`listeners:`, `plugins:`); each part of the tree is typed where it is
+used: the OTA service's settings (OTA, TLS, admin API, auth mode, listener binds) in
+`plugins.ota.settings`, the device-auth accounts in `plugins.device_auth.plugin`, the MQTT limits in
+`broker.limits`. `BrokerSettings.amqtt_config` is what amqtt runs: the file's listeners with
+`OTA_MQTT_BIND` applied and the MQTT-over-TLS and WebSocket listeners added."""
 
 from __future__ import annotations
 
@@ -20,11 +26,30 @@ from dacite import DaciteError, from_dict
 from broker.limits import LimitsConfig
 from firmware_store.tls import COMPATIBLE, c_sdk_problem, ensure_tls
 from plugins.device_auth.plugin import DeviceAuthConfig, config_problem
-from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings, parse_bind, resolve
+from plugins.ota.settings import (
+    ENV,
+    PLUGIN_KEY,
+    Bind,
+    ConfigError,
+    OtaConfig,
+    Settings,
+    apply_env,
+    parse_bind,
+    resolve,
+)
 
 AUTH_PLUGIN_KEY = "plugins.device_auth.plugin.DeviceAuthPlugin"
 
-__all__ = ["ConfigError", "Loaded", "default_config_text", "load", "prepare", "warnings"]
+__all__ = [
+    "BrokerSettings",
+    "ConfigError",
+    "Loaded",
+    "configure",
+    "default_config_text",
+    "load",
+    "prepare",
+    "warnings",
+]
 
 log = logging.getLogger("ota.config")
 
@@ -69,7 +94,8 @@ def _parse(text: str, source: str) -> dict[str, Any]:
     return doc
 
 
-def ota_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+def ota_entry(raw: Mapping[str, Any], env: Mapping[str, str]) -> OtaConfig:
+    """The OTA plugin's entry as config.yaml spells it, with the `OTA_*` overrides (`ENV`) applied."""
     entry = raw["plugins"][PLUGIN_KEY] or {}
     if not isinstance(entry, dict):
         raise ConfigError(f"plugins.{PLUGIN_KEY}: must be a mapping")
@@ -77,14 +103,14 @@ def ota_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     for key in entry:
         if key not in known:
             raise ConfigError(f"plugins.{PLUGIN_KEY}.{key}: unknown key (known: {', '.join(sorted(known))})")
-    return resolve(OtaConfig(**entry), env)
+    return apply_env(OtaConfig(**entry), env)
 
 
-def check_auth(raw: Mapping[str, Any]) -> None:
+def check_auth(raw: Mapping[str, Any]) -> DeviceAuthConfig | None:
     """Check the device-auth plugin's entry (accounts, patterns, options), naming the key."""
     entry = raw["plugins"].get(AUTH_PLUGIN_KEY)
     if entry is None:
-        return
+        return None
     key = f"plugins.{AUTH_PLUGIN_KEY}"
     try:
         config = from_dict(DeviceAuthConfig, entry or {}, config=DaciteConfig(strict=True))
@@ -93,65 +119,105 @@ def check_auth(raw: Mapping[str, Any]) -> None:
     problem = config_problem(config)
     if problem:
         raise ConfigError(f"{key}.{problem}")
+    return config
 
 
 LIMITS_PLUGIN_KEY = "broker.limits.MqttLimits"
 
 
-def check_limits(raw: Mapping[str, Any]) -> None:
+def check_limits(raw: Mapping[str, Any]) -> LimitsConfig:
     """Check the MQTT limits entry, naming the key."""
     key = f"plugins.{LIMITS_PLUGIN_KEY}"
     try:
-        from_dict(LimitsConfig, raw["plugins"].get(LIMITS_PLUGIN_KEY) or {}, config=DaciteConfig(strict=True))
+        limits = from_dict(
+            LimitsConfig, raw["plugins"].get(LIMITS_PLUGIN_KEY) or {}, config=DaciteConfig(strict=True)
+        )
     except (DaciteError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from e
     expiry = raw.get("session_expiry_interval")
     if expiry is not None and (not isinstance(expiry, int) or isinstance(expiry, bool) or expiry <= 0):
         raise ConfigError(f"session_expiry_interval: must be a positive number of seconds, not {expiry!r}")
+    return limits
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """The one settings tree of `ota-broker`: config.yaml with the `OTA_*` overrides applied, validated.
+
+    Built once by `configure`; `ota` holds the OTA service's settings (and with them TLS, the admin API,
+    the auth mode and the listener binds), `auth` the device-auth accounts (None: no such plugin entry),
+    `limits` the MQTT limits (`broker.limits.LimitsConfig`, as that module declares them)."""
+
+    source: str
+    ota: Settings
+    ota_entry: OtaConfig  # the OTA plugin's keys as config.yaml spells them, overrides applied
+    overrides: tuple[str, ...]  # the OTA_* variables that changed something
+    auth: DeviceAuthConfig | None
+    limits: LimitsConfig
+    mqtt_bind: Bind
+    raw: Mapping[str, Any]  # the file as read, in amqtt's format
+
+    def amqtt_config(self, *, dry_run: bool = False) -> dict[str, Any]:
+        """The configuration amqtt runs: the file's, with `OTA_MQTT_BIND` applied and the MQTT-over-TLS and
+        WebSocket listeners added; TLS material is generated under the data folder when needed.
+
+        `dry_run` (`ota-broker check-config`) touches nothing: the TLS listeners name the generated
+        certificate's paths without generating it (nor the data directory)."""
+        settings = self.ota
+        cfg = copy.deepcopy(dict(self.raw))
+        listeners = cfg["listeners"]
+        listeners["default"]["bind"] = str(self.mqtt_bind)
+        secure = {"tls": ("tcp", settings.mqtts_bind), "wss": ("ws", settings.wss_bind)}
+        if any(bind is not None and name not in listeners for name, (_, bind) in secure.items()):
+            if settings.tls_cert and settings.tls_key:
+                cert, key = settings.tls_cert, settings.tls_key
+            elif dry_run:
+                cert, key = settings.data_dir / "tls" / "server.crt", settings.data_dir / "tls" / "server.key"
+            else:
+                files = ensure_tls(settings.data_dir / "tls", settings.public_host, settings.tls_profile)
+                cert, key = files.cert, files.key
+            for name, (kind, bind) in secure.items():
+                if bind is not None and name not in listeners:
+                    listeners[name] = {
+                        "type": kind,
+                        "bind": str(bind),
+                        "ssl": True,
+                        "certfile": str(cert),
+                        "keyfile": str(key),
+                    }
+        if settings.ws_bind is not None and "ws" not in listeners:  # MQTT over WebSockets, at /mqtt
+            listeners["ws"] = {"type": "ws", "bind": str(settings.ws_bind)}
+        return cfg
+
+
+def configure(loaded: Loaded, env: Mapping[str, str] | None = None) -> BrokerSettings:
+    """The settings tree of `loaded` with the `OTA_*` overrides of `env` (default: the process's)
+    applied: the one place they are read. Touches nothing on disk."""
+    env = os.environ if env is None else env
+    raw = loaded.raw
+    auth = check_auth(raw)
+    limits = check_limits(raw)
+    if "OTA_MQTT_BIND" in env:
+        mqtt_bind = parse_bind(env["OTA_MQTT_BIND"], "OTA_MQTT_BIND")
+    else:
+        mqtt_bind = parse_bind(str(raw["listeners"]["default"].get("bind", "")), "listeners.default.bind")
+    entry = ota_entry(raw, env)
+    overrides = tuple(v for v in sorted((*ENV, "OTA_MQTT_BIND")) if v in env)
+    ota = resolve(entry, {})  # the overrides are in `entry` already
+    return BrokerSettings(loaded.source, ota, entry, overrides, auth, limits, mqtt_bind, raw)
 
 
 def prepare(
     loaded: Loaded, env: Mapping[str, str] | None = None, *, dry_run: bool = False
-) -> tuple[dict[str, Any], Settings]:
-    """The amqtt configuration to run, with overrides applied and TLS material in place.
-
-    `dry_run` (`ota-broker check-config`) validates the same and touches nothing: the TLS listener names
-    the generated certificate's paths without generating it (nor the data directory).
-    """
-    env = os.environ if env is None else env
-    cfg = copy.deepcopy(loaded.raw)
-    check_auth(cfg)
-    check_limits(cfg)
-    if "OTA_MQTT_BIND" in env:
-        cfg["listeners"]["default"]["bind"] = str(parse_bind(env["OTA_MQTT_BIND"], "OTA_MQTT_BIND"))
-    else:
-        parse_bind(str(cfg["listeners"]["default"].get("bind", "")), "listeners.default.bind")
-    settings = ota_settings(cfg, env)
-    listeners = cfg["listeners"]
-    secure = {"tls": ("tcp", settings.mqtts_bind), "wss": ("ws", settings.wss_bind)}
-    if any(bind is not None and name not in listeners for name, (_, bind) in secure.items()):
-        if settings.tls_cert and settings.tls_key:
-            cert, key = settings.tls_cert, settings.tls_key
-        elif dry_run:
-            cert, key = settings.data_dir / "tls" / "server.crt", settings.data_dir / "tls" / "server.key"
-        else:
-            files = ensure_tls(settings.data_dir / "tls", settings.public_host, settings.tls_profile)
-            cert, key = files.cert, files.key
-        for name, (kind, bind) in secure.items():
-            if bind is not None and name not in listeners:
-                listeners[name] = {
-                    "type": kind,
-                    "bind": str(bind),
-                    "ssl": True,
-                    "certfile": str(cert),
-                    "keyfile": str(key),
-                }
-    if settings.ws_bind is not None and "ws" not in listeners:  # MQTT over WebSockets, at /mqtt
-        listeners["ws"] = {"type": "ws", "bind": str(settings.ws_bind)}
+) -> tuple[dict[str, Any], BrokerSettings]:
+    """`configure`, then the amqtt configuration to run (`BrokerSettings.amqtt_config`); the warnings are
+    logged unless `dry_run`."""
+    tree = configure(loaded, env)
+    cfg = tree.amqtt_config(dry_run=dry_run)
     if not dry_run:
-        for warning in warnings(settings):
+        for warning in warnings(tree.ota):
             log.warning("%s", warning)
-    return cfg, settings
+    return cfg, tree
 
 
 def warnings(settings: Settings) -> list[str]:

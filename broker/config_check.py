@@ -14,22 +14,20 @@ from typing import Any
 
 import yaml
 
-from broker.config import AUTH_PLUGIN_KEY, Loaded, warnings
-from plugins.ota.settings import ENV, PLUGIN_KEY, ConfigError, OtaConfig, Settings, apply_env
+from broker.config import AUTH_PLUGIN_KEY, BrokerSettings, warnings
+from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings
 
 MASK = "********"
 
 __all__ = ["MASK", "effective_config"]
 
 
-def effective_config(
-    loaded: Loaded, amqtt_config: Mapping[str, Any], settings: Settings, env: Mapping[str, str]
-) -> str:
+def effective_config(tree: BrokerSettings, amqtt_config: Mapping[str, Any]) -> str:
     """The YAML `check-config` prints: a comment header, then the configuration `run` would use."""
+    settings, entry = tree.ota, tree.ota_entry
     _check_files(settings)
     cfg = copy.deepcopy(dict(amqtt_config))
     plugins = cfg["plugins"]
-    entry = apply_env(OtaConfig(**(plugins[PLUGIN_KEY] or {})), env)
     ota = asdict(entry)
     ota["public_url"] = settings.public_url
     if ota["admin_token"]:
@@ -40,10 +38,9 @@ def effective_config(
         for account in auth["accounts"].values():
             if isinstance(account, dict) and "password_hash" in account:
                 account["password_hash"] = MASK
-    overrides = [v for v in sorted((*ENV, "OTA_MQTT_BIND")) if v in env]
     header = [
-        f"# configuration: {loaded.source}: valid",
-        f"# environment overrides: {', '.join(overrides) if overrides else 'none'}",
+        f"# configuration: {tree.source}: valid",
+        f"# environment overrides: {', '.join(tree.overrides) if tree.overrides else 'none'}",
         f"# data directory: {settings.data_dir.resolve()}",
         f"# admin token: {_token_source(entry, settings)}",
         "# secrets are masked; this is what `ota-broker run` would use",

@@ -1,7 +1,11 @@
 """The operator's CLI (`ota-broker device|firmware|job ...`): a client of the management API, nothing
-more. It finds the API at `--admin-url` / `OTA_ADMIN_URL` (default http://127.0.0.1:8080) and its token
-in `--token` / `OTA_ADMIN_TOKEN`, else in `<OTA_DATA_DIR or ./data>/admin.token`. An https API is checked
-against `OTA_ADMIN_CACERT`, else `<OTA_DATA_DIR or ./data>/tls/ca.crt` when it exists."""
+more. It finds the API at `--admin-url` / `OTA_ADMIN_URL`, else where the broker's settings put it
+(`admin_bind`, `OTA_ADMIN_BIND`, on loopback when it binds every address; https with `admin_tls`), and its
+token in `--token` / `OTA_ADMIN_TOKEN`, else the settings' `admin_token`, else `<data_dir>/admin.token`
+(`OTA_DATA_DIR`). An https API is checked against `OTA_ADMIN_CACERT`, else the generated CA,
+`<data_dir>/tls/ca.crt`, when it exists. The settings are those `ota-broker run` would use (config.yaml
+and the `OTA_*` overrides), loaded only when an option leaves something to find; the root command hands
+the loader to its subcommands in the context (`settings_loader`)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import os
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -23,19 +28,29 @@ from rich.table import Table
 
 from plugins.device_auth.signing import login_for
 from plugins.ota.core.topics import DeviceRef
+from plugins.ota.settings import Settings
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 AdminUrl = Annotated[
-    str, typer.Option("--admin-url", envvar="OTA_ADMIN_URL", help="Base URL of the management API.")
+    str | None,
+    typer.Option(
+        "--admin-url",
+        envvar="OTA_ADMIN_URL",
+        help="Base URL of the management API (default: from the settings' admin_bind / OTA_ADMIN_BIND).",
+    ),
 ]
 Token = Annotated[
     str | None,
-    typer.Option("--token", envvar="OTA_ADMIN_TOKEN", help="Admin token (default: <data dir>/admin.token)."),
+    typer.Option(
+        "--token",
+        envvar="OTA_ADMIN_TOKEN",
+        help="Admin token (default: the settings' admin_token, else <data dir>/admin.token).",
+    ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer.")]
-DEFAULT_URL = "http://127.0.0.1:8080"
+SettingsLoader = Callable[[], Settings]
 
 device_app = typer.Typer(help="Register and inspect devices.", no_args_is_help=True)
 firmware_app = typer.Typer(help="Upload and manage firmware.", no_args_is_help=True)
@@ -47,22 +62,59 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-class Api:
-    def __init__(self, url: str, token: str | None) -> None:
-        data_dir = Path(os.environ.get("OTA_DATA_DIR", "./data"))
-        if token is None:
-            path = data_dir / "admin.token"
-            try:
-                token = path.read_text().strip()
-            except OSError:
-                fail(f"no admin token: pass --token, set OTA_ADMIN_TOKEN, or run where {path} exists")
-        self.url = url.rstrip("/")
-        self.host = httpx.URL(self.url).host or "127.0.0.1"
+def settings_loader(ctx: typer.Context) -> SettingsLoader:
+    """The loader of the broker's settings that the root command (`ota-broker`) put in its context."""
+    loader = ctx.find_root().obj
+    if not callable(loader):
+        fail("the broker's settings are not available: run this as `ota-broker ...`")
+    return loader  # type: ignore[no-any-return]
+
+
+class AdminEndpoint:
+    """Where the management API is and how to trust it: `url` (given, else from the settings), and for an
+    https URL the CA in `OTA_ADMIN_CACERT`, else the broker's generated CA when it exists. The settings
+    are loaded at most once, and only when `url`, the CA or the token is not given."""
+
+    def __init__(self, url: str | None, load: SettingsLoader) -> None:
+        self._load = load
+        self._settings: Settings | None = None
+        self.url = (url or self.settings.local_admin_url).rstrip("/")
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = self._load()
+        return self._settings
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an https client checks the API's certificate with (True: the system's trust store)."""
+        if not self.url.startswith("https://"):
+            return True
+        given = os.environ.get("OTA_ADMIN_CACERT")
+        ca = Path(given) if given else self.settings.admin_ca_file
         # An https admin API (admin_tls) serves the broker's own certificate: trust its CA when present.
-        ca = os.environ.get("OTA_ADMIN_CACERT") or str(data_dir / "tls" / "ca.crt")
-        verify: ssl.SSLContext | bool = True
-        if self.url.startswith("https://") and Path(ca).exists():
-            verify = ssl.create_default_context(cafile=ca)
+        return ssl.create_default_context(cafile=str(ca)) if ca is not None and ca.is_file() else True
+
+    def token(self, given: str | None) -> str:
+        """`given` (--token / OTA_ADMIN_TOKEN), else the settings' admin_token, else the token file."""
+        if given is not None:
+            return given
+        if self.settings.admin_token:
+            return self.settings.admin_token
+        path = self.settings.admin_token_file
+        try:
+            return path.read_text().strip()
+        except OSError:
+            fail(f"no admin token: pass --token, set OTA_ADMIN_TOKEN, or run where {path} exists")
+
+
+class Api:
+    def __init__(self, ctx: typer.Context, url: str | None, token: str | None) -> None:
+        endpoint = AdminEndpoint(url, settings_loader(ctx))
+        self.url = endpoint.url
+        self.host = httpx.URL(self.url).host or "127.0.0.1"
+        token = endpoint.token(token)
+        verify = endpoint.verify()
         self._client_args: dict[str, Any] = {
             "base_url": f"{self.url}/api/v1",
             "headers": {"Authorization": f"Bearer {token}"},
@@ -120,6 +172,7 @@ def show_json(value: Any) -> None:
 
 @device_app.command("add")
 def device_add(
+    ctx: typer.Context,
     product_key: str,
     device_name: str,
     secret: Annotated[str | None, typer.Option(help="Device secret (default: generated).")] = None,
@@ -127,7 +180,7 @@ def device_add(
         str | None, typer.Option(help="Host for the example commands (default: the API's).")
     ] = None,
     mqtt_port: Annotated[int, typer.Option(help="MQTT port for the example commands.")] = 1883,
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
@@ -135,7 +188,7 @@ def device_add(
     body: dict[str, Any] = {"product_key": product_key, "device_name": device_name}
     if secret:
         body["device_secret"] = secret
-    api = Api(admin_url, token)
+    api = Api(ctx, admin_url, token)
     created = api.call("POST", "/devices", json=body)
     if as_json:
         show_json(created)
@@ -172,55 +225,67 @@ def _parse_device(text: str) -> DeviceRef:
         fail(str(e))
 
 
-def _device_call(method: str, device: str, suffix: str, admin_url: str, token: str | None, **kw: Any) -> Any:
+def _device_call(
+    ctx: typer.Context,
+    method: str,
+    device: str,
+    suffix: str,
+    admin_url: str | None,
+    token: str | None,
+    **kw: Any,
+) -> Any:
     ref = _parse_device(device)
-    return Api(admin_url, token).call(method, f"/devices/{ref.product_key}/{ref.device_name}{suffix}", **kw)
+    return Api(ctx, admin_url, token).call(
+        method, f"/devices/{ref.product_key}/{ref.device_name}{suffix}", **kw
+    )
 
 
 @device_app.command("disable")
-def device_disable(device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def device_disable(ctx: typer.Context, device: str, admin_url: AdminUrl = None, token: Token = None) -> None:
     """Refuse the device's logins from now on and close its connections."""
-    _device_call("PATCH", device, "", admin_url, token, json={"enabled": False})
+    _device_call(ctx, "PATCH", device, "", admin_url, token, json={"enabled": False})
     console.print(f"device {device} disabled")
 
 
 @device_app.command("enable")
-def device_enable(device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def device_enable(ctx: typer.Context, device: str, admin_url: AdminUrl = None, token: Token = None) -> None:
     """Accept the device's logins again."""
-    _device_call("PATCH", device, "", admin_url, token, json={"enabled": True})
+    _device_call(ctx, "PATCH", device, "", admin_url, token, json={"enabled": True})
     console.print(f"device {device} enabled")
 
 
 @device_app.command("delete")
-def device_delete(device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def device_delete(ctx: typer.Context, device: str, admin_url: AdminUrl = None, token: Token = None) -> None:
     """Delete a device with no unfinished task (its task history stays)."""
-    _device_call("DELETE", device, "", admin_url, token)
+    _device_call(ctx, "DELETE", device, "", admin_url, token)
     console.print(f"device {device} deleted")
 
 
 @device_app.command("rotate-secret")
 def device_rotate_secret(
+    ctx: typer.Context,
     device: str,
     secret: Annotated[str | None, typer.Option(help="The new secret (default: generated).")] = None,
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
 ) -> None:
     """Give the device a new secret; its open connections are closed and must log in again."""
     answer = _device_call(
-        "POST", device, "/secret", admin_url, token, json={"device_secret": secret} if secret else {}
+        ctx, "POST", device, "/secret", admin_url, token, json={"device_secret": secret} if secret else {}
     )
     console.print(f"device_secret: {answer['device_secret']}", highlight=False)
 
 
 @device_app.command("import")
 def device_import(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
 ) -> None:
     """Register devices from a CSV file (product_key,device_name[,device_secret]); prints the created devices
     with their secrets as CSV on stdout, and a summary on stderr."""
-    answer = Api(admin_url, token).call(
+    answer = Api(ctx, admin_url, token).call(
         "POST", "/devices/import", content=file.read_bytes(), headers={"Content-Type": "text/csv"}
     )
     for d in answer["created"]:
@@ -236,11 +301,12 @@ def device_import(
 
 @device_app.command("list")
 def device_list(
+    ctx: typer.Context,
     product_key: Annotated[str | None, typer.Option()] = None,
     module: Annotated[str | None, typer.Option()] = None,
     version: Annotated[str | None, typer.Option()] = None,
     online: Annotated[bool | None, typer.Option("--online/--offline", show_default=False)] = None,
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
@@ -250,7 +316,7 @@ def device_list(
     }
     if online is not None:
         params["online"] = "true" if online else "false"
-    devices = Api(admin_url, token).every("/devices", params)
+    devices = Api(ctx, admin_url, token).every("/devices", params)
     if as_json:
         show_json(devices)
         return
@@ -265,10 +331,10 @@ def device_list(
 
 @device_app.command("show")
 def device_show(
-    device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False
+    ctx: typer.Context, device: str, admin_url: AdminUrl = None, token: Token = None, as_json: AsJson = False
 ) -> None:
     """Show one device (pk/dn) and its tasks, newest first."""
-    found = Api(admin_url, token).call("GET", f"/devices/{device}")
+    found = Api(ctx, admin_url, token).call("GET", f"/devices/{device}")
     if as_json:
         show_json(found)
         return
@@ -300,6 +366,7 @@ def _firmware_table(items: list[dict[str, Any]]) -> None:
 
 @firmware_app.command("add")
 def firmware_add(
+    ctx: typer.Context,
     files: Annotated[
         list[Path],
         typer.Argument(
@@ -315,7 +382,7 @@ def firmware_add(
     ] = None,
     description: Annotated[str, typer.Option("--description")] = "",
     verify: Annotated[bool, typer.Option("--verify", help="Require a verify job before batch jobs.")] = False,
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
@@ -334,7 +401,7 @@ def firmware_add(
         parts = [
             ("file", (p.name, opened.enter_context(p.open("rb")), "application/octet-stream")) for p in files
         ]
-        created = Api(admin_url, token).call("POST", "/firmware", data=data, files=parts)
+        created = Api(ctx, admin_url, token).call("POST", "/firmware", data=data, files=parts)
     if as_json:
         show_json(created)
         return
@@ -348,22 +415,28 @@ def firmware_add(
 
 
 @firmware_app.command("list")
-def firmware_list(admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
+def firmware_list(
+    ctx: typer.Context, admin_url: AdminUrl = None, token: Token = None, as_json: AsJson = False
+) -> None:
     """List firmware."""
-    items = Api(admin_url, token).every("/firmware")
+    items = Api(ctx, admin_url, token).every("/firmware")
     show_json(items) if as_json else _firmware_table(items)
 
 
 @firmware_app.command("show")
-def firmware_show(firmware_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def firmware_show(
+    ctx: typer.Context, firmware_id: int, admin_url: AdminUrl = None, token: Token = None
+) -> None:
     """Show one firmware."""
-    show_json(Api(admin_url, token).call("GET", f"/firmware/{firmware_id}"))
+    show_json(Api(ctx, admin_url, token).call("GET", f"/firmware/{firmware_id}"))
 
 
 @firmware_app.command("delete")
-def firmware_delete(firmware_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def firmware_delete(
+    ctx: typer.Context, firmware_id: int, admin_url: AdminUrl = None, token: Token = None
+) -> None:
     """Delete firmware no unfinished job uses."""
-    Api(admin_url, token).call("DELETE", f"/firmware/{firmware_id}")
+    Api(ctx, admin_url, token).call("DELETE", f"/firmware/{firmware_id}")
     console.print(f"firmware {firmware_id} deleted")
 
 
@@ -387,6 +460,7 @@ def _task_table(tasks: list[dict[str, Any]], *, with_job: bool = False) -> None:
 
 @job_app.command("create")
 def job_create(
+    ctx: typer.Context,
     firmware: Annotated[int, typer.Option("--firmware", help="Firmware id.")],
     device: Annotated[
         list[str] | None, typer.Option("--device", help="pk/dn; repeat. Default: the product.")
@@ -439,7 +513,7 @@ def job_create(
     tag: Annotated[
         list[str] | None, typer.Option("--tag", help="key=value for the notice's extData.")
     ] = None,
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
@@ -482,7 +556,7 @@ def job_create(
         if any(not sep or not k for k, sep, _ in pairs):
             fail("--tag takes key=value")
         body["tags"] = {k: v for k, _, v in pairs}
-    job = Api(admin_url, token).call("POST", "/jobs", json=body)
+    job = Api(ctx, admin_url, token).call("POST", "/jobs", json=body)
     show_json(job) if as_json else console.print(_job_line(job), highlight=False)
 
 
@@ -497,45 +571,50 @@ def _read_device_list(path: Path) -> list[str]:
     return devices
 
 
-def _job_action(action: str, job_id: int, admin_url: str, token: str | None, **kwargs: Any) -> None:
-    job = Api(admin_url, token).call("POST", f"/jobs/{job_id}/{action}", **kwargs)
+def _job_action(
+    ctx: typer.Context, action: str, job_id: int, admin_url: str | None, token: str | None, **kwargs: Any
+) -> None:
+    job = Api(ctx, admin_url, token).call("POST", f"/jobs/{job_id}/{action}", **kwargs)
     console.print(_job_line(job), highlight=False)
 
 
 @job_app.command("pause")
-def job_pause(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def job_pause(ctx: typer.Context, job_id: int, admin_url: AdminUrl = None, token: Token = None) -> None:
     """Stop sending new notices (devices already upgrading carry on)."""
-    _job_action("pause", job_id, admin_url, token)
+    _job_action(ctx, "pause", job_id, admin_url, token)
 
 
 @job_app.command("resume")
-def job_resume(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def job_resume(ctx: typer.Context, job_id: int, admin_url: AdminUrl = None, token: Token = None) -> None:
     """Resume a paused job (failures so far no longer count toward its error threshold)."""
-    _job_action("resume", job_id, admin_url, token)
+    _job_action(ctx, "resume", job_id, admin_url, token)
 
 
 @job_app.command("confirm")
 def job_confirm(
+    ctx: typer.Context,
     job_id: int,
     device: Annotated[list[str] | None, typer.Option("--device", help="pk/dn; repeat. Default: all.")] = None,
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
 ) -> None:
     """Confirm tasks waiting in `confirm`."""
-    _job_action("confirm", job_id, admin_url, token, json={"devices": device} if device else {})
+    _job_action(ctx, "confirm", job_id, admin_url, token, json={"devices": device} if device else {})
 
 
 @job_app.command("rerun")
-def job_rerun(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def job_rerun(ctx: typer.Context, job_id: int, admin_url: AdminUrl = None, token: Token = None) -> None:
     """Queue the job's failed and timed-out tasks again."""
-    _job_action("rerun", job_id, admin_url, token)
+    _job_action(ctx, "rerun", job_id, admin_url, token)
 
 
 @job_app.command("history")
-def job_history(job_id: int, device: str, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def job_history(
+    ctx: typer.Context, job_id: int, device: str, admin_url: AdminUrl = None, token: Token = None
+) -> None:
     """Every state change and progress report of one device's task."""
     ref = _parse_device(device)
-    found = Api(admin_url, token).call(
+    found = Api(ctx, admin_url, token).call(
         "GET", f"/jobs/{job_id}/tasks/{ref.product_key}/{ref.device_name}/history"
     )
     table = Table("at", "state", "progress", "desc")
@@ -545,9 +624,9 @@ def job_history(job_id: int, device: str, admin_url: AdminUrl = DEFAULT_URL, tok
 
 
 @job_app.command("report")
-def job_report(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None) -> None:
+def job_report(ctx: typer.Context, job_id: int, admin_url: AdminUrl = None, token: Token = None) -> None:
     """The job's tasks as CSV on stdout."""
-    api = Api(admin_url, token)
+    api = Api(ctx, admin_url, token)
     try:
         with httpx.Client(**api._client_args) as client:
             response = client.get(f"/jobs/{job_id}/report.csv")
@@ -559,9 +638,11 @@ def job_report(job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = No
 
 
 @job_app.command("list")
-def job_list(admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False) -> None:
+def job_list(
+    ctx: typer.Context, admin_url: AdminUrl = None, token: Token = None, as_json: AsJson = False
+) -> None:
     """List jobs, newest first."""
-    jobs = Api(admin_url, token).every("/jobs")
+    jobs = Api(ctx, admin_url, token).every("/jobs")
     if as_json:
         show_json(jobs)
         return
@@ -571,15 +652,16 @@ def job_list(admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: As
 
 @job_app.command("show")
 def job_show(
+    ctx: typer.Context,
     job_id: int,
     follow: Annotated[bool, typer.Option("--follow", help="Draw live progress until the job ends.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --follow.")] = 1.0,
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """Show a job's state and counts; with --follow, live progress bars per device."""
-    api = Api(admin_url, token)
+    api = Api(ctx, admin_url, token)
     job = api.call("GET", f"/jobs/{job_id}")
     if not follow:
         show_json(job) if as_json else console.print(_job_line(job), highlight=False)
@@ -612,30 +694,31 @@ def _follow_view(job: dict[str, Any], tasks: list[dict[str, Any]]) -> Group:
 
 @job_app.command("tasks")
 def job_tasks(
-    job_id: int, admin_url: AdminUrl = DEFAULT_URL, token: Token = None, as_json: AsJson = False
+    ctx: typer.Context, job_id: int, admin_url: AdminUrl = None, token: Token = None, as_json: AsJson = False
 ) -> None:
     """List a job's tasks."""
-    tasks = Api(admin_url, token).every(f"/jobs/{job_id}/tasks")
+    tasks = Api(ctx, admin_url, token).every(f"/jobs/{job_id}/tasks")
     show_json(tasks) if as_json else _task_table(tasks)
 
 
 @job_app.command("cancel")
 def job_cancel(
+    ctx: typer.Context,
     job_id: int,
     state: Annotated[
         list[str] | None,
         typer.Option("--state", help="Only tasks in this state (queued, notified, ...); repeat."),
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="Only this device's task (pk/dn).")] = None,
-    admin_url: AdminUrl = DEFAULT_URL,
+    admin_url: AdminUrl = None,
     token: Token = None,
 ) -> None:
     """Cancel a job's unfinished tasks (all, those in some states, or one device's)."""
     if device:
         ref = _parse_device(device)
-        task = Api(admin_url, token).call(
+        task = Api(ctx, admin_url, token).call(
             "POST", f"/jobs/{job_id}/tasks/{ref.product_key}/{ref.device_name}/cancel"
         )
         console.print(f"{task['device']}: {task['state']}", highlight=False)
         return
-    _job_action("cancel", job_id, admin_url, token, json={"states": state} if state else {})
+    _job_action(ctx, "cancel", job_id, admin_url, token, json={"states": state} if state else {})

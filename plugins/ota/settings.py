@@ -1,8 +1,11 @@
 """The OTA plugin's configuration: one typed config, `OTA_*` environment overrides, validated at load.
 
-The plugin's entry under `plugins:` in `config.yaml` fills `OtaConfig` (amqtt hands it over as this
-dataclass); `resolve()` applies the environment and checks every value, failing with the key path and
-the reason.
+The plugin's entry under `plugins:` in `config.yaml` fills `OtaConfig` (the keys as written, with their
+defaults); `resolve()` applies the environment (`ENV`, the one table of `OTA_*` overrides of this entry)
+and checks every value into `Settings`, failing with the key path and the reason. Closed sets of values
+are enums (`AuthMode`, `DownloadOffload`, `TlsProfile`); being `StrEnum`s they are written and compared
+as the strings config.yaml uses. `Settings` is also what the CLI reads to find the management API
+(`local_admin_url`, `admin_token_file`, `admin_ca_file`).
 """
 
 from __future__ import annotations
@@ -11,15 +14,40 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from firmware_store.tls import PROFILES
-
 PLUGIN_KEY = "plugins.ota.plugin.OtaPlugin"
-AUTH_MODES = ("device-secret", "open")
-DOWNLOAD_OFFLOADS = ("", "nginx")
-TLS_PROFILES = PROFILES
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class AuthMode(StrEnum):
+    """Who may connect: devices with Aliyun's signed login (and configured accounts), or anyone (labs)."""
+
+    DEVICE_SECRET = "device-secret"  # noqa: S105 - a mode's name, not a secret
+    OPEN = "open"
+
+
+class DownloadOffload(StrEnum):
+    """Who serves firmware downloads: the broker itself, or an nginx in front that checks the links."""
+
+    NONE = ""
+    NGINX = "nginx"
+
+
+class TlsProfile(StrEnum):
+    """The TLS listeners' profile (`firmware_store.tls.PROFILES`): `compatible` also offers the static-RSA
+    suites of Aliyun's C SDKs; `modern` only forward-secret ones."""
+
+    COMPATIBLE = "compatible"
+    MODERN = "modern"
+
+
+AUTH_MODES = tuple(AuthMode)
+DOWNLOAD_OFFLOADS = tuple(DownloadOffload)
+TLS_PROFILES = tuple(TlsProfile)
 
 
 class ConfigError(ValueError):
@@ -81,17 +109,17 @@ class Bind:
 @dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path
-    auth_mode: str
+    auth_mode: AuthMode
     https_bind: Bind
     public_url: str  # may carry port 0: replaced by the port the HTTPS endpoint bound
-    download_offload: str  # "" (the broker serves downloads) or "nginx" (links nginx can check)
+    download_offload: DownloadOffload
     admin_bind: Bind
     admin_token: str
     admin_tls: bool
     mqtts_bind: Bind | None
     tls_cert: Path | None
     tls_key: Path | None
-    tls_profile: str  # "compatible" (also the Aliyun C SDKs' static-RSA suites) or "modern"
+    tls_profile: TlsProfile
     link_ttl_s: int
     max_payload_bytes: int
     max_upload_bytes: int
@@ -121,6 +149,31 @@ class Settings:
     def public_port(self) -> int | None:
         """The port the public URL names (None when it names none: devices use 443)."""
         return urlsplit(self.public_url).port
+
+    @property
+    def local_admin_url(self) -> str:
+        """Where this machine reaches the management API: `admin_bind` (an any-address bind on loopback),
+        over https when `admin_tls` is set."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(  # noqa: S104 - compared, not bound
+            self.admin_bind.host, self.admin_bind.host
+        )
+        scheme = "https" if self.admin_tls else "http"
+        return (
+            f"{scheme}://[{host}]:{self.admin_bind.port}"
+            if ":" in host
+            else f"{scheme}://{host}:{self.admin_bind.port}"
+        )
+
+    @property
+    def admin_token_file(self) -> Path:
+        """Where the broker writes the admin token it generates (unless `admin_token` is set)."""
+        return self.data_dir / "admin.token"
+
+    @property
+    def admin_ca_file(self) -> Path | None:
+        """The CA that signed the certificate of an `admin_tls` API: the generated one, unless `tls_cert`
+        names a certificate of the operator's (then None: the system's trust store)."""
+        return None if self.tls_cert is not None else self.data_dir / "tls" / "ca.crt"
 
 
 def without_default_port(url: str) -> str:
@@ -158,12 +211,11 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
     """Apply `OTA_*` overrides to `config` and validate every key."""
     cfg = apply_env(config, os.environ if env is None else env)
     key = f"plugins.{PLUGIN_KEY}"
-    if cfg.auth_mode not in AUTH_MODES:
-        raise ConfigError(f"{key}.auth_mode: {cfg.auth_mode!r} is not one of {', '.join(AUTH_MODES)}")
+    auth_mode = _member(AuthMode, cfg.auth_mode, f"{key}.auth_mode")
     https = parse_bind(cfg.https_bind, f"{key}.https_bind")
-    if cfg.download_offload not in DOWNLOAD_OFFLOADS:
-        raise ConfigError(f"{key}.download_offload: {cfg.download_offload!r} is not one of '', 'nginx'")
-    if cfg.download_offload and not cfg.public_url.strip():
+    offload = _member(DownloadOffload, cfg.download_offload, f"{key}.download_offload")
+    tls_profile = _member(TlsProfile, cfg.tls_profile, f"{key}.tls_profile")
+    if offload and not str(cfg.public_url).strip():
         raise ConfigError(f"{key}.public_url: must name the nginx server when download_offload is set")
     public_url = cfg.public_url.strip() or f"https://{socket.gethostname()}:{https.port}"
     parts = urlsplit(public_url)
@@ -174,8 +226,6 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
     if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment or port == -1:
         raise ConfigError(f"{key}.public_url: {public_url!r} must be an https:// URL with a host")
     public_url = without_default_port(public_url)
-    if cfg.tls_profile not in TLS_PROFILES:
-        raise ConfigError(f"{key}.tls_profile: {cfg.tls_profile!r} is not one of {', '.join(TLS_PROFILES)}")
     if (cfg.tls_cert == "") != (cfg.tls_key == ""):
         raise ConfigError(f"{key}.tls_cert/tls_key: give both or neither")
     numbers = (
@@ -194,17 +244,17 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
             raise ConfigError(f"{key}.{name}: must be a positive number")
     return Settings(
         data_dir=Path(cfg.data_dir),
-        auth_mode=cfg.auth_mode,
+        auth_mode=auth_mode,
         https_bind=https,
         public_url=public_url,
-        download_offload=cfg.download_offload,
+        download_offload=offload,
         admin_bind=parse_bind(cfg.admin_bind, f"{key}.admin_bind"),
         admin_token=cfg.admin_token,
         admin_tls=bool(cfg.admin_tls),
         mqtts_bind=parse_bind(cfg.mqtts_bind, f"{key}.mqtts_bind") if cfg.mqtts_bind.strip() else None,
         tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
         tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
-        tls_profile=cfg.tls_profile,
+        tls_profile=tls_profile,
         link_ttl_s=int(cfg.link_ttl_hours * 3600),
         max_payload_bytes=int(cfg.max_payload_bytes),
         max_upload_bytes=int(cfg.max_upload_mb) * 1024 * 1024,
@@ -217,3 +267,13 @@ def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings
         ws_bind=parse_bind(cfg.ws_bind, f"{key}.ws_bind") if cfg.ws_bind.strip() else None,
         wss_bind=parse_bind(cfg.wss_bind, f"{key}.wss_bind") if cfg.wss_bind.strip() else None,
     )
+
+
+def _member(kind: type[_E], value: Any, key: str) -> _E:
+    """`value` as a member of `kind`, or a ConfigError naming the key and the allowed values."""
+    try:
+        return kind(value)
+    except ValueError:
+        quoted = any(not m.value for m in kind)  # an empty value reads only when quoted
+        allowed = ", ".join(repr(m.value) if quoted else m.value for m in kind)
+        raise ConfigError(f"{key}: {value!r} is not one of {allowed}") from None

@@ -53,7 +53,8 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "OTA_PUBLIC_URL": "https://gw.example:9443",
         "OTA_ADMIN_BIND": "127.0.0.1:0",
     }
-    cfg, settings = prepare(load(None, cwd=tmp_path), env)
+    cfg, tree = prepare(load(None, cwd=tmp_path), env)
+    settings = tree.ota
     assert cfg["listeners"]["default"]["bind"] == "127.0.0.1:0"
     tls = cfg["listeners"]["tls"]
     assert tls["ssl"] is True and Path(tls["certfile"]).exists() and Path(tls["keyfile"]).exists()
@@ -65,21 +66,21 @@ def test_environment_overrides(tmp_path: Path) -> None:
 
 def test_empty_mqtts_bind_turns_tls_listener_off(tmp_path: Path) -> None:
     """OTA_MQTTS_BIND set to empty means no MQTT-over-TLS listener."""
-    cfg, settings = prepare(load(None, cwd=tmp_path), {"OTA_DATA_DIR": str(tmp_path), "OTA_MQTTS_BIND": ""})
-    assert "tls" not in cfg["listeners"] and settings.mqtts_bind is None
+    cfg, tree = prepare(load(None, cwd=tmp_path), {"OTA_DATA_DIR": str(tmp_path), "OTA_MQTTS_BIND": ""})
+    assert "tls" not in cfg["listeners"] and tree.ota.mqtts_bind is None
 
 
 def test_websocket_listeners_are_off_by_default_and_set_by_environment(tmp_path: Path) -> None:
     """MQTT over WebSockets (OTA_WS_BIND) and secure WebSockets (OTA_WSS_BIND, with the generated
     certificate) are listeners of amqtt's type ws, added only when their bind is set."""
     base = {"OTA_DATA_DIR": str(tmp_path / "d"), "OTA_MQTTS_BIND": ""}
-    cfg, settings = prepare(load(None, cwd=tmp_path), base)
-    assert {"ws", "wss"}.isdisjoint(cfg["listeners"]) and (settings.ws_bind, settings.wss_bind) == (
+    cfg, tree = prepare(load(None, cwd=tmp_path), base)
+    assert {"ws", "wss"}.isdisjoint(cfg["listeners"]) and (tree.ota.ws_bind, tree.ota.wss_bind) == (
         None,
         None,
     )
     env = base | {"OTA_WS_BIND": "127.0.0.1:8080", "OTA_WSS_BIND": "127.0.0.1:8084"}
-    cfg, settings = prepare(load(None, cwd=tmp_path), env)
+    cfg, _ = prepare(load(None, cwd=tmp_path), env)
     assert cfg["listeners"]["ws"] == {"type": "ws", "bind": "127.0.0.1:8080"}
     wss = cfg["listeners"]["wss"]
     assert (wss["type"], wss["bind"], wss["ssl"]) == ("ws", "127.0.0.1:8084", True)
@@ -210,8 +211,8 @@ def _check(tmp_path: Path, **ota: object) -> str:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(doc))
     loaded = load(path)
-    amqtt_config, settings = prepare(loaded, env={}, dry_run=True)
-    return effective_config(loaded, amqtt_config, settings, {})
+    amqtt_config, tree = prepare(loaded, env={}, dry_run=True)
+    return effective_config(tree, amqtt_config)
 
 
 def _warnings(text: str) -> list[str]:
@@ -268,3 +269,47 @@ def test_tls_profile_setting_and_override(tmp_path: Path) -> None:
         "tls_profile is modern" in w
         for w in _warnings(_check(tmp_path, public_url="https://gw", tls_profile="modern"))
     )
+
+
+def test_closed_sets_of_values_are_enums() -> None:
+    """auth_mode, download_offload and tls_profile resolve to enum members spelled as in config.yaml; the
+    TLS profiles are exactly those firmware_store knows; an unknown value names the key and the choices."""
+    from firmware_store.tls import PROFILES
+    from plugins.ota.settings import AuthMode, DownloadOffload, TlsProfile
+
+    settings = resolve(OtaConfig(), {"OTA_AUTH_MODE": "open", "OTA_TLS_PROFILE": "modern"})
+    assert settings.auth_mode is AuthMode.OPEN and settings.auth_mode == "open"
+    assert settings.tls_profile is TlsProfile.MODERN and settings.download_offload is DownloadOffload.NONE
+    assert tuple(TlsProfile) == PROFILES
+    with pytest.raises(ConfigError, match=r"auth_mode: 'whatever' is not one of device-secret, open"):
+        resolve(OtaConfig(auth_mode="whatever"), {})
+    with pytest.raises(ConfigError, match=r"download_offload: 'varnish' is not one of '', 'nginx'"):
+        resolve(OtaConfig(download_offload="varnish", public_url="https://x.example"), {})
+
+
+def test_configure_builds_the_one_settings_tree_and_touches_nothing(tmp_path: Path) -> None:
+    """`configure` reads the OTA_* overrides once into one tree (OTA settings, auth accounts, MQTT limits,
+    the MQTT bind), lists the overrides used, and creates no data directory."""
+    from broker.config import configure
+    from broker.limits import LimitsConfig
+
+    text = default_config_text() + (
+        "  broker.limits.MqttLimits:\n    max_inflight_messages: 7\n"
+        "  plugins.device_auth.plugin.DeviceAuthPlugin:\n    max_timestamp_skew_s: 30\n"
+    )
+    doc = yaml.safe_load(text)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {"OTA_DATA_DIR": str(tmp_path / "d"), "OTA_AUTH_MODE": "open", "OTA_MQTT_BIND": "127.0.0.1:1999"}
+    tree = configure(load(path), env)
+    assert tree.ota.data_dir == tmp_path / "d" and tree.ota.auth_mode == "open"
+    assert tree.ota_entry.auth_mode == "open" and tree.overrides == (
+        "OTA_AUTH_MODE",
+        "OTA_DATA_DIR",
+        "OTA_MQTT_BIND",
+    )
+    assert tree.limits == LimitsConfig(max_inflight_messages=7)
+    assert tree.auth is not None and tree.auth.max_timestamp_skew_s == 30
+    assert str(tree.mqtt_bind) == "127.0.0.1:1999"
+    assert tree.amqtt_config(dry_run=True)["listeners"]["default"]["bind"] == "127.0.0.1:1999"
+    assert not (tmp_path / "d").exists()

@@ -25,13 +25,15 @@ from typer.testing import CliRunner
 
 from broker import app as broker_app
 from broker import logs
-from broker.cli import _local_admin_url, cli
+from broker.cli import cli
 from broker.config_check import MASK
 from firmware_store.tls import ensure_tls
+from plugins.ota.settings import OtaConfig, resolve
 from tests.e2e.processes import Launched, json_message
 from tests.support import TOKEN, Device, Env, Tls, broker_config, eventually
 
 FIRMWARE = bytes(range(256)) * 1200
+REPO = Path(__file__).resolve().parents[2]
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$0123456789abcdef0123456789abcdef0123456789a"
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -361,21 +363,43 @@ async def test_health_exits_0_when_the_api_answers_else_1(env: Env) -> None:
 
 
 @pytest.mark.parametrize(
-    ("bind", "url"),
+    ("bind", "admin_tls", "url"),
     [
-        (None, "http://127.0.0.1:8080"),
-        ("0.0.0.0:8080", "http://127.0.0.1:8080"),
-        ("127.0.0.1:9000", "http://127.0.0.1:9000"),
-        ("[::]:9000", "http://[::1]:9000"),
-        ("10.0.0.5:81", "http://10.0.0.5:81"),
+        (None, False, "http://127.0.0.1:8080"),
+        ("0.0.0.0:8080", False, "http://127.0.0.1:8080"),
+        ("127.0.0.1:9000", False, "http://127.0.0.1:9000"),
+        ("[::]:9000", False, "http://[::1]:9000"),
+        ("10.0.0.5:81", False, "http://10.0.0.5:81"),
+        ("0.0.0.0:8443", True, "https://127.0.0.1:8443"),
     ],
 )
-def test_health_finds_the_admin_listener_from_its_bind(
-    monkeypatch: pytest.MonkeyPatch, bind: str | None, url: str
+def test_clients_find_the_admin_listener_from_its_bind(bind: str | None, admin_tls: bool, url: str) -> None:
+    """The API's clients ask OTA_ADMIN_BIND's port, on loopback when it binds every address, over https
+    when admin_tls is set."""
+    env = {} if bind is None else {"OTA_ADMIN_BIND": bind}
+    assert resolve(OtaConfig(admin_tls=admin_tls), env).local_admin_url == url
+
+
+async def test_every_client_command_uses_the_settings_of_config_yaml(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without --admin-url, health asks OTA_ADMIN_BIND's port on loopback when it binds every address."""
-    if bind is None:
-        monkeypatch.delenv("OTA_ADMIN_BIND", raising=False)
-    else:
-        monkeypatch.setenv("OTA_ADMIN_BIND", bind)
-    assert _local_admin_url() == url
+    """With no --admin-url nor --token, `device`, `firmware`, `job` and `health` find the API and its token
+    in ./config.yaml as `run` would (admin_bind, admin_token); a broken config.yaml exits 2 naming the key."""
+    host, port = env.running.admin_address
+    for name in ("OTA_ADMIN_URL", "OTA_ADMIN_TOKEN", "OTA_ADMIN_BIND", "OTA_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    entry = config["plugins"]["plugins.ota.plugin.OtaPlugin"]
+    entry |= {"admin_bind": f"{host}:{port}", "admin_token": TOKEN, "data_dir": str(tmp_path / "none")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    for args in (["device", "list", "--json"], ["firmware", "list", "--json"], ["job", "list", "--json"]):
+        answer = await asyncio.to_thread(CliRunner().invoke, cli, args)
+        assert answer.exit_code == 0, (args, answer.output)
+        assert json.loads(answer.stdout) == []
+    health = await asyncio.to_thread(CliRunner().invoke, cli, ["health"])
+    assert health.exit_code == 0 and f":{port}/api/v1/health" in health.stdout, health.output
+    entry["admin_bind"] = "nowhere"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    broken = await asyncio.to_thread(CliRunner().invoke, cli, ["device", "list"])
+    assert broken.exit_code == 2 and "admin_bind" in broken.stderr, broken.output

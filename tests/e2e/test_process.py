@@ -515,3 +515,51 @@ async def test_hash_password_prints_an_argon2_hash(tmp_path: Path) -> None:
     hashed = result.stdout.strip()
     assert hashed.startswith("$argon2"), result.stdout
     assert PasswordHasher().verify(hashed, "x")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # a loopback port nothing listens on now
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_every_cli_command_finds_the_admin_api_from_ota_admin_bind(tmp_path: Path) -> None:
+    """A broker whose admin listener is on a random port named only by OTA_ADMIN_BIND: with that and
+    OTA_DATA_DIR alone (no --admin-url, no token), `health`, `device`, `firmware` and `job` reach it and
+    read the admin token the broker generated."""
+    port = _free_port()
+    broker = BrokerProcess(tmp_path, {"OTA_ADMIN_BIND": f"127.0.0.1:{port}"})
+    try:
+        broker.start()
+        assert broker.ports["admin"] == port
+        env = clean_env(OTA_ADMIN_BIND=f"127.0.0.1:{port}", OTA_DATA_DIR=str(broker.data_dir), COLUMNS="200")
+        (tmp_path / "fw.bin").write_bytes(FIRMWARE)
+        commands = [
+            ["health"],
+            ["device", "add", "pk", "dev1", "--json"],
+            ["device", "list", "--json"],
+            ["firmware", "add", str(tmp_path / "fw.bin"), "--product-key", "pk", "--version", "2.0.0"],
+            ["firmware", "list", "--json"],
+            ["job", "create", "--firmware", "1", "--device", "pk/dev1"],
+            ["job", "list", "--json"],
+        ]
+        answers = []
+        for args in commands:
+            ran = await asyncio.to_thread(
+                subprocess.run,
+                cli_command(*args),
+                cwd=tmp_path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=CLI_S,
+                check=False,
+            )
+            assert ran.returncode == 0, (args, ran.stdout, ran.stderr)
+            answers.append(ran.stdout)
+        assert f"127.0.0.1:{port}" in answers[0]
+        assert [d["device_name"] for d in json.loads(answers[2])] == ["dev1"]
+        assert [j["firmware_id"] for j in json.loads(answers[6])] == [1]
+    finally:
+        broker.close()
