@@ -1,6 +1,6 @@
 """The OTA service, hosted by the broker as the amqtt plugin `plugins.ota.plugin.OtaPlugin`.
 
-Layers, inward first: `topics`, `model`, `messages`, `machine` (the pure core: no asyncio, amqtt, SQL or
-clock) → `service` (carries out the core's decisions) → adapters: `repository` (SQLite), `plugin`
-(amqtt), `api` (HTTP), `cli` (a client of the API).
+Layers, inward first: `core` (topics, model, messages, the task state machine: no asyncio, amqtt, SQL or
+clock) → `store` (the `Repository` protocol, SQLite) → `app` (the use cases, `OtaApp`) → `http` (the
+management API, the console) and `plugin` (amqtt); `cli` is a client of the API.
 """

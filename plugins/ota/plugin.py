@@ -24,10 +24,10 @@ from firmware_store import FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls, write_private
 from plugins.broker_port import MqttBroker
-from plugins.ota.api import admin_app
 from plugins.ota.app.ota_app import OtaApp
 from plugins.ota.core.messages import Outgoing, same_notice
 from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, topic_name
+from plugins.ota.http.admin import admin_app
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.settings import OtaConfig, Settings, resolve
 from plugins.ota.store.repository import Repository

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from broker import app as broker_app
-from plugins.ota import api
 from plugins.ota.core.topics import DeviceRef
+from plugins.ota.http import devices
 from tests.support import TOKEN, Env, Tls, broker_config
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -29,12 +29,12 @@ async def _post(env: Env, path: str, body: bytes, headers: dict[str, str]) -> tu
 
 
 async def _device_count(env: Env) -> int:
-    row = await env.service._repo._one("SELECT COUNT(*) FROM devices")
-    return int(row[0])
+    _, total = await env.service.devices.page(limit=1)
+    return total
 
 
 async def _secret_of(env: Env, pk: str, dn: str) -> str | None:
-    found = await env.service._repo.device_login(DeviceRef(pk, dn))
+    found = await env.service.device_login(DeviceRef(pk, dn))
     return None if found is None else str(found[0])
 
 
@@ -125,7 +125,7 @@ async def test_an_import_over_the_limit_is_413_and_creates_nothing(
 ) -> None:
     """An import body larger than the limit answers 413, streamed or with a Content-Length, and creates
     no device."""
-    monkeypatch.setattr(api, "IMPORT_MAX", 100_000)
+    monkeypatch.setattr(devices, "IMPORT_MAX", 100_000)
     body = "".join(f"pk,dev{i:06d}\n" for i in range(20_000)).encode()  # 260 KB
 
     async def chunks() -> AsyncIterator[bytes]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from plugins.ota.api import STREAMS, Tickets
+from plugins.ota.http.events import STREAMS, Tickets
 from tests.support import TOKEN, Device, Env, eventually, reporting
 
 CHROMIUM = os.environ.get("OTA_TEST_CHROMIUM", "/usr/bin/chromium")

@@ -33,7 +33,7 @@ async def test_a_notified_task_waits_a_day_by_default_and_never_when_told(env: E
     never = await env.job(firmware["id"], ["pk/d1"], notify_timeout_minutes=0)
     assert never["options"]["notify_timeout_minutes"] == 0
     await env.task_state(never["id"], "pk/d1", "notified")
-    tasks = await env.service._repo.tasks_of_job(never["id"])
+    tasks = await env.service.jobs.tasks(never["id"])
     assert [t.notify_timeout_s for t in tasks] == [None]
 
 

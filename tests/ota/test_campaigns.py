@@ -60,9 +60,10 @@ class World:
         self.clock = Clock()
         self.channel = FakeChannel(self.clock)
         self.service: OtaService
+        self.repo: SqliteRepository  # the service's, for reading what the app layer does not show
 
     async def start(self) -> None:
-        repo = SqliteRepository(self.path / "ota.db")
+        self.repo = repo = SqliteRepository(self.path / "ota.db")
         await repo.open()
         store = FirmwareStore(self.path / "firmware", max_size=1 << 20)
         store.open()
@@ -80,7 +81,7 @@ class World:
 
     async def stop(self) -> None:
         await self.service.drain()
-        await self.service._repo.close()
+        await self.repo.close()
 
     async def restart(self) -> None:
         """A new repository on the same file and a new service (nothing held in memory survives)."""
@@ -159,14 +160,14 @@ class World:
     # ---- looking
 
     async def task(self, job_id: int, device: DeviceRef) -> Task:
-        [task] = [t for t in await self.service._repo.tasks_of_job(job_id) if t.device == device]
+        [task] = [t for t in await self.repo.tasks_of_job(job_id) if t.device == device]
         return task
 
     async def states(self, job_id: int) -> dict[DeviceRef, TaskState]:
-        return {t.device: t.state for t in await self.service._repo.tasks_of_job(job_id)}
+        return {t.device: t.state for t in await self.repo.tasks_of_job(job_id)}
 
     async def get_job(self, job_id: int) -> JobRecord:
-        return await self.service._repo.get_job(job_id)
+        return await self.repo.get_job(job_id)
 
     async def job_state(self, job_id: int) -> JobState:
         """The state the API answers for the job (derived from its stored state, start time and counts)."""
@@ -174,7 +175,7 @@ class World:
         return machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=self.clock())
 
     async def firmware_status(self, firmware_id: int) -> FirmwareStatus:
-        return (await self.service._repo.get_firmware(firmware_id)).status
+        return (await self.repo.get_firmware(firmware_id)).status
 
 
 @pytest.fixture
@@ -554,7 +555,7 @@ async def test_dynamic_job_takes_devices_that_later_inform_a_source_version(worl
 
     await world.progress(late, "-2")
     await world.inform(late, OLD)  # a device joins a dynamic job once
-    late_tasks = [t for t in await world.service._repo.tasks_of_job(job_id) if t.device == late]
+    late_tasks = [t for t in await world.repo.tasks_of_job(job_id) if t.device == late]
     assert [t.state for t in late_tasks] == [S.FAILED]
     assert len(world.channel.notices(late)) == 1
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugins.ota.api import admin_app
-from plugins.ota.openapi import OPENAPI
+from plugins.ota.http.admin import admin_app
+from plugins.ota.http.openapi import OPENAPI
 
 
 def test_every_route_is_documented_and_nothing_else() -> None:

@@ -40,13 +40,21 @@ def _service(repo: SqliteRepository, tmp_path: Path) -> tuple[OtaService, FakeCh
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[OtaService, FakeChannel, Clock]]:
+async def repo(tmp_path: Path) -> AsyncIterator[SqliteRepository]:
+    """The service's repository, for checks the app layer does not offer (a stale write)."""
     repo = SqliteRepository(tmp_path / "ota.db")
     await repo.open()
+    yield repo
+    await repo.close()
+
+
+@pytest.fixture
+async def world(
+    repo: SqliteRepository, tmp_path: Path
+) -> AsyncIterator[tuple[OtaService, FakeChannel, Clock]]:
     service, channel, clock = _service(repo, tmp_path)
     yield service, channel, clock
     await service.drain()
-    await service._repo.close()
 
 
 async def publish(service: OtaService, topic: str, doc: dict) -> None:
@@ -82,7 +90,7 @@ async def start_job(service: OtaService, devices: list[DeviceRef], **kwargs: obj
 
 
 async def task_of(service: OtaService, job_id: int, device: DeviceRef = DEV):
-    [task] = [t for t in await service._repo.tasks_of_job(job_id) if t.device == device]
+    [task] = [t for t in await service.jobs.tasks(job_id) if t.device == device]
     return task
 
 
@@ -113,7 +121,7 @@ async def test_interleaved_reports_for_one_device_are_serialized(world) -> None:
     await asyncio.gather(*(progress(service, DEV, str(step)) for step in range(1, 51)))
     task = await task_of(service, job_id)
     assert task.state is TaskState.IN_PROGRESS and task.progress == 50
-    history = await service._repo.task_history(task.id)
+    _, history = await service.jobs.task_history(job_id, DEV)
     assert [h["progress"] for h in history if h["state"] == "in_progress"] == list(range(1, 51))
     assert service.rejected.total() == 0
 
@@ -133,11 +141,11 @@ async def test_cancel_racing_progress_ends_cancelled(world) -> None:
     await inform(service, DEV, "2.0.0")
     task = await task_of(service, job_id)
     assert task.state is TaskState.CANCELLED
-    job = await service._repo.get_job(job_id)
+    job = await service.jobs.get(job_id)
     assert job.counts == {TaskState.CANCELLED: 1}
 
 
-async def test_stale_write_is_refused(world) -> None:
+async def test_stale_write_is_refused(world, repo: SqliteRepository) -> None:
     """A task write based on an old revision is refused (compare-and-set) and changes nothing."""
     service, channel, _ = world
     channel.connect(DEV)
@@ -147,7 +155,7 @@ async def test_stale_write_is_refused(world) -> None:
     await progress(service, DEV, "10")
     from dataclasses import replace
 
-    assert await service._repo.save_task(replace(stale, state=TaskState.FAILED), "stale") is None
+    assert await repo.save_task(replace(stale, state=TaskState.FAILED), "stale") is None
     assert (await task_of(service, job_id)).state is TaskState.IN_PROGRESS
 
 
@@ -186,24 +194,28 @@ async def test_renotify_only_for_a_new_session(world) -> None:
     assert (await task_of(service, job_id)).attempts == 1
 
 
-async def test_state_survives_reopening_the_database(world, tmp_path: Path) -> None:
+async def test_state_survives_reopening_the_database(world, repo: SqliteRepository, tmp_path: Path) -> None:
     """Closing and reopening the SQLite file keeps devices, firmware, jobs, tasks and progress; WAL is on."""
     service, channel, _ = world
     channel.connect(DEV)
     await inform(service, DEV, "1.0.0")
     job_id = await start_job(service, [DEV])
     await progress(service, DEV, "30")
-    await service._repo.close()
+    await service.drain()
+    await repo.close()
     repo = SqliteRepository(tmp_path / "ota.db")
     await repo.open()
-    service._repo = repo
-    task = await task_of(service, job_id)
-    assert task.state is TaskState.IN_PROGRESS and task.progress == 30
-    assert (await repo.get_device(DEV)).modules == {"default": "1.0.0"}
-    async with repo.db.execute("PRAGMA journal_mode") as cur:
-        assert (await cur.fetchone())[0] == "wal"
-    async with repo.db.execute("PRAGMA user_version") as cur:
-        assert (await cur.fetchone())[0] == len(MIGRATIONS)
+    try:
+        reopened, _, _ = _service(repo, tmp_path)
+        task = await task_of(reopened, job_id)
+        assert task.state is TaskState.IN_PROGRESS and task.progress == 30
+        assert (await repo.get_device(DEV)).modules == {"default": "1.0.0"}
+        async with repo.db.execute("PRAGMA journal_mode") as cur:
+            assert (await cur.fetchone())[0] == "wal"
+        async with repo.db.execute("PRAGMA user_version") as cur:
+            assert (await cur.fetchone())[0] == len(MIGRATIONS)
+    finally:
+        await repo.close()
 
 
 async def test_pull_without_task_answers_empty(world) -> None:

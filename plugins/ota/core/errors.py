@@ -5,7 +5,7 @@
     ├── Conflict           (409) the request contradicts stored state (duplicate, in use, finished)
     └── InvalidInput       (422) a field's value is not acceptable; `.field` names it
 
-The HTTP API maps them to statuses in exactly one table (`plugins.ota.api.STATUS_OF`).
+The HTTP API maps them to statuses in exactly one table (`plugins.ota.http.errors.STATUS_OF`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,231 @@
+"""`/api/v1/jobs`: create (the body checked field by field into a `JobSpec`), list, show, tasks, the CSV
+report, cancel, pause, resume, confirm, rerun the failed, and one task's cancel and history."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from aiohttp import web
+
+from plugins.ota.core.errors import InvalidInput
+from plugins.ota.core.model import (
+    NOTIFY_TIMEOUT_MINUTES,
+    DownloadProtocol,
+    JobRecord,
+    JobSpec,
+    JobType,
+    Rollout,
+    TaskState,
+)
+from plugins.ota.http.inputs import (
+    ID_MAX,
+    device_list,
+    flag,
+    int_path,
+    json_object,
+    number,
+    optional_body,
+    or_default,
+    ota_app,
+    page_of,
+    paged,
+    path_device,
+    time_field,
+)
+from plugins.ota.http.views import iso, job_view, task_view
+
+
+async def create_job(request: web.Request) -> web.Response:
+    service = ota_app(request)
+    spec = parse_job_spec(await json_object(request), service.clock())
+    job = await service.jobs.create(spec)
+    return web.json_response(job_view(job, service.clock()), status=201)
+
+
+def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
+    """POST /jobs body → JobSpec, naming the field of the first problem."""
+    fw = body.get("firmware_id")
+    if isinstance(fw, bool) or not isinstance(fw, int) or not 1 <= fw <= ID_MAX:
+        raise InvalidInput("firmware_id", "must be a firmware id (a positive integer)")
+    try:
+        job_type = JobType(body.get("type", "static"))
+    except ValueError as e:
+        raise InvalidInput("type", "must be 'static', 'dynamic' or 'verify'") from e
+    devices = None if body.get("devices") is None else device_list(body["devices"], "devices")
+    src_versions = body.get("src_versions") or []
+    if not isinstance(src_versions, list) or not all(isinstance(v, str) and v for v in src_versions):
+        raise InvalidInput("src_versions", "must be a list of version strings")
+    schedule_at, end_at = time_field(body, "schedule_at"), time_field(body, "end_at")
+    if end_at is not None and end_at <= max(now, schedule_at or now):
+        raise InvalidInput("end_at", "must be later than now and than schedule_at")
+    timeout = number(body, "timeout_minutes", low=0.001, high=1440 * 30)
+    tags = body.get("tags") or {}
+    if not isinstance(tags, dict) or len(tags) > 10:
+        raise InvalidInput("tags", "must be an object of at most 10 string values")
+    for k, v in tags.items():
+        if not isinstance(v, str) or not k or len(k) > 64 or len(v) > 1024:
+            raise InvalidInput(f"tags.{k}", "keys are 1-64 characters, values strings of at most 1024")
+    rollout = _rollout_spec(body.get("rollout"))
+    try:
+        protocol = DownloadProtocol(body.get("download_protocol", "https"))
+    except ValueError as e:
+        raise InvalidInput("download_protocol", "must be 'https' or 'mqtt'") from e
+    notify_timeout = or_default(
+        number(body, "notify_timeout_minutes", low=0, high=1440 * 30), NOTIFY_TIMEOUT_MINUTES
+    )
+    return JobSpec(
+        firmware_id=fw,
+        type=job_type,
+        devices=devices,
+        src_versions=tuple(src_versions),
+        gray_percent=number(body, "gray_percent", low=0.01, high=100),
+        overwrite=flag(body, "overwrite"),
+        force=flag(body, "force"),
+        need_confirm=flag(body, "need_confirm"),
+        schedule_at=schedule_at,
+        end_at=end_at,
+        rate_per_minute=number(body, "rate_per_minute", low=1, high=100_000, integer=True),
+        timeout_minutes=timeout,
+        retry_count=or_default(number(body, "retry_count", low=0, high=10, integer=True), 0),
+        retry_interval_minutes=or_default(number(body, "retry_interval_minutes", low=0, high=1440), 0.0),
+        rollout=rollout,
+        tags=tuple((str(k), str(v)) for k, v in tags.items()),
+        download_protocol=protocol,
+        notify_timeout_minutes=notify_timeout or None,  # 0: never
+    )
+
+
+def _rollout_spec(raw: Any) -> Rollout | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidInput("rollout", "must be an object with 'phases'")
+    phases = raw.get("phases")
+    if (
+        not isinstance(phases, list)
+        or not 1 <= len(phases) <= 20
+        or not all(isinstance(p, int | float) and not isinstance(p, bool) and p > 0 for p in phases)
+    ):
+        raise InvalidInput("rollout.phases", "must be a list of 1-20 positive percentages")
+    if abs(sum(phases) - 100) > 0.01:
+        raise InvalidInput("rollout.phases", "must add up to 100")
+    try:
+        return Rollout(
+            phases=tuple(float(p) for p in phases),
+            success_threshold=or_default(number(raw, "success_threshold", low=0, high=100), 100.0),
+            error_threshold_count=number(raw, "error_threshold_count", low=1, high=10**9, integer=True),
+            error_threshold_percent=number(raw, "error_threshold_percent", low=0.01, high=100),
+        )
+    except InvalidInput as e:
+        raise InvalidInput(f"rollout.{e.field}", e.message.removeprefix(f"{e.field}: ")) from e
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """Jobs, newest first."""
+    service = ota_app(request)
+    page = page_of(request)
+    jobs, total = await service.jobs.page(limit=page.limit, offset=page.offset)
+    now = service.clock()
+    return paged(request, page, [job_view(j, now) for j in jobs], total)
+
+
+async def _job_answer(request: web.Request, job: JobRecord) -> web.Response:
+    return web.json_response(job_view(job, ota_app(request).clock()))
+
+
+async def show_job(request: web.Request) -> web.Response:
+    return await _job_answer(request, await ota_app(request).jobs.get(int_path(request)))
+
+
+async def job_tasks(request: web.Request) -> web.Response:
+    service = ota_app(request)
+    job_id = int_path(request)
+    page = page_of(request)
+    tasks = await service.jobs.tasks(job_id, limit=page.limit, offset=page.offset)
+    return paged(request, page, [task_view(t) for t in tasks], await service.jobs.count_tasks(job_id))
+
+
+async def job_report(request: web.Request) -> web.Response:
+    """Every task of the job as CSV, for spreadsheets and audits."""
+    service = ota_app(request)
+    job_id = int_path(request)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        ["device", "module", "target_version", "state", "progress", "attempts", "desc", "updated_at"]
+    )
+    for t in await service.jobs.tasks(job_id):
+        writer.writerow(
+            [
+                str(t.device),
+                t.module,
+                t.target_version,
+                t.state,
+                t.progress,
+                t.attempts,
+                t.desc,
+                iso(t.updated_at),
+            ]
+        )
+    return web.Response(
+        text=out.getvalue(),
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'},
+    )
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Body (optional): {"states": ["queued", "notified", "in_progress", "confirm"]} (default: all)."""
+    body = await optional_body(request)
+    states = body.get("states")
+    parsed: list[TaskState] | None = None
+    if states is not None:
+        if not isinstance(states, list) or not states:
+            raise InvalidInput("states", "must be a non-empty list of task states")
+        try:
+            parsed = [TaskState(x) for x in states]
+        except ValueError as e:
+            raise InvalidInput(
+                "states", "must name task states: confirm, queued, notified, in_progress"
+            ) from e
+    return await _job_answer(request, await ota_app(request).jobs.cancel(int_path(request), parsed))
+
+
+async def pause_job(request: web.Request) -> web.Response:
+    return await _job_answer(request, await ota_app(request).jobs.pause(int_path(request)))
+
+
+async def resume_job(request: web.Request) -> web.Response:
+    return await _job_answer(request, await ota_app(request).jobs.resume(int_path(request)))
+
+
+async def confirm_job(request: web.Request) -> web.Response:
+    """Body (optional): {"devices": ["pk/dn", ...]} (default: every task waiting in confirm)."""
+    body = await optional_body(request)
+    devices = None if body.get("devices") is None else device_list(body["devices"], "devices")
+    return await _job_answer(request, await ota_app(request).jobs.confirm(int_path(request), devices))
+
+
+async def rerun_job(request: web.Request) -> web.Response:
+    return await _job_answer(request, await ota_app(request).jobs.rerun_failed(int_path(request)))
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    task = await ota_app(request).jobs.cancel_task(int_path(request), path_device(request))
+    return web.json_response(task_view(task))
+
+
+async def task_history(request: web.Request) -> web.Response:
+    service = ota_app(request)
+    task, history = await service.jobs.task_history(int_path(request), path_device(request))
+    return web.json_response(
+        {
+            "task": task_view(task),
+            "history": [
+                {"at": iso(h["at"]), "state": h["state"], "progress": h["progress"], "desc": h["desc"]}
+                for h in history
+            ],
+        }
+    )

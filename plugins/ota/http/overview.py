@@ -1,0 +1,62 @@
+"""`GET /api/v1/overview`: the fleet at a glance, for the console."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from aiohttp import web
+
+from plugins.ota.core.model import Task, TaskState
+from plugins.ota.http.inputs import ota_app
+from plugins.ota.http.views import job_view, task_view
+
+_OVERVIEW_PAGE = 10_000
+_OVERVIEW_MAX_DEVICES = 200_000
+_RECENT_JOBS = 20
+_RECENT_FAILURES = 20
+
+
+async def overview(request: web.Request) -> web.Response:
+    """The fleet at a glance for the console: devices online/offline, devices per product, module and
+    version, unfinished jobs and the newest failed tasks. Counts stop at 200,000 devices (`partial`)."""
+    service = ota_app(request)
+    now = service.clock()
+    online = total = 0
+    versions: Counter[tuple[str, str, str]] = Counter()
+    partial = False
+    offset = 0
+    while True:
+        page = await service.devices.some(limit=_OVERVIEW_PAGE, offset=offset)
+        for d in page:
+            total += 1
+            online += d.online
+            for module, version in d.modules.items():
+                versions[d.device.product_key, module, version] += 1
+        if len(page) < _OVERVIEW_PAGE:
+            break
+        offset += _OVERVIEW_PAGE
+        if offset >= _OVERVIEW_MAX_DEVICES:
+            partial = True
+            break
+    active = [job_view(j, now) for j in await service.jobs.unfinished()]
+    failed_states = (TaskState.FAILED, TaskState.TIMED_OUT)
+    failures: list[Task] = []
+    for j in (await service.jobs.page(limit=_RECENT_JOBS, offset=0))[0]:
+        if any(j.counts.get(s, 0) for s in failed_states):
+            failures.extend(await service.jobs.tasks_in_states(j.id, failed_states))
+    failures.sort(key=lambda t: t.updated_at, reverse=True)
+    return web.json_response(
+        {
+            "devices": {"total": total, "online": online, "offline": total - online},
+            "versions": [
+                {"product_key": pk, "module": module, "version": version, "devices": n}
+                for (pk, module, version), n in sorted(versions.items())
+            ],
+            "jobs": {
+                "by_state": dict(Counter(j["state"] for j in active)),
+                "active": active,
+            },
+            "recent_failures": [task_view(t) for t in failures[:_RECENT_FAILURES]],
+            "partial": partial,
+        }
+    )
