@@ -1,37 +1,33 @@
-"""The amqtt adapter: hosts the OTA service inside the broker process.
+"""The amqtt adapter: a thin translator between the broker's events and the OTA app layer.
 
-It turns broker events into service calls, implements the service's `DeviceChannel` by writing straight
-into device sessions (auto-delivery: a device gets its notice whether or not it subscribed, exactly once
-if it did), and runs the HTTPS download endpoint and the management API on the broker's event loop.
+It turns broker events (connect, disconnect, subscribe, publish) into app-layer calls, and implements the
+app layer's `DeviceChannel` over the broker interface (plugins.broker_port): it delivers straight into
+device sessions (auto-delivery: a device gets its notice whether or not it subscribed, exactly once if
+it did) and closes them. Everything else - the database, the firmware store, the HTTPS download endpoint,
+the management API, the periodic tick - is built by `plugins.ota.runtime.OtaRuntime`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from amqtt.broker import BrokerContext
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import ApplicationMessage, Session
 
-from firmware_store import FirmwareStore, LinkSigner
-from firmware_store.server import Site, download_app, start_site
-from firmware_store.tls import TlsFiles, ensure_tls, write_private
+from firmware_store.tls import TlsFiles
 from plugins.broker_port import MqttBroker
 from plugins.ota.app.ota_app import OtaApp
 from plugins.ota.core.messages import Outgoing, same_notice
 from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, topic_name
-from plugins.ota.http.admin import admin_app
 from plugins.ota.metrics import OtaMetrics
+from plugins.ota.runtime import OtaRuntime
 from plugins.ota.settings import OtaConfig, Settings, resolve
-from plugins.ota.store.repository import Repository
-from plugins.ota.store.sqlite import SqliteRepository
 
 log = logging.getLogger("ota.plugin")
 
@@ -47,22 +43,19 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         super().__init__(context)
         self.settings: Settings = resolve(self.config)
         self.clock = clock
-        self.service: OtaApp | None = None
+        self.metrics = OtaMetrics()
+        self.runtime = OtaRuntime(self.settings, self, clock, self.metrics)
         self.start_error: BaseException | None = None
-        self.https_address: tuple[str, int] | None = None
-        self.admin_address: tuple[str, int] | None = None
-        self.public_url = ""
-        self.tls: TlsFiles | None = None
-        self._repo: Repository | None = None
-        self._sites: list[Site] = []
-        self._ticker: asyncio.Task[None] | None = None
         self._client_device: dict[str, DeviceRef] = {}
         self._device_clients: dict[DeviceRef, list[str]] = {}  # newest last
         self._conns: dict[str, _Connection] = {}  # client id -> the connection that authenticated
         # device -> when (event loop time) its credentials last changed; oldest first, kept REVOKED_KEEP_S
         self._revoked: dict[DeviceRef, float] = {}
         self._broker: MqttBroker | None = None  # given by the broker (`bind_broker`)
-        self.metrics = OtaMetrics()
+        sources = self.metrics.sources
+        sources.devices_connected = lambda: len(self._device_clients)
+        sources.clients_connected = lambda: len(self._conns)
+        sources.broker_delivered = self._broker_delivered
 
     def bind_broker(self, broker: MqttBroker) -> None:
         """ota-broker's broker hands itself over: the plugin delivers and closes connections through it."""
@@ -74,130 +67,47 @@ class OtaPlugin(BasePlugin[BrokerContext]):
             raise RuntimeError("the OTA plugin runs in ota-broker's broker only (`ota-broker run`)")
         return self._broker
 
+    @property
+    def service(self) -> OtaApp | None:
+        """The app layer (None until the runtime has built it; it is built before the listeners start)."""
+        return self.runtime.app
+
+    # The runtime's listeners, for the runner's messages and the tests.
+    @property
+    def https_address(self) -> tuple[str, int] | None:
+        return self.runtime.https_address
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        return self.runtime.admin_address
+
+    @property
+    def public_url(self) -> str:
+        return self.runtime.public_url
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        return self.runtime.tls
+
     # ------------------------------------------------------------------------------------ lifecycle
 
     async def on_broker_post_start(self) -> None:
         try:
-            await self._start()
+            await self.runtime.start()
         except Exception as e:  # amqtt swallows event failures: keep it for the runner to act on
             self.start_error = e  # `broker.app.start` reports it in one line and exits
             log.debug("the OTA service could not start: %s", e, exc_info=True)
-
-    async def _start(self) -> None:
-        s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.tls = (
-            TlsFiles(s.tls_cert, s.tls_cert, s.tls_key)
-            if s.tls_cert and s.tls_key
-            else ensure_tls(s.data_dir / "tls", s.public_host, s.tls_profile)
-        )
-        repo = SqliteRepository(s.data_dir / "ota.db")
-        repo.observe = self.metrics.observe_db
-        await repo.open()
-        self._repo = repo
-        await repo.mark_all_offline()
-        store = FirmwareStore(s.data_dir / "firmware", max_size=s.max_upload_bytes)
-        store.open()
-        link_key = _secret_file(s.data_dir / "link.key", lambda: secrets.token_bytes(32).hex()).encode()
-        token = s.admin_token or _secret_file(s.data_dir / "admin.token", lambda: secrets.token_urlsafe(32))
-        # A read-only credential for Prometheus: it opens /metrics and nothing else.
-        metrics_token = _secret_file(s.data_dir / "metrics.token", lambda: secrets.token_urlsafe(32))
-
-        # The signer needs the public URL, which may name the HTTPS port only known once bound.
-        signer = LinkSigner(link_key, s.public_url, s.link_ttl_s, offload=s.download_offload)
-        self.service = service = OtaApp(
-            repo,
-            store,
-            signer,
-            self,
-            self.clock,
-            auto_register=self.open_mode,
-            max_payload_bytes=s.max_payload_bytes,
-            progress_per_second=s.progress_per_second,
-            progress_burst=s.progress_burst,
-            mqtt_download_bytes_per_second=s.mqtt_download_bytes_per_second,
-            step_s=s.tick_seconds,
-        )
-        dl = download_app(
-            store,
-            signer,
-            service.downloads.resolve_blob,
-            service.downloads.may_download,
-            self.clock,
-            max_per_subject=s.max_downloads_per_device,
-            stats=self.metrics.sources.downloads,
-        )
-        site = await start_site(
-            dl,
-            s.https_bind.host,
-            s.https_bind.port,
-            self.tls.server_context(s.tls_profile),
-            header_timeout_s=s.http_header_timeout_s,
-        )
-        self._sites.append(site)
-        self.https_address = site.address
-        self.public_url = signer.base_url = s.public_url_for(self.https_address[1])
-        log.info(
-            "https listening on %s (devices download from %s)", _fmt(self.https_address), self.public_url
-        )
-        self._wire_metrics(service, repo)
-        site = await start_site(
-            admin_app(service, token, metrics=self.metrics, metrics_token=metrics_token),
-            s.admin_bind.host,
-            s.admin_bind.port,
-            self.tls.server_context(s.tls_profile) if s.admin_tls else None,
-            header_timeout_s=s.http_header_timeout_s,
-        )
-        self._sites.append(site)
-        self.admin_address = site.address
-        scheme = "https" if s.admin_tls else "http"
-        log.info("admin api listening on %s://%s/api/v1", scheme, _fmt(self.admin_address))
-        if self.open_mode:
-            log.warning(
-                "AUTH MODE IS 'open': any client may connect without credentials and act as any device. "
-                "Use it only on a trusted lab network; set OTA_AUTH_MODE=device-secret otherwise."
-            )
-        else:
-            log.info("auth mode: device-secret (devices log in with Aliyun one-device-one-secret signatures)")
-        self._ticker = asyncio.create_task(self._tick_loop())
-
-    def _wire_metrics(self, service: OtaApp, repo: Repository) -> None:
-        sources = self.metrics.sources
-        sources.devices_connected = lambda: len(self._device_clients)
-        sources.clients_connected = lambda: len(self._conns)
-        sources.broker_delivered = self._broker_delivered
-        sources.rejected = lambda: service.rejected
-        sources.notices_sent = lambda: service.notices_sent
-        sources.task_states = repo.task_state_counts
 
     def _broker_delivered(self) -> int | None:
         """The broker's count of deliveries to subscribers."""
         return None if self._broker is None else self._broker.delivered_count
 
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.tick_seconds)
-            if self.service is not None:
-                try:
-                    await self.service.tick()
-                except Exception:
-                    log.exception("periodic task check failed")
-
     async def on_broker_pre_shutdown(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-        for site in self._sites:
-            await site.close()
-        self._sites.clear()
+        await self.runtime.stop_serving()
 
     async def close(self) -> None:
         """After the broker closed its sessions: finish in-flight work, then close the database."""
-        if self.service is not None:
-            await self.service.drain()
-        if self._repo is not None:
-            await self._repo.close()
-            self._repo = None
+        await self.runtime.close()
 
     # ------------------------------------------------------------------ DeviceDirectory (for auth)
 
@@ -210,9 +120,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         return self.settings.auth_mode
 
     async def device_login(self, device: DeviceRef) -> tuple[str, bool] | None:
-        if self._repo is None:
-            return None
-        return await self._repo.device_login(device)
+        return await self.runtime.device_login(device)
 
     # ------------------------------------------------------------------------------- broker events
 
@@ -401,19 +309,3 @@ def _parse(topic: str) -> OtaTopic | None:
         return OtaTopic.parse(topic)
     except InvalidDeviceRef:
         return None
-
-
-def _fmt(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _secret_file(path: Path, make: Callable[[], str]) -> str:
-    """Read a secret kept in `path` (mode 0600), creating it on first use."""
-    if path.exists():
-        value = path.read_text().strip()
-        if value:
-            return value
-    value = make()
-    write_private(path, (value + "\n").encode())
-    return value

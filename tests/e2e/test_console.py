@@ -420,7 +420,7 @@ async def test_event_stream_ends_when_the_client_leaves(env: Env) -> None:
     d = await reporting(env, "dev1")
     fw = await env.upload(FIRMWARE[:1000])
     job = await env.job(fw["id"], [d.ref])
-    admin = env.running.plugin._sites[-1]._runner.app  # the admin listener is started last
+    admin = env.running.plugin.runtime.admin_api
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with env.http.get(f"{env.admin}/jobs/{job['id']}/events", headers=headers) as r:
         assert (await r.content.readuntil(b"\n\n")).startswith(b"retry:")

@@ -1,0 +1,190 @@
+"""The OTA service built whole from its settings: the TLS files, the repository, the firmware store, the
+link signer, `OtaApp`, the HTTPS download endpoint, the management API and the periodic tick.
+
+The amqtt plugin (plugins.ota.plugin) owns one `OtaRuntime`, hands it the device channel, starts it
+once the broker is up and stops it in two steps: the listeners and the tick before the broker closes
+its sessions, the database after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from firmware_store import FirmwareStore, LinkSigner
+from firmware_store.server import Site, download_app, start_site
+from firmware_store.tls import TlsFiles, ensure_tls, write_private
+from plugins.ota.app.channel import DeviceChannel
+from plugins.ota.app.ota_app import OtaApp
+from plugins.ota.core.topics import DeviceRef
+from plugins.ota.http.admin import admin_app
+from plugins.ota.metrics import OtaMetrics
+from plugins.ota.settings import AuthMode, Settings
+from plugins.ota.store.sqlite import SqliteRepository
+
+log = logging.getLogger("ota.plugin")
+
+
+class OtaRuntime:
+    """One OTA service: built by `start`, its listeners closed by `stop_serving`, its database by `close`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        channel: DeviceChannel,
+        clock: Callable[[], float],
+        metrics: OtaMetrics,
+    ) -> None:
+        self.settings = settings
+        self.channel = channel
+        self.clock = clock
+        self.metrics = metrics
+        self.app: OtaApp | None = None  # set once `start` has built it
+        self.tls: TlsFiles | None = None
+        self.https_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.admin_api: web.Application | None = None
+        self.public_url = ""
+        self._repo: SqliteRepository | None = None
+        self._sites: list[Site] = []
+        self._ticker: asyncio.Task[None] | None = None
+
+    @property
+    def open_mode(self) -> bool:
+        return self.settings.auth_mode == AuthMode.OPEN
+
+    async def start(self) -> OtaApp:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.tls = (
+            TlsFiles(s.tls_cert, s.tls_cert, s.tls_key)
+            if s.tls_cert and s.tls_key
+            else ensure_tls(s.data_dir / "tls", s.public_host, s.tls_profile)
+        )
+        repo = SqliteRepository(s.data_dir / "ota.db")
+        repo.observe = self.metrics.observe_db
+        await repo.open()
+        self._repo = repo
+        await repo.mark_all_offline()
+        store = FirmwareStore(s.data_dir / "firmware", max_size=s.max_upload_bytes)
+        store.open()
+        link_key = _secret_file(s.data_dir / "link.key", lambda: secrets.token_bytes(32).hex()).encode()
+        token = s.admin_token or _secret_file(s.data_dir / "admin.token", lambda: secrets.token_urlsafe(32))
+        # A read-only credential for Prometheus: it opens /metrics and nothing else.
+        metrics_token = _secret_file(s.data_dir / "metrics.token", lambda: secrets.token_urlsafe(32))
+
+        # The signer needs the public URL, which may name the HTTPS port only known once bound.
+        signer = LinkSigner(link_key, s.public_url, s.link_ttl_s, offload=s.download_offload)
+        self.app = app = OtaApp(
+            repo,
+            store,
+            signer,
+            self.channel,
+            self.clock,
+            auto_register=self.open_mode,
+            max_payload_bytes=s.max_payload_bytes,
+            progress_per_second=s.progress_per_second,
+            progress_burst=s.progress_burst,
+            mqtt_download_bytes_per_second=s.mqtt_download_bytes_per_second,
+            step_s=s.tick_seconds,
+        )
+        dl = download_app(
+            store,
+            signer,
+            app.downloads.resolve_blob,
+            app.downloads.may_download,
+            self.clock,
+            max_per_subject=s.max_downloads_per_device,
+            stats=self.metrics.sources.downloads,
+        )
+        site = await start_site(
+            dl,
+            s.https_bind.host,
+            s.https_bind.port,
+            self.tls.server_context(s.tls_profile),
+            header_timeout_s=s.http_header_timeout_s,
+        )
+        self._sites.append(site)
+        self.https_address = site.address
+        self.public_url = signer.base_url = s.public_url_for(self.https_address[1])
+        log.info(
+            "https listening on %s (devices download from %s)", _fmt(self.https_address), self.public_url
+        )
+        sources = self.metrics.sources
+        sources.rejected = lambda: app.rejected
+        sources.notices_sent = lambda: app.notices_sent
+        sources.task_states = app.task_state_counts
+        self.admin_api = admin_app(app, token, metrics=self.metrics, metrics_token=metrics_token)
+        site = await start_site(
+            self.admin_api,
+            s.admin_bind.host,
+            s.admin_bind.port,
+            self.tls.server_context(s.tls_profile) if s.admin_tls else None,
+            header_timeout_s=s.http_header_timeout_s,
+        )
+        self._sites.append(site)
+        self.admin_address = site.address
+        scheme = "https" if s.admin_tls else "http"
+        log.info("admin api listening on %s://%s/api/v1", scheme, _fmt(self.admin_address))
+        if self.open_mode:
+            log.warning(
+                "AUTH MODE IS 'open': any client may connect without credentials and act as any device. "
+                "Use it only on a trusted lab network; set OTA_AUTH_MODE=device-secret otherwise."
+            )
+        else:
+            log.info("auth mode: device-secret (devices log in with Aliyun one-device-one-secret signatures)")
+        self._ticker = asyncio.create_task(self._tick_loop(app))
+        return app
+
+    async def _tick_loop(self, app: OtaApp) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_seconds)
+            try:
+                await app.tick()
+            except Exception:
+                log.exception("periodic task check failed")
+
+    async def stop_serving(self) -> None:
+        """Stop the tick and close the HTTP listeners (before the broker closes its sessions)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+        for site in self._sites:
+            await site.close()
+        self._sites.clear()
+
+    async def close(self) -> None:
+        """Finish in-flight work, then close the database (after the broker closed its sessions)."""
+        if self.app is not None:
+            await self.app.drain()
+        if self._repo is not None:
+            await self._repo.close()
+            self._repo = None
+
+    async def device_login(self, device: DeviceRef) -> tuple[str, bool] | None:
+        """The device's secret and whether it is enabled; None for no such device or before the start."""
+        if self.app is None or self._repo is None:
+            return None
+        return await self.app.device_login(device)
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
+    """Read a secret kept in `path` (mode 0600), creating it on first use."""
+    if path.exists():
+        value = path.read_text().strip()
+        if value:
+            return value
+    value = make()
+    write_private(path, (value + "\n").encode())
+    return value
