@@ -368,8 +368,16 @@ class CoalescingWriter:
         await self._inner.drain()
 
     async def close(self) -> None:
+        """Close gracefully (what was written is flushed first); a connection that fails while flushing
+        (reset by the peer) is closed all the same. amqtt's adapter drains before it closes, so a drain
+        that raises left the transport open until the garbage collector found it."""
         self.flush()
-        await self._inner.close()
+        try:
+            await self._inner.close()
+        finally:
+            transport = transport_of(self)
+            if transport is not None and not transport.is_closing():
+                transport.abort()
 
     def __getattr__(self, name: str) -> Any:  # get_peer_info, get_ssl_info, is_closed, _writer, ...
         return getattr(self._inner, name)
