@@ -50,7 +50,8 @@ from broker.limits import limits_of
 from broker.session_state import LeanSession
 from broker.sessions import InFlight, SessionStore
 from broker.tls_listeners import TlsListeners
-from broker.topic_index import InvalidTopicFilter, TopicIndex, matching_retained
+from broker.topic_index import TopicIndex, matching_retained
+from plugins.mqtt_topics import InvalidTopicFilter, filter_problem
 
 log = logging.getLogger("ota.broker")
 
@@ -398,12 +399,11 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         topic_filter, qos = subscription
-        levels = topic_filter.split("/")
-        for index, level in enumerate(levels):
-            if "#" in level and (level != "#" or index != len(levels) - 1):
-                return _REFUSED  # MQTT-4.7.1-2
-            if "+" in level and level != "+":
-                return _REFUSED  # MQTT-4.7.1-3
+        problem = filter_problem(topic_filter)  # MQTT-4.7.1-2, MQTT-4.7.1-3, MQTT-4.7.3-1, MQTT-4.7.3-2
+        if problem is not None:
+            error = InvalidTopicFilter(topic_filter[:128], problem)
+            log.info("client %r: subscription to %r refused: %s", _who(session), topic_filter[:128], error)
+            return _REFUSED
         if not await self._topic_filtering(session, topic_filter, Action.SUBSCRIBE):
             return _REFUSED
         max_qos = self.config.get("max-qos", qos)

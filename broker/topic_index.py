@@ -24,7 +24,8 @@ The index is also a read-only ``Mapping[str, list[Subscription]]`` (filter to it
 of amqtt's ``Broker._subscriptions``, so code reading ``.items()`` or ``.get(filter, [])`` keeps working;
 its ``repr`` is O(1) because amqtt formats it on every SUBSCRIBE.
 
-MQTT 3.1.1 statements implemented here:
+MQTT 3.1.1 statements the index implements (the filter rules themselves, valid and matches, are
+plugins.mqtt_topics, shared with the broker's SUBSCRIBE handling and the device ACL):
 
 - MQTT-4.7.1-2: ``#`` is a whole level and the last one; it matches its parent level too (``a/#``
   matches ``a``).
@@ -38,9 +39,9 @@ MQTT 3.1.1 statements implemented here:
 - MQTT-3.3.5-1: overlapping matching filters give one delivery per subscriber, at the maximum QoS
   granted among them (the broker then sends at the minimum of that and the PUBLISH's QoS).
 
-``match_filter`` is the one-pair form of the same rules, and ``matching_retained`` finds the retained
-messages a new subscription must receive: a dict lookup for a filter without wildcards, a scan only for a
-wildcard filter (once per SUBSCRIBE, never per PUBLISH).
+``plugins.mqtt_topics.filter_matches`` is the one-pair form of the same rules, and ``matching_retained``
+finds the retained messages a new subscription must receive: a dict lookup for a filter without
+wildcards, a scan only for a wildcard filter (once per SUBSCRIBE, never per PUBLISH).
 """
 
 from __future__ import annotations
@@ -49,19 +50,12 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 from itertools import chain
 from typing import Generic, NamedTuple, TypeVar
 
+from plugins.mqtt_topics import InvalidTopicFilter, filter_matches, filter_problem, has_wildcard
+
 S = TypeVar("S")
 V = TypeVar("V")
 
 QOS_LEVELS = (0, 1, 2)
-
-
-class InvalidTopicFilter(ValueError):
-    """A topic filter that MQTT 3.1.1 forbids; ``reason`` cites the statement it breaks."""
-
-    def __init__(self, topic_filter: str, reason: str) -> None:
-        super().__init__(f"invalid topic filter {topic_filter!r}: {reason}")
-        self.topic_filter = topic_filter
-        self.reason = reason
 
 
 class Subscription(NamedTuple, Generic[S]):
@@ -71,48 +65,6 @@ class Subscription(NamedTuple, Generic[S]):
     qos: int
 
 
-def filter_problem(topic_filter: str) -> str | None:
-    """Why ``topic_filter`` is not a valid MQTT 3.1.1 topic filter, or None when it is."""
-    if not topic_filter:
-        return "a topic filter is at least one character long [MQTT-4.7.3-1]"
-    if "\0" in topic_filter:
-        return "a topic filter holds no U+0000 [MQTT-4.7.3-2]"
-    levels = topic_filter.split("/")
-    last = len(levels) - 1
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != last):
-            return "'#' must be a whole level and the last one [MQTT-4.7.1-2]"
-        if "+" in level and level != "+":
-            return "'+' must be a whole level [MQTT-4.7.1-3]"
-    return None
-
-
-def is_valid_filter(topic_filter: str) -> bool:
-    """Whether ``topic_filter`` may be subscribed to (MQTT-4.7.1-2, MQTT-4.7.1-3, MQTT-4.7.3-1, -2)."""
-    return filter_problem(topic_filter) is None
-
-
-def has_wildcard(topic_filter: str) -> bool:
-    """Whether the filter holds ``+`` or ``#``, i.e. can match more than the topic spelled like it."""
-    return "+" in topic_filter or "#" in topic_filter
-
-
-def match_filter(topic_filter: str, topic: str) -> bool:
-    """Whether the valid ``topic_filter`` matches the topic name ``topic``, by the rules ``TopicIndex`` uses."""
-    if topic.startswith("$") and topic_filter.startswith(("+", "#")):
-        return False  # MQTT-4.7.2-1
-    if not has_wildcard(topic_filter):
-        return topic_filter == topic
-    topic_levels = topic.split("/")
-    filter_levels = topic_filter.split("/")
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True  # everything below, and the parent level itself
-        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
-            return False
-    return len(filter_levels) == len(topic_levels)
-
-
 def matching_retained(topic_filter: str, retained: Mapping[str, V]) -> list[tuple[str, V]]:
     """The ``(topic, message)`` pairs of ``retained`` (keyed by topic name) that a new subscription receives.
 
@@ -120,7 +72,7 @@ def matching_retained(topic_filter: str, retained: Mapping[str, V]) -> list[tupl
     """
     if not has_wildcard(topic_filter):
         return [(topic_filter, retained[topic_filter])] if topic_filter in retained else []
-    return [(topic, message) for topic, message in retained.items() if match_filter(topic_filter, topic)]
+    return [(topic, message) for topic, message in retained.items() if filter_matches(topic_filter, topic)]
 
 
 class _Node(Generic[S]):

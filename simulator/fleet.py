@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from plugins.device_auth.signing import login_for
+from plugins.ota.core.topics import TopicKind, topic_name
 from simulator.model import (
     FAILURE_STEPS,
     FINAL,
@@ -139,10 +140,9 @@ class SimDevice:
         self.options, self.hub, self.http, self.stats = options, hub, http, stats
         self.ref = check_name(options.product_key, spec.device_name)
         self.secret = spec.secret
-        pk, dn = self.ref.product_key, self.ref.device_name
-        self.upgrade_topic = f"/ota/device/upgrade/{pk}/{dn}"
-        self.inform_topic = f"/ota/device/inform/{pk}/{dn}"
-        self.progress_topic = f"/ota/device/progress/{pk}/{dn}"
+        self.upgrade_topic = topic_name(TopicKind.UPGRADE, self.ref)
+        self.inform_topic = topic_name(TopicKind.INFORM, self.ref)
+        self.progress_topic = topic_name(TopicKind.PROGRESS, self.ref)
         self.state = DeviceState.PENDING
         self.version = options.version
         self.inbox: asyncio.Queue[Notice | _Lost] = asyncio.Queue()

@@ -34,6 +34,7 @@ from plugins.broker_port import MqttBroker
 from plugins.device_auth import acl
 from plugins.device_auth.signing import CredentialsError, DeviceCredentials, Refusal, verify
 from plugins.device_auth.throttle import WINDOW_S, LoginThrottle
+from plugins.mqtt_topics import is_valid_filter
 from plugins.ota.core.topics import DeviceRef
 
 log = logging.getLogger("ota.auth")
@@ -244,19 +245,11 @@ def config_problem(config: DeviceAuthConfig) -> str | None:
             return f"{key}.password_hash: expected an argon2 hash (make one with `ota-broker hash-password`)"
         for action in ("publish", "subscribe"):
             for i, pattern in enumerate(getattr(account, action)):
-                if not valid_filter(pattern):
+                if not is_valid_filter(pattern):
                     return f"{key}.{action}[{i}]: {pattern!r} is not an MQTT topic filter"
     if config.max_timestamp_skew_s < 0:
         return "max_timestamp_skew_s: must be 0 (off) or a positive number of seconds"
     return None
-
-
-def valid_filter(pattern: str) -> bool:
-    levels = pattern.split("/")
-    return bool(pattern) and all(
-        ("#" not in lv or (lv == "#" and i == len(levels) - 1)) and ("+" not in lv or lv == "+")
-        for i, lv in enumerate(levels)
-    )
 
 
 def _fresh(timestamp: str, now: float, skew: float) -> bool:

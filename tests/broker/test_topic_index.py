@@ -13,14 +13,9 @@ from amqtt.session import Session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.topic_index import (
-    InvalidTopicFilter,
-    Subscription,
-    TopicIndex,
-    is_valid_filter,
-    match_filter,
-    matching_retained,
-)
+from broker.topic_index import Subscription, TopicIndex, matching_retained
+from plugins.device_auth.plugin import AccountConfig, DeviceAuthConfig, config_problem
+from plugins.mqtt_topics import InvalidTopicFilter, filter_matches, is_valid_filter
 
 _AMQTT = SimpleNamespace(logger=logging.getLogger(__name__))  # Broker._matches only reads self.logger
 
@@ -98,9 +93,9 @@ DOLLAR_EXAMPLES = [
 
 @pytest.mark.parametrize(("topic_filter", "topic", "expected"), SPEC_EXAMPLES)
 def test_spec_wildcard_examples(topic_filter: str, topic: str, expected: bool) -> None:
-    """MQTT-4.7.1-2, MQTT-4.7.1-3: the section 4.7 examples hold for the index, match_filter and amqtt."""
+    """MQTT-4.7.1-2, MQTT-4.7.1-3: the section 4.7 examples hold for the index, filter_matches and amqtt."""
     assert matches_via_index(topic_filter, topic) is expected
-    assert match_filter(topic_filter, topic) is expected
+    assert filter_matches(topic_filter, topic) is expected
     assert amqtt_matches(topic_filter, topic) is expected
 
 
@@ -110,7 +105,7 @@ def test_dollar_topics_are_hidden_from_leading_wildcards(
 ) -> None:
     """MQTT-4.7.2-1: a filter starting with + or # does not match a topic starting with $."""
     assert matches_via_index(topic_filter, topic) is expected
-    assert match_filter(topic_filter, topic) is expected
+    assert filter_matches(topic_filter, topic) is expected
     assert amqtt_matches(topic_filter, topic) is expected
 
 
@@ -354,10 +349,10 @@ def expected_match(subscriptions: dict[tuple[str, str], int], topic: str) -> dic
 
 @settings(max_examples=300, deadline=None)
 @given(topic_filter=filters, topic=topics)
-def test_match_filter_agrees_with_amqtt(topic_filter: str, topic: str) -> None:
-    """For valid filters and topic names, match_filter and amqtt's _matches give the same answer."""
+def test_filter_matches_agrees_with_amqtt(topic_filter: str, topic: str) -> None:
+    """For valid filters and topic names, filter_matches and amqtt's _matches give the same answer."""
     assert is_valid_filter(topic_filter)
-    assert match_filter(topic_filter, topic) is amqtt_matches(topic_filter, topic)
+    assert filter_matches(topic_filter, topic) is amqtt_matches(topic_filter, topic)
 
 
 @settings(max_examples=300, deadline=None)
@@ -436,3 +431,20 @@ def test_add_and_remove_sequences_agree_with_a_naive_model(data: st.DataObject) 
     for subscriber in SUBSCRIBERS:
         index.remove_all(subscriber)
     assert len(index) == 0 and index.node_count == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic_filter=st.text(alphabet=["a", "/", "+", "#", "$", "\0"], max_size=8))
+def test_every_filter_check_is_the_same_rule(topic_filter: str) -> None:
+    """The index and an account's configured patterns accept exactly the filters is_valid_filter accepts
+    (one rule, plugins.mqtt_topics, for SUBSCRIBE, the index and the configuration)."""
+    valid = is_valid_filter(topic_filter)
+    index: TopicIndex[str] = TopicIndex()
+    try:
+        index.add(topic_filter, "client", 0)
+        indexed = True
+    except InvalidTopicFilter:
+        indexed = False
+    account = AccountConfig("$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA", subscribe=[topic_filter])
+    configured = config_problem(DeviceAuthConfig(accounts={"app": account})) is None
+    assert indexed is valid and configured is valid

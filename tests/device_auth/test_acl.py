@@ -19,7 +19,8 @@ from plugins.device_auth.acl import (
     device_may_subscribe,
     filter_covers,
 )
-from plugins.ota.core.topics import DeviceRef, filter_matches
+from plugins.mqtt_topics import filter_matches
+from plugins.ota.core.topics import DeviceRef
 
 ME = DeviceRef("pk", "dn")
 # Names chosen so that a prefix or a suffix of ours never counts as ours.

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plugins.mqtt_topics import filter_matches
 from plugins.ota.core.topics import (
     DeviceRef,
     InvalidDeviceRef,
     OtaTopic,
     TopicKind,
-    filter_matches,
     topic_name,
 )
 

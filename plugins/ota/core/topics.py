@@ -159,15 +159,17 @@ def topic_name(kind: TopicKind, device: DeviceRef) -> str:
             return f"/sys/{pk}/{dn}/thing/file/download_reply"
 
 
-def filter_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT 3.1.1 topic filter matching (§4.7), including the `$`-topic rule."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    f_levels = topic_filter.split("/")
-    t_levels = topic.split("/")
-    for i, level in enumerate(f_levels):
-        if level == "#":
-            return i == len(f_levels) - 1
-        if i >= len(t_levels) or (level != "+" and level != t_levels[i]):
-            return False
-    return len(f_levels) == len(t_levels)
+def device_namespaces(device: DeviceRef) -> tuple[str, ...]:
+    """The topic filters a device lives in: its own OTA topics, `/sys/{pk}/{dn}/#` and its user topics
+    `/{pk}/{dn}/user/#` (the device ACL lets it publish and receive there)."""
+    pk, dn = device.product_key, device.device_name
+    ota = (TopicKind.INFORM, TopicKind.PROGRESS, TopicKind.LEGACY_REQUEST, TopicKind.UPGRADE)
+    return (*(topic_name(kind, device) for kind in ota), f"/sys/{pk}/{dn}/#", f"/{pk}/{dn}/user/#")
+
+
+def device_subscribable(device: DeviceRef) -> tuple[str, ...]:
+    """Where a device may subscribe: the topics the server sends it (its OTA notices, the legacy request
+    topic it is answered on, its `/sys` and user namespaces), not its own OTA uplink topics."""
+    pk, dn = device.product_key, device.device_name
+    ota = (TopicKind.UPGRADE, TopicKind.LEGACY_REQUEST)
+    return (*(topic_name(kind, device) for kind in ota), f"/sys/{pk}/{dn}/#", f"/{pk}/{dn}/user/#")
