@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from plugins.device_auth.signing import login_for
-from plugins.ota.core.topics import DeviceRef
+from plugins.ota.core.topics import DeviceRef, TopicKind, topic_name
 from plugins.ota.settings import Settings
 
 console = Console(soft_wrap=True)
@@ -208,12 +208,12 @@ def _print_login_examples(product_key: str, device_name: str, secret: str, host:
     console.print("\nlog in as this device (Aliyun one-device-one-secret, hmacsha256):", highlight=False)
     console.print(
         f"  mosquitto_sub -h {host} -p {port} -i '{sub.client_id}' -u '{sub.username}' -P '{sub.password}'"
-        f" -t '/ota/device/upgrade/{product_key}/{device_name}' -v",
+        f" -t '{topic_name(TopicKind.UPGRADE, device)}' -v",
         highlight=False,
     )
     console.print(
         f"  mosquitto_pub -h {host} -p {port} -i '{pub.client_id}' -u '{pub.username}' -P '{pub.password}'"
-        f" -t '/ota/device/inform/{product_key}/{device_name}' -m '{inform}'",
+        f" -t '{topic_name(TopicKind.INFORM, device)}' -m '{inform}'",
         highlight=False,
     )
 

@@ -380,7 +380,10 @@ def test_example_config_hashes_what_the_broker_signs() -> None:
     """The example's location captures `$ota_firmware` and documents the expression the broker signs."""
     text = EXAMPLE.read_text()
     assert f'# secure_link_md5 "{NGINX_MD5_FIELDS} <secret>";' in text
-    assert '"^/firmware/(?<ota_firmware>[0-9]{1,18}(\\.[0-9]{1,2})?)$"' in text and "map $arg_b $ota_blob" in text
+    assert (
+        '"^/firmware/(?<ota_firmware>[0-9]{1,18}(\\.[0-9]{1,2})?)$"' in text
+        and "map $arg_b $ota_blob" in text
+    )
 
 
 def test_offload_settings() -> None:
