@@ -1,4 +1,4 @@
-"""Turn a results file into markdown tables, the verdict on the issue's targets, and the fan-in chart."""
+"""Turn a results file into markdown tables, the verdict on the targets, and the fan-in chart."""
 
 from __future__ import annotations
 

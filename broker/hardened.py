@@ -9,7 +9,7 @@ internals still relied on are listed, and checked, in tests/broker/test_amqtt_in
   CONNECT reusing a client id changes nothing and its CONNACK says session-present 0; a new connection with
   the client id of a live one closes the old connection first and waits for it to end (MQTT-3.1.4-2); a
   listener's `max_connections` slot is given back however the connection ends.
-- Routing (11, and the fleet-scale issue): subscriptions live in a `TopicIndex` (exact topics hashed,
+- Routing (11): subscriptions live in a `TopicIndex` (exact topics hashed,
   wildcard filters in a trie), so routing a message costs the same with 10 or 10,000 devices subscribed;
   each subscriber gets one copy at min(publish QoS, granted QoS) (MQTT-3.3.5-1, MQTT-3.8.4-6).
 - CONNECT: `protocol.read_connect` reads and checks it (a malformed one is closed without a CONNACK,

@@ -1,4 +1,4 @@
-"""The device-facing HTTPS download endpoint (SPEC §5), on aiohttp.
+"""The device-facing HTTPS download endpoint, on aiohttp.
 
 `GET`/`HEAD /firmware/<resource>?s=&e=&t=`: 403 with no bytes for a tampered, expired or foreign link;
 503 for a blob whose file no longer matches its digests; otherwise aiohttp's `FileResponse` answers 200

@@ -48,7 +48,7 @@ log = logging.getLogger("ota.simulator")
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """The `data` of an upgrade notice (SPEC §3), parsed at the boundary."""
+    """The `data` of an upgrade notice, parsed at the boundary."""
 
     url: str
     size: int

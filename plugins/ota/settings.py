@@ -56,7 +56,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class OtaConfig:
-    """Keys of the OTA plugin's entry in `config.yaml`, with their defaults (SPEC §2)."""
+    """Keys of the OTA plugin's entry in `config.yaml`, with their defaults."""
 
     data_dir: str = "./data"
     auth_mode: str = "device-secret"

@@ -1,4 +1,4 @@
-"""Configuration (SPEC §2): file or built-in defaults, `OTA_*` overrides, failing fast with the key path."""
+"""Configuration: file or built-in defaults, `OTA_*` overrides, failing fast with the key path."""
 
 from __future__ import annotations
 

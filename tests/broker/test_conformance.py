@@ -1,7 +1,7 @@
 """MQTT 3.1.1 conformance of the product broker, driven with raw packets over a real socket.
 
-Each test names the statement of the standard it pins down (MQTT-x.y.z-n) and, in brackets, the item of
-the broker hardening issue it belongs to. A packet that breaks the standard closes the connection with one
+Each test names the statement of the standard it pins down (MQTT-x.y.z-n) and, in brackets, its row in
+the table of docs/conformance.md. A packet that breaks the standard closes the connection with one
 warning that names the reason and no traceback, and the broker goes on serving everyone else.
 Keep-alive (MQTT-3.1.2-24) is covered in test_keepalive.py.
 """

@@ -1,4 +1,4 @@
-"""Per-device topic isolation and account ACL coverage (SPEC §4): `plugins.device_auth.acl`.
+"""Per-device topic isolation and account ACL coverage: `plugins.device_auth.acl`.
 
 A device `pk/dn` lives in its own namespaces: its OTA topics, `/sys/pk/dn/...` and `/pk/dn/user/...`.
 """
@@ -336,5 +336,5 @@ def test_device_subscription_never_admits_foreign_topics(topic_filter: str) -> N
     ["/ota/device/inform/pk/dn", "/ota/device/progress/pk/dn", "/ota/device/+/pk/dn"],
 )
 def test_device_may_not_subscribe_to_its_own_uplink_topics(topic_filter: str) -> None:
-    """SPEC §4: a device subscribes only to its server→device topics, not to its own inform/progress."""
+    """a device subscribes only to its server→device topics, not to its own inform/progress."""
     assert not device_may_subscribe(ME, topic_filter)

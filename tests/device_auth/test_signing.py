@@ -1,4 +1,4 @@
-"""Aliyun one-device-one-secret CONNECT signing (SPEC §4): `DeviceCredentials.parse`, `verify`, `login_for`.
+"""Aliyun one-device-one-secret CONNECT signing: `DeviceCredentials.parse`, `verify`, `login_for`.
 
 Every reference signature here is computed independently with hmac/hashlib, exactly as each Aliyun device
 SDK builds its clientId, username and password (see the reference notes §1.11), never with `sign()`.

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §7): whatever a device or an operator sends, the broker keeps serving, nothing recorded
+"""Bad input: whatever a device or an operator sends, the broker keeps serving, nothing recorded
 is lost, devices' rejections are logged with the device and the reason, and the API answers 4xx naming
 the field."""
 

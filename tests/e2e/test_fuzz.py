@@ -1,4 +1,4 @@
-"""Property-based fuzzing (SPEC §7) through a real broker: whatever a device publishes on its own topics,
+"""Property-based fuzzing through a real broker: whatever a device publishes on its own topics,
 whatever is posted to the firmware upload form and whatever JSON reaches the API, the process keeps
 serving, answers 2xx or a 4xx JSON error (never 5xx), writes no file outside its firmware store and
 loses nothing recorded: another device's task in progress and its version stay exactly as they were.

@@ -3,7 +3,7 @@
 LinkKit is synchronous and runs two threads of its own (the MQTT loop and a callback dispatcher). The broker
 runs on this test's event loop, so every SDK call that waits on the network runs in a worker thread, and
 every wait is a bounded `eventually`. The first tests run the broker in `open` mode over plain MQTT; the
-last ones in `device-secret` mode (SPEC §4) over MQTT-over-TLS, where LinkKit signs its CONNECT itself.
+last ones in `device-secret` mode over MQTT-over-TLS, where LinkKit signs its CONNECT itself.
 """
 
 from __future__ import annotations

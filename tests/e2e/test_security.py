@@ -1,4 +1,4 @@
-"""Security end to end (SPEC §4, §5, §7): a real broker in `device-secret` mode on 127.0.0.1:0 with real
+"""Security end to end: a real broker in `device-secret` mode on 127.0.0.1:0 with real
 paho devices that sign their CONNECT the way Aliyun's SDKs do, an application account, and the HTTPS
 download endpoint under abuse (concurrent downloads, slow-loris)."""
 

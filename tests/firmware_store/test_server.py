@@ -1,4 +1,4 @@
-"""The HTTPS download endpoint over real TLS on 127.0.0.1 (SPEC §5).
+"""The HTTPS download endpoint over real TLS on 127.0.0.1.
 
 The store, the link signer, aiohttp and TLS are real; only `resolve` and `authorize` (the questions the
 endpoint asks its caller) and the clock are the test's.

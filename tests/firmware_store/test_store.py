@@ -1,4 +1,4 @@
-"""FirmwareStore: content-addressed blobs, hashed on write, verified again after a restart (SPEC §5)."""
+"""FirmwareStore: content-addressed blobs, hashed on write, verified again after a restart."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Self-signed TLS material made at first start (SPEC §2): a CA devices trust and a server certificate."""
+"""Self-signed TLS material made at first start: a CA devices trust and a server certificate."""
 
 from __future__ import annotations
 

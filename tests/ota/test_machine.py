@@ -417,7 +417,7 @@ def test_same_step_with_new_desc_is_recorded() -> None:
 @pytest.mark.parametrize(("step", "reason"), sorted(FAILURE_STEPS.items()))
 @pytest.mark.parametrize("state", [TaskState.NOTIFIED, TaskState.IN_PROGRESS])
 def test_negative_step_fails_with_documented_reason(state: TaskState, step: int, reason: str) -> None:
-    """Steps -1..-4 fail the task with SPEC §3's reason followed by the device's desc."""
+    """Steps -1..-4 fail the task with Aliyun's documented reason followed by the device's desc."""
     task = make_task(state)
     decision = apply(task, ProgressReported(step, "oops"), NOW)
     assert decision.task.state is TaskState.FAILED
@@ -427,7 +427,7 @@ def test_negative_step_fails_with_documented_reason(state: TaskState, step: int,
 
 
 def test_failure_reasons_match_spec() -> None:
-    """The four failure steps carry exactly the reasons SPEC §3 names."""
+    """The four failure steps carry exactly the reasons the protocol documents."""
     assert dict(FAILURE_STEPS) == {
         -1: "upgrade failed",
         -2: "download failed",

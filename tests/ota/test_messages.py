@@ -1,4 +1,4 @@
-"""Wire messages of the Aliyun OTA device protocol (`plugins.ota.core.messages`, SPEC §3): parsing device
+"""Wire messages of the Aliyun OTA device protocol (`plugins.ota.core.messages`): parsing device
 payloads into frozen values (anything malformed raises `BadMessage`) and building notices and replies."""
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def test_unknown_fields_ignored() -> None:
 
 
 def test_inform_parses_version_and_module() -> None:
-    """SPEC §3's inform example parses into Inform(id, version, module)."""
+    """Aliyun's documented inform example parses into Inform(id, version, module)."""
     payload = b'{"id":1,"params":{"version":"1.0.0","module":"MCU"}}'
     assert parse_inform(payload, MAX) == Inform(1, "1.0.0", "MCU")
 
@@ -261,7 +261,7 @@ def test_inform_version_non_printable_rejected(version: str) -> None:
 
 
 def test_progress_parses_spec_example() -> None:
-    """SPEC §3's progress example parses into Progress(id, step as int, desc, module)."""
+    """Aliyun's documented progress example parses into Progress(id, step as int, desc, module)."""
     payload = b'{"id":1,"params":{"step":"42","desc":"downloading","module":"MCU"}}'
     assert parse_progress(payload, MAX) == Progress(1, 42, "downloading", "MCU")
 

@@ -7,7 +7,7 @@ that the table does not allow in the task's state raises `IllegalTransition` and
 The table `TRANSITIONS` is the single source of truth: `docs/design.md`'s diagram is generated from it
 (`python -m plugins.ota.core.machine`).
 
-Rules (SPEC §3):
+Rules:
 - success is decided only by the version the device informs for the task's module;
 - a device that reported progress and then informs any other version has failed ("version mismatch");
   100 % progress alone is not success;

@@ -1,4 +1,4 @@
-"""Wire messages of the Aliyun OTA device protocol (SPEC §3): parsing device payloads, building notices.
+"""Wire messages of the Aliyun OTA device protocol: parsing device payloads, building notices.
 
 Device payloads are parsed here, once, into frozen values; anything malformed raises `BadMessage` with a
 reason fit for one log line. Nothing here knows about tasks, storage or the broker.

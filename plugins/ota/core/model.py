@@ -38,7 +38,7 @@ UNFINISHED: frozenset[TaskState] = frozenset(
 )
 # States in which the device holds a notice it may act on (a pull gets the notice again).
 PENDING: frozenset[TaskState] = frozenset({TaskState.QUEUED, TaskState.NOTIFIED, TaskState.IN_PROGRESS})
-# A download link works while its task is in one of these states (SPEC §5).
+# A download link works while its task is in one of these states.
 DOWNLOADABLE: frozenset[TaskState] = frozenset({TaskState.NOTIFIED, TaskState.IN_PROGRESS})
 
 
