@@ -38,7 +38,7 @@ async def gone(env: Env, d: Device) -> None:
 
 
 async def test_five_seed_steps(env: Env) -> None:
-    """Inform, upload, job, notice with exactly the protocol's fields, HTTPS download, progress, new version: succeeded."""
+    """Inform, upload, job, notice with exactly the protocol's fields, HTTPS download, progress, new version."""
     d = await env.device("pk", "dev1").connect()
     await d.inform("1.0.0")
     device = await registered(env, "pk/dev1", version="1.0.0")
