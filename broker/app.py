@@ -20,7 +20,7 @@ from amqtt.events import BrokerEvents
 from broker import datadir, logs
 from broker.hardened import HardenedBroker
 from plugins.ota.plugin import OtaPlugin
-from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, resolve
+from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, validate
 
 log = logging.getLogger("ota.broker")
 
@@ -69,7 +69,7 @@ def _data_dir(config: dict[str, Any]) -> Path | None:
     if entry is None:
         return None
     try:
-        return resolve(OtaConfig(**(entry or {}))).data_dir
+        return validate(OtaConfig(**(entry or {}))).data_dir
     except (TypeError, ConfigError):
         return None  # the OTA plugin reports its own configuration errors
 

@@ -14,7 +14,7 @@ import copy
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from plugins.ota.settings import (
     Settings,
     apply_env,
     parse_bind,
-    resolve,
+    validate,
 )
 
 AUTH_PLUGIN_KEY = "plugins.device_auth.plugin.DeviceAuthPlugin"
@@ -165,6 +165,7 @@ class BrokerSettings:
         certificate's paths without generating it (nor the data directory)."""
         settings = self.ota
         cfg = copy.deepcopy(dict(self.raw))
+        cfg["plugins"][PLUGIN_KEY] = asdict(self.ota_entry)  # the entry with its overrides
         listeners = cfg["listeners"]
         listeners["default"]["bind"] = str(self.mqtt_bind)
         secure = {"tls": ("tcp", settings.mqtts_bind), "wss": ("ws", settings.wss_bind)}
@@ -203,7 +204,7 @@ def configure(loaded: Loaded, env: Mapping[str, str] | None = None) -> BrokerSet
         mqtt_bind = parse_bind(str(raw["listeners"]["default"].get("bind", "")), "listeners.default.bind")
     entry = ota_entry(raw, env)
     overrides = tuple(v for v in sorted((*ENV, "OTA_MQTT_BIND")) if v in env)
-    ota = resolve(entry, {})  # the overrides are in `entry` already
+    ota = validate(entry)  # the overrides are in `entry` already
     return BrokerSettings(loaded.source, ota, entry, overrides, auth, limits, mqtt_bind, raw)
 
 

@@ -20,16 +20,16 @@ from typing import Any
 from amqtt.contexts import ListenerConfig, ListenerType
 
 from firmware_store.tls import COMPATIBLE, HandshakeLog, server_context, tls_acceptor
-from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, resolve
+from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, validate
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def tls_profile(config: Mapping[str, Any] | None) -> str:
-    """The OTA plugin's `tls_profile` (with `OTA_TLS_PROFILE` applied) in an amqtt configuration."""
+    """The OTA plugin's `tls_profile` in an amqtt configuration prepared by `broker.config` (overrides applied)."""
     entry = ((config or {}).get("plugins") or {}).get(PLUGIN_KEY)
     try:
-        return resolve(OtaConfig(**(entry or {}))).tls_profile
+        return validate(OtaConfig(**(entry or {}))).tls_profile
     except (TypeError, ConfigError):
         return COMPATIBLE  # the OTA plugin reports its own configuration errors
 

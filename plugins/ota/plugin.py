@@ -27,7 +27,7 @@ from plugins.ota.core.messages import Outgoing, same_notice
 from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, topic_name
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.runtime import OtaRuntime
-from plugins.ota.settings import OtaConfig, Settings, resolve
+from plugins.ota.settings import OtaConfig, Settings, validate
 
 log = logging.getLogger("ota.plugin")
 
@@ -41,7 +41,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
 
     def __init__(self, context: BrokerContext, clock: Callable[[], float] = time.time) -> None:
         super().__init__(context)
-        self.settings: Settings = resolve(self.config)
+        self.settings: Settings = validate(self.config)  # the entry as `broker.config` resolved it
         self.clock = clock
         self.metrics = OtaMetrics()
         self.runtime = OtaRuntime(self.settings, self, clock, self.metrics)

@@ -1,8 +1,9 @@
 """The OTA plugin's configuration: one typed config, `OTA_*` environment overrides, validated at load.
 
 The plugin's entry under `plugins:` in `config.yaml` fills `OtaConfig` (the keys as written, with their
-defaults); `resolve()` applies the environment (`ENV`, the one table of `OTA_*` overrides of this entry)
-and checks every value into `Settings`, failing with the key path and the reason. Closed sets of values
+defaults); `resolve()` applies an environment's overrides (`ENV`, the one table of `OTA_*` overrides of
+this entry; `broker.config.configure` is the one caller that reads the process's) and `validate()` checks
+every value into `Settings`, failing with the key path and the reason. Closed sets of values
 are enums (`AuthMode`, `DownloadOffload`, `TlsProfile`); being `StrEnum`s they are written and compared
 as the strings config.yaml uses. `Settings` is also what the CLI reads to find the management API
 (`local_admin_url`, `admin_token_file`, `admin_ca_file`).
@@ -10,7 +11,6 @@ as the strings config.yaml uses. `Settings` is also what the CLI reads to find t
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -207,9 +207,14 @@ def apply_env(config: OtaConfig, env: Mapping[str, str]) -> OtaConfig:
     return OtaConfig(**values)
 
 
-def resolve(config: OtaConfig, env: Mapping[str, str] | None = None) -> Settings:
-    """Apply `OTA_*` overrides to `config` and validate every key."""
-    cfg = apply_env(config, os.environ if env is None else env)
+def resolve(config: OtaConfig, env: Mapping[str, str]) -> Settings:
+    """Apply the `OTA_*` overrides in `env` to `config` and validate every key."""
+    return validate(apply_env(config, env))
+
+
+def validate(cfg: OtaConfig) -> Settings:
+    """Validate every key of an entry whose overrides are applied already (`broker.config.configure` applies
+    them, once, and hands the result to amqtt's plugin section): reads no environment."""
     key = f"plugins.{PLUGIN_KEY}"
     auth_mode = _member(AuthMode, cfg.auth_mode, f"{key}.auth_mode")
     https = parse_bind(cfg.https_bind, f"{key}.https_bind")

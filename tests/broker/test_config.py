@@ -11,7 +11,7 @@ from amqtt.broker import Broker
 
 from broker.config import ConfigError, default_config_text, load, prepare
 from broker.config_check import effective_config
-from plugins.ota.settings import PLUGIN_KEY, OtaConfig, resolve
+from plugins.ota.settings import PLUGIN_KEY, OtaConfig, resolve, validate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,11 +143,26 @@ def test_bad_files_fail_with_the_key(tmp_path: Path, text: str, key: str) -> Non
 
 
 async def test_repo_config_keeps_amqtts_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """config.yaml keeps amqtt's format: amqtt's own loader accepts the file and instantiates the OTA plugin."""
+    """config.yaml keeps amqtt's format: amqtt's own loader accepts the file and instantiates the OTA plugin
+    with the file's entry as it is (the environment's overrides are applied by `configure`, not by the
+    plugin: it reads no environment)."""
     monkeypatch.setenv("OTA_DATA_DIR", str(tmp_path))
-    broker = Broker(yaml.safe_load((REPO / "config.yaml").read_text()))
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    broker = Broker(raw)
     plugin = broker.plugins_manager.get_plugin("OtaPlugin")
-    assert plugin is not None and plugin.settings.data_dir == tmp_path
+    assert plugin is not None
+    assert plugin.settings == validate(OtaConfig(**raw["plugins"][PLUGIN_KEY]))
+    assert plugin.settings.data_dir != tmp_path
+
+
+def test_overrides_reach_the_plugin_through_the_prepared_configuration(tmp_path: Path) -> None:
+    """The amqtt configuration `prepare` returns carries the OTA entry with the environment applied, so the
+    plugin amqtt builds from it holds the same settings as the tree, whatever the process's own environment."""
+    env = {"OTA_DATA_DIR": str(tmp_path / "d"), "OTA_MQTTS_BIND": "", "OTA_AUTH_MODE": "open"}
+    cfg, tree = prepare(load(None, cwd=tmp_path), env)
+    entry = OtaConfig(**cfg["plugins"][PLUGIN_KEY])
+    assert validate(entry) == tree.ota
+    assert tree.ota.data_dir == tmp_path / "d" and tree.ota.auth_mode == "open"
 
 
 @pytest.mark.parametrize(
