@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from simulator.fleet import run_simulation
-from simulator.model import DeviceState, SimulationOptions, SimulationResult, Snapshot, spread
+from simulator.model import DeviceState, SimulationOptions, SimulationResult, Snapshot, lag_spread, spread
 
 # ----------------------------------------------------------------------------------------- presentation
 
@@ -86,6 +86,9 @@ def summary_lines(result: SimulationResult) -> Iterator[str]:
     if last is not None:
         yield f"  first notice -> last success: {last:.2f}s"
     yield f"  downloaded {_human_bytes(result.total_bytes)}"
+    lag = lag_spread([v for p in result.loop_lag for v in p])
+    if lag["samples"]:
+        yield f"  simulator's event loop lag: p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms"
     steps = Counter(d.failed_step for d in result.devices if d.failed_step)
     if steps:
         yield "  reported failures: " + ", ".join(f"step {s}: {n}" for s, n in sorted(steps.items()))

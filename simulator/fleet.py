@@ -13,6 +13,7 @@ import random
 import signal
 import ssl
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,6 +43,7 @@ CONNECT_TRIES = 3  # per (re)connect, for network errors; a refused login is not
 CONNECTION_LOSSES = 3  # unexpected disconnects a device recovers from before giving up
 DOWNLOAD_TRIES = 4  # consecutive HTTP errors per download before reporting -2
 PIECE_BYTES = 16 * 1024
+LAG_PROBE_S = 0.1  # how often a process's event loop lag is sampled
 
 log = logging.getLogger("ota.simulator")
 
@@ -453,6 +455,35 @@ class Transfer:
 # --------------------------------------------------------------------------------------------- fleets
 
 
+class LoopLag:
+    """How late the running loop runs a timer asked for every `interval` seconds: how long any ready callback
+    (a PUBACK read, a download piece) waits for the loop. A loop saturated here is the simulator's limit,
+    not the broker's. One float per sample: bounded by the run's duration (10 a second)."""
+
+    def __init__(self, interval: float = LAG_PROBE_S) -> None:
+        self.interval = interval
+        self.samples = array("d")
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    def start(self) -> None:
+        self._schedule(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = loop.time() + self.interval
+        self._handle = loop.call_at(self._due, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        # a timer may fire early by up to the clock's resolution: that is no lag
+        self.samples.append(max(0.0, loop.time() - self._due))
+        self._schedule(loop)
+
+
 class Fleet:
     """The devices of one process, started at the connect rate, stopped on request."""
 
@@ -461,6 +492,7 @@ class Fleet:
         self.stats = Stats(len(specs))
         self.devices: list[SimDevice] = []
         self.hub: Hub | None = None
+        self.lag = LoopLag()
 
     def snapshot(self) -> Snapshot:
         return replace(self.stats.snapshot(), connected=self.hub.connected if self.hub else 0)
@@ -481,6 +513,7 @@ class Fleet:
         hub = self.hub = Hub(self.options)
         connector = aiohttp.TCPConnector(limit=0)
         tasks: list[asyncio.Task[None]] = []
+        self.lag.start()
         try:
             async with aiohttp.ClientSession(connector=connector) as http:
                 launcher = asyncio.create_task(self._launch(hub, http, tasks))
@@ -492,6 +525,7 @@ class Fleet:
                         t.cancel()
                     await asyncio.gather(launcher, *tasks, return_exceptions=True)
         finally:
+            self.lag.stop()
             await hub.aclose()
 
     async def _launch(self, hub: Hub, http: aiohttp.ClientSession, tasks: list[asyncio.Task[None]]) -> None:
@@ -558,7 +592,9 @@ async def _run_here(
         stop.set()
         await runner
     ended = time.time()
-    return SimulationResult(options, started, ended, reason, tuple(fleet.outcomes()))
+    return SimulationResult(
+        options, started, ended, reason, tuple(fleet.outcomes()), (tuple(fleet.lag.samples),)
+    )
 
 
 # ------------------------------------------------------------------------------------ worker processes
@@ -585,6 +621,7 @@ async def _worker_main(
         done.set()
         await runner
         out.put(("snapshot", index, fleet.snapshot()))
+        out.put(("lag", index, fleet.lag.samples.tolist()))  # before the outcomes, which end the wait
         out.put(("outcomes", index, fleet.outcomes()))
 
 
@@ -610,6 +647,7 @@ class Workers:
         ]
         self.snapshots = [Snapshot(len(s), {DeviceState.PENDING.value: len(s)}) for s in self.slices]
         self.outcomes: dict[int, list[DeviceOutcome]] = {}
+        self.lags: dict[int, list[float]] = {}
 
     def start(self) -> None:
         for p in self.processes:
@@ -624,6 +662,8 @@ class Workers:
                 return
             if kind == "snapshot":
                 self.snapshots[index] = value
+            elif kind == "lag":
+                self.lags[index] = value
             else:
                 self.outcomes[index] = value
 
@@ -660,6 +700,9 @@ class Workers:
             p.close()
         self.out.close()
         self.out.join_thread()
+
+    def merged_lags(self) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(self.lags.get(i, ())) for i in range(len(self.processes)))
 
     def merged_outcomes(self) -> list[DeviceOutcome]:
         merged: list[DeviceOutcome] = []
@@ -699,5 +742,10 @@ async def _run_processes(
         await workers.finish()
     ended = time.time()
     return SimulationResult(
-        options, started, ended, reason or EndReason.ABORTED, tuple(workers.merged_outcomes())
+        options,
+        started,
+        ended,
+        reason or EndReason.ABORTED,
+        tuple(workers.merged_outcomes()),
+        workers.merged_lags(),
     )

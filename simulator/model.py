@@ -10,6 +10,7 @@ import math
 import ssl
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -342,6 +343,21 @@ def spread(values: list[float]) -> dict[str, Any]:
     }
 
 
+def lag_spread(values: Sequence[float]) -> dict[str, Any]:
+    """p50/p99/max of event-loop lateness samples (seconds), in milliseconds."""
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000, 1)
+
+    listed = list(values)
+    return {
+        "samples": len(listed),
+        "p50": ms(percentile(listed, 50)),
+        "p99": ms(percentile(listed, 99)),
+        "max": ms(max(listed) if listed else None),
+    }
+
+
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
@@ -355,6 +371,9 @@ class SimulationResult:
     ended_at: float
     end_reason: EndReason
     devices: tuple[DeviceOutcome, ...]
+    # Per process running devices: how late its event loop ran a timer asked for every 100 ms (seconds).
+    # Acknowledgements and download pieces wait as long there, which the broker is not to be blamed for.
+    loop_lag: tuple[tuple[float, ...], ...] = ()
 
     def count(self, state: DeviceState) -> int:
         return sum(1 for d in self.devices if d.state == state)
@@ -409,6 +428,8 @@ class SimulationResult:
             "informed_seconds": spread(informed),
             "all_informed_after_s": round(max(informed), 3) if informed else None,
             "notice_to_last_success_s": None if notice_to_last is None else round(notice_to_last, 3),
+            "loop_lag_ms": lag_spread([v for p in self.loop_lag for v in p])
+            | {"per_process": [lag_spread(p) for p in self.loop_lag]},
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()},
             "devices": [
                 {
