@@ -1,19 +1,29 @@
 """Whole-campaign benchmark: N simulated devices, one firmware, notice -> success, against ota-broker.
 
-    python -m bench.campaign --devices 1000 --firmware-mb 1 [--processes 2] [--out result.json] [--profile]
+    python -m bench.campaign --devices 1000 --firmware-mb 1 [--processes 2] [--out result.json]
+        [--timeline seconds.csv] [--profile py-spy.txt]
 
 It starts `python -m broker run` (open auth mode, a temporary data directory, free loopback ports), uploads
 the firmware through the management API, starts `ota-broker simulate` with N devices (which connect and
 inform 1.0.0), launches a static job for the product once every device has informed, and waits for the
 simulator to end. It reports the simulator's "first notice -> last success" time, the per-device p50/p95,
-the broker's CPU seconds during the campaign, and its resident memory. Every wait is bounded; every process
-it starts is stopped by its PID in `finally`.
+the broker's CPU seconds during the campaign, and its resident memory.
+
+From the job's launch to the end it also measures where the time goes (bench.probe): a client that is not a
+device times PUBACKs (every 100 ms) and CONNACKs (a fresh connection every 2 s); the broker's Prometheus
+endpoint, RSS and CPU are read every second (event-loop lag, downloads and transfers in flight, the admission
+window, tasks waiting for it); and the simulator reports its own event-loop lag, so that a saturated simulator
+is told apart from a saturated broker. The JSON goes to stdout (and `--out`), a markdown summary to stderr,
+the per-second samples to `--timeline` as CSV. Every wait is bounded; every process it starts is stopped by
+its PID in `finally`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import csv
 import json
 import os
 import shutil
@@ -22,11 +32,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
+
+from bench.probe import BrokerSampler, ControlProbe, summarize, timeline
+from bench.report import DASH, fmt
+from simulator.fleet import LoopLag
+from simulator.model import lag_spread
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,17 +133,37 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             spec: dict[str, Any] = {"firmware_id": firmware["id"], "type": "static"}
             if args.rate_per_minute:
                 spec["rate_per_minute"] = args.rate_per_minute
-            async with http.post(f"{base}/jobs", json=spec, headers=headers) as r:
-                assert r.status == 201, await r.text()
-                job = await r.json()
             t_job = time.monotonic()
-            deadline = t_job + args.limit
-            while simulator.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
+            stop = asyncio.Event()
+            probe = ControlProbe("127.0.0.1", mqtt, started=t_job)
+            sampler = BrokerSampler(
+                http,
+                f"http://127.0.0.1:{admin}/metrics",
+                headers,
+                proc,
+                _process(simulator.pid),
+                started=t_job,
+            )
+            own_lag = LoopLag()  # the probe's own loop: its latencies include this
+            own_lag.start()
+            watchers = [asyncio.create_task(probe.run(stop)), asyncio.create_task(sampler.run(stop))]
+            try:
+                async with http.post(f"{base}/jobs", json=spec, headers=headers) as r:
+                    assert r.status == 201, await r.text()
+                    job = await r.json()
+                deadline = t_job + args.limit
+                while simulator.poll() is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+            finally:
+                stop.set()
+                await asyncio.gather(*watchers)  # each ends within its answer timeout
+                own_lag.stop()
             cpu1 = proc.cpu_times()
             async with http.get(f"{base}/jobs/{job['id']}", headers=headers) as r:
                 final = await r.json()
         sim = json.loads(result_file.read_text()) if result_file.exists() else {}
+        if args.timeline:
+            write_csv(args.timeline, timeline(sampler.samples, probe))
         return {
             "devices": args.devices,
             "firmware_mb": args.firmware_mb,
@@ -135,11 +171,15 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             "rate_per_minute": args.rate_per_minute,
             "connect_and_inform_s": round(connected_s, 2),
             "job_counts": final.get("counts"),
-            "simulator": {
-                k: sim.get(k) for k in ("counts", "notice_to_last_success_s", "upgrade_seconds", "end_reason")
-            },
+            "simulator": simulator_figures(sim),
             "broker_cpu_s": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
             "broker_rss_mb": round(proc.memory_info().rss / 2**20, 1),
+            "control_probe": {
+                "puback": probe.puback.summary(),
+                "connack": probe.connack.summary(),
+                "own_loop_lag_ms": lag_spread(own_lag.samples),
+            },
+            "broker_samples": summarize(sampler.samples),
         }
     finally:
         for p in (profiler, simulator, broker):
@@ -154,6 +194,97 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(data, ignore_errors=True)
 
 
+def _process(pid: int) -> psutil.Process | None:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid)
+    return None
+
+
+def simulator_figures(sim: dict[str, Any]) -> dict[str, Any]:
+    """What the simulator's result says, without its per-device list: counts, failures told apart (a reported
+    failure step, or a device that gave up on its MQTT link), the commonest reasons, its loop lag."""
+    devices = sim.get("devices") or []
+    failed = [d for d in devices if d.get("state") == "failed"]
+    reasons = Counter(d["reason"][:100] for d in devices if d.get("reason") and not d.get("failed_step"))
+    figures = {
+        k: sim.get(k)
+        for k in ("counts", "notice_to_last_success_s", "upgrade_seconds", "end_reason", "loop_lag_ms")
+    }
+    return figures | {
+        "failed_reported": sum(1 for d in failed if d.get("failed_step")),
+        "failed_gave_up": sum(1 for d in failed if not d.get("failed_step")),
+        "reasons": dict(reasons.most_common(3)),
+    }
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _triple(doc: dict[str, Any] | None, keys: tuple[str, str, str], digits: int = 1) -> str:
+    doc = doc or {}
+    return " / ".join(fmt(doc.get(k), digits) for k in keys)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The figures that say where a campaign's time went, as a markdown table."""
+    sim = result["simulator"]
+    counts = sim.get("counts") or {}
+    probe = result["control_probe"]
+    broker = result["broker_samples"]
+    lag = broker.get("loop_lag_ms") or {}
+    ms3 = ("p50_ms", "p99_ms", "max_ms")
+    rows = [
+        ("devices (simulator processes)", f"{result['devices']:,} ({result['processes']})"),
+        ("connect + inform (s)", fmt(result["connect_and_inform_s"], 2)),
+        ("first notice -> last success (s)", fmt(sim.get("notice_to_last_success_s"), 2)),
+        (
+            "upgraded / failed (reported, gave up) / offline / unfinished",
+            f"{fmt(counts.get('upgraded'))} / {fmt(counts.get('failed'))} ({sim['failed_reported']}, "
+            f"{sim['failed_gave_up']}) / {fmt(counts.get('offline'))} / {fmt(counts.get('unfinished'))}",
+        ),
+        (
+            "PUBACK p50 / p99 / max (ms), timeouts",
+            f"{_triple(probe['puback'], ms3)}, {probe['puback']['timeouts']}",
+        ),
+        (
+            "CONNACK p50 / p99 / max (ms), timeouts",
+            f"{_triple(probe['connack'], ms3)}, {probe['connack']['timeouts']}",
+        ),
+        (
+            "broker loop lag p50 / p99 / max at most (ms)",
+            f"{fmt(lag.get('p50'), 1)} / {fmt(lag.get('p99'), 1)} / {fmt(lag.get('max_le'), 1)}",
+        ),
+        ("broker loop lag, worst second's mean (ms)", fmt(lag.get("worst_second_mean"), 1)),
+        ("peak downloads active", fmt(broker.get("peak_downloads_active"))),
+        ("peak transfers in flight", fmt(broker.get("peak_transfers_in_flight"))),
+        ("peak admission window", fmt(broker.get("peak_admission_window"))),
+        ("peak tasks waiting for capacity", fmt(broker.get("peak_tasks_waiting_for_capacity"))),
+        ("broker peak RSS (MiB)", fmt(broker.get("peak_rss_mb"))),
+        ("broker CPU during the campaign (s)", fmt(result["broker_cpu_s"], 1)),
+        ("simulator loop lag p50 / p99 / max (ms)", _triple(sim.get("loop_lag_ms"), ("p50", "p99", "max"))),
+        ("simulator peak RSS (MiB), CPU (s)",
+         f"{fmt(broker.get('simulator_peak_rss_mb'))}, {fmt(broker.get('simulator_cpu_s'), 1)}"),
+        ("probe's own loop lag p50 / p99 / max (ms)", _triple(probe["own_loop_lag_ms"], ("p50", "p99", "max"))),
+        ("/metrics scrapes failed, slowest (ms)",
+         f"{broker.get('scrapes_failed', DASH)}, {fmt(broker.get('scrape_ms_max'))}"),
+    ]  # fmt: skip
+    lines = ["| figure | value |", "| --- | --- |"] + [f"| {name} | {value} |" for name, value in rows]
+    downloads = broker.get("downloads")
+    if downloads:
+        lines.append("")
+        lines.append("downloads by outcome: " + ", ".join(f"{k} {fmt(v)}" for k, v in downloads.items()))
+    if sim.get("reasons"):
+        lines.append("devices' reasons: " + "; ".join(f"{n}x {r}" for r, n in sim["reasons"].items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,6 +295,7 @@ def main() -> None:
     parser.add_argument("--connect-rate", type=float, default=500)
     parser.add_argument("--limit", type=float, default=600, help="seconds for each phase at most")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--timeline", type=Path, help="CSV file for the per-second samples")
     parser.add_argument("--rate-per-minute", type=int, help="pace the job's notices (default: all at once)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory and logs")
     parser.add_argument("--profile", help="py-spy raw output file for the broker during the campaign")
@@ -171,6 +303,7 @@ def main() -> None:
     result = asyncio.run(campaign(args))
     text = json.dumps(result, indent=2)
     print(text)
+    print(markdown(result), file=sys.stderr)
     if args.out:
         args.out.write_text(text + "\n")
 
