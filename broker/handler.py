@@ -7,9 +7,14 @@ The reader (`_reader_loop`) reads each packet whole by its remaining length, up 
 packet), so a client that disconnects right after publishing loses nothing it was told was received. A
 violation closes the connection with one log line (MQTT-4.8.0-1), never a traceback.
 
-Keep-alive (MQTT-3.1.2-24): the reader waits one and a half keep-alive periods for the next packet (the
-broker sets the session's `keep_alive` to that, `reader_timeout`), then closes the connection, which ends
-the session as an abnormal disconnect (the Will is published). amqtt waited and did nothing.
+Keep-alive (MQTT-3.1.2-24): a client silent for one and a half keep-alive periods (the broker sets the
+session's `keep_alive` to that, `reader_timeout`) has its connection closed, which ends the session as an
+abnormal disconnect (the Will is published). amqtt waited and did nothing. One timer per connection does
+it: the reader only notes when it last heard the client, and the timer, when due, re-arms itself at the
+new due time if the client was heard since. It is fair to a client when the broker is the one behind (its
+loop busy, say serving TLS downloads): bytes from the client waiting unread (in the connection's stream
+buffer or the socket's receive queue) count as heard, and a timer that ran late gives the client that
+lateness again before judging.
 
 Outgoing QoS 1/2 messages stay in the session's in-flight table until they are acknowledged: amqtt
 dropped them after a hard-coded 5 s, and on a disconnect, so an OTA notice in flight was lost. Here an
@@ -24,7 +29,11 @@ The amqtt names this class overrides, calls or writes are listed in tests/broker
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import math
+import struct
+import termios
 from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader
@@ -63,6 +72,7 @@ from broker.protocol import (
     check_publish,
     encode_publish,
     read_fixed_header,
+    transport_of,
 )
 from broker.session_state import NO_QUEUE, LeanSession
 
@@ -74,6 +84,23 @@ GRACE = 1.5  # the reader waits GRACE x keep-alive for a client's next packet (M
 def reader_timeout(keep_alive: int) -> float:
     """How long the reader waits for a client's next packet: 1.5 x its keep-alive (0: forever)."""
     return keep_alive * GRACE if keep_alive > 0 else 0
+
+
+LATE_S = 1.0  # a keep-alive timer this late (past its due time) shows a busy loop, not a silent client
+HANDLING = math.inf  # "heard" while the reader handles a packet: that time is not the client's silence
+
+
+def unread_in_kernel(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes in the receive queue of the socket under `transport` (TCP, TLS or WebSocket), not yet read
+    by the event loop (FIONREAD); 0 when there is no socket any more."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):  # closed meanwhile
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 class Router(Protocol):
@@ -109,6 +136,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self.clean_disconnect = False  # the client sent DISCONNECT (its Will is not published)
         self.resend: list[OutgoingApplicationMessage] | None = None  # in flight before this connection
         self._closed: asyncio.Future[None] | None = None
+        self._heard = 0.0  # loop time the reader last heard the client (HANDLING while it handles a packet)
+        self._keep_alive_timer: asyncio.TimerHandle | None = None
         self._flows: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
         # The reader routes SUBSCRIBE and UNSUBSCRIBE itself: amqtt's two queues for them are never used.
@@ -122,18 +151,20 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         assert session is not None
         assert self._reader_ready is not None
         who = str(session.client_id)[:96]
-        timeout = session.keep_alive if session.keep_alive > 0 else None
+        loop = asyncio.get_running_loop()
+        self._heard = loop.time()
+        if session.keep_alive > 0:
+            due = self._heard + session.keep_alive
+            self._keep_alive_timer = loop.call_at(due, self._keep_alive_due, due)
         self._reader_ready.set()
         try:
             while self.reader is not None and not self.ending:
-                try:
-                    header = await asyncio.wait_for(read_fixed_header(self.reader), timeout)
-                except TimeoutError:
-                    self.handle_read_timeout()
-                    continue
+                header = await read_fixed_header(self.reader)
                 if header is None or self.ending:
                     break  # EOF, or `end` was called: what the client sent after that is not handled
+                self._heard = HANDLING
                 await self._handle(*header)
+                self._heard = loop.time()
         except asyncio.CancelledError:
             pass
         except ProtocolViolation as e:
@@ -145,6 +176,9 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         except Exception as e:  # amqtt's decoders raise many kinds; none may leave a traceback per client
             log.warning("closing the connection of %r: undecodable packet (%s: %s)", who, type(e).__name__, e)
         finally:
+            if self._keep_alive_timer is not None:
+                self._keep_alive_timer.cancel()
+                self._keep_alive_timer = None
             await self.handle_connection_closed()
             self._reader_stopped.set()
             await self.stop()
@@ -214,6 +248,43 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         client_id = str(getattr(self.session, "client_id", "") or "")
         parts = client_id.split("|")
         return len(parts) >= 3 and "securemode=" in parts[1]
+
+    def _keep_alive_due(self, due: float) -> None:
+        """The keep-alive timer, due at `due`: re-armed at the client's new due time if it was heard since,
+        or if bytes it sent wait unread on the broker's side (then it did speak: it is the broker that is
+        behind), or if the timer itself ran late (the loop was busy: the client gets that lateness again).
+        Only a client silent for the whole period is closed; the timer runs until the reader ends, so a
+        close that has not ended the connection a period later is tried again."""
+        session = self.session
+        if self._keep_alive_timer is None or session is None:
+            return  # the reader has ended
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        period = session.keep_alive
+        late = now - due
+        if self._heard + period > now:
+            again = now + period if self._heard == HANDLING else self._heard + period
+        elif self._unread_bytes():
+            self._heard = now
+            again = now + period
+        elif late > LATE_S:
+            again = now + late
+        else:
+            self.handle_read_timeout()
+            again = now + period
+        self._keep_alive_timer = loop.call_at(again, self._keep_alive_due, again)
+
+    def _unread_bytes(self) -> int:
+        """Bytes from the client waiting on the broker's side, not read yet by the reader: in the
+        connection's asyncio StreamReader (amqtt's StreamReaderAdapter wraps it; a WebSocket connection's
+        reader has none) and in the socket's receive queue."""
+        waiting = 0
+        stream = getattr(self.reader, "_reader", None)
+        if isinstance(stream, asyncio.StreamReader):
+            waiting += len(getattr(stream, "_buffer", b""))
+        if self.writer is not None:
+            waiting += unread_in_kernel(transport_of(self.writer))
+        return waiting
 
     def handle_read_timeout(self) -> None:
         """Nothing from the client for 1.5 x its keep-alive: close (EOF ends the reader and the session)."""

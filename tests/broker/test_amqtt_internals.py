@@ -5,12 +5,13 @@ instead of silently bypassing a fix. Also: amqtt's own classes are left as they 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from amqtt.adapters import BufferReader, StreamWriterAdapter
+from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker, BrokerContext, RetainedApplicationMessage, Server
 from amqtt.codecs_amqtt import read_or_raise
 from amqtt.mqtt import packet_class
@@ -111,6 +112,14 @@ async def _message() -> OutgoingApplicationMessage:
     return OutgoingApplicationMessage(1, "t", 1, b"", False)
 
 
+async def _stream_reader() -> asyncio.StreamReader:
+    return asyncio.StreamReader()
+
+
+async def _stream_adapter() -> StreamReaderAdapter:
+    return StreamReaderAdapter(asyncio.StreamReader())
+
+
 ATTRIBUTES: list[tuple[Callable[[], Any], str]] = [
     (_broker, "_servers"),  # the bound listeners (also read by broker.app)
     (_broker, "_sessions"),  # client id -> (session, handler)
@@ -138,6 +147,9 @@ ATTRIBUTES: list[tuple[Callable[[], Any], str]] = [
     (_message, "pubrec_packet"),
     (_message, "pubrel_packet"),
     (_message, "pubcomp_packet"),
+    # the keep-alive timer counts bytes a busy broker has not read yet as heard (StrictHandler._unread_bytes)
+    (_stream_adapter, "_reader"),  # the asyncio StreamReader under a TCP or TLS connection's reader
+    (_stream_reader, "_buffer"),  # asyncio's: what the connection received and the reader has not read
 ]
 
 
