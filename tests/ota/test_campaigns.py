@@ -19,6 +19,7 @@ import pytest
 from firmware_store import FirmwareStore, LinkSigner
 from plugins.ota.app.ota_app import OtaApp as OtaService
 from plugins.ota.core import machine
+from plugins.ota.core.admission import TransferWindow
 from plugins.ota.core.errors import Conflict, InvalidInput
 from plugins.ota.core.model import (
     FirmwareStatus,
@@ -55,8 +56,9 @@ def fleet(n: int, prefix: str = "d") -> list[DeviceRef]:
 class World:
     """The service over one SQLite file, its fake channel and clock; `restart()` reopens everything."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, window: TransferWindow | None = None) -> None:
         self.path = tmp_path
+        self.window = window
         self.clock = Clock()
         self.channel = FakeChannel(self.clock)
         self.service: OtaService
@@ -77,6 +79,7 @@ class World:
             max_payload_bytes=4096,
             progress_per_second=5,
             progress_burst=100,
+            window=self.window,
         )
 
     async def stop(self) -> None:

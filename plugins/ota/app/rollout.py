@@ -8,6 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from plugins.ota.app.admission import Admission
 from plugins.ota.app.channel import DeviceChannel
 from plugins.ota.app.housekeeping import DeviceLocks, about
 from plugins.ota.app.tasks import TaskDriver
@@ -31,10 +32,12 @@ class Dispatcher:
         channel: DeviceChannel,
         locks: DeviceLocks,
         clock: Callable[[], float],
+        admission: Admission,
         *,
         step_s: float,
     ) -> None:
         self.repo = repo
+        self.admission = admission
         self.driver = driver
         self.channel = channel
         self.locks = locks
@@ -47,7 +50,11 @@ class Dispatcher:
         now = self.clock()
         for task in await self.repo.overdue_tasks(now):
             await self.driver.drive_by_id(task.id, Ticked())  # the core decides; the query only narrows
-        for job in await self.repo.jobs_in_states(JobState.RUNNING, JobState.PAUSED):
+        await self.admission.step()
+        jobs = await self.repo.jobs_in_states(JobState.RUNNING, JobState.PAUSED)
+        for gone in set(self.admission.waiting) - {job.id for job in jobs}:
+            self.admission.set_waiting(gone, 0)
+        for job in jobs:
             try:
                 if job.stored_state is JobState.RUNNING:
                     await self._advance(job, now)
@@ -57,7 +64,10 @@ class Dispatcher:
                 log.exception("job %d: periodic step failed", job.id)
 
     async def dispatch_now(self, task: Task, *, pulled: bool = False) -> bool:
-        """May this queued task be notified now, outside its job's dispatcher (see the core's rule)?"""
+        """May this queued task be notified now, outside its job's dispatcher (see the core's rule), with
+        room for its transfer?"""
+        if self.admission.room() <= 0:
+            return False  # its job's dispatcher notifies it once transfers end
         job = await self.repo.get_job(task.job_id)
         state = machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=self.clock())
         paced = bool(job.options.rate_per_minute)
@@ -117,15 +127,30 @@ class Dispatcher:
             for task in await self.repo.dispatchable_tasks(job.id, job.current_group, now, limit=1_000_000)
             if self.channel.is_online(task.device)  # the others are notified when they connect
         ]
-        if pacer is not None:
-            for task in due:
-                if not pacer.allow(job.id, self.clock()):
-                    return  # the rest by a later step
-                await self._notify(task)
-            return
-        # Unpaced: many devices at once, so one notice's database round trips overlap the others'.
-        for start in range(0, len(due), _DISPATCH_BATCH):
-            await asyncio.gather(*(self._notify(task) for task in due[start : start + _DISPATCH_BATCH]))
+        sent = 0
+        for_room = 0  # due tasks left queued for want of room in the transfer window
+        try:
+            if pacer is not None:
+                for task in due:
+                    if self.admission.room() <= 0:
+                        for_room = len(due) - sent
+                        return
+                    if not pacer.allow(job.id, self.clock()):
+                        return  # the rest by a later step
+                    await self._notify(task)
+                    sent += 1
+                return
+            # Unpaced: many devices at once, so one notice's database round trips overlap the others'; as
+            # many as the transfer window has room for (each notice taken enters it).
+            while sent < len(due):
+                batch = due[sent : sent + min(_DISPATCH_BATCH, self.admission.room())]
+                if not batch:
+                    for_room = len(due) - sent
+                    return
+                await asyncio.gather(*(self._notify(task) for task in batch))
+                sent += len(batch)
+        finally:
+            self.admission.set_waiting(job.id, for_room)
 
     async def _notify(self, task: Task) -> None:
         async with self.locks.hold(task.device):  # changed meanwhile: the compare-and-set reloads it
@@ -133,6 +158,7 @@ class Dispatcher:
 
     async def _finish(self, job: JobRecord, now: float) -> None:
         self._job_pacers.pop(job.id, None)
+        self.admission.set_waiting(job.id, 0)
         # Only a running job completes: an operator's cancel may have come in while this step ran.
         unfinished = (JobState.RUNNING, JobState.PAUSED)
         if not await self.repo.update_job(job.id, now, state=JobState.COMPLETED, only_from=unfinished):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from firmware_store import LinkSigner
+from plugins.ota.app.admission import Admission
 from plugins.ota.app.catalog import Catalog
 from plugins.ota.app.channel import DeviceChannel
 from plugins.ota.app.downloads import DownloadGate, resource_of
@@ -43,8 +44,10 @@ class TaskDriver:
         channel: DeviceChannel,
         locks: DeviceLocks,
         clock: Callable[[], float],
+        admission: Admission,
     ) -> None:
         self.repo = repo
+        self.admission = admission
         self.catalog = catalog
         self.gate = gate
         self.signer = signer
@@ -81,6 +84,7 @@ class TaskDriver:
                     continue
                 saved = stored
                 self.gate.task_changed(saved)
+                self.admission.task_changed(task, saved)
                 if decision.note:
                     log.info(
                         "%s: task %d %s -> %s (%s)",

@@ -213,6 +213,11 @@ class Repository(Protocol):
         tasks whose notify timeout, counted from the latest notice, has."""
         ...
 
+    async def devices_in_transfer(self, noticed_since: float) -> list[DeviceRef]:
+        """The devices of the tasks holding a transfer: notified at or after `noticed_since`, or in progress
+        below 100 % (a device in several such tasks is listed once per task)."""
+        ...
+
     async def save_task(self, task: Task, note: str) -> Task | None:
         """Compare-and-set: write `task` if the stored row still has `task.rev`; the saved task, or None
         when someone else changed the row first. The history row is written by a trigger in the same

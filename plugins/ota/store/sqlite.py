@@ -686,6 +686,16 @@ class SqliteRepository:
         )
         return [_task(r) for r in rows]
 
+    async def devices_in_transfer(self, noticed_since: float) -> list[DeviceRef]:
+        """The devices of the tasks holding a transfer: notified at or after `noticed_since`, or in progress
+        below 100 %."""
+        rows = await self._all(
+            "SELECT product_key, device_name FROM tasks WHERE state='notified' AND noticed_at>=?"
+            " UNION ALL SELECT product_key, device_name FROM tasks WHERE state='in_progress' AND progress<100",
+            (noticed_since,),
+        )
+        return [DeviceRef(r[0], r[1]) for r in rows]
+
     async def save_task(self, task: Task, note: str) -> Task | None:
         """Compare-and-set: write `task` if the stored row still has `task.rev`; the saved task, or None
         when someone else changed the row first. The history row is written by a trigger in the same
