@@ -5,6 +5,7 @@ an opaque subject, and "may this subject download this resource" is a question i
 """
 
 from firmware_store.links import LinkSigner
+from firmware_store.slots import DownloadSlots
 from firmware_store.store import Blob, BlobTooLarge, FirmwareStore
 
-__all__ = ["Blob", "BlobTooLarge", "FirmwareStore", "LinkSigner"]
+__all__ = ["Blob", "BlobTooLarge", "DownloadSlots", "FirmwareStore", "LinkSigner"]

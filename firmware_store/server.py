@@ -29,6 +29,7 @@ from aiohttp.helpers import ETAG_ANY, ETag
 from aiohttp.web_request import BaseRequest
 
 from firmware_store.links import LinkSigner
+from firmware_store.slots import RETRY_AFTER_S, DownloadSlots
 from firmware_store.store import Blob, FirmwareStore
 from firmware_store.tls import HandshakeLog, tls_acceptor
 
@@ -49,10 +50,11 @@ class DownloadStats:
     """What the endpoint has served, for whoever reports metrics (this package imports no metrics library).
 
     `bytes_sent` counts the bodies of completed 200/206 responses to GET; a download cut off mid-way
-    counts as `interrupted` with no bytes (its resumed Range request counts when it completes).
+    counts as `interrupted` with no bytes (its resumed Range request counts when it completes); `busy`
+    counts the downloads refused because the endpoint served its `DownloadSlots` capacity already.
     """
 
-    OUTCOMES = ("ok", "interrupted", "refused", "throttled", "corrupt")
+    OUTCOMES = ("ok", "interrupted", "refused", "throttled", "busy", "corrupt")
 
     active: int = 0
     bytes_sent: int = 0
@@ -167,9 +169,14 @@ def download_app(
     *,
     max_per_subject: int = 2,
     stats: DownloadStats | None = None,
+    slots: DownloadSlots | None = None,
 ) -> web.Application:
+    """The download endpoint: links checked by `signer`, blobs found by `resolve`, each download allowed by
+    `authorize`, at most `max_per_subject` at once per device (429) and, with `slots`, at most its capacity
+    at once in all (503 with `Retry-After`: the client comes back, nothing stalls)."""
     active: Counter[str] = Counter()
     stats = DownloadStats() if stats is None else stats
+    busy = _Busy()
 
     async def serve(request: web.Request) -> web.StreamResponse:
         resource = request.match_info["resource"]
@@ -193,28 +200,11 @@ def download_app(
             return web.Response(status=403, text="forbidden\n")
         check = await store.check(blob)
         if not check.ok:
-            stats.outcomes["corrupt"] += 1
-            if check.fresh:  # once per change of the file; later refusals of the same file are quiet
-                log.error(
-                    "firmware %s is corrupt on disk (sha256 %s): not served until the file is restored",
-                    resource,
-                    blob.sha256,
-                    extra=about,
-                )
-            return web.Response(
-                status=503, text="firmware file failed verification\n", headers={"Retry-After": "60"}
-            )
+            return _corrupt(stats, resource, blob, fresh=check.fresh, about=about)
         if active[claims.subject] >= max_per_subject:
-            stats.outcomes["throttled"] += 1
-            log.warning(
-                "download refused for %s: already %d download(s) under way",
-                claims.subject,
-                max_per_subject,
-                extra=about,
-            )
-            return web.Response(
-                status=429, text="too many concurrent downloads\n", headers={"Retry-After": "5"}
-            )
+            return _throttled(stats, claims.subject, max_per_subject, about)
+        if slots is not None and not slots.acquire(clock()):
+            return busy.refuse(stats, slots, clock())
         active[claims.subject] += 1
         stats.active += 1
         outcome = "interrupted"
@@ -240,6 +230,8 @@ def download_app(
                 stats.bytes_sent += response.content_length or 0
             return response
         finally:
+            if slots is not None:
+                slots.release()
             stats.active -= 1
             stats.outcomes[outcome] += 1
             active[claims.subject] -= 1
@@ -249,6 +241,54 @@ def download_app(
     app = web.Application()
     app.router.add_get("/firmware/{resource}", serve)  # add_get also answers HEAD
     return app
+
+
+def _throttled(stats: DownloadStats, subject: str, most: int, about: dict[str, str]) -> web.Response:
+    """The answer to a device that already runs its `max_per_subject` downloads: 429."""
+    stats.outcomes["throttled"] += 1
+    log.warning("download refused for %s: already %d download(s) under way", subject, most, extra=about)
+    return web.Response(status=429, text="too many concurrent downloads\n", headers={"Retry-After": "5"})
+
+
+def _corrupt(
+    stats: DownloadStats, resource: str, blob: Blob, *, fresh: bool, about: dict[str, str]
+) -> web.Response:
+    """The answer to a download of a blob whose file no longer matches its digests: 503, logged once per
+    change of the file (`fresh`); later refusals of the same file are quiet."""
+    stats.outcomes["corrupt"] += 1
+    if fresh:
+        log.error(
+            "firmware %s is corrupt on disk (sha256 %s): not served until the file is restored",
+            resource,
+            blob.sha256,
+            extra=about,
+        )
+    return web.Response(status=503, text="firmware file failed verification\n", headers={"Retry-After": "60"})
+
+
+class _Busy:
+    """The answer to a download that finds every slot taken: 503 with `Retry-After`, counted, and logged
+    at most once per `LOG_EVERY_S` (a campaign can be refused thousands of times a minute)."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self) -> None:
+        self._next_log = float("-inf")
+
+    def refuse(self, stats: DownloadStats, slots: DownloadSlots, now: float) -> web.Response:
+        stats.outcomes["busy"] += 1
+        if now >= self._next_log:
+            self._next_log = now + self.LOG_EVERY_S
+            log.warning(
+                "downloads refused for capacity: %d at once at most (max_downloads); %d refused so far",
+                slots.capacity,
+                slots.refused,
+            )
+        return web.Response(
+            status=503,
+            text="too many downloads at once; retry later\n",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
 
 
 class BodyStalled(ConnectionResetError):

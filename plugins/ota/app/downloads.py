@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Callable
 
-from firmware_store import Blob, FirmwareStore
+from firmware_store import Blob, DownloadSlots, FirmwareStore
 from plugins.ota.app.catalog import Catalog
 from plugins.ota.app.channel import DeviceChannel
 from plugins.ota.app.housekeeping import Rejections, about
@@ -118,7 +118,9 @@ class DownloadGate:
 
 class BlockServer:
     """Blocks of a firmware file over MQTT, read from the stored blob and sent on `download_reply`, paced
-    to `bytes_per_second` per device (a burst of a second's worth, at least one largest block)."""
+    to `bytes_per_second` per device (a burst of a second's worth, at least one largest block). A stream
+    holds a download slot (`slots`, shared with HTTPS) while its blocks keep coming; a stream that finds
+    none gets code 503 and asks again later."""
 
     def __init__(
         self,
@@ -128,7 +130,9 @@ class BlockServer:
         rejections: Rejections,
         clock: Callable[[], float],
         bytes_per_second: float,
+        slots: DownloadSlots | None = None,
     ) -> None:
+        self.slots = slots
         self.gate = gate
         self.store = store
         self.channel = channel
@@ -140,6 +144,8 @@ class BlockServer:
         """One block request: the block, or an error reply (code != 200) that is counted. Never raises."""
         try:
             answer, blob = await self._block(device, payload)
+            if isinstance(answer, blocks.Block) and self.slots is not None:
+                answer = self._admit(device, answer)
             cost = answer.size if isinstance(answer, blocks.Block) else _REFUSED_BLOCK_COST
             wait = self.pacer.reserve(device, self.clock(), cost)
             if wait > 0:
@@ -164,6 +170,19 @@ class BlockServer:
         except Exception:
             self.rejections.counts["internal_error"] += 1
             log.exception("failed to serve a firmware block to %s", device, extra=about(device))
+
+    def _admit(self, device: DeviceRef, block: blocks.Block) -> blocks.Block | blocks.Rejection:
+        """The block, if its stream holds a download slot (taken at its first block, given back after its
+        last); else a 503 rejection."""
+        assert self.slots is not None
+        key = ("mqtt", device)  # a device downloads the files of its package one after the other
+        if not self.slots.lease(key, self.clock()):
+            return blocks.Rejection(
+                blocks.ReplyCode.UNAVAILABLE, "too many downloads at once; retry later", block.request_id
+            )
+        if block.end >= block.file_length:
+            self.slots.end_lease(key)
+        return block
 
     async def _block(
         self, device: DeviceRef, payload: bytes
