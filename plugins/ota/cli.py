@@ -445,7 +445,11 @@ def firmware_delete(
 
 def _job_line(job: dict[str, Any]) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in job["counts"].items() if v)
-    return f"job {job['id']} ({job['type']}, firmware {job['firmware_id']}): {job['state']}; {counts}"
+    line = f"job {job['id']} ({job['type']}, firmware {job['firmware_id']}): {job['state']}; {counts}"
+    waiting = job.get("waiting_for_capacity") or 0
+    if waiting:  # admission control holds their notices until transfers end
+        line += f"; {waiting} queued waiting for download capacity"
+    return line
 
 
 def _task_table(tasks: list[dict[str, Any]], *, with_job: bool = False) -> None:

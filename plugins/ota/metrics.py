@@ -50,6 +50,8 @@ _IN_KIND: Mapping[TopicKind, str] = {
     TopicKind.FIRMWARE_GET: "firmware_get",
     TopicKind.LEGACY_REQUEST: "firmware_get",  # the v3 SDKs' pull
 }
+# The event loop's lag, sampled every 100 ms: milliseconds when all is well; MQTT acknowledgements wait as long.
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Repository calls take a few hundred microseconds when all is well; seconds mean a stalled disk.
 _DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -70,6 +72,8 @@ class Sources:
     notices_sent: Callable[[], Mapping[str, int]] = dict
     task_states: Callable[[], Awaitable[Mapping[TaskState, int]]] | None = None
     downloads: DownloadStats = field(default_factory=DownloadStats)
+    download_slots: Callable[[], tuple[int, int]] | None = None  # (in use, capacity)
+    transfer_window: Callable[[], tuple[int, int, int]] | None = None  # (window, in flight, waiting)
 
 
 class OtaMetrics:
@@ -101,6 +105,13 @@ class OtaMetrics:
             registry=self.registry,
         )
         self._db = {op: self.db_seconds.labels(op) for op in ("read", "write")}
+        self.loop_lag = Histogram(
+            "ota_event_loop_lag_seconds",
+            "How late the event loop ran a timer asked for every 100 ms: what MQTT acknowledgements, pings and "
+            "logins wait on top of their own work.",
+            buckets=_LAG_BUCKETS,
+            registry=self.registry,
+        )
         self.logins_refused = Counter(
             "ota_mqtt_logins_refused",
             "MQTT CONNECTs refused by the auth plugin, by reason (bad_password, throttled: refused without a "
@@ -197,9 +208,32 @@ class _ScrapeCollector:
         yield GaugeMetricFamily("ota_downloads_active", "Firmware downloads under way.", value=dl.active)
         outcomes = CounterMetricFamily(
             "ota_downloads",
-            "Firmware download requests by outcome (ok, interrupted, refused, throttled, corrupt).",
+            "Firmware download requests by outcome (ok, interrupted, refused, throttled, busy, corrupt).",
             labels=["outcome"],
         )
         for outcome in dl.OUTCOMES:
             outcomes.add_metric([outcome], dl.outcomes.get(outcome, 0))
         yield outcomes
+        if src.download_slots is not None:
+            used, capacity = src.download_slots()
+            yield GaugeMetricFamily(
+                "ota_download_slots_used", "Downloads holding a slot: HTTPS and MQTT streams.", value=used
+            )
+            yield GaugeMetricFamily(
+                "ota_download_slots", "Downloads allowed at once (max_downloads; 503 beyond).", value=capacity
+            )
+        if src.transfer_window is not None:
+            window, in_flight, waiting = src.transfer_window()
+            yield GaugeMetricFamily(
+                "ota_admission_window", "Transfers the adaptive window admits at once now.", value=window
+            )
+            yield GaugeMetricFamily(
+                "ota_transfers_in_flight",
+                "Tasks holding a transfer: notified, or in progress below 100 %, of online devices.",
+                value=in_flight,
+            )
+            yield GaugeMetricFamily(
+                "ota_tasks_waiting_for_capacity",
+                "Online devices' queued tasks whose notice waits for room in the transfer window.",
+                value=waiting,
+            )

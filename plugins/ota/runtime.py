@@ -16,11 +16,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from firmware_store import FirmwareStore, LinkSigner
+from firmware_store import DownloadSlots, FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls, write_private
+from plugins.ota.app.admission import probe_loop_lag
 from plugins.ota.app.channel import DeviceChannel
 from plugins.ota.app.ota_app import OtaApp
+from plugins.ota.core.admission import TransferWindow
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.http.admin import admin_app
 from plugins.ota.metrics import OtaMetrics
@@ -53,6 +55,7 @@ class OtaRuntime:
         self._repo: SqliteRepository | None = None
         self._sites: list[Site] = []
         self._ticker: asyncio.Task[None] | None = None
+        self._lag_probe: asyncio.Task[None] | None = None
 
     @property
     def open_mode(self) -> bool:
@@ -80,6 +83,9 @@ class OtaRuntime:
 
         # The signer needs the public URL, which may name the HTTPS port only known once bound.
         signer = LinkSigner(link_key, s.public_url, s.link_ttl_s, offload=s.download_offload)
+        # Downloads at once, HTTPS and MQTT streams together; the window admits transfers within it.
+        slots = DownloadSlots(s.max_downloads)
+        window = TransferWindow(maximum=s.max_downloads, lag_target_s=s.control_lag_target_s)
         self.app = app = OtaApp(
             repo,
             store,
@@ -92,6 +98,8 @@ class OtaRuntime:
             progress_burst=s.progress_burst,
             mqtt_download_bytes_per_second=s.mqtt_download_bytes_per_second,
             step_s=s.tick_seconds,
+            window=window,
+            slots=slots,
         )
         dl = download_app(
             store,
@@ -101,6 +109,7 @@ class OtaRuntime:
             self.clock,
             max_per_subject=s.max_downloads_per_device,
             stats=self.metrics.sources.downloads,
+            slots=slots,
         )
         site = await start_site(
             dl,
@@ -119,6 +128,13 @@ class OtaRuntime:
         sources.rejected = lambda: app.rejected
         sources.notices_sent = lambda: app.notices_sent
         sources.task_states = app.task_state_counts
+        sources.download_slots = lambda: (slots.used(self.clock()), slots.capacity)
+        window_of = app.admission
+        sources.transfer_window = lambda: (
+            window_of.window.limit,
+            window_of.window.in_flight,
+            window_of.waiting_total,
+        )
         self.admin_api = admin_app(app, token, metrics=self.metrics, metrics_token=metrics_token)
         site = await start_site(
             self.admin_api,
@@ -139,7 +155,13 @@ class OtaRuntime:
         else:
             log.info("auth mode: device-secret (devices log in with Aliyun one-device-one-secret signatures)")
         self._ticker = asyncio.create_task(self._tick_loop(app))
+        self._lag_probe = asyncio.create_task(probe_loop_lag(self._lagged))
         return app
+
+    def _lagged(self, lag_s: float) -> None:
+        self.metrics.loop_lag.observe(lag_s)
+        if self.app is not None:
+            self.app.admission.lagged(lag_s)
 
     async def _tick_loop(self, app: OtaApp) -> None:
         while True:
@@ -151,10 +173,11 @@ class OtaRuntime:
 
     async def stop_serving(self) -> None:
         """Stop the tick and close the HTTP listeners (before the broker closes its sessions)."""
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-            self._ticker = None
+        for task in (self._ticker, self._lag_probe):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._ticker = self._lag_probe = None
         for site in self._sites:
             await site.close()
         self._sites.clear()

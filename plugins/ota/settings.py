@@ -11,6 +11,7 @@ as the strings config.yaml uses. `Settings` is also what the CLI reads to find t
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -79,6 +80,8 @@ class OtaConfig:
     progress_burst: int = 20
     mqtt_download_bytes_per_second: int = 1_048_576
     max_downloads_per_device: int = 2
+    max_downloads: int = 0  # 0: sized from the machine (`auto_max_downloads`)
+    control_lag_target_ms: float = 250.0
     http_header_timeout_s: float = 10.0
     tick_seconds: float = 1.0
 
@@ -94,6 +97,7 @@ ENV: Mapping[str, str] = {
     "OTA_WS_BIND": "ws_bind",
     "OTA_WSS_BIND": "wss_bind",
     "OTA_TLS_PROFILE": "tls_profile",
+    "OTA_MAX_DOWNLOADS": "max_downloads",
 }
 
 
@@ -129,6 +133,8 @@ class Settings:
     max_downloads_per_device: int
     http_header_timeout_s: float
     tick_seconds: float
+    max_downloads: int = 256  # firmware downloads at once, HTTPS and MQTT streams together (503 beyond)
+    control_lag_target_s: float = 0.25  # event-loop lag beyond which transfers are admitted more slowly
     ws_bind: Bind | None = None  # MQTT over WebSockets, off by default
     wss_bind: Bind | None = None  # MQTT over secure WebSockets, off by default
 
@@ -243,10 +249,12 @@ def validate(cfg: OtaConfig) -> Settings:
         "max_downloads_per_device",
         "http_header_timeout_s",
         "tick_seconds",
+        "control_lag_target_ms",
     )
     for name in numbers:
         if not isinstance(getattr(cfg, name), int | float) or getattr(cfg, name) <= 0:
             raise ConfigError(f"{key}.{name}: must be a positive number")
+    max_downloads = _count(cfg.max_downloads, f"{key}.max_downloads")
     return Settings(
         data_dir=Path(cfg.data_dir),
         auth_mode=auth_mode,
@@ -269,9 +277,31 @@ def validate(cfg: OtaConfig) -> Settings:
         max_downloads_per_device=int(cfg.max_downloads_per_device),
         http_header_timeout_s=float(cfg.http_header_timeout_s),
         tick_seconds=float(cfg.tick_seconds),
+        max_downloads=max_downloads or auto_max_downloads(),
+        control_lag_target_s=float(cfg.control_lag_target_ms) / 1000,
         ws_bind=parse_bind(cfg.ws_bind, f"{key}.ws_bind") if cfg.ws_bind.strip() else None,
         wss_bind=parse_bind(cfg.wss_bind, f"{key}.wss_bind") if cfg.wss_bind.strip() else None,
     )
+
+
+def auto_max_downloads(cpus: int | None = None) -> int:
+    """The default bound on downloads at once: 128 per CPU core, within 64..1024. A TLS download holds
+    about 0.4 MiB while it runs (a read of the file and the TLS buffers), so 256 on a 2-core gateway is
+    about 100 MiB at most; the transfer window keeps fewer running when the machine cannot serve them
+    all without slowing its MQTT side."""
+    cores = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(64, min(1024, 128 * cores))
+
+
+def _count(value: Any, key: str) -> int:
+    """A whole number >= 0 (0: the default), from config.yaml or an `OTA_*` variable's text."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if isinstance(value, bool) or number < 0 or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{key}: {value!r} must be a whole number >= 0 (0: sized from the machine)")
+    return number
 
 
 def _member(kind: type[_E], value: Any, key: str) -> _E:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from firmware_store import FirmwareStore, LinkSigner
+from firmware_store import DownloadSlots, FirmwareStore, LinkSigner
+from plugins.ota.app.admission import Admission
 from plugins.ota.app.catalog import Catalog
 from plugins.ota.app.channel import DeviceChannel
 from plugins.ota.app.devices import DeviceAdmin
@@ -17,9 +18,12 @@ from plugins.ota.app.housekeeping import Background, DeviceLocks, Rejections
 from plugins.ota.app.jobs import JobAdmin
 from plugins.ota.app.rollout import Dispatcher
 from plugins.ota.app.tasks import TaskDriver
+from plugins.ota.core.admission import TransferWindow
 from plugins.ota.core.model import TaskState
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store.repository import Repository
+
+DEFAULT_MAX_TRANSFERS = 256
 
 
 class OtaApp:
@@ -37,6 +41,8 @@ class OtaApp:
         progress_burst: float = 20.0,
         mqtt_download_bytes_per_second: float = 1_048_576,
         step_s: float = 1.0,
+        window: TransferWindow | None = None,
+        slots: DownloadSlots | None = None,
     ) -> None:
         self.clock = clock
         self._repo = repo
@@ -45,10 +51,13 @@ class OtaApp:
         self.rejections = Rejections()
         catalog = Catalog(repo)
         self.downloads = DownloadGate(repo, catalog, clock)
-        self.driver = TaskDriver(repo, catalog, self.downloads, signer, channel, locks, clock)
-        self.dispatcher = Dispatcher(repo, self.driver, channel, locks, clock, step_s=step_s)
+        # Transfers in flight: by default as many as the download endpoint's own default capacity.
+        window = window if window is not None else TransferWindow(maximum=DEFAULT_MAX_TRANSFERS)
+        self.admission = Admission(repo, channel, window, clock)
+        self.driver = TaskDriver(repo, catalog, self.downloads, signer, channel, locks, clock, self.admission)
+        self.dispatcher = Dispatcher(repo, self.driver, channel, locks, clock, self.admission, step_s=step_s)
         blocks = BlockServer(
-            self.downloads, store, channel, self.rejections, clock, mqtt_download_bytes_per_second
+            self.downloads, store, channel, self.rejections, clock, mqtt_download_bytes_per_second, slots
         )
         self.events = DeviceEvents(
             repo,

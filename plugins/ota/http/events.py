@@ -151,9 +151,16 @@ async def _stream_job(
         if job is None:
             break
         tasks = await service.jobs.tasks_in_states(job_id, None)
-        view = job_view(job, now)
+        view = job_view(job, now, service.admission.waiting)
         seen = (
-            (view["state"], view["pause_reason"], view["counts"], view["current_phase"], job.updated_at),
+            (
+                view["state"],
+                view["pause_reason"],
+                view["counts"],
+                view["current_phase"],
+                view["waiting_for_capacity"],
+                job.updated_at,
+            ),
             [(t.id, t.rev) for t in tasks],
         )
         if seen != last_seen:

@@ -41,7 +41,7 @@ async def create_job(request: web.Request) -> web.Response:
     service = ota_app(request)
     spec = parse_job_spec(await json_object(request), service.clock())
     job = await service.jobs.create(spec)
-    return web.json_response(job_view(job, service.clock()), status=201)
+    return web.json_response(job_view(job, service.clock(), service.admission.waiting), status=201)
 
 
 def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
@@ -128,11 +128,11 @@ async def list_jobs(request: web.Request) -> web.Response:
     page = page_of(request)
     jobs, total = await service.jobs.page(limit=page.limit, offset=page.offset)
     now = service.clock()
-    return paged(request, page, [job_view(j, now) for j in jobs], total)
+    return paged(request, page, [job_view(j, now, service.admission.waiting) for j in jobs], total)
 
 
 async def _job_answer(request: web.Request, job: JobRecord) -> web.Response:
-    return web.json_response(job_view(job, ota_app(request).clock()))
+    return web.json_response(job_view(job, ota_app(request).clock(), ota_app(request).admission.waiting))
 
 
 async def show_job(request: web.Request) -> web.Response:

@@ -196,6 +196,11 @@ OPENAPI: dict[str, Any] = {
                     "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
                     "success_rate": {"type": ["number", "null"]},
                     "throughput_per_minute": {"type": "number"},
+                    "waiting_for_capacity": {
+                        "type": "integer",
+                        "description": "Online devices' queued tasks whose notice waits for room in the "
+                        "transfer window (admission control).",
+                    },
                 },
             },
             "Overview": {
@@ -229,6 +234,17 @@ OPENAPI: dict[str, Any] = {
                         },
                     },
                     "recent_failures": {"type": "array", "items": _ref("Task")},
+                    "transfers": {
+                        "type": "object",
+                        "description": "Admission control: the transfer window now, transfers in flight, "
+                        "devices waiting for room, and the window's maximum (max_downloads).",
+                        "properties": {
+                            "window": {"type": "integer"},
+                            "in_flight": {"type": "integer"},
+                            "waiting": {"type": "integer"},
+                            "max": {"type": "integer"},
+                        },
+                    },
                     "partial": {"type": "boolean", "description": "counted only the first 200,000 devices"},
                 },
             },

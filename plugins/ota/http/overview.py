@@ -8,7 +8,7 @@ from aiohttp import web
 
 from plugins.ota.core.model import Task, TaskState
 from plugins.ota.http.inputs import ota_app
-from plugins.ota.http.views import job_view, task_view
+from plugins.ota.http.views import job_view, task_view, transfers_view
 
 _OVERVIEW_PAGE = 10_000
 _OVERVIEW_MAX_DEVICES = 200_000
@@ -38,7 +38,7 @@ async def overview(request: web.Request) -> web.Response:
         if offset >= _OVERVIEW_MAX_DEVICES:
             partial = True
             break
-    active = [job_view(j, now) for j in await service.jobs.unfinished()]
+    active = [job_view(j, now, service.admission.waiting) for j in await service.jobs.unfinished()]
     failed_states = (TaskState.FAILED, TaskState.TIMED_OUT)
     failures: list[Task] = []
     for j in (await service.jobs.page(limit=_RECENT_JOBS, offset=0))[0]:
@@ -57,6 +57,7 @@ async def overview(request: web.Request) -> web.Response:
                 "active": active,
             },
             "recent_failures": [task_view(t) for t in failures[:_RECENT_FAILURES]],
+            "transfers": transfers_view(service),
             "partial": partial,
         }
     )

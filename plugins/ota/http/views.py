@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from typing import Any
 
+from plugins.ota.app.ota_app import OtaApp
 from plugins.ota.core import machine
 from plugins.ota.core.model import DeviceRecord, Firmware, JobRecord, JobState, Task, TaskState
 
@@ -51,7 +53,9 @@ def firmware_view(f: Firmware) -> dict[str, Any]:
     }
 
 
-def job_view(j: JobRecord, now: float) -> dict[str, Any]:
+def job_view(j: JobRecord, now: float, waiting: Mapping[int, int] | None = None) -> dict[str, Any]:
+    """A job as the API shows it; `waiting` is the app's count, per job, of online devices' queued tasks
+    whose notice waits for room in the transfer window (admission control)."""
     finished = sum(n for s, n in j.counts.items() if s.terminal and s is not TaskState.SKIPPED)
     succeeded = j.counts.get(TaskState.SUCCEEDED, 0)
     started = j.schedule_at if j.schedule_at is not None else j.created_at
@@ -66,6 +70,7 @@ def job_view(j: JobRecord, now: float) -> dict[str, Any]:
         "pause_reason": j.pause_reason or None,
         "counts": {str(s): j.counts.get(s, 0) for s in TaskState},
         "total": sum(j.counts.values()),
+        "waiting_for_capacity": (waiting or {}).get(j.id, 0),
         "success_rate": round(succeeded / finished, 4) if finished else None,
         "throughput_per_minute": round(succeeded / minutes, 2) if now >= started else 0.0,
         "current_phase": j.current_group + 1,
@@ -93,3 +98,15 @@ def task_view(t: Task) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ inputs
+
+
+def transfers_view(service: OtaApp) -> dict[str, int]:
+    """Admission control now: transfers the window admits at once, how many are in flight, how many online
+    devices' notices wait for room."""
+    admission = service.admission
+    return {
+        "window": admission.window.limit,
+        "in_flight": admission.window.in_flight,
+        "waiting": admission.waiting_total,
+        "max": admission.window.maximum,
+    }

@@ -736,6 +736,8 @@ async function jobPage(main, [jobId], _query, alive) {
       h('dt', {}, 'Phase'), h('dd', {}, String(job.current_phase)),
       h('dt', {}, 'Success rate'), h('dd', {}, job.success_rate === null ? '—' : `${Math.round(job.success_rate * 100)} %`),
       h('dt', {}, 'Throughput'), h('dd', {}, `${job.throughput_per_minute} per minute`),
+      job.waiting_for_capacity ? [h('dt', {}, 'Waiting'), h('dd', { id: 'job-waiting' },
+        `${job.waiting_for_capacity} queued waiting for download capacity`)] : null,
       h('dt', {}, 'Created'), h('dd', {}, time(job.created_at)),
       job.schedule_at ? [h('dt', {}, 'Starts'), h('dd', {}, time(job.schedule_at))] : null,
       job.end_at ? [h('dt', {}, 'Ends'), h('dd', {}, time(job.end_at))] : null,
