@@ -4,6 +4,7 @@ shared by HTTPS and MQTT streams, the MQTT block server's use of them, and the `
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from plugins.ota.core.admission import DECREASE, SAMPLES, TransferWindow, in_tra
 from plugins.ota.core.model import Task, TaskState
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.settings import ConfigError, OtaConfig, auto_max_downloads, resolve
-from tests.ota.test_campaigns import World
+from tests.ota.test_campaigns import OLD, World
 
 A, B = DeviceRef("pk", "a"), DeviceRef("pk", "b")
 
@@ -261,3 +262,34 @@ async def test_devices_that_do_not_download_give_their_room_back(narrow: World) 
     await w.progress(devices[3], "10")
     await w.tick(0.5)
     assert w.service.admission.window.in_flight >= 1
+
+
+async def test_devices_arriving_at_once_never_overfill_the_window(narrow: World) -> None:
+    """Connects, informs and pulls handled concurrently each take their room before the awaits that notify
+    them, so a crowd arriving at the same moment gets no more notices than the window holds; room that a
+    device did not take (its notice refused) is given back."""
+    w = narrow
+    devices = [DeviceRef("pk", f"d{i}") for i in range(24)]
+    await w.offline(*devices)
+    job_id = await w.job(devices)
+    for d in devices:
+        w.channel.connect(d)
+    await asyncio.gather(
+        *(w.service.events.device_connected(d) for d in devices[:8]),
+        *(w.inform(d, OLD) for d in devices[8:16]),
+        *(
+            w.publish(f"/sys/pk/{d.device_name}/thing/ota/firmware/get", {"id": "q", "params": {}})
+            for d in devices[16:]
+        ),
+    )
+    await w.service.drain()
+    states = await w.states(job_id)
+    notified = [d for d, s in states.items() if s is TaskState.NOTIFIED]
+    assert len(notified) == 2
+    assert w.service.admission.window.in_flight == 2  # nothing reserved and left behind
+
+    for d in notified:
+        await w.progress(d, "100")  # both downloads done: room for two more
+    await w.tick(0.5)
+    states = await w.states(job_id)
+    assert sum(s is TaskState.NOTIFIED for s in states.values()) == 2

@@ -37,15 +37,38 @@ class Admission:
         self.clock = clock
         self.waiting: dict[int, int] = {}  # job id -> its online queued tasks the last step had no room for
         self._lag_max = 0.0  # the largest lag sampled since the last step
+        self._reserved: set[int] = set()  # tasks given room that have not entered their transfer yet
 
     def room(self) -> int:
         return self.window.room()
+
+    def reserve(self, task: Task) -> bool:
+        """Take room in the window for `task`'s transfer, now, before the awaits that notify it: many
+        connects, informs and pulls are handled at once, and each must see the room the others took. The
+        caller `release`s the task once its notice is decided (a task that entered its transfer keeps the
+        room). A task already in transfer needs no more room."""
+        if in_transfer(task) or task.id in self._reserved:
+            return True
+        if self.window.room() <= 0:
+            return False
+        self._reserved.add(task.id)
+        self.window.admitted()
+        return True
+
+    def release(self, task_id: int) -> None:
+        """Give back the room `reserve` took for a task that did not enter its transfer."""
+        if task_id in self._reserved:
+            self._reserved.discard(task_id)
+            self.window.ended(None, self.clock())
 
     def task_changed(self, before: Task, after: Task) -> None:
         """Count a task's entry into or exit from a transfer; a completed download's time feeds the window."""
         was, now_in = in_transfer(before), in_transfer(after)
         if now_in and not was:
-            self.window.admitted()
+            if after.id in self._reserved:
+                self._reserved.discard(after.id)  # its room was taken by `reserve`
+            else:
+                self.window.admitted()
         elif was and not now_in:
             done = after.state is TaskState.SUCCEEDED or (
                 after.state is TaskState.IN_PROGRESS and after.progress >= 100
@@ -65,7 +88,8 @@ class Admission:
         self.window.lagged(self._lag_max, now)
         self._lag_max = 0.0
         devices = await self.repo.devices_in_transfer(now - NOTICE_HOLD_S)
-        self.window.reconcile(sum(1 for device in devices if self.channel.is_online(device)))
+        online = sum(1 for device in devices if self.channel.is_online(device))
+        self.window.reconcile(online + len(self._reserved))
 
     def set_waiting(self, job_id: int, count: int) -> None:
         if count:

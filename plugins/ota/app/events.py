@@ -121,7 +121,10 @@ class DeviceEvents:
                 for task in await self.repo.unfinished_tasks_of_device(device):
                     if task.state is TaskState.QUEUED and not await self.dispatcher.dispatch_now(task):
                         continue  # its job's dispatcher notifies it when its turn comes
-                    await self.driver.drive(task, DeviceAvailable(self.driver.session_start(task)))
+                    try:
+                        await self.driver.drive(task, DeviceAvailable(self.driver.session_start(task)))
+                    finally:
+                        self.dispatcher.release(task)
         except Exception:
             log.exception("failed to handle the connection of %s", device, extra=about(device))
 
@@ -162,7 +165,12 @@ class DeviceEvents:
             and not await self.dispatcher.dispatch_now(task)
         ):
             return
-        await self.driver.drive(task, VersionReported(msg.version, self.channel.session_started_at(device)))
+        try:
+            await self.driver.drive(
+                task, VersionReported(msg.version, self.channel.session_started_at(device))
+            )
+        finally:
+            self.dispatcher.release(task)
 
     async def _on_progress(self, device: DeviceRef, msg: messages.Progress) -> None:
         if not await self._known(device, "progress"):
@@ -184,7 +192,10 @@ class DeviceEvents:
             and task.state in PENDING
             and (task.state is not TaskState.QUEUED or await self.dispatcher.dispatch_now(task, pulled=True))
         ):
-            await self.driver.drive(task, FirmwareRequested(), reply=reply)
+            try:
+                await self.driver.drive(task, FirmwareRequested(), reply=reply)
+            finally:
+                self.dispatcher.release(task)
         elif reply.kind is TopicKind.FIRMWARE_GET_REPLY:
             await self.channel.send(
                 device, messages.pull_answer(reply.kind, reply.request_id, int(self.clock() * 1000), {})

@@ -64,14 +64,20 @@ class Dispatcher:
                 log.exception("job %d: periodic step failed", job.id)
 
     async def dispatch_now(self, task: Task, *, pulled: bool = False) -> bool:
-        """May this queued task be notified now, outside its job's dispatcher (see the core's rule), with
-        room for its transfer?"""
+        """May this queued task be notified now, outside its job's dispatcher (see the core's rule)? If so,
+        room for its transfer is taken (`Admission.reserve`): the caller notifies it, then `release`s it."""
         if self.admission.room() <= 0:
             return False  # its job's dispatcher notifies it once transfers end
         job = await self.repo.get_job(task.job_id)
         state = machine.job_state(job.stored_state, job.counts, schedule_at=job.schedule_at, now=self.clock())
         paced = bool(job.options.rate_per_minute)
-        return machine.may_notify_queued(state, task.group_no, job.current_group, paced=paced, pulled=pulled)
+        return machine.may_notify_queued(
+            state, task.group_no, job.current_group, paced=paced, pulled=pulled
+        ) and self.admission.reserve(task)
+
+    def release(self, task: Task) -> None:
+        """The notice `dispatch_now` allowed is decided: give back the room if the task did not take it."""
+        self.admission.release(task.id)
 
     async def advance_by_id(self, job_id: int) -> None:
         job = await self.repo.get_job(job_id)
@@ -137,13 +143,18 @@ class Dispatcher:
                         return
                     if not pacer.allow(job.id, self.clock()):
                         return  # the rest by a later step
-                    await self._notify(task)
+                    if self.admission.reserve(task):
+                        await self._notify(task)
                     sent += 1
                 return
             # Unpaced: many devices at once, so one notice's database round trips overlap the others'; as
             # many as the transfer window has room for (each notice taken enters it).
             while sent < len(due):
-                batch = due[sent : sent + min(_DISPATCH_BATCH, self.admission.room())]
+                batch = []
+                for task in due[sent : sent + _DISPATCH_BATCH]:
+                    if not self.admission.reserve(task):
+                        break
+                    batch.append(task)
                 if not batch:
                     for_room = len(due) - sent
                     return
@@ -153,8 +164,12 @@ class Dispatcher:
             self.admission.set_waiting(job.id, for_room)
 
     async def _notify(self, task: Task) -> None:
-        async with self.locks.hold(task.device):  # changed meanwhile: the compare-and-set reloads it
-            await self.driver.drive(task, DeviceAvailable(self.driver.session_start(task)))
+        """Notify a task whose room `Admission.reserve` took; the room is given back if it stays queued."""
+        try:
+            async with self.locks.hold(task.device):  # changed meanwhile: the compare-and-set reloads it
+                await self.driver.drive(task, DeviceAvailable(self.driver.session_start(task)))
+        finally:
+            self.admission.release(task.id)
 
     async def _finish(self, job: JobRecord, now: float) -> None:
         self._job_pacers.pop(job.id, None)
