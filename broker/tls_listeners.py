@@ -5,6 +5,7 @@ client certificate asked for) and serves it with `asyncio.start_server(ssl=...)`
 handshake vanishes without a trace. `TlsListeners` replaces both for TCP listeners: the context comes
 from `firmware_store.tls.server_context` (the same one the HTTPS endpoints use), and the handshake runs
 in `firmware_store.tls.tls_acceptor`, which logs each failure (rate-limited) with the peer and reason.
+Every TCP listener, with TLS or without, listens with a backlog of `LISTEN_BACKLOG`, not asyncio's 100.
 The two amqtt names overridden here are checked by tests/broker/test_amqtt_internals.py.
 """
 
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from amqtt.contexts import ListenerConfig, ListenerType
 
-from firmware_store.tls import COMPATIBLE, HandshakeLog, server_context, tls_acceptor
+from firmware_store.tls import COMPATIBLE, LISTEN_BACKLOG, HandshakeLog, server_context, tls_acceptor
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, validate
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -56,7 +57,7 @@ class TlsListeners:
         port: int,
         ssl_context: ssl.SSLContext | None,
     ) -> Any:
-        if listener_type != ListenerType.TCP or ssl_context is None:
+        if listener_type != ListenerType.TCP:
             return await super()._create_server_instance(  # type: ignore[misc]
                 listener_name, listener_type, address, port, ssl_context
             )
@@ -65,6 +66,9 @@ class TlsListeners:
         def stream() -> asyncio.StreamReaderProtocol:  # what asyncio.start_server makes per connection
             return asyncio.StreamReaderProtocol(asyncio.StreamReader(), connected)
 
-        failures = HandshakeLog(f"mqtt listener {listener_name!r}")
-        acceptor = tls_acceptor(stream, ssl_context, failures, handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
-        return await asyncio.get_running_loop().create_server(acceptor, address, port, reuse_address=True)
+        factory: Callable[[], asyncio.BaseProtocol] = stream
+        if ssl_context is not None:
+            failures = HandshakeLog(f"mqtt listener {listener_name!r}")
+            factory = tls_acceptor(stream, ssl_context, failures, handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(factory, address, port, reuse_address=True, backlog=LISTEN_BACKLOG)

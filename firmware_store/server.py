@@ -31,7 +31,7 @@ from aiohttp.web_request import BaseRequest
 from firmware_store.links import LinkSigner
 from firmware_store.slots import RETRY_AFTER_S, DownloadSlots
 from firmware_store.store import Blob, FirmwareStore
-from firmware_store.tls import HandshakeLog, tls_acceptor
+from firmware_store.tls import LISTEN_BACKLOG, HandshakeLog, tls_acceptor
 
 log = logging.getLogger("ota.download")
 
@@ -481,5 +481,5 @@ async def start_site(
     if ssl_context is not None:  # a failed handshake is logged, not dropped silently as with ssl=
         failures = HandshakeLog(f"https listener {host}:{port}")
         factory = tls_acceptor(factory, ssl_context, failures, handshake_timeout_s=header_timeout_s)
-    server = await loop.create_server(factory, host, port, reuse_address=True)
+    server = await loop.create_server(factory, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
     return Site(runner, server)

@@ -353,6 +353,12 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return "an unknown peer"
 
 
+# Connections the kernel holds for a listener until the event loop accepts them (capped by the kernel's
+# net.core.somaxconn). asyncio's default of 100 overflows when thousands of devices connect at once (a
+# gateway restarting): the kernel then drops their SYNs and each waits seconds for its retransmission.
+LISTEN_BACKLOG = 4096
+
+
 def tls_acceptor(
     factory: Callable[[], asyncio.BaseProtocol],
     context: ssl.SSLContext,

@@ -4,6 +4,9 @@ on 127.0.0.1 port 0. Two brokers in one process keep their own limits."""
 from __future__ import annotations
 
 import contextlib
+import select
+import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -163,3 +166,29 @@ async def test_plugins_get_the_broker_and_its_public_interface() -> None:
         assert not broker.deliver(session, "other", b"late", 1)  # its connection has ended
     finally:
         await broker.shutdown()
+
+
+async def test_a_crowd_connecting_while_the_loop_is_busy_waits_in_the_listen_queue() -> None:
+    """Devices reconnecting at once (a gateway restarting) wait in the kernel's accept queue while the event
+    loop is busy, and none has its SYN dropped: the listener's backlog is LISTEN_BACKLOG, not asyncio's 100
+    (with that, every device past the hundredth waits a second or more for its SYN's retransmission)."""
+    crowd = 400
+    async with bare_broker() as port:
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(crowd):  # the loop is blocked meanwhile: only the kernel answers
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                socks.append(s)
+            pending, connected = set(socks), 0
+            deadline = time.monotonic() + 0.8  # under the 1 s of a dropped SYN's first retransmission
+            while pending and time.monotonic() < deadline:
+                _, writable, _ = select.select([], list(pending), [], 0.1)
+                for s in writable:
+                    pending.discard(s)
+                    connected += s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            assert connected == crowd
+        finally:
+            for s in socks:
+                s.close()
