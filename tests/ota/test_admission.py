@@ -17,7 +17,7 @@ from firmware_store.slots import LEASE_S, DownloadSlots
 from plugins.ota.app.admission import NOTICE_HOLD_S
 from plugins.ota.app.downloads import BlockServer
 from plugins.ota.core import blocks
-from plugins.ota.core.admission import DECREASE, SAMPLES, TransferWindow, in_transfer
+from plugins.ota.core.admission import DECREASE, FAST_FACTOR, SAMPLES, TransferWindow, in_transfer
 from plugins.ota.core.model import Task, TaskState
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.settings import ConfigError, OtaConfig, auto_max_downloads, resolve
@@ -92,15 +92,28 @@ def test_lag_over_the_target_shrinks_the_window_once_per_hold() -> None:
     assert w.limit == int(100 * DECREASE * DECREASE)
 
 
-def test_after_a_decrease_growth_is_additive() -> None:
-    """Congestion avoidance: after its first decrease, the window grows by about one per window of completions."""
+def test_after_a_decrease_growth_is_fast_while_transfers_keep_their_best_time_else_additive() -> None:
+    """After its first decrease the window grows by one per completion while the recent completion times stay
+    within FAST_FACTOR of the best seen (nothing queues behind the transfers), and by about one per window of
+    completions while they are slower than that but not SLOW_FACTOR slower (congestion avoidance)."""
     w = TransferWindow(maximum=1000, initial=100)
     w.lagged(1.0, now=0.0)
+    assert not w.slow_start
     size = w.size
-    for _ in range(int(size)):
+    for _ in range(SAMPLES):  # the best time seen: 1 s
         w.admitted()
         w.ended(1.0, now=100.0)
-    assert size + 0.9 < w.size < size + 1.1
+    assert w.size > size + SAMPLES // 2  # one per completion once there are enough to judge
+    for _ in range(SAMPLES):  # slower than the best, not congested: the recent median moves there
+        w.admitted()
+        w.ended(FAST_FACTOR * 1.2, now=101.0)
+    size = w.size
+    for _ in range(SAMPLES):
+        w.admitted()
+        w.ended(FAST_FACTOR * 1.2, now=102.0)
+    additive = w.size - size
+    assert 0 < additive < SAMPLES / 4
+    assert w.decreases == 1
 
 
 def test_transfers_slowing_down_shrink_the_window_not_one_slow_device() -> None:

@@ -7,7 +7,10 @@ out only while the transfers in flight fit in the window; the window adapts the 
 control does (additive increase, multiplicative decrease):
 
 - it starts small and grows by one per transfer that completes in good time (slow start: doubling per
-  round of transfers), then, after its first decrease, by one per window's worth of completions;
+  round of transfers); after its first decrease it grows by one per completion while the recent
+  completion times stay within `FAST_FACTOR` of the best seen (the machine keeps up: nothing queues
+  behind the transfers, as delay-based congestion control reads it), else by one per window's worth of
+  completions (additive increase);
 - it shrinks by `DECREASE` when the transfers slow down - the median of the recent completion times
   exceeds `SLOW_FACTOR` times the best median seen (the machine, not a device, got slower), at most once
   per round of transfers (the best median), as TCP decreases once per round trip - or when the broker's
@@ -29,9 +32,12 @@ from dataclasses import dataclass, field
 from plugins.ota.core.model import Task, TaskState
 
 SLOW_FACTOR = 2.0  # recent median completion time over the best median seen that counts as congestion
+FAST_FACTOR = 1.25  # within this of the best median, transfers are not queueing: the window grows fast
 DECREASE = 0.7  # the window's factor on congestion
 SAMPLES = 16  # completion times in the recent median
-BEST_DECAY = 1.01  # the best median ages by 1 % per sample, so a lasting change of fleet is learnt
+BEST_DECAY = (
+    1.002  # the best median ages 0.2 % per sample: a lasting change of fleet is learnt in ~350 transfers
+)
 
 
 def in_transfer(task: Task | None) -> bool:
@@ -89,7 +95,10 @@ class TransferWindow:
             if median > SLOW_FACTOR * self._best:
                 self._congestion(now, max(self.hold_s, self._best))  # once per round of transfers
                 return
-        self._grow()
+            if median <= FAST_FACTOR * self._best:
+                self._grow(fast=True)
+                return
+        self._grow(fast=self.slow_start)
 
     def lagged(self, lag_s: float, now: float) -> None:
         """The event loop's lag measured over the last interval: over the target, the window shrinks."""
@@ -100,8 +109,8 @@ class TransferWindow:
         """The transfers in flight as the database counts them (catches what no event reported)."""
         self.in_flight = max(0, in_flight)
 
-    def _grow(self) -> None:
-        step = 1.0 if self.slow_start else 1.0 / max(1.0, self.size)
+    def _grow(self, *, fast: bool) -> None:
+        step = 1.0 if fast else 1.0 / max(1.0, self.size)
         self.size = min(float(self.maximum), self.size + step)
 
     def _congestion(self, now: float, hold_s: float) -> None:
