@@ -7,7 +7,6 @@ task change appends a history row in the same transaction.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.resources
 import json
 import sqlite3
@@ -40,6 +39,7 @@ from plugins.ota.core.model import (
     TaskState,
 )
 from plugins.ota.core.topics import DeviceRef
+from plugins.ota.store.gate import Gate
 
 
 def _migrations() -> tuple[str, ...]:
@@ -81,7 +81,7 @@ class SqliteRepository:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
-        self._write = asyncio.Lock()  # one statement or transaction at a time on the shared connection
+        self._gate = Gate()  # single statements share the connection; a transaction has it alone
         # Told how long each query ("read") and transaction ("write") took, waiting included (metrics).
         self.observe: Callable[[str, float], None] | None = None
 
@@ -100,7 +100,7 @@ class SqliteRepository:
 
     async def close(self) -> None:
         if self._db is not None:
-            async with self._write:
+            async with self._gate.exclusive():
                 await self._db.close()
                 self._db = None
 
@@ -122,9 +122,9 @@ class SqliteRepository:
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; writes are serialized so transactions never interleave."""
+        """One write transaction, with the connection alone (no other statement lands inside it)."""
         started = time.perf_counter()
-        async with self._write:
+        async with self._gate.exclusive():
             db = self.db
             await db.execute("BEGIN IMMEDIATE")
             try:
@@ -140,7 +140,7 @@ class SqliteRepository:
         """One write statement, atomic on its own (autocommit, triggers included): one round trip to the
         database thread instead of four for BEGIN, statement, COMMIT. Returns the rows changed."""
         started = time.perf_counter()
-        async with self._write:
+        async with self._gate.shared():
             cur = await self.db.execute(sql, tuple(args))
             changed = cur.rowcount
             await cur.close()
@@ -156,7 +156,7 @@ class SqliteRepository:
         """One query, run and fetched as a whole: a read never interleaves with a write transaction on
         the shared connection (a cursor fetched across awaits can see its statement reset under it)."""
         started = time.perf_counter()
-        async with self._write:
+        async with self._gate.shared():
             rows = await self.db.execute_fetchall(sql, tuple(args))
         if self.observe is not None:
             self.observe("read", time.perf_counter() - started)
