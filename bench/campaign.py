@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import csv
 import json
+import math
 import os
 import shutil
 import socket
@@ -147,6 +148,7 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             own_lag = LoopLag()  # the probe's own loop: its latencies include this
             own_lag.start()
             watchers = [asyncio.create_task(probe.run(stop)), asyncio.create_task(sampler.run(stop))]
+            t_done: float | None = None  # when the job had no unfinished task left (seconds since launch)
             try:
                 async with http.post(f"{base}/jobs", json=spec, headers=headers) as r:
                     assert r.status == 201, await r.text()
@@ -154,6 +156,8 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
                 deadline = t_job + args.limit
                 while simulator.poll() is None and time.monotonic() < deadline:
                     await asyncio.sleep(0.5)
+                    if t_done is None and await _job_done(http, f"{base}/jobs/{job['id']}", headers):
+                        t_done = time.monotonic() - t_job  # then the simulator disconnects the fleet
             finally:
                 stop.set()
                 await asyncio.gather(*watchers)  # each ends within its answer timeout
@@ -162,6 +166,7 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             async with http.get(f"{base}/jobs/{job['id']}", headers=headers) as r:
                 final = await r.json()
         sim = json.loads(result_file.read_text()) if result_file.exists() else {}
+        until = math.inf if t_done is None else t_done
         if args.timeline:
             write_csv(args.timeline, timeline(sampler.samples, probe))
         return {
@@ -174,12 +179,19 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             "simulator": simulator_figures(sim),
             "broker_cpu_s": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
             "broker_rss_mb": round(proc.memory_info().rss / 2**20, 1),
-            "control_probe": {
-                "puback": probe.puback.summary(),
-                "connack": probe.connack.summary(),
+            "job_done_s": None if t_done is None else round(t_done, 2),
+            "control_probe": {  # from the launch until the job finished
+                "puback": probe.puback.summary(until=until),
+                "connack": probe.connack.summary(until=until),
                 "own_loop_lag_ms": lag_spread(own_lag.samples),
             },
-            "broker_samples": summarize(sampler.samples),
+            "broker_samples": summarize([s for s in sampler.samples if s.t <= until + 1]),
+            # After the job finished, the simulator ends and its devices disconnect at once.
+            "teardown": {
+                "puback": probe.puback.summary(since=until),
+                "connack": probe.connack.summary(since=until),
+                "loop_lag_ms": summarize([s for s in sampler.samples if s.t >= until - 1]).get("loop_lag_ms"),
+            },
         }
     finally:
         for p in (profiler, simulator, broker):
@@ -192,6 +204,13 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
         log.close()
         if not args.keep:
             shutil.rmtree(data, ignore_errors=True)
+
+
+async def _job_done(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> bool:
+    """Whether the job has no queued, notified, in-progress or unconfirmed task left."""
+    async with http.get(url, headers=headers) as r:
+        counts = (await r.json()).get("counts") or {}
+    return not any(counts.get(state, 0) for state in ("queued", "notified", "in_progress", "confirm"))
 
 
 def _process(pid: int) -> psutil.Process | None:
@@ -239,6 +258,7 @@ def markdown(result: dict[str, Any]) -> str:
     probe = result["control_probe"]
     broker = result["broker_samples"]
     lag = broker.get("loop_lag_ms") or {}
+    teardown = result.get("teardown") or {"puback": {}}
     ms3 = ("p50_ms", "p99_ms", "max_ms")
     rows = [
         ("devices (simulator processes)", f"{result['devices']:,} ({result['processes']})"),
@@ -272,6 +292,9 @@ def markdown(result: dict[str, Any]) -> str:
         ("simulator peak RSS (MiB), CPU (s)",
          f"{fmt(broker.get('simulator_peak_rss_mb'))}, {fmt(broker.get('simulator_cpu_s'), 1)}"),
         ("probe's own loop lag p50 / p99 / max (ms)", _triple(probe["own_loop_lag_ms"], ("p50", "p99", "max"))),
+        ("job finished after (s); then, the fleet disconnecting: PUBACK max (ms), loop lag max at most (ms)",
+         f"{fmt(result.get('job_done_s'), 1)}; {fmt(teardown['puback'].get('max_ms'), 1)}, "
+         f"{fmt((teardown.get('loop_lag_ms') or {}).get('max_le'), 1)}"),
         ("/metrics scrapes failed, slowest (ms)",
          f"{broker.get('scrapes_failed', DASH)}, {fmt(broker.get('scrape_ms_max'))}"),
     ]  # fmt: skip

@@ -69,14 +69,15 @@ class Latencies:
     unanswered: int = 0  # in flight when their connection dropped
     failures: int = 0  # connections that could not be made, were refused, or dropped
 
-    def summary(self) -> dict[str, Any]:
-        values = [latency for _, latency in self.samples]
+    def summary(self, since: float = -math.inf, until: float = math.inf) -> dict[str, Any]:
+        """The answers sent between `since` and `until` (seconds since the start)."""
+        values = [latency for at, latency in self.samples if since <= at <= until]
         return {
             "count": len(values),
             "p50_ms": ms(quantile(values, 0.50)),
             "p99_ms": ms(quantile(values, 0.99)),
             "max_ms": ms(max(values) if values else None),
-            "timeouts": len(self.timeouts),
+            "timeouts": sum(1 for at in self.timeouts if since <= at <= until),
             "unanswered": self.unanswered,
             "failures": self.failures,
         }
