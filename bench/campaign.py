@@ -185,12 +185,12 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
                 "connack": probe.connack.summary(until=until),
                 "own_loop_lag_ms": lag_spread(own_lag.samples),
             },
-            "broker_samples": summarize([s for s in sampler.samples if s.t <= until + 1]),
+            "broker_samples": summarize([s for s in sampler.samples if s.t <= until]),
             # After the job finished, the simulator ends and its devices disconnect at once.
             "teardown": {
                 "puback": probe.puback.summary(since=until),
                 "connack": probe.connack.summary(since=until),
-                "loop_lag_ms": summarize([s for s in sampler.samples if s.t >= until - 1]).get("loop_lag_ms"),
+                "loop_lag_ms": summarize([s for s in sampler.samples if s.t >= until]).get("loop_lag_ms"),
             },
         }
     finally:
@@ -308,6 +308,21 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verdicts(result: dict[str, Any], max_rss_mb: float, max_puback_ms: float) -> dict[str, bool]:
+    """The campaign's targets: every device upgraded (none failed, none offline), the broker's peak RSS and
+    its slowest acknowledgement during the campaign within bounds, no acknowledgement timed out."""
+    counts = result["simulator"].get("counts") or {}
+    puback = result["control_probe"]["puback"]
+    rss = result["broker_samples"].get("peak_rss_mb")
+    return {
+        "all_upgraded": counts.get("upgraded") == result["devices"],
+        f"peak_rss_within_{max_rss_mb:g}_mb": rss is not None and rss <= max_rss_mb,
+        f"puback_max_within_{max_puback_ms:g}_ms": puback.get("max_ms") is not None
+        and puback["max_ms"] <= max_puback_ms
+        and not puback["timeouts"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -322,11 +337,20 @@ def main() -> None:
     parser.add_argument("--rate-per-minute", type=int, help="pace the job's notices (default: all at once)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory and logs")
     parser.add_argument("--profile", help="py-spy raw output file for the broker during the campaign")
+    parser.add_argument(
+        "--max-rss-mb", type=float, default=512, help="target: the broker's peak RSS during the campaign"
+    )
+    parser.add_argument(
+        "--max-puback-ms", type=float, default=1000, help="target: the slowest PUBACK during the campaign"
+    )
     args = parser.parse_args()
     result = asyncio.run(campaign(args))
+    result["targets"] = verdicts(result, args.max_rss_mb, args.max_puback_ms)
     text = json.dumps(result, indent=2)
     print(text)
     print(markdown(result), file=sys.stderr)
+    met = ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in result["targets"].items())
+    print(f"targets: {met}", file=sys.stderr)
     if args.out:
         args.out.write_text(text + "\n")
 
