@@ -125,6 +125,60 @@ def _time_to_retry(waiter: asyncio.Future[Any]) -> None:
         waiter.set_result(_RETRY)
 
 
+class _Qos1Flight:
+    """One QoS 1 message in flight on a connection, followed by callbacks (no task): its PUBACK waiter in
+    the handler's table, a retry timer that resends it with DUP, and, once answered, the window's place
+    given back. It holds its timer only until the answer: nothing of it is left for the garbage collector
+    once the PUBACK arrives (closures calling each other made a reference cycle per message)."""
+
+    __slots__ = ("again", "finished", "handler", "message", "session", "timer", "window")
+
+    def __init__(
+        self,
+        handler: StrictHandler,
+        window: Window,
+        message: Any,
+        again: bytes,
+        finished: asyncio.Future[None] | None,
+    ) -> None:
+        self.handler, self.window, self.message, self.again, self.finished = (
+            handler,
+            window,
+            message,
+            again,
+            finished,
+        )
+        self.session = handler.session
+        self.timer: asyncio.TimerHandle | None = None
+
+    def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self.handler._puback_waiters[self.message.packet_id] = waiter  # amqtt's stop() cancels it
+        self.timer = loop.call_later(self.handler.limits.retry_interval_s, _time_to_retry, waiter)
+        waiter.add_done_callback(self.answered)
+
+    def answered(self, answer: asyncio.Future[Any]) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+        handler, packet_id = self.handler, self.message.packet_id
+        waiters = handler._puback_waiters
+        if waiters.get(packet_id) is answer:
+            del waiters[packet_id]
+        retry = not answer.cancelled() and answer.result() is _RETRY
+        if retry and not handler.closed.done():
+            log.info("client %r: packet %d not acknowledged, sending it again", handler._who(), packet_id)
+            handler.write(self.again)
+            self.wait()  # keeps its place in the window
+            return
+        if not answer.cancelled() and not retry:
+            self.session.inflight_out.pop(packet_id, None)  # acknowledged
+        self.window.give()  # else it stays in flight: sent again when the session reconnects
+        if self.finished is not None and not self.finished.done():
+            self.finished.set_result(None)
+
+
 class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
     def __init__(
         self, plugins_manager: PluginManager[Any], router: Router, limits: Limits, session: Any = None
@@ -481,43 +535,24 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         """Send a QoS 1 message holding a place in the window, and follow its PUBACK with callbacks: it
         stays in flight until acknowledged, is sent again with DUP every retry interval, and is left in
         flight for redelivery when the connection ends; then the place is given back and `finished` is set."""
-        session = self.session
-        packet_id = message.packet_id
         again = encode_publish(
-            message.topic, message.data, QOS_1, packet_id, dup=True, retain=bool(message.retain)
+            message.topic, message.data, QOS_1, message.packet_id, dup=True, retain=bool(message.retain)
         )
-        session.inflight_out[packet_id] = message
+        self.session.inflight_out[message.packet_id] = message
         self.write(again if message.publish_packet is not None else _first_send(message, again))
-        loop = asyncio.get_running_loop()
-        waiters = self._puback_waiters
-        retry_s = self.limits.retry_interval_s
+        _Qos1Flight(self, window, message, again, finished).wait()
 
-        def wait() -> None:
-            waiter: asyncio.Future[Any] = loop.create_future()
-            waiters[packet_id] = waiter  # amqtt's stop() cancels it when the connection ends
-            timer = loop.call_later(retry_s, _time_to_retry, waiter)
-
-            def done(answer: asyncio.Future[Any]) -> None:
-                timer.cancel()
-                if waiters.get(packet_id) is answer:
-                    del waiters[packet_id]
-                retry = not answer.cancelled() and answer.result() is _RETRY
-                if retry and not self.closed.done():
-                    log.info(
-                        "client %r: packet %d not acknowledged, sending it again", self._who(), packet_id
-                    )
-                    self.write(again)
-                    wait()  # keeps its place in the window
-                    return
-                if not answer.cancelled() and not retry:
-                    session.inflight_out.pop(packet_id, None)  # acknowledged
-                window.give()  # else it stays in flight: sent again when the session reconnects
-                if finished is not None and not finished.done():
-                    finished.set_result(None)
-
-            waiter.add_done_callback(done)
-
-        wait()
+    def queue_full(self) -> bool:
+        """Whether a QoS 1/2 message to this client would be dropped now: its in-flight window is full and
+        as many messages wait for a place as `max_queued_messages` allows (`_acquire` would raise
+        `QueueFull`). The broker then drops it without starting anything."""
+        session: LeanSession | None = self.session
+        if session is None:
+            return False
+        window = self._window()
+        return (
+            window.free <= 0 or bool(window.waiters)
+        ) and session.waiting >= self.limits.max_queued_messages
 
 
 def _first_send(message: Any, again: bytes) -> bytes:

@@ -535,6 +535,8 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             if qos:
                 if qos == 1 and handler.send_qos1(topic, data):
                     self.delivered_count += 1
+                elif handler.queue_full():
+                    self._dropped(f"client {_who(target)!r}: outgoing queue full")  # nothing started for it
                 else:
                     self._deliver(handler, topic, data, qos)  # QoS 2, or queued behind a full window
                 continue
@@ -580,11 +582,15 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             return
         error = task.exception()
         if isinstance(error, protocol.QueueFull):
-            self.dropped_count += 1
-            if self.dropped_count % 1000 == 1:  # one line per thousand, not one per message
-                log.warning("%s: message dropped (%d dropped so far)", error, self.dropped_count)
+            self._dropped(str(error))
         elif error is not None:
             log.debug("a delivery ended early: %s: %s", type(error).__name__, error)
+
+    def _dropped(self, why: str) -> None:
+        """A QoS 1/2 message dropped at a full outgoing queue: counted, one log line per thousand."""
+        self.dropped_count += 1
+        if self.dropped_count % 1000 == 1:
+            log.warning("%s: message dropped (%d dropped so far)", why, self.dropped_count)
 
     def _queue_offline(self, session: Session, topic: str, data: bytes, qos: int) -> None:
         queue = session.retained_messages
