@@ -34,6 +34,7 @@ import logging
 import math
 import struct
 import termios
+import time
 from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader
@@ -58,6 +59,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage
 
+from broker.latency import Latency
 from broker.protocol import (
     PINGRESP_PACKET,
     UNSUBSCRIBE_FLAGS,
@@ -105,6 +107,8 @@ def unread_in_kernel(transport: asyncio.BaseTransport | None) -> int:
 
 class Router(Protocol):
     """What the reader hands packets to (the broker)."""
+
+    puback_latency: Latency  # QoS 1 PUBLISH read -> PUBACK written
 
     async def on_publish(self, session: Any, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
 
@@ -248,9 +252,11 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
             topic, packet_id, at = check_publish(flags, body)
             qos, retain = (flags >> 1) & 0x3, bool(flags & 0x1)
             if qos < QOS_2:
+                read_at = time.perf_counter()
                 await self.router.on_publish(session, topic, body[at:], qos, retain)
                 if qos:
                     self.write(ack(0x40, packet_id))  # PUBACK once routed
+                    self.router.puback_latency.observe(time.perf_counter() - read_at)
                 return
             if packet_id not in session.inflight_in:  # else a DUP: PUBREC again, route once (MQTT-4.3.3)
                 if len(session.inflight_in) >= limits.max_incoming_qos2:

@@ -46,6 +46,7 @@ from amqtt.utils import gen_client_id
 
 from broker import protocol, websocket
 from broker.handler import StrictHandler, reader_timeout
+from broker.latency import Latency
 from broker.limits import limits_of
 from broker.session_state import LeanSession
 from broker.sessions import InFlight, SessionStore
@@ -106,6 +107,8 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         self._pre_connect: dict[str, dict[object, Any]] = {}  # listener -> sockets without a CONNECT yet
         self.delivered_count = 0  # messages handed to subscribers' connections (read by /metrics)
         self.dropped_count = 0  # QoS 0 messages dropped for clients that read too slowly
+        self.connack_latency = Latency()  # CONNECT read -> CONNACK sent (read by /metrics)
+        self.puback_latency = Latency()  # QoS 1 PUBLISH read -> PUBACK sent
         for plugin in self.plugins_manager.plugins:  # the plugins' handle on this broker (see "for plugins")
             bind = getattr(plugin, "bind_broker", None)
             if callable(bind):
@@ -288,6 +291,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             handler.attach(session, reader, writer)
             self._sessions[client_id] = (session, handler)
             await handler.mqtt_connack_authorize(True)
+            self.connack_latency.observe(asyncio.get_running_loop().time() - started)
             # What was in flight before this connection is resent when the handler starts; what plugins
             # send from their connected handler (an OTA notice) goes out once, now.
             handler.resend = list(session.inflight_out.values())

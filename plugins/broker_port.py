@@ -10,8 +10,18 @@ from typing import Any, Protocol, TypeVar
 _P = TypeVar("_P")
 
 
+class LatencyCounts(Protocol):
+    """A latency histogram the broker keeps: cumulative (upper bound in seconds, count), and the sum."""
+
+    total_s: float
+
+    def cumulative(self) -> list[tuple[float, int]]: ...
+
+
 class MqttBroker(Protocol):
     delivered_count: int  # messages handed to subscribers' connections
+    connack_latency: LatencyCounts  # CONNECT read -> CONNACK sent
+    puback_latency: LatencyCounts  # QoS 1 PUBLISH read -> PUBACK sent
 
     def connection(self, client_id: str) -> tuple[Any, Any] | None:
         """The session of `client_id` and the handler of its latest connection, or None."""

@@ -27,7 +27,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from firmware_store.server import DownloadStats
@@ -74,6 +74,8 @@ class Sources:
     downloads: DownloadStats = field(default_factory=DownloadStats)
     download_slots: Callable[[], tuple[int, int]] | None = None  # (in use, capacity)
     transfer_window: Callable[[], tuple[int, int, int]] | None = None  # (window, in flight, waiting)
+    # The broker's control-plane latencies by kind ("connack", "puback"): cumulative (bound, count), sum.
+    control_latency: Callable[[], Mapping[str, tuple[list[tuple[float, int]], float]]] = dict
 
 
 class OtaMetrics:
@@ -222,6 +224,19 @@ class _ScrapeCollector:
             yield GaugeMetricFamily(
                 "ota_download_slots", "Downloads allowed at once (max_downloads; 503 beyond).", value=capacity
             )
+        latencies = src.control_latency()
+        if latencies:
+            control = HistogramMetricFamily(
+                "ota_mqtt_control_latency_seconds",
+                "How long the broker took to answer: CONNECT read to CONNACK sent (authentication included), "
+                "QoS 1 PUBLISH read to PUBACK sent (routing and the OTA service's handling included).",
+                labels=["answer"],
+            )
+            for answer, (buckets, total) in sorted(latencies.items()):
+                control.add_metric(
+                    [answer], [("+Inf" if b == float("inf") else repr(b), c) for b, c in buckets], total
+                )
+            yield control
         if src.transfer_window is not None:
             window, in_flight, waiting = src.transfer_window()
             yield GaugeMetricFamily(

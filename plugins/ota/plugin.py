@@ -56,6 +56,7 @@ class OtaPlugin(BasePlugin[BrokerContext]):
         sources.devices_connected = lambda: len(self._device_clients)
         sources.clients_connected = lambda: len(self._conns)
         sources.broker_delivered = self._broker_delivered
+        sources.control_latency = self._control_latency
 
     def bind_broker(self, broker: MqttBroker) -> None:
         """ota-broker's broker hands itself over: the plugin delivers and closes connections through it."""
@@ -101,6 +102,16 @@ class OtaPlugin(BasePlugin[BrokerContext]):
     def _broker_delivered(self) -> int | None:
         """The broker's count of deliveries to subscribers."""
         return None if self._broker is None else self._broker.delivered_count
+
+    def _control_latency(self) -> dict[str, tuple[list[tuple[float, int]], float]]:
+        """The broker's CONNACK and PUBACK latency histograms."""
+        broker = self._broker
+        if broker is None:
+            return {}
+        return {
+            "connack": (broker.connack_latency.cumulative(), broker.connack_latency.total_s),
+            "puback": (broker.puback_latency.cumulative(), broker.puback_latency.total_s),
+        }
 
     async def on_broker_pre_shutdown(self) -> None:
         await self.runtime.stop_serving()

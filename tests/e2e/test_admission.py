@@ -124,3 +124,27 @@ async def test_admission_metrics_are_exposed(env: Env) -> None:
     assert value(samples, "ota_admission_window") >= 1
     assert value(samples, "ota_transfers_in_flight") == 0
     assert value(samples, "ota_tasks_waiting_for_capacity") == 0
+
+
+async def test_control_plane_latency_is_exposed(env: Env) -> None:
+    """/metrics carries how long the broker took to answer a CONNECT (CONNACK) and a QoS 1 PUBLISH (PUBACK,
+    the OTA service's handling of an inform included): each answer is counted once, in a bucket."""
+    before = await scrape(env)
+    d = await env.device("pk", "latency").connect()  # the env disconnects it
+    await d.inform("1.0.0")
+
+    async def counted() -> bool:
+        samples = await scrape(env)
+        return all(
+            value(samples, "ota_mqtt_control_latency_seconds_count", answer=answer)
+            >= before.get(("ota_mqtt_control_latency_seconds_count", (("answer", answer),)), 0) + 1
+            for answer in ("connack", "puback")
+        )
+
+    await eventually(counted, what="the CONNACK and the PUBACK to be counted")
+    samples = await scrape(env)
+    for answer in ("connack", "puback"):
+        count = value(samples, "ota_mqtt_control_latency_seconds_count", answer=answer)
+        assert value(samples, "ota_mqtt_control_latency_seconds_bucket", answer=answer, le="+Inf") == count
+        assert value(samples, "ota_mqtt_control_latency_seconds_bucket", answer=answer, le="10.0") == count
+        assert value(samples, "ota_mqtt_control_latency_seconds_sum", answer=answer) > 0
