@@ -5,7 +5,9 @@ client certificate asked for) and serves it with `asyncio.start_server(ssl=...)`
 handshake vanishes without a trace. `TlsListeners` replaces both for TCP listeners: the context comes
 from `firmware_store.tls.server_context` (the same one the HTTPS endpoints use), and the handshake runs
 in `firmware_store.tls.tls_acceptor`, which logs each failure (rate-limited) with the peer and reason.
-Every TCP listener, with TLS or without, listens with a backlog of `LISTEN_BACKLOG`, not asyncio's 100.
+Every TCP listener, with TLS or without, is a `broker.listener.GatedServer`: a backlog of `LISTEN_BACKLOG`
+(asyncio's is 100), and at most `MAX_SETUPS` TLS handshakes at once, the other connections waiting in the
+kernel.
 The two amqtt names overridden here are checked by tests/broker/test_amqtt_internals.py.
 """
 
@@ -20,7 +22,8 @@ from typing import Any
 
 from amqtt.contexts import ListenerConfig, ListenerType
 
-from firmware_store.tls import COMPATIBLE, LISTEN_BACKLOG, HandshakeLog, server_context, tls_acceptor
+from broker.listener import GatedServer, SetupFactory, listening_sockets
+from firmware_store.tls import COMPATIBLE, HandshakeLog, server_context, tls_setup
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, validate
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -66,9 +69,12 @@ class TlsListeners:
         def stream() -> asyncio.StreamReaderProtocol:  # what asyncio.start_server makes per connection
             return asyncio.StreamReaderProtocol(asyncio.StreamReader(), connected)
 
-        factory: Callable[[], asyncio.BaseProtocol] = stream
+        def plain(over: Callable[[], None]) -> asyncio.BaseProtocol:
+            over()  # nothing to set up before the CONNECT
+            return stream()
+
+        factory: SetupFactory = plain
         if ssl_context is not None:
             failures = HandshakeLog(f"mqtt listener {listener_name!r}")
-            factory = tls_acceptor(stream, ssl_context, failures, handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(factory, address, port, reuse_address=True, backlog=LISTEN_BACKLOG)
+            factory = tls_setup(stream, ssl_context, failures, handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
+        return GatedServer(listening_sockets(address, port), factory)

@@ -375,6 +375,18 @@ def tls_acceptor(
     return lambda: _Handshake(factory, context, failures, handshake_timeout_s)
 
 
+def tls_setup(
+    factory: Callable[[], asyncio.BaseProtocol],
+    context: ssl.SSLContext,
+    failures: HandshakeLog,
+    *,
+    handshake_timeout_s: float = 10.0,
+) -> Callable[[Callable[[], None]], asyncio.Protocol]:
+    """`tls_acceptor` for a listener that counts connections in set-up (`broker.listener.GatedServer`): the
+    factory is given a callback, called once the handshake is over, whether it succeeded or not."""
+    return lambda over: _Handshake(factory, context, failures, handshake_timeout_s, over)
+
+
 class _Handshake(asyncio.Protocol):
     def __init__(
         self,
@@ -382,8 +394,10 @@ class _Handshake(asyncio.Protocol):
         context: ssl.SSLContext,
         failures: HandshakeLog,
         timeout_s: float,
+        over: Callable[[], None] | None = None,
     ) -> None:
         self._factory, self._context, self._failures, self._timeout_s = factory, context, failures, timeout_s
+        self._over = over
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -402,6 +416,9 @@ class _Handshake(asyncio.Protocol):
             self._failures.failed(peer, e)
             transport.abort()
             return
+        finally:
+            if self._over is not None:
+                self._over()
         if tls is None:  # the connection closed while TLS was being set up
             return
         app.connection_made(tls)
