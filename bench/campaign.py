@@ -117,8 +117,9 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
 
             async def informed() -> bool:
-                async with http.get(f"{base}/devices?version=1.0.0&limit=10000", headers=headers) as r:
-                    return len(await r.json()) >= args.devices
+                # The total, not the page: a page holds at most 10,000 devices.
+                async with http.get(f"{base}/devices?version=1.0.0&limit=1", headers=headers) as r:
+                    return int(r.headers["X-Total-Count"]) >= args.devices
 
             t_connect = time.monotonic()
             await wait_for(informed, args.limit, f"{args.devices} devices to inform")
