@@ -73,6 +73,7 @@ class GatedServer:
         self._factory = factory
         self._max_setups = max_setups
         loop = asyncio.get_running_loop()
+        self._serving: set[asyncio.Task[None]] = set()
         self._tasks = [loop.create_task(self._accept(sock)) for sock in sockets]
 
     async def _accept(self, sock: socket.socket) -> None:
@@ -92,22 +93,35 @@ class GatedServer:
                 )
                 await asyncio.sleep(ACCEPT_RETRY_S)
                 continue
+            # Served in a task of its own: awaiting it here would take on one connection per turn of the event
+            # loop (its transport is made in the next one), and a crowd would queue for that, not for its place.
             setup = _Setup(slots)
-            try:
-                await loop.connect_accepted_socket(partial(self._factory, setup), conn)
-            except OSError:  # the connection went before it could be served
-                conn.close()
-                setup()
+            task = loop.create_task(self._serve(conn, setup))
+            self._serving.add(task)
+            task.add_done_callback(partial(self._served, conn, setup))
+
+    async def _serve(self, conn: socket.socket, setup: _Setup) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(partial(self._factory, setup), conn)
+        except OSError:  # the connection went before it could be served
+            conn.close()
+            setup()
+
+    def _served(self, conn: socket.socket, setup: _Setup, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        if task.cancelled():  # the listener closed first, maybe before the task ran: the socket is still ours
+            conn.close()
+            setup()
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets (connections already served are not touched)."""
-        for task in self._tasks:
+        for task in (*self._tasks, *self._serving):
             task.cancel()
         for sock in self.sockets:
             sock.close()
 
     async def wait_closed(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._serving):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 

@@ -4,6 +4,7 @@ accept queue until a set-up ends; real sockets on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 from broker.listener import GatedServer, listening_sockets
@@ -55,3 +56,33 @@ async def test_a_closed_listener_accepts_nothing_more() -> None:
     except ConnectionRefusedError:
         return
     raise AssertionError("the closed listener still accepted a connection")
+
+
+class _Plain(asyncio.Protocol):
+    """A plain connection: nothing to set up, so its place is given back as soon as it is made."""
+
+    def __init__(self, over: Callable[[], None], made: list[_Plain]) -> None:
+        over()
+        made.append(self)
+
+
+async def test_a_crowd_waiting_in_the_kernel_is_taken_on_in_a_few_turns_of_the_loop() -> None:
+    """Connections the kernel already holds are accepted together, as many as there are places, not one per
+    turn of the event loop: 50 waiting clients are all served within a handful of turns (one per turn made a
+    crowd queue behind the loop's pace, and cost a turn of the loop per connection)."""
+    made: list[_Plain] = []
+    server = GatedServer(listening_sockets("127.0.0.1", 0), lambda over: _Plain(over, made), max_setups=64)
+    port = server.sockets[0].getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]  # the kernel completes them
+    try:
+        turns = 0
+        while len(made) < 50 and turns < 1000:
+            await asyncio.sleep(0)
+            turns += 1
+        assert len(made) == 50
+        assert turns <= 10, f"50 connections took {turns} turns of the loop"
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+        await server.wait_closed()
