@@ -421,7 +421,7 @@ def markdown(results: dict[str, Any], chart: Path | None) -> str:
     if results.get("https"):
         out += ["### 5. HTTPS download, concurrent curl --http1.1 clients", ""]
         out += [https_table(results["https"]), ""]
-    out += ["### Targets (from the issue)", "", targets(results), ""]
+    out += ["### Targets", "", targets(results), ""]
     return "\n".join(out)
 
 
