@@ -130,55 +130,22 @@ def _time_to_retry(waiter: asyncio.Future[Any]) -> None:
 
 
 class _Qos1Flight:
-    """One QoS 1 message in flight on a connection, followed by callbacks (no task): its PUBACK waiter in
-    the handler's table, a retry timer that resends it with DUP, and, once answered, the window's place
-    given back. It holds its timer only until the answer: nothing of it is left for the garbage collector
-    once the PUBACK arrives (closures calling each other made a reference cycle per message)."""
+    """One QoS 1 message in flight on a connection: an entry of the handler's in-flight table, no future and
+    no timer of its own. The table is in the order of the last send; one timer per connection resends what
+    has waited `retry_interval_s` (with DUP, encoded then), and the PUBACK, read by the reader, removes the
+    entry and gives the window's place back."""
 
-    __slots__ = ("again", "finished", "handler", "message", "session", "timer", "window")
+    __slots__ = ("finished", "message", "sent_at", "window")
 
     def __init__(
-        self,
-        handler: StrictHandler,
-        window: Window,
-        message: Any,
-        again: bytes,
-        finished: asyncio.Future[None] | None,
+        self, window: Window, message: Any, finished: asyncio.Future[None] | None, sent_at: float
     ) -> None:
-        self.handler, self.window, self.message, self.again, self.finished = (
-            handler,
-            window,
-            message,
-            again,
-            finished,
-        )
-        self.session = handler.session
-        self.timer: asyncio.TimerHandle | None = None
+        self.window, self.message, self.finished, self.sent_at = window, message, finished, sent_at
 
-    def wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Any] = loop.create_future()
-        self.handler._puback_waiters[self.message.packet_id] = waiter  # amqtt's stop() cancels it
-        self.timer = loop.call_later(self.handler.limits.retry_interval_s, _time_to_retry, waiter)
-        waiter.add_done_callback(self.answered)
-
-    def answered(self, answer: asyncio.Future[Any]) -> None:
-        timer, self.timer = self.timer, None
-        if timer is not None:
-            timer.cancel()
-        handler, packet_id = self.handler, self.message.packet_id
-        waiters = handler._puback_waiters
-        if waiters.get(packet_id) is answer:
-            del waiters[packet_id]
-        retry = not answer.cancelled() and answer.result() is _RETRY
-        if retry and not handler.closed.done():
-            log.info("client %r: packet %d not acknowledged, sending it again", handler._who(), packet_id)
-            handler.write(self.again)
-            self.wait()  # keeps its place in the window
-            return
-        if not answer.cancelled() and not retry:
-            self.session.inflight_out.pop(packet_id, None)  # acknowledged
-        self.window.give()  # else it stays in flight: sent again when the session reconnects
+    def over(self) -> None:
+        """Acknowledged, or its connection ended (then the message stays in the session's in-flight table,
+        sent again when the session reconnects): the place is given back, `finished` is set."""
+        self.window.give()
         if self.finished is not None and not self.finished.done():
             self.finished.set_result(None)
 
@@ -198,6 +165,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._keep_alive_timer: asyncio.TimerHandle | None = None
         self._flows: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._qos1: dict[int, _Qos1Flight] = {}  # QoS 1 messages in flight, in the order of their last send
+        self._retry_timer: asyncio.TimerHandle | None = None
         # The reader routes SUBSCRIBE and UNSUBSCRIBE itself: amqtt's two queues for them are never used.
         self._pending_subscriptions = NO_QUEUE
         self._pending_unsubscriptions = NO_QUEUE
@@ -271,6 +240,12 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         check_body(packet_type, flags, body)
         if packet_type in (PUBACK, PUBREC, PUBCOMP):
             packet_id = (body[0] << 8) | body[1]
+            if packet_type == PUBACK:
+                flight = self._qos1.pop(packet_id, None)
+                if flight is not None:
+                    session.inflight_out.pop(packet_id, None)
+                    flight.over()
+                    return
             waiters = (
                 self._puback_waiters
                 if packet_type == PUBACK
@@ -385,6 +360,12 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
             self.closed.set_result(None)
         for task in list(self._flows):
             task.cancel()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        flights, self._qos1 = self._qos1, {}
+        for flight in flights.values():  # left in the session's in-flight table for the next connection
+            flight.over()
         await super().stop()
 
     def _track(self, task: asyncio.Future[Any]) -> None:
@@ -541,12 +522,52 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         """Send a QoS 1 message holding a place in the window, and follow its PUBACK with callbacks: it
         stays in flight until acknowledged, is sent again with DUP every retry interval, and is left in
         flight for redelivery when the connection ends; then the place is given back and `finished` is set."""
-        again = encode_publish(
-            message.topic, message.data, QOS_1, message.packet_id, dup=True, retain=bool(message.retain)
+        sent_before = message.publish_packet is not None
+        packet = encode_publish(
+            message.topic,
+            message.data,
+            QOS_1,
+            message.packet_id,
+            dup=sent_before,
+            retain=bool(message.retain),
         )
+        if not sent_before:
+            message.publish_packet = packet  # marks it sent: later sends carry DUP (MQTT-3.3.1-1)
         self.session.inflight_out[message.packet_id] = message
-        self.write(again if message.publish_packet is not None else _first_send(message, again))
-        _Qos1Flight(self, window, message, again, finished).wait()
+        self.write(packet)
+        loop = asyncio.get_running_loop()
+        self._qos1[message.packet_id] = _Qos1Flight(window, message, finished, loop.time())
+        if self._retry_timer is None:
+            self._retry_timer = loop.call_later(self.limits.retry_interval_s, self._resend_due)
+
+    def _resend_due(self) -> None:
+        """Send again, with DUP, each QoS 1 message unacknowledged for `retry_interval_s`, then wait for the
+        next one due. Re-armed lazily: a timer that finds nothing due (its message was acknowledged) just
+        waits for the oldest left."""
+        self._retry_timer = None
+        flights = self._qos1
+        if not flights or self.closed.done():
+            return
+        loop = asyncio.get_running_loop()
+        now, interval = loop.time(), self.limits.retry_interval_s
+        due: list[int] = []
+        for packet_id, flight in flights.items():
+            if flight.sent_at + interval > now:
+                break
+            due.append(packet_id)
+        for packet_id in due:
+            flight = flights.pop(packet_id)
+            message = flight.message
+            log.info("client %r: packet %d not acknowledged, sending it again", self._who(), packet_id)
+            self.write(
+                encode_publish(
+                    message.topic, message.data, QOS_1, packet_id, dup=True, retain=bool(message.retain)
+                )
+            )
+            flight.sent_at = now
+            flights[packet_id] = flight  # to the end: the table stays in the order of the last send
+        oldest = next(iter(flights.values()))
+        self._retry_timer = loop.call_at(oldest.sent_at + interval, self._resend_due)
 
     def queue_full(self) -> bool:
         """Whether a QoS 1/2 message to this client would be dropped now: its in-flight window is full and

@@ -4,8 +4,11 @@ on 127.0.0.1 port 0, raw MQTT clients over TCP."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -77,3 +80,70 @@ async def test_an_acknowledged_qos1_delivery_leaves_no_garbage_cycle() -> None:
         finally:
             gc.enable()
         assert unreachable < messages // 3, unreachable
+
+
+async def test_qos1_deliveries_in_flight_need_no_future_or_timer_each() -> None:
+    """A hundred QoS 1 messages in flight to one subscriber are entries in its connection's in-flight table:
+    the broker's code asks the event loop for no future and no timer per message delivered (one retry
+    timer serves the connection)."""
+    async with (
+        started(max_inflight_messages=200) as (_broker, port),
+        RawClient.open(port) as sub,
+        RawClient.open(port) as pub,
+    ):
+        await sub.connect("sub")
+        await sub.subscribe(1, ("t", 1))
+        await pub.connect("pub")
+        loop = asyncio.get_running_loop()
+        asked: list[str] = []
+        for name in ("create_future", "call_later", "call_at"):
+            real = getattr(loop, name)
+            setattr(loop, name, _counting(asked, name, real))
+        try:
+            for i in range(100):
+                await pub.send(mq.publish("t", b"n%d" % i, qos=1, packet_id=i + 1))
+            got = [await sub.expect(mq.PUBLISH) for _ in range(100)]
+        finally:
+            for name in ("create_future", "call_later", "call_at"):
+                delattr(loop, name)  # the instance attribute goes; the loop's own method is back
+        assert [p.payload for p in got] == [b"n%d" % i for i in range(100)]
+        assert len(asked) < 20, sorted(set(asked))
+
+
+async def test_only_the_unacknowledged_messages_are_resent_in_their_order() -> None:
+    """Of three QoS 1 messages in flight, the acknowledged middle one is not sent again; the other two are,
+    with DUP, their packet ids and in the order they were sent, until acknowledged."""
+    async with (
+        started(retry_interval_s=0.3) as (broker, port),
+        RawClient.open(port) as sub,
+        RawClient.open(port) as pub,
+    ):
+        await sub.connect("sub")
+        await sub.subscribe(1, ("t", 1))
+        await pub.connect("pub")
+        for i in range(3):
+            await pub.send(mq.publish("t", b"r%d" % i, qos=1, packet_id=i + 1))
+        first = [await sub.expect(mq.PUBLISH) for _ in range(3)]
+        assert not any(p.dup for p in first)
+        await sub.send(mq.puback(first[1].packet_id))
+        again = [await sub.expect(mq.PUBLISH, timeout=1.5) for _ in range(2)]
+        assert [(p.dup, p.packet_id, p.payload) for p in again] == [
+            (True, first[0].packet_id, b"r0"),
+            (True, first[2].packet_id, b"r2"),
+        ]
+        await sub.send(*(mq.puback(p.packet_id) for p in again))
+        await eventually(lambda: not broker._sessions["sub"][0].inflight_out)
+        late = await sub.silent(0.7)
+        assert late is None or late.packet_id != first[1].packet_id, late
+
+
+def _counting(asked: list[str], name: str, real: Any) -> Any:
+    """`real`, noting each call made from the broker's own code (the test's clients share the loop)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        caller = sys._getframe(1).f_code.co_filename
+        if f"{os.sep}broker{os.sep}" in caller:
+            asked.append(f"{name} from {os.path.basename(caller)}")
+        return real(*args, **kwargs)
+
+    return call
