@@ -12,6 +12,7 @@ DASH = "\N{EN DASH}"
 LABELS = {
     "amqtt": "amqtt",
     "ota": "ota-broker",
+    "ota_nolimit": "ota-broker (no limits)",
     "mosquitto": "mosquitto",
     "mosquitto_nolimit": "mosquitto (no limits)",
     "nginx": "nginx",
@@ -63,6 +64,10 @@ def fanin_table(rows: list[dict[str, Any]]) -> str:
         ratio_cols.append(("ota", "mosquitto", "cpu_us_per_msg", "ota/mosquitto CPU per msg"))
     if "ota" in names and "mosquitto_nolimit" in names:
         ratio_cols.append(("ota", "mosquitto_nolimit", "cpu_us_per_msg", "ota/mosq. no-limit CPU per msg"))
+    if "ota_nolimit" in names and "mosquitto_nolimit" in names:
+        ratio_cols.append(
+            ("ota_nolimit", "mosquitto_nolimit", "cpu_us_per_msg", "no limits: ota/mosquitto CPU per msg")
+        )
     if "ota" in names and "amqtt" in names:
         ratio_cols.append(("ota", "amqtt", "rate", "ota/amqtt rate"))
     if "amqtt" in names and "mosquitto" in names:

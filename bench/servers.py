@@ -291,7 +291,8 @@ class OtaServer(Server):
         }
         if self.source is not None:  # found before the editable install of the working tree
             env["PYTHONPATH"] = str(self.source)
-        # cwd is the work dir, which has no config.yaml: the built-in defaults plus the overrides above.
+        # cwd is the work dir, which has no config.yaml (but ota_nolimit's): the built-in defaults plus the
+        # overrides above.
         argv = [PYTHON, "-m", "broker", "run", "--log-level", "warning"]
         return Process(argv, log=self.workdir / "ota-broker.log", cwd=self.workdir, env=env)
 
@@ -306,6 +307,28 @@ class OtaServer(Server):
 
     def admin_token(self) -> str:
         return (self.data_dir / "admin.token").read_text().strip()
+
+
+class OtaNoLimitServer(OtaServer):
+    """ota-broker with its per-client MQTT limits out of the way, the lossless counterpart of
+    `mosquitto_nolimit`: `max_inflight_messages` at the packet-id space, `max_queued_messages` beyond any
+    run. Its config.yaml is the run's own (the exported one with --ota-ref) with those two values raised."""
+
+    name = "ota_nolimit"
+    RAISED = {
+        "max_inflight_messages: 20": "max_inflight_messages: 65000",
+        "max_queued_messages: 1000": "max_queued_messages: 100000000",
+    }
+
+    def launch(self) -> Process:
+        text = ((self.source or REPO) / "config.yaml").read_text()
+        for default, raised in self.RAISED.items():
+            if default not in text:
+                raise RuntimeError(f"config.yaml has no {default!r} to raise")
+            text = text.replace(default, raised)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.yaml").write_text(text)  # the OTA_* overrides still apply over it
+        return super().launch()
 
 
 class MosquittoServer(Server):
@@ -379,6 +402,7 @@ http {{
 MQTT_SERVERS: dict[str, type[Server]] = {
     "amqtt": AmqttServer,
     "ota": OtaServer,
+    "ota_nolimit": OtaNoLimitServer,
     "mosquitto": MosquittoServer,
     "mosquitto_nolimit": MosquittoNoLimitServer,
 }
