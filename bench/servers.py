@@ -57,10 +57,11 @@ def ensure_packages(commands: dict[str, str]) -> None:
 
 
 PACKAGES = ("broker", "plugins", "firmware_store")
+CONFIG = "config.yaml"  # exported beside them: ota_nolimit derives its configuration from the run's own
 
 
 def snapshot_worktree(dest: Path) -> str:
-    """Copy the product's packages as they are now (uncommitted edits included) into `dest`, so that a
+    """Copy the product's packages and config.yaml as they are now (uncommitted edits included) into `dest`, so that a
     long run measures one state of the code; returns a short hash of what was copied."""
     digest = hashlib.sha256()
     for package in PACKAGES:
@@ -70,18 +71,21 @@ def snapshot_worktree(dest: Path) -> str:
         for path in sorted((dest / package).rglob("*")):
             if path.is_file():
                 digest.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
+    shutil.copy2(REPO / CONFIG, dest / CONFIG)
+    digest.update(CONFIG.encode() + b"\0" + (dest / CONFIG).read_bytes())
     return digest.hexdigest()[:12]
 
 
 def export_ref(ref: str, dest: Path) -> str:
-    """`git archive` the product's packages at `ref` into `dest`; returns the commit it names."""
+    """`git archive` the product's packages and config.yaml at `ref` into `dest`; returns the commit it
+    names."""
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", f"{ref}^{{commit}}"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", commit, *PACKAGES],
+        ["git", "-C", str(REPO), "archive", commit, *PACKAGES, CONFIG],
         capture_output=True, check=True,
     )  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
