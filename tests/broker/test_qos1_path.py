@@ -37,18 +37,21 @@ async def started(**limits: Any) -> AsyncIterator[tuple[HardenedBroker, int]]:
         await broker.shutdown()
 
 
+@contextlib.asynccontextmanager
+async def subscribed(**limits: Any) -> AsyncIterator[tuple[HardenedBroker, RawClient, RawClient]]:
+    """A broker with `limits`, a client "sub" subscribed to "t" at QoS 1 and a connected publisher "pub"."""
+    async with started(**limits) as (broker, port), RawClient.open(port) as sub, RawClient.open(port) as pub:
+        await sub.connect("sub")
+        await sub.subscribe(1, ("t", 1))
+        await pub.connect("pub")
+        yield broker, sub, pub
+
+
 async def test_a_message_dropped_at_a_full_queue_starts_nothing() -> None:
     """A subscriber that never acknowledges fills its in-flight window, then its queue; every further QoS 1
     message to it is counted as dropped on the spot, with no delivery task created for it (the drop used to
     cost more than a delivery: a task each, which then failed)."""
-    async with (
-        started(max_inflight_messages=2, max_queued_messages=3) as (broker, port),
-        RawClient.open(port) as sub,
-        RawClient.open(port) as pub,
-    ):
-        await sub.connect("sub")
-        await sub.subscribe(1, ("t", 1))
-        await pub.connect("pub")
+    async with subscribed(max_inflight_messages=2, max_queued_messages=3) as (broker, sub, pub):
         started_flows: list[str] = []  # deliveries that needed a task: the queued ones only
         deliver = broker._deliver
         broker._deliver = lambda handler, topic, *rest, **kw: (  # type: ignore[method-assign]
@@ -68,10 +71,7 @@ async def test_an_acknowledged_qos1_delivery_leaves_no_garbage_cycle() -> None:
     hundreds of them finds far fewer unreachable objects than messages (a cycle per message used to leave
     tens of thousands per fan-out round to the collector)."""
     messages = 300
-    async with started() as (broker, port), RawClient.open(port) as sub, RawClient.open(port) as pub:
-        await sub.connect("sub")
-        await sub.subscribe(1, ("t", 1))
-        await pub.connect("pub")
+    async with subscribed() as (broker, sub, pub):
         gc.collect()
         gc.disable()
         try:
@@ -91,14 +91,7 @@ async def test_qos1_deliveries_in_flight_need_no_future_or_timer_each() -> None:
     """A hundred QoS 1 messages in flight to one subscriber are entries in its connection's in-flight table:
     the broker's code asks the event loop for no future and no timer per message delivered (one retry
     timer serves the connection)."""
-    async with (
-        started(max_inflight_messages=200) as (_broker, port),
-        RawClient.open(port) as sub,
-        RawClient.open(port) as pub,
-    ):
-        await sub.connect("sub")
-        await sub.subscribe(1, ("t", 1))
-        await pub.connect("pub")
+    async with subscribed(max_inflight_messages=200) as (_broker, sub, pub):
         loop = asyncio.get_running_loop()
         asked: list[str] = []
         for name in ("create_future", "call_later", "call_at"):
@@ -118,14 +111,7 @@ async def test_qos1_deliveries_in_flight_need_no_future_or_timer_each() -> None:
 async def test_only_the_unacknowledged_messages_are_resent_in_their_order() -> None:
     """Of three QoS 1 messages in flight, the acknowledged middle one is not sent again; the other two are,
     with DUP, their packet ids and in the order they were sent, until acknowledged."""
-    async with (
-        started(retry_interval_s=0.3) as (broker, port),
-        RawClient.open(port) as sub,
-        RawClient.open(port) as pub,
-    ):
-        await sub.connect("sub")
-        await sub.subscribe(1, ("t", 1))
-        await pub.connect("pub")
+    async with subscribed(retry_interval_s=0.3) as (broker, sub, pub):
         for i in range(3):
             await pub.send(mq.publish("t", b"r%d" % i, qos=1, packet_id=i + 1))
         first = [await sub.expect(mq.PUBLISH) for _ in range(3)]
