@@ -61,8 +61,8 @@ CONFIG = "config.yaml"  # exported beside them: ota_nolimit derives its configur
 
 
 def snapshot_worktree(dest: Path) -> str:
-    """Copy the product's packages and config.yaml as they are now (uncommitted edits included) into `dest`, so that a
-    long run measures one state of the code; returns a short hash of what was copied."""
+    """Copy the product's packages and config.yaml as they are now (uncommitted edits included) into
+    `dest`, so that a long run measures one state of the code; returns a short hash of what was copied."""
     digest = hashlib.sha256()
     for package in PACKAGES:
         shutil.copytree(
@@ -330,7 +330,6 @@ class OtaNoLimitServer(OtaServer):
             if default not in text:
                 raise RuntimeError(f"config.yaml has no {default!r} to raise")
             text = text.replace(default, raised)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.yaml").write_text(text)  # the OTA_* overrides still apply over it
         return super().launch()
 

@@ -259,19 +259,13 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         check_body(packet_type, flags, body)
         if packet_type in (PUBACK, PUBREC, PUBCOMP):
             packet_id = (body[0] << 8) | body[1]
-            if packet_type == PUBACK:
+            if packet_type == PUBACK:  # every QoS 1 message in flight is in the table
                 flight = self._qos1.pop(packet_id, None)
                 if flight is not None:
                     session.inflight_out.pop(packet_id, None)
                     flight.over()
-                    return
-            waiters = (
-                self._puback_waiters
-                if packet_type == PUBACK
-                else self._pubrec_waiters
-                if packet_type == PUBREC
-                else self._pubcomp_waiters
-            )
+                return
+            waiters = self._pubrec_waiters if packet_type == PUBREC else self._pubcomp_waiters
             waiter = waiters.get(packet_id)
             if waiter is not None and not waiter.done():
                 waiter.set_result(packet_id)
@@ -503,11 +497,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         packet_id = message.packet_id
         try:
             if message.pubrec_packet is None:
-                again = encode_publish(
-                    message.topic, message.data, message.qos, packet_id, dup=True, retain=bool(message.retain)
-                )
-                self.write(again if message.publish_packet is not None else _first_send(message, again))
-                message.pubrec_packet = await self._await_ack(self._pubrec_waiters, packet_id, again)
+                self.write(_sending(message))
+                message.pubrec_packet = await self._await_ack(self._pubrec_waiters, packet_id, _dup(message))
             pubrel = ack(0x62, packet_id)
             message.pubrel_packet = pubrel
             self.write(pubrel)
@@ -538,22 +529,12 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
     def _send_in_window(
         self, window: Window, message: Any, finished: asyncio.Future[None] | None = None
     ) -> None:
-        """Send a QoS 1 message holding a place in the window, and follow its PUBACK with callbacks: it
-        stays in flight until acknowledged, is sent again with DUP every retry interval, and is left in
-        flight for redelivery when the connection ends; then the place is given back and `finished` is set."""
-        sent_before = message.publish_packet is not None
-        packet = encode_publish(
-            message.topic,
-            message.data,
-            QOS_1,
-            message.packet_id,
-            dup=sent_before,
-            retain=bool(message.retain),
-        )
-        if not sent_before:
-            message.publish_packet = packet  # marks it sent: later sends carry DUP (MQTT-3.3.1-1)
+        """Send a QoS 1 message holding a place in the window, as an entry of the connection's in-flight table
+        (see `_Qos1Flight`): it stays in flight until acknowledged, is sent again with DUP every retry
+        interval, and is left in flight for redelivery when the connection ends; then the place is given
+        back and `finished` is set."""
         self.session.inflight_out[message.packet_id] = message
-        self.write(packet)
+        self.write(_sending(message))
         loop = asyncio.get_running_loop()
         self._qos1[message.packet_id] = _Qos1Flight(window, message, finished, loop.time())
         if self._retry_timer is None:
@@ -576,13 +557,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
             due.append(packet_id)
         for packet_id in due:
             flight = flights.pop(packet_id)
-            message = flight.message
             log.info("client %r: packet %d not acknowledged, sending it again", self._who(), packet_id)
-            self.write(
-                encode_publish(
-                    message.topic, message.data, QOS_1, packet_id, dup=True, retain=bool(message.retain)
-                )
-            )
+            self.write(_dup(flight.message))
             flight.sent_at = now
             flights[packet_id] = flight  # to the end: the table stays in the order of the last send
         oldest = next(iter(flights.values()))
@@ -601,9 +577,24 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         ) and session.waiting >= self.limits.max_queued_messages
 
 
-def _first_send(message: Any, again: bytes) -> bytes:
-    """The first PUBLISH of `message`; marks it sent, so later sends carry DUP (MQTT-3.3.1-1)."""
-    message.publish_packet = again
+def _sending(message: Any) -> bytes:
+    """The PUBLISH of an outgoing QoS 1/2 `message` as sent now: with DUP if it was sent before, and marked
+    sent, so later sends carry DUP (MQTT-3.3.1-1)."""
+    packet = encode_publish(
+        message.topic,
+        message.data,
+        message.qos,
+        message.packet_id,
+        dup=message.publish_packet is not None,
+        retain=bool(message.retain),
+    )
+    if message.publish_packet is None:
+        message.publish_packet = packet
+    return packet
+
+
+def _dup(message: Any) -> bytes:
+    """The PUBLISH of a `message` sent before, again: DUP set (MQTT-3.3.1-1), encoded only when needed."""
     return encode_publish(
-        message.topic, message.data, message.qos, message.packet_id, retain=bool(message.retain)
+        message.topic, message.data, message.qos, message.packet_id, dup=True, retain=bool(message.retain)
     )

@@ -128,8 +128,7 @@ ATTRIBUTES: list[tuple[Callable[[], Any], str]] = [
     (_broker, "listeners_config"),
     (_broker, "plugins_manager"),
     (_broker, "transitions"),  # broker.app: started or not, when a start fails
-    (_handler, "_puback_waiters"),  # the reader answers the outgoing flows' waiters itself
-    (_handler, "_pubrec_waiters"),
+    (_handler, "_pubrec_waiters"),  # the reader answers the outgoing QoS 2 flows' waiters itself
     (_handler, "_pubcomp_waiters"),
     (_handler, "_reader_ready"),
     (_handler, "_reader_stopped"),
