@@ -29,17 +29,18 @@ The amqtt names this class overrides, calls or writes are listed in tests/broker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import math
 import struct
 import termios
 import time
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader
-from amqtt.codecs_amqtt import read_or_raise
-from amqtt.errors import NoDataError
+from amqtt.errors import AMQTTError, ProtocolHandlerError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
@@ -73,7 +74,7 @@ from broker.protocol import (
     check_header,
     check_publish,
     encode_publish,
-    read_fixed_header,
+    fixed_header,
     transport_of,
 )
 from broker.session_state import NO_QUEUE, LeanSession
@@ -103,6 +104,21 @@ def unread_in_kernel(transport: asyncio.BaseTransport | None) -> int:
     except (OSError, ValueError):  # closed meanwhile
         return 0
     return int(struct.unpack("i", raw)[0])
+
+
+class Stream(Protocol):
+    """What the reader reads a connection from (`broker.stream.MqttStream`, `broker.websocket.WebSocketReader`)."""
+
+    @property
+    def buffered(self) -> int: ...  # bytes received, not read yet
+
+    def peek(self) -> bytes | bytearray: ...  # those bytes (valid until the next await)
+
+    def take(self, n: int) -> bytes | None: ...  # n bytes if all there, without waiting
+
+    def more(self) -> Awaitable[bool]: ...  # wait for more bytes; False at the end of the stream
+
+    async def readexactly(self, n: int) -> bytes: ...  # or asyncio.IncompleteReadError
 
 
 class Router(Protocol):
@@ -160,6 +176,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         "_heard",
         "_keep_alive_timer",
         "_qos1",
+        "_reader_over",
         "_retry_timer",
         "_tasks",
         "clean_disconnect",
@@ -179,6 +196,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self.clean_disconnect = False  # the client sent DISCONNECT (its Will is not published)
         self.resend: list[OutgoingApplicationMessage] | None = None  # in flight before this connection
         self._closed: asyncio.Future[None] | None = None
+        self._reader_over: asyncio.Future[None] | None = None  # done when the reader stops (made on demand)
         self._heard = 0.0  # loop time the reader last heard the client (HANDLING while it handles a packet)
         self._keep_alive_timer: asyncio.TimerHandle | None = None
         self._flows: set[asyncio.Task[None]] = set()
@@ -189,52 +207,86 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         # (amqtt's attributes, in the __dict__ its class gives; mypy sees only the slots of this one.)
         self._pending_subscriptions = NO_QUEUE  # type: ignore[misc]
         self._pending_unsubscriptions = NO_QUEUE  # type: ignore[misc]
+        self._reader_stopped = None  # type: ignore[misc]  # amqtt's Event (a 64-slot deque): unused
+
+    def _init_session(self, session: Any) -> None:
+        """amqtt's, without the LoggerAdapter it made per connection (the broker's log lines name the client)."""
+        if not session:
+            raise AMQTTError("Session cannot be None")
+        self.session = session  # type: ignore[misc]  # amqtt's attributes
+        self.keepalive_timeout = session.keep_alive if session.keep_alive > 0 else None  # type: ignore[misc]
 
     # ------------------------------------------------------------------------------------ the reader
+
+    async def start(self) -> None:
+        """Resend what the session had in flight; `run` then reads. (amqtt's started a reader task, with two
+        Events, 1.5 KB a connection, and a write-timeout timer that does nothing in a broker.)"""
+        if not self._is_attached():
+            raise ProtocolHandlerError("Handler is not attached to a stream")
+        await self._retry_deliveries()
+
+    async def run(self) -> None:
+        """Read and handle what the client sends until the connection ends, in the calling task (the
+        connection's own: no task of its own per connection)."""
+        self._reader_task = asyncio.current_task()  # type: ignore[misc]  # amqtt's attribute: while reading
+        await self._reader_loop()
 
     async def _reader_loop(self) -> None:
         session = self.session
         assert session is not None
-        assert self._reader_ready is not None
+        stream: Stream = self.reader
         who = str(session.client_id)[:96]
         loop = asyncio.get_running_loop()
         self._heard = loop.time()
         if session.keep_alive > 0:
             due = self._heard + session.keep_alive
             self._keep_alive_timer = loop.call_at(due, self._keep_alive_due, due)
-        self._reader_ready.set()
         try:
-            while self.reader is not None and not self.ending:
-                header = await read_fixed_header(self.reader)
-                if header is None or self.ending:
-                    break  # EOF, or `end` was called: what the client sent after that is not handled
+            while not self.ending and not self.clean_disconnect:
+                header = fixed_header(stream.peek())
+                if header is None:
+                    if await stream.more():
+                        continue
+                    if stream.buffered:
+                        log.debug("client %r: connection closed in the middle of a packet", who)
+                    break  # EOF
+                if self.ending:
+                    break  # `end` was called: what the client sent after that is not handled
                 self._heard = HANDLING
-                await self._handle(*header)
+                packet_type, flags, length, size = header
+                if packet_type == UNSUBSCRIBE and flags == 0 and self._aliyun_sdk():
+                    flags = UNSUBSCRIBE_FLAGS  # Aliyun Link SDK C 4.0/4.1 send 0xA0: tolerated from its clients only
+                check_header(packet_type, flags, length, self.limits)  # before the body is waited for
+                stream.take(size)
+                body = (stream.take(length) or await stream.readexactly(length)) if length else b""
+                await self._handle(packet_type, flags, body)
                 self._heard = loop.time()
         except asyncio.CancelledError:
             pass
         except ProtocolViolation as e:
             log.warning("closing the connection of %r: %s", who, e)
-        except NoDataError:
+        except asyncio.IncompleteReadError:
             log.debug("client %r: connection closed in the middle of a packet", who)
-        except (OSError, asyncio.IncompleteReadError) as e:
+        except OSError as e:
             log.debug("client %r: connection lost: %s", who, e)
         except Exception as e:  # amqtt's decoders raise many kinds; none may leave a traceback per client
             log.warning("closing the connection of %r: undecodable packet (%s: %s)", who, type(e).__name__, e)
         finally:
-            if self._keep_alive_timer is not None:
-                self._keep_alive_timer.cancel()
-                self._keep_alive_timer = None
+            self._reading_ended()
             await self.handle_connection_closed()
-            self._reader_stopped.set()
             await self.stop()
 
-    async def _handle(self, packet_type: int, flags: int, length: int) -> None:
+    def _reading_ended(self) -> None:
+        self._reader_task = None  # type: ignore[misc]  # `stop` cancels the reader only while it reads
+        over, self._reader_over = self._reader_over, None
+        if over is not None and not over.done():
+            over.set_result(None)
+        if self._keep_alive_timer is not None:
+            self._keep_alive_timer.cancel()
+            self._keep_alive_timer = None
+
+    async def _handle(self, packet_type: int, flags: int, body: bytes) -> None:
         limits = self.limits
-        if packet_type == UNSUBSCRIBE and flags == 0 and self._aliyun_sdk():
-            flags = UNSUBSCRIBE_FLAGS  # Aliyun Link SDK C 4.0/4.1 send 0xA0: tolerated from its clients only
-        check_header(packet_type, flags, length, limits)
-        body = await read_or_raise(self.reader, length) if length else b""
         session = self.session
         if packet_type == PUBLISH:
             topic, packet_id, at = check_publish(flags, body)
@@ -278,7 +330,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         elif packet_type == PINGREQ:
             self.write(PINGRESP_PACKET)
         elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
-            fixed = MQTTFixedHeader(packet_type, flags, length)
+            fixed = MQTTFixedHeader(packet_type, flags, len(body))
             packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
             if packet_type == SUBSCRIBE:
                 await self.router.on_subscribe(self, packet)
@@ -324,12 +376,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     def _unread_bytes(self) -> int:
         """Bytes from the client waiting on the broker's side, not read yet by the reader: in the
-        connection's asyncio StreamReader (amqtt's StreamReaderAdapter wraps it; a WebSocket connection's
-        reader has none) and in the socket's receive queue."""
-        waiting = 0
-        stream = getattr(self.reader, "_reader", None)
-        if isinstance(stream, asyncio.StreamReader):
-            waiting += len(getattr(stream, "_buffer", b""))
+        connection's buffer and in the socket's receive queue."""
+        waiting = self.reader.buffered if self.reader is not None else 0
         if self.writer is not None:
             waiting += unread_in_kernel(transport_of(self.writer))
         return waiting
@@ -369,6 +417,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         return self._closed
 
     async def stop(self) -> None:
+        """Stop the connection's flows and its reader (waiting for the reader to end when called from another
+        task), then close the connection; what was in flight stays in the session."""
         if not self.closed.done():
             self.closed.set_result(None)
         for task in list(self._flows):
@@ -379,7 +429,17 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         flights, self._qos1 = self._qos1, {}
         for flight in flights.values():  # left in the session's in-flight table for the next connection
             flight.over()
-        await super().stop()
+        self._stop_waiters()
+        reader = self._reader_task
+        if reader is not None and reader is not asyncio.current_task():  # the connection's task, reading
+            if self._reader_over is None:
+                self._reader_over = asyncio.get_running_loop().create_future()
+            over = self._reader_over
+            reader.cancel()
+            await asyncio.shield(over)  # the reader stops; the connection's task then ends it
+        if self.writer is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                await self.writer.close()
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)

@@ -267,7 +267,6 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         return session
 
     async def _serve(self, listener_name: str, reader: Any, writer: Any, connect: protocol.Connect) -> None:
-        writer = protocol.CoalescingWriter(writer)
         incoming = self._incoming_session(connect, writer)
         handler = StrictHandler(self.plugins_manager, self, self.limits)
         incoming.parent = 0
@@ -472,8 +471,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         await handler.mqtt_acknowledge_unsubscription(packet.variable_header.packet_id)
 
     async def _client_message_loop(self, client_session: Session, handler: StrictHandler) -> None:
-        # The reader does the work; this task only waits for the end of the connection.
-        await handler.wait_disconnect()
+        await handler.run()  # the connection's reader, in this task, until the connection ends
         if not handler.clean_disconnect and client_session.will_flag:  # MQTT-3.1.2-8: an abnormal end
             await self._route(client_session.will_topic, client_session.will_message, client_session.will_qos)
             if client_session.will_retain:

@@ -20,7 +20,6 @@ from struct import unpack_from
 from typing import Any
 
 from amqtt.codecs_amqtt import read_or_raise
-from amqtt.errors import NoDataError
 from amqtt.mqtt.constants import QOS_2
 from amqtt.mqtt.packet import (
     CONNACK,
@@ -159,13 +158,21 @@ def check_body(packet_type: int, flags: int, body: bytes) -> None:
 # ------------------------------------------------------------------------------------ the reader
 
 
-async def read_fixed_header(reader: Any) -> tuple[int, int, int] | None:
-    """(type, flags, remaining length), or None at EOF before a new packet."""
-    try:
-        first = (await read_or_raise(reader, 1))[0]
-    except NoDataError:
-        return None
-    return first >> 4, first & 0x0F, await _read_length(reader)
+def fixed_header(received: bytes | bytearray) -> tuple[int, int, int, int] | None:
+    """(type, flags, remaining length, size of the fixed header) of the packet at the start of `received`,
+    or None while its fixed header is not all there."""
+    available = len(received)
+    length, multiplier = 0, 1
+    for at in range(1, 5):
+        if at >= available:
+            return None
+        byte = received[at]
+        length += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            first = received[0]
+            return first >> 4, first & 0x0F, length, at + 1
+        multiplier *= 128
+    raise ProtocolViolation("remaining length longer than 4 bytes [MQTT-2.2.3]")
 
 
 async def _read_length(reader: Any) -> int:
@@ -344,50 +351,8 @@ def ack(kind: int, packet_id: int) -> bytes:
     return bytes((kind, 2, packet_id >> 8, packet_id & 0xFF))
 
 
-class CoalescingWriter:
-    """Wraps amqtt's writer adapter: packets written in one turn of the event loop leave in one send (a
-    burst of deliveries or acknowledgements costs one system call, not one per packet), in order."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._pending.append(data)
-
-    def flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-            self._pending.clear()
-            self._inner.write(data)
-
-    async def drain(self) -> None:
-        self.flush()
-        await self._inner.drain()
-
-    async def close(self) -> None:
-        """Close gracefully (what was written is flushed first); a connection that fails while flushing
-        (reset by the peer) is closed all the same. amqtt's adapter drains before it closes, so a drain
-        that raises left the transport open until the garbage collector found it."""
-        self.flush()
-        try:
-            await self._inner.close()
-        finally:
-            transport = transport_of(self)
-            if transport is not None and not transport.is_closing():
-                transport.abort()
-
-    def __getattr__(self, name: str) -> Any:  # get_peer_info, get_ssl_info, is_closed, _writer, ...
-        return getattr(self._inner, name)
-
-
 def transport_of(writer: Any) -> asyncio.WriteTransport | None:
-    """The socket's transport under a writer adapter (plain or TLS stream, or `broker.websocket`'s)."""
-    inner = getattr(writer, "_writer", None)  # StreamWriterAdapter's asyncio StreamWriter
-    if inner is not None:
-        return inner.transport  # type: ignore[no-any-return]
+    """The socket's transport under a writer (`broker.stream.MqttStream`, or `broker.websocket`'s)."""
     return getattr(writer, "transport", None)
 
 

@@ -4,7 +4,8 @@ amqtt builds a listener's SSL context in `Broker._create_ssl_context` (its own d
 client certificate asked for) and serves it with `asyncio.start_server(ssl=...)`, where a failed
 handshake vanishes without a trace. `TlsListeners` replaces both for TCP listeners: the context comes
 from `firmware_store.tls.server_context` (the same one the HTTPS endpoints use), and the handshake runs
-in `firmware_store.tls.tls_acceptor`, which logs each failure (rate-limited) with the peer and reason.
+in `firmware_store.tls.tls_acceptor`, which logs each failure (rate-limited) with the peer and reason. Each
+connection is a `broker.stream.MqttStream` (amqtt's listeners make five objects per connection).
 Every TCP listener, with TLS or without, is a `broker.listener.GatedServer`: a backlog of `LISTEN_BACKLOG`
 (asyncio's is 100), and at most `MAX_SETUPS` TLS handshakes at once, the other connections waiting in the
 kernel.
@@ -16,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from amqtt.contexts import ListenerConfig, ListenerType
 
 from broker.listener import GatedServer, SetupFactory, listening_sockets
+from broker.stream import MqttStream
 from firmware_store.tls import COMPATIBLE, HandshakeLog, server_context, tls_setup
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, validate
 
@@ -64,10 +65,10 @@ class TlsListeners:
             return await super()._create_server_instance(  # type: ignore[misc]
                 listener_name, listener_type, address, port, ssl_context
             )
-        connected = partial(self.stream_connected, listener_name=listener_name)  # type: ignore[attr-defined]
+        serve = self._client_connected  # type: ignore[attr-defined]  # amqtt's Broker follows in the MRO
 
-        def stream() -> asyncio.StreamReaderProtocol:  # what asyncio.start_server makes per connection
-            return asyncio.StreamReaderProtocol(asyncio.StreamReader(), connected)
+        def stream() -> MqttStream:  # one object per connection: protocol, reader and writer
+            return MqttStream(lambda connection: serve(listener_name, connection, connection))
 
         def plain(over: Callable[[], None]) -> asyncio.BaseProtocol:
             over()  # nothing to set up before the CONNECT

@@ -42,21 +42,49 @@ class WebSocketReader:
         self._connection = connection
         self._buffer = bytearray()
 
-    async def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buffer) < n:
-            try:
-                message = await self._connection.recv()
-            except ConnectionClosed:
-                if n >= 0:
-                    return b""
-                break
-            if isinstance(message, str):
-                raise ProtocolViolation("MQTT in a WebSocket text frame [MQTT-6.0.0-1]")
-            self._buffer += message
-        if n < 0:
-            n = len(self._buffer)
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def peek(self) -> bytearray:
+        return self._buffer
+
+    def take(self, n: int) -> bytes | None:
+        if len(self._buffer) < n:
+            return None
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
+        return data
+
+    async def more(self) -> bool:
+        """Wait for the next binary frame; False once the connection has ended."""
+        try:
+            message = await self._connection.recv()
+        except ConnectionClosed:
+            return False
+        if isinstance(message, str):
+            raise ProtocolViolation("MQTT in a WebSocket text frame [MQTT-6.0.0-1]")
+        self._buffer += message
+        return True
+
+    async def readexactly(self, n: int) -> bytes:
+        while (data := self.take(n)) is None:
+            if not await self.more():
+                raise asyncio.IncompleteReadError(bytes(self._buffer), n)
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        """amqtt's reader adapter: `n` bytes (b"" when the connection ended first), or with -1 all there is
+        until it ends."""
+        if n >= 0:
+            try:
+                return await self.readexactly(n)
+            except asyncio.IncompleteReadError:
+                return b""
+        while await self.more():
+            pass
+        data = bytes(self._buffer)
+        self._buffer.clear()
         return data
 
     def feed_eof(self) -> None:
@@ -108,8 +136,14 @@ class WebSocketWriter:
         return self._connection.transport.get_extra_info("ssl_object")  # type: ignore[no-any-return]
 
     async def close(self) -> None:
-        await self.drain()
-        await self._connection.close()
+        """Close gracefully (what was written is sent first); a connection that fails meanwhile (reset by the
+        peer) is dropped all the same."""
+        try:
+            await self.drain()
+            await self._connection.close()
+        finally:
+            if not self.transport.is_closing():
+                self.transport.abort()
 
 
 class _HandshakeLog(logging.LoggerAdapter):  # type: ignore[type-arg]

@@ -5,13 +5,12 @@ instead of silently bypassing a fix. Also: amqtt's own classes are left as they 
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import BufferReader
 from amqtt.broker import Broker, BrokerContext, RetainedApplicationMessage, Server
 from amqtt.codecs_amqtt import read_or_raise
 from amqtt.mqtt import packet_class
@@ -49,7 +48,6 @@ METHODS: list[tuple[type, str, list[str]]] = [
     (Broker, "shutdown", []),
     # ... and call these
     (Broker, "_stop_handler", ["handler"]),
-    (Broker, "stream_connected", ["reader", "writer", "listener_name"]),
     (Server, "acquire_connection", []),
     (Server, "release_connection", []),
     (Server, "close_instance", []),
@@ -57,17 +55,19 @@ METHODS: list[tuple[type, str, list[str]]] = [
     (PluginManager, "fire_event", ["event_name", "wait", "method_kwargs"]),
     # StrictHandler overrides these
     (ProtocolHandler, "_reader_loop", []),
+    (ProtocolHandler, "_init_session", ["session"]),
     (ProtocolHandler, "_handle_qos1_message_flow", ["app_message"]),
     (ProtocolHandler, "_handle_qos2_message_flow", ["app_message"]),
     (ProtocolHandler, "_retry_deliveries", []),
+    (BrokerProtocolHandler, "start", []),
     (BrokerProtocolHandler, "stop", []),
     (BrokerProtocolHandler, "handle_read_timeout", []),
     # ... and calls these
     (ProtocolHandler, "attach", ["session", "reader", "writer"]),
-    (BrokerProtocolHandler, "start", []),
+    (ProtocolHandler, "_is_attached", []),
+    (ProtocolHandler, "_stop_waiters", []),
     (BrokerProtocolHandler, "handle_disconnect", ["disconnect"]),
     (BrokerProtocolHandler, "handle_connection_closed", []),
-    (BrokerProtocolHandler, "wait_disconnect", []),
     (BrokerProtocolHandler, "mqtt_connack_authorize", ["authorize"]),
     (BrokerProtocolHandler, "mqtt_acknowledge_subscription", ["packet_id", "return_codes"]),
     (BrokerProtocolHandler, "mqtt_acknowledge_unsubscription", ["packet_id"]),
@@ -112,14 +112,6 @@ async def _message() -> OutgoingApplicationMessage:
     return OutgoingApplicationMessage(1, "t", 1, b"", False)
 
 
-async def _stream_reader() -> asyncio.StreamReader:
-    return asyncio.StreamReader()
-
-
-async def _stream_adapter() -> StreamReaderAdapter:
-    return StreamReaderAdapter(asyncio.StreamReader())
-
-
 ATTRIBUTES: list[tuple[Callable[[], Any], str]] = [
     (_broker, "_servers"),  # the bound listeners (also read by broker.app)
     (_broker, "_sessions"),  # client id -> (session, handler)
@@ -130,8 +122,8 @@ ATTRIBUTES: list[tuple[Callable[[], Any], str]] = [
     (_broker, "transitions"),  # broker.app: started or not, when a start fails
     (_handler, "_pubrec_waiters"),  # the reader answers the outgoing QoS 2 flows' waiters itself
     (_handler, "_pubcomp_waiters"),
-    (_handler, "_reader_ready"),
-    (_handler, "_reader_stopped"),
+    (_handler, "_reader_task"),  # StrictHandler.run and stop: the connection's task, while it reads
+    (_handler, "_reader_stopped"),  # an Event StrictHandler lets go of
     (_handler, "_pending_subscriptions"),  # replaced by an empty stand-in (never used)
     (_handler, "_pending_unsubscriptions"),
     (_handler, "reader"),
@@ -146,9 +138,6 @@ ATTRIBUTES: list[tuple[Callable[[], Any], str]] = [
     (_message, "pubrec_packet"),
     (_message, "pubrel_packet"),
     (_message, "pubcomp_packet"),
-    # the keep-alive timer counts bytes a busy broker has not read yet as heard (StrictHandler._unread_bytes)
-    (_stream_adapter, "_reader"),  # the asyncio StreamReader under a TCP or TLS connection's reader
-    (_stream_reader, "_buffer"),  # asyncio's: what the connection received and the reader has not read
 ]
 
 
@@ -176,14 +165,9 @@ async def test_amqtt_still_has_the_plugin_manager_internals_the_broker_reads() -
 
 
 def test_amqtt_still_has_the_module_level_names_the_broker_uses() -> None:
-    """The reader and codecs the broker builds on, and the adapter attribute it finds the socket by."""
+    """The reader and codecs the broker builds on."""
     assert callable(read_or_raise) and callable(packet_class) and callable(BufferReader)
     assert RetainedApplicationMessage(None, "t", b"", 0).topic == "t"
-    init = inspect.signature(StreamWriterAdapter.__init__).parameters
-    assert "writer" in init, (
-        "StreamWriterAdapter no longer wraps an asyncio writer (broker.protocol.transport_of)"
-    )
-    assert "_writer" in inspect.getsource(StreamWriterAdapter.__init__), "StreamWriterAdapter._writer is gone"
     # Still read by plugins/ (until they use `bind_broker`): the broker behind a plugin's context.
     assert "_broker_instance" in inspect.getsource(BrokerContext.__init__), "BrokerContext._broker_instance"
 

@@ -1,0 +1,120 @@
+"""`MqttStream` over real loopback sockets: reading whole packets, flow control, and a bounded close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from broker import stream as stream_module
+from broker.stream import HIGH_WATER, MqttStream
+
+WAIT_S = 5.0
+
+
+@contextlib.asynccontextmanager
+async def connected() -> AsyncIterator[tuple[MqttStream, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A server-side MqttStream and the client's asyncio streams, on 127.0.0.1."""
+    made: asyncio.Future[MqttStream] = asyncio.get_running_loop().create_future()
+    held = asyncio.Event()
+
+    async def serve(connection: MqttStream) -> None:
+        made.set_result(connection)
+        await held.wait()
+
+    server = await asyncio.get_running_loop().create_server(lambda: MqttStream(serve), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield await asyncio.wait_for(made, WAIT_S), reader, writer
+    finally:
+        held.set()
+        if made.done() and made.result().transport is not None:
+            made.result().transport.abort()  # type: ignore[union-attr]
+        writer.close()
+        await asyncio.sleep(0)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_reads_exactly_what_was_asked_across_several_sends() -> None:
+    async with connected() as (stream, _reader, writer):
+        writer.write(b"ab")
+        await writer.drain()
+        assert await asyncio.wait_for(stream.readexactly(2), WAIT_S) == b"ab"
+        assert stream.take(1) is None  # nothing there: no wait
+        reading = asyncio.ensure_future(stream.readexactly(5))
+        for part in (b"cd", b"efg"):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(reading, WAIT_S) == b"cdefg"
+        assert stream.buffered == 0
+
+
+async def test_end_of_stream_in_the_middle_ends_the_read_with_what_came() -> None:
+    async with connected() as (stream, _reader, writer):
+        writer.write(b"xyz")
+        writer.write_eof()
+        with pytest.raises(asyncio.IncompleteReadError) as ended:
+            await asyncio.wait_for(stream.readexactly(10), WAIT_S)
+        assert ended.value.partial == b"xyz"
+        assert await asyncio.wait_for(stream.more(), WAIT_S) is False
+        assert await stream.read(4) == b""
+
+
+async def test_reading_pauses_past_the_high_water_mark_and_resumes_when_read() -> None:
+    """A client sending faster than the broker reads fills the kernel's buffers, not the broker's memory."""
+    async with connected() as (stream, _reader, writer):
+        chunk = b"x" * 65536
+        sent = 0
+        sending = True
+
+        async def send() -> None:
+            nonlocal sent
+            while sending and sent < 64 * len(chunk):  # bounded: 4 MiB at most
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+
+        sender = asyncio.ensure_future(send())
+        await asyncio.sleep(0.5)
+        assert stream.buffered <= HIGH_WATER + len(chunk) * 2  # paused, with what was in flight
+        assert sent > stream.buffered  # the rest waits in the kernel or at the client
+        total = 0
+        while total < 2 * HIGH_WATER:  # reading makes it resume
+            total += len(await asyncio.wait_for(stream.readexactly(4096), WAIT_S))
+        sending = False
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sender
+
+
+async def test_writes_in_one_turn_leave_together_and_in_order() -> None:
+    async with connected() as (stream, reader, _writer):
+        for part in (b"one ", b"two ", b"three"):
+            stream.write(part)
+        assert stream.pending_bytes == 13
+        await stream.drain()
+        assert await asyncio.wait_for(reader.readexactly(13), WAIT_S) == b"one two three"
+
+
+async def test_close_of_a_client_that_reads_nothing_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graceful close waits for what was written to be sent, but a client that never reads gets the
+    connection dropped after `CLOSE_TIMEOUT_S` instead of holding it open."""
+    monkeypatch.setattr(stream_module, "CLOSE_TIMEOUT_S", 0.5)
+    async with connected() as (stream, _reader, writer):
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert stream.transport is not None
+        for _ in range(64):  # 16 MiB the client never reads (bounded)
+            stream.write(b"y" * 262144)
+        stream.flush()
+        await asyncio.wait_for(stream.close(), WAIT_S)
+        assert stream.transport.is_closing()
+        assert stream.is_closed
+        stream.write(b"after")  # ignored once closed
+        assert stream.pending_bytes == 0
