@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 HIGH_WATER = 128 * 1024  # unread bytes past which the socket is not read from (asyncio's streams: 2 x 64 KiB)
@@ -30,7 +30,55 @@ log = logging.getLogger("ota.broker")
 Connected = Callable[["MqttStream"], Coroutine[Any, Any, None]]
 
 
-class MqttStream(asyncio.Protocol):
+class BufferedReading:
+    """`readexactly` and amqtt's reader-adapter `read`, for a reader that keeps what it received in
+    `_buffer` and offers `take` and `more` (`MqttStream`, `broker.websocket.WebSocketReader`)."""
+
+    __slots__ = ()
+    _buffer: bytearray
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._buffer)
+
+    def peek(self) -> bytearray:
+        """The bytes received and not read yet (not a copy: read it before the next await)."""
+        return self._buffer
+
+    def take(self, n: int) -> bytes | None:
+        raise NotImplementedError
+
+    def more(self) -> Awaitable[bool]:
+        raise NotImplementedError
+
+    async def readexactly(self, n: int) -> bytes:
+        """`n` bytes, or `asyncio.IncompleteReadError` at the end of the stream."""
+        while True:
+            data = self.take(n)
+            if data is not None:
+                return data
+            if not await self.more():
+                partial = bytes(self._buffer)
+                self._buffer.clear()
+                raise asyncio.IncompleteReadError(partial, n)
+
+    async def read(self, n: int = -1) -> bytes:
+        """amqtt's reader adapter: `n` bytes (b"" when the stream ended first), or with -1 all there is
+        until the end of the stream."""
+        if n >= 0:
+            try:
+                return await self.readexactly(n)
+            except asyncio.IncompleteReadError:
+                return b""
+        while await self.more():
+            pass
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+
+class MqttStream(BufferedReading, asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_connected",
@@ -126,15 +174,6 @@ class MqttStream(asyncio.Protocol):
 
     # ----------------------------------------------------------------------------------- reading
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not read yet."""
-        return len(self._buffer)
-
-    def peek(self) -> bytearray:
-        """The bytes received and not read yet (not a copy: read it before the next await)."""
-        return self._buffer
-
     def take(self, n: int) -> bytes | None:
         """`n` bytes if they are all there, without waiting; else None."""
         buffer = self._buffer
@@ -161,31 +200,6 @@ class MqttStream(asyncio.Protocol):
             self._resume()
         self._waiter = waiter
         return waiter
-
-    async def readexactly(self, n: int) -> bytes:
-        """`n` bytes, or `asyncio.IncompleteReadError` at the end of the stream."""
-        while True:
-            data = self.take(n)
-            if data is not None:
-                return data
-            if not await self.more():
-                partial = bytes(self._buffer)
-                self._buffer.clear()
-                raise asyncio.IncompleteReadError(partial, n)
-
-    async def read(self, n: int = -1) -> bytes:
-        """amqtt's reader adapter: `n` bytes (b"" when the stream ended first), or with -1 all there is
-        until the end of the stream."""
-        if n >= 0:
-            try:
-                return await self.readexactly(n)
-            except asyncio.IncompleteReadError:
-                return b""
-        while await self.more():
-            pass
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
 
     def feed_eof(self) -> None:
         self._eof = True

@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from broker.protocol import ProtocolViolation
+from broker.stream import BufferedReading
 
 log = logging.getLogger("ota.broker")
 
@@ -34,20 +35,13 @@ SUBPROTOCOL = "mqtt"
 _FIXED_HEADER_MAX = 5
 
 
-class WebSocketReader:
+class WebSocketReader(BufferedReading):
     """amqtt's reader adapter over a websockets connection: `read(n)` answers n bytes, or b"" when the
     connection ended first; a text frame is a protocol violation (MQTT-6.0.0-1)."""
 
     def __init__(self, connection: ServerConnection) -> None:
         self._connection = connection
         self._buffer = bytearray()
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def peek(self) -> bytearray:
-        return self._buffer
 
     def take(self, n: int) -> bytes | None:
         if len(self._buffer) < n:
@@ -66,26 +60,6 @@ class WebSocketReader:
             raise ProtocolViolation("MQTT in a WebSocket text frame [MQTT-6.0.0-1]")
         self._buffer += message
         return True
-
-    async def readexactly(self, n: int) -> bytes:
-        while (data := self.take(n)) is None:
-            if not await self.more():
-                raise asyncio.IncompleteReadError(bytes(self._buffer), n)
-        return data
-
-    async def read(self, n: int = -1) -> bytes:
-        """amqtt's reader adapter: `n` bytes (b"" when the connection ended first), or with -1 all there is
-        until it ends."""
-        if n >= 0:
-            try:
-                return await self.readexactly(n)
-            except asyncio.IncompleteReadError:
-                return b""
-        while await self.more():
-            pass
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
 
     def feed_eof(self) -> None:
         pass
