@@ -20,9 +20,10 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 HIGH_WATER = 128 * 1024  # unread bytes past which the socket is not read from (asyncio's streams: 2 x 64 KiB)
+FLUSH_AT = 64 * 1024  # bytes written in one turn past which they are handed to the transport at once
 CLOSE_TIMEOUT_S = 10.0  # a graceful close (what was written is sent first) that takes longer is an abort
 
 log = logging.getLogger("ota.broker")
@@ -88,6 +89,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         "_lost",
         "_paused",
         "_pending",
+        "_pending_size",
         "_task",
         "_waiter",
         "_writing_paused",
@@ -104,6 +106,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         self._paused = False  # reading paused: HIGH_WATER bytes wait unread
         self._waiter: asyncio.Future[bool] | None = None  # the reader waiting for more bytes
         self._pending: list[bytes] | None = None  # written in this turn of the loop, not handed over yet
+        self._pending_size = 0  # their bytes
         self._writing_paused = False
         self._drained: asyncio.Future[None] | None = None  # a `drain` waiting for the write buffer
         self._lost: Exception | None = None  # why the connection was lost (None: closed, or not lost yet)
@@ -113,8 +116,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     # ----------------------------------------------------------------------------- asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not derive from asyncio's
         self._task = asyncio.get_running_loop().create_task(self._connected(self))
         self._task.add_done_callback(self._served)
 
@@ -157,6 +159,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
             else:
                 drained.set_exception(exc)
         self._pending = None
+        self._pending_size = 0
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -214,7 +217,9 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     # ----------------------------------------------------------------------------------- writing
 
     def write(self, data: bytes) -> None:
-        """Queue `data`: what is written in one turn of the event loop leaves in one send, in order."""
+        """Queue `data`: what is written in one turn of the event loop leaves in one send, in order (in
+        sends of about `FLUSH_AT` bytes when a turn writes more: a reader routing a large burst of
+        publishes to one subscriber neither builds one huge send nor waits for the end of the burst)."""
         if self.is_closed or self.transport is None or self.transport.is_closing():
             return
         if self._pending is None:
@@ -222,16 +227,20 @@ class MqttStream(BufferedReading, asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self.flush)
         else:
             self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= FLUSH_AT:
+            self.flush()
 
     def flush(self) -> None:
         pending, self._pending = self._pending, None
+        self._pending_size = 0
         if pending and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(pending) if len(pending) > 1 else pending[0])
 
     @property
     def pending_bytes(self) -> int:
         """Bytes written and not handed to the transport yet."""
-        return sum(map(len, self._pending)) if self._pending else 0
+        return self._pending_size
 
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broker import stream as stream_module
-from broker.stream import HIGH_WATER, MqttStream
+from broker.stream import FLUSH_AT, HIGH_WATER, MqttStream
 
 WAIT_S = 5.0
 
@@ -100,6 +100,31 @@ async def test_writes_in_one_turn_leave_together_and_in_order() -> None:
         assert stream.pending_bytes == 13
         await stream.drain()
         assert await asyncio.wait_for(reader.readexactly(13), WAIT_S) == b"one two three"
+
+
+async def test_a_large_burst_in_one_turn_leaves_in_bounded_sends_in_order() -> None:
+    """A reader routing thousands of publishes to one subscriber in one turn: what it wrote is handed to
+    the transport every `FLUSH_AT` bytes or so (not in one huge send at the end of the turn), the count of
+    bytes not handed over stays exact, and the subscriber gets everything in order."""
+    async with connected() as (stream, reader, _writer):
+        assert stream.transport is not None
+        sends: list[int] = []
+        real_write = stream.transport.write
+
+        def counting_write(data: bytes) -> None:
+            sends.append(len(data))
+            real_write(data)
+
+        stream.transport.write = counting_write  # type: ignore[method-assign]
+        packets = [b"%06d" % i + b"." * 94 for i in range(20_000)]  # 2 MB, 100 bytes each
+        for i, packet in enumerate(packets):
+            stream.write(packet)
+            assert stream.pending_bytes == (i + 1) * 100 - sum(sends)
+        assert len(sends) >= 2_000_000 // (FLUSH_AT + 100)
+        assert max(sends) < FLUSH_AT + 100
+        await stream.drain()
+        received = await asyncio.wait_for(reader.readexactly(2_000_000), WAIT_S)
+        assert received == b"".join(packets)
 
 
 async def test_close_of_a_client_that_reads_nothing_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
