@@ -1,7 +1,7 @@
 """`StrictHandler`: the broker side of one MQTT connection, amqtt's `BrokerProtocolHandler` subclassed (the
 broker builds one per connection; amqtt's own class is left as it is).
 
-The reader (`_reader_loop`) reads each packet whole by its remaining length, up to the broker's
+The reader (`run`, in the connection's task) reads each packet whole by its remaining length, up to the broker's
 `max_packet_size`, checks it against MQTT 3.1.1 (`broker.protocol`) and hands it to the broker, its
 `Router`, in its own task: a message is routed before its PUBACK/PUBCOMP is sent (no queue, no task per
 packet), so a client that disconnects right after publishing loses nothing it was told was received. A
@@ -199,8 +199,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._reader_over: asyncio.Future[None] | None = None  # done when the reader stops (made on demand)
         self._heard = 0.0  # loop time the reader last heard the client (HANDLING while it handles a packet)
         self._keep_alive_timer: asyncio.TimerHandle | None = None
-        self._flows: set[asyncio.Task[None]] = set()
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._flows: set[asyncio.Task[None]] | None = None  # redeliveries running (made when one starts)
+        self._tasks: set[asyncio.Future[Any]] | None = None  # closes started by `end` (made when one starts)
         self._qos1: dict[int, _Qos1Flight] = {}  # QoS 1 messages in flight, in the order of their last send
         self._retry_timer: asyncio.TimerHandle | None = None
         # The reader routes SUBSCRIBE and UNSUBSCRIBE itself: amqtt's two queues for them are never used.
@@ -227,11 +227,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     async def run(self) -> None:
         """Read and handle what the client sends until the connection ends, in the calling task (the
-        connection's own: no task of its own per connection)."""
+        connection's own: no task of its own per connection, and no frame under it while it waits)."""
         self._reader_task = asyncio.current_task()  # type: ignore[misc]  # amqtt's attribute: while reading
-        await self._reader_loop()
-
-    async def _reader_loop(self) -> None:
         session = self.session
         assert session is not None
         stream: Stream = self.reader
@@ -421,7 +418,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         task), then close the connection; what was in flight stays in the session."""
         if not self.closed.done():
             self.closed.set_result(None)
-        for task in list(self._flows):
+        for task in list(self._flows or ()):
             task.cancel()
         if self._retry_timer is not None:
             self._retry_timer.cancel()
@@ -442,6 +439,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
                 await self.writer.close()
 
     def _track(self, task: asyncio.Future[Any]) -> None:
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -477,13 +476,16 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         log.info(
             "client %r: resending %d unacknowledged message(s)", str(session.client_id)[:96], len(pending)
         )
+        if self._flows is None:
+            self._flows = set()
         for message in pending:
             task = asyncio.create_task(self._outgoing_flow(message))
             self._flows.add(task)
             task.add_done_callback(self._flow_done)
 
     def _flow_done(self, task: asyncio.Task[None]) -> None:
-        self._flows.discard(task)
+        if self._flows is not None:
+            self._flows.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("redelivery ended: %s", task.exception())
 

@@ -297,7 +297,8 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             await self._fire(BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session)
             await handler.start()  # also resends what the session had in flight (MQTT-4.4.0-1)
             self._send_queued(session, handler)
-            await self._client_message_loop(session, handler)
+            await handler.run()  # the connection's reader, in this task, until the connection ends
+            await self._connection_over(session, handler)
         finally:
             if not ended.done():
                 ended.set_result(None)
@@ -470,8 +471,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             )
         await handler.mqtt_acknowledge_unsubscription(packet.variable_header.packet_id)
 
-    async def _client_message_loop(self, client_session: Session, handler: StrictHandler) -> None:
-        await handler.run()  # the connection's reader, in this task, until the connection ends
+    async def _connection_over(self, client_session: Session, handler: StrictHandler) -> None:
+        """After the reader stopped: the Will of an abnormal end, the handler stopped, the plugins told, a
+        clean session dropped. (amqtt's `_client_message_loop` did this with the reader's wait in its frame.)"""
         if not handler.clean_disconnect and client_session.will_flag:  # MQTT-3.1.2-8: an abnormal end
             await self._route(client_session.will_topic, client_session.will_message, client_session.will_qos)
             if client_session.will_retain:

@@ -28,7 +28,7 @@ CLOSE_TIMEOUT_S = 10.0  # a graceful close (what was written is sent first) that
 
 log = logging.getLogger("ota.broker")
 
-Connected = Callable[["MqttStream"], Coroutine[Any, Any, None]]
+Connected = Callable[["MqttStream", "MqttStream"], Coroutine[Any, Any, None]]  # (reader, writer): the same
 
 
 class BufferedReading:
@@ -98,7 +98,9 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     )
 
     def __init__(self, connected: Connected) -> None:
-        self._connected = connected  # run in a task of its own once the connection is made
+        self._connected = (
+            connected  # run in a task of its own once the connection is made (shared by a listener)
+        )
         self._task: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -116,8 +118,10 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     # ----------------------------------------------------------------------------- asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not derive from asyncio's
-        self._task = asyncio.get_running_loop().create_task(self._connected(self))
+        self.transport = cast(
+            asyncio.Transport, transport
+        )  # uvloop's transports do not derive from asyncio's
+        self._task = asyncio.get_running_loop().create_task(self._connected(self, self))
         self._task.add_done_callback(self._served)
 
     def _served(self, task: asyncio.Task[None]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,10 @@ class TlsListeners:
             )
         serve = self._client_connected  # type: ignore[attr-defined]  # amqtt's Broker follows in the MRO
 
+        connected = partial(serve, listener_name)  # one for the listener, not one per connection
+
         def stream() -> MqttStream:  # one object per connection: protocol, reader and writer
-            return MqttStream(lambda connection: serve(listener_name, connection, connection))
+            return MqttStream(connected)
 
         def plain(over: Callable[[], None]) -> asyncio.BaseProtocol:
             over()  # nothing to set up before the CONNECT

@@ -35,7 +35,6 @@ METHODS: list[tuple[type, str, list[str]]] = [
     (Broker, "_authenticate", ["session", "_"]),
     (Broker, "_del_subscription", ["a_filter", "session"]),
     (Broker, "_del_all_subscriptions", ["session"]),
-    (Broker, "_client_message_loop", ["client_session", "handler"]),
     (Broker, "_topic_filtering", ["session", "topic", "action"]),
     (Broker, "_broadcast_message", ["session", "topic", "data", "force_qos"]),
     (Broker, "_publish_retained_messages_for_subscription", ["subscription", "session"]),
@@ -54,7 +53,6 @@ METHODS: list[tuple[type, str, list[str]]] = [
     (PluginManager, "is_topic_filtering_enabled", []),
     (PluginManager, "fire_event", ["event_name", "wait", "method_kwargs"]),
     # StrictHandler overrides these
-    (ProtocolHandler, "_reader_loop", []),
     (ProtocolHandler, "_init_session", ["session"]),
     (ProtocolHandler, "_handle_qos1_message_flow", ["app_message"]),
     (ProtocolHandler, "_handle_qos2_message_flow", ["app_message"]),

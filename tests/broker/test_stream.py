@@ -21,7 +21,7 @@ async def connected() -> AsyncIterator[tuple[MqttStream, asyncio.StreamReader, a
     made: asyncio.Future[MqttStream] = asyncio.get_running_loop().create_future()
     held = asyncio.Event()
 
-    async def serve(connection: MqttStream) -> None:
+    async def serve(connection: MqttStream, _writer: MqttStream) -> None:
         made.set_result(connection)
         await held.wait()
 
