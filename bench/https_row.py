@@ -18,13 +18,13 @@ import shutil
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 
 from bench import mqttlib
 from bench.mqtt_rows import loadavg, log, medians
-from bench.servers import NginxServer, OtaServer
+from bench.servers import MQTT_SERVERS, NginxServer, OtaServer
 from firmware_store.tls import ensure_tls
 
 PK = "pk"
@@ -215,22 +215,36 @@ async def download_round(urls: list[str], size: int, pid_cpu: Any, limit_s: floa
     }
 
 
-async def https(workdir: Path, size_mb: int, clients: int, reps: int, limit_s: float) -> dict[str, Any]:
+async def https(
+    workdir: Path,
+    size_mb: int,
+    clients: int,
+    reps: int,
+    limit_s: float,
+    ota_names: tuple[str, ...] = ("ota",),
+) -> dict[str, Any]:
+    """nginx and ota-broker (`ota_names`: `ota`, and `ota_uvloop` for the broker on uvloop)
+    serving the same file to `clients` curl processes at once, `reps` rounds each, in turn."""
     size = size_mb * 1_000_000
     www, firmware = workdir / "www", workdir / "www" / "fw.bin"
     log(f"https: making a {size_mb} MB file and a certificate")
     cert, key = await asyncio.to_thread(prepare_files, workdir, firmware, size)
-    ota = OtaServer(workdir / "ota")
+    otas = {name: cast(OtaServer, MQTT_SERVERS[name](workdir / name)) for name in ota_names}
     nginx = NginxServer(workdir / "nginx", www, cert, key)
     devices: list[Device] = []
     row: dict[str, Any] = {"size_mb": size_mb, "clients": clients, "loadavg_start": loadavg(), "servers": {}}
     try:
-        await ota.start()
+        targets: dict[str, tuple[list[str], Any]] = {}
+        row["tls"] = {}
+        for name, ota in otas.items():
+            await ota.start()
+            urls, more = await ota_urls(ota, firmware, clients)
+            devices += more
+            targets[name] = (urls, ota.cpu)
+            row["tls"][name] = await tls_session(ota.https_port)
         await nginx.start()
-        ota_list, devices = await ota_urls(ota, firmware, clients)
-        nginx_list = [f"https://127.0.0.1:{nginx.port}/fw.bin"] * clients
-        targets = {"ota": (ota_list, ota.cpu), "nginx": (nginx_list, nginx.cpu)}
-        row["tls"] = {"ota": await tls_session(ota.https_port), "nginx": await tls_session(nginx.port)}
+        targets["nginx"] = ([f"https://127.0.0.1:{nginx.port}/fw.bin"] * clients, nginx.cpu)
+        row["tls"]["nginx"] = await tls_session(nginx.port)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         for rep in range(reps):
             for name, (urls, cpu) in targets.items():
@@ -250,10 +264,11 @@ async def https(workdir: Path, size_mb: int, clients: int, reps: int, limit_s: f
     finally:
         for d in devices:
             d.close()
-        ota.stop()
+        for ota in otas.values():
+            ota.stop()
+            shutil.rmtree(ota.data_dir / "firmware", ignore_errors=True)
         nginx.stop()
         with contextlib.suppress(OSError):
             firmware.unlink()
-        shutil.rmtree(ota.data_dir / "firmware", ignore_errors=True)
     row["loadavg_end"] = loadavg()
     return row

@@ -13,6 +13,8 @@ LABELS = {
     "amqtt": "amqtt",
     "ota": "ota-broker",
     "ota_nolimit": "ota-broker (no limits)",
+    "ota_uvloop": "ota-broker on uvloop",
+    "ota_nolimit_uvloop": "ota-broker on uvloop (no limits)",
     "mosquitto": "mosquitto",
     "mosquitto_nolimit": "mosquitto (no limits)",
     "nginx": "nginx",
@@ -165,6 +167,33 @@ def fleet_table(rows: list[dict[str, Any]]) -> str:
                 f"{row['loadavg_start'][0]:.2f} → {row['loadavg_end'][0]:.2f}",
             ]
             lines.append(table_row(cells))
+    return "\n".join(lines) + rounds_table(rows)
+
+
+def rounds_table(rows: list[dict[str, Any]]) -> str:
+    """With `--fanout-rounds`: each round's broker CPU and time, medians over the repetitions (range)."""
+    lines = []
+    for row in rows:
+        for name, b in row["brokers"].items():
+            per_run = [r["fanout_rounds"] for r in b["runs"] if r.get("fanout_rounds")]
+            if not per_run:
+                continue
+            if not lines:
+                lines = [
+                    "",
+                    "",
+                    table_head(["devices", "broker", "round", "broker CPU (s)", "all received after (s)"]),
+                ]
+            for k in range(min(map(len, per_run))):
+                cells = []
+                for key in ("fanout_cpu_s", "fanout_s"):
+                    values = [run[k][key] for run in per_run if run[k][key] is not None]
+                    cells.append(
+                        f"{fmt(statistics.median(values), 3)} ({fmt(min(values), 3)}{DASH}{fmt(max(values), 3)})"
+                        if values
+                        else DASH
+                    )
+                lines.append(table_row([fmt(row["devices"]), label(name), str(k + 1), *cells]))
     return "\n".join(lines)
 
 

@@ -64,6 +64,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-messages", type=int, default=1_000_000, help="cap of one fan-in run")
     p.add_argument("--connect-seconds", type=float, help="limit to connect one fleet (default 300)")
     p.add_argument("--fanout-seconds", type=float, help="limit of one fan-out round (default 60)")
+    p.add_argument(
+        "--fanout-rounds",
+        type=int,
+        default=1,
+        help="fan-out rounds on each fleet (a table of each round's cost)",
+    )
     p.add_argument("--https-mb", type=int, help="firmware file size in MB (default 100; --quick: 10)")
     p.add_argument("--https-clients", type=int, default=10)
     p.add_argument("--https-seconds", type=float, default=300.0, help="limit of one download round")
@@ -167,6 +173,7 @@ async def run(args: argparse.Namespace, results: dict[str, Any], save: Any) -> N
         max_messages=args.max_messages,
         connect_s=args.connect_seconds,
         fanout_s=args.fanout_seconds,
+        fanout_rounds=args.fanout_rounds,
     )
     results["meta"]["limits"] = vars(limits)
 
@@ -191,8 +198,9 @@ async def run(args: argparse.Namespace, results: dict[str, Any], save: Any) -> N
     if cmd in ("https", "all"):
         log(f"https: {args.https_mb} MB x {args.https_clients} clients")
         results["https"] = await https_row.https(
-            workdir / "https", args.https_mb, args.https_clients, args.reps, args.https_seconds
-        )
+            workdir / "https", args.https_mb, args.https_clients, args.reps, args.https_seconds,
+            tuple(b for b in args.brokers if b in ("ota", "ota_uvloop")) or ("ota",),
+        )  # fmt: skip
         save()
 
 

@@ -275,6 +275,7 @@ class OtaServer(Server):
 
     name = "ota"
     source: Path | None = None  # a `git archive` export to run instead of the working tree (--ota-ref)
+    module = "broker"  # what `python -m` runs: the broker's CLI (or a wrapper of it)
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
@@ -293,11 +294,12 @@ class OtaServer(Server):
             "OTA_ADMIN_BIND": f"127.0.0.1:{self.admin_port}",
             "OTA_PUBLIC_URL": f"https://127.0.0.1:{self.https_port}",
         }
-        if self.source is not None:  # found before the editable install of the working tree
-            env["PYTHONPATH"] = str(self.source)
+        # the exported broker (--ota-ref) found before the editable install of the working tree; `bench`
+        # (for a wrapper module) from the working tree
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (self.source, REPO) if p is not None)
         # cwd is the work dir, which has no config.yaml (but ota_nolimit's): the built-in defaults plus the
         # overrides above.
-        argv = [PYTHON, "-m", "broker", "run", "--log-level", "warning"]
+        argv = [PYTHON, "-m", self.module, "run", "--log-level", "warning"]
         return Process(argv, log=self.workdir / "ota-broker.log", cwd=self.workdir, env=env)
 
     async def wait_ready(self, deadline: float) -> None:
@@ -332,6 +334,18 @@ class OtaNoLimitServer(OtaServer):
             text = text.replace(default, raised)
         (self.workdir / "config.yaml").write_text(text)  # the OTA_* overrides still apply over it
         return super().launch()
+
+
+class OtaUvloopServer(OtaServer):
+    """ota-broker on uvloop's event loop (`bench.uvloop_broker`) instead of asyncio's own."""
+
+    name = "ota_uvloop"
+    module = "bench.uvloop_broker"
+
+
+class OtaNoLimitUvloopServer(OtaNoLimitServer):
+    name = "ota_nolimit_uvloop"
+    module = "bench.uvloop_broker"
 
 
 class MosquittoServer(Server):
@@ -406,6 +420,8 @@ MQTT_SERVERS: dict[str, type[Server]] = {
     "amqtt": AmqttServer,
     "ota": OtaServer,
     "ota_nolimit": OtaNoLimitServer,
+    "ota_uvloop": OtaUvloopServer,
+    "ota_nolimit_uvloop": OtaNoLimitUvloopServer,
     "mosquitto": MosquittoServer,
     "mosquitto_nolimit": MosquittoNoLimitServer,
 }

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
@@ -389,7 +389,7 @@ class _HeadDeadline(asyncio.Protocol):
         elif body.is_eof():
             self._body = None
             return
-        elif isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+        elif not cast(asyncio.ReadTransport, transport).is_reading():
             self._start_timer()  # the handler is behind, not the client
             return
         else:

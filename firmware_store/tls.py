@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -401,9 +402,9 @@ class _Handshake(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # the TLS layer resumes it
-        self._task = asyncio.get_running_loop().create_task(self._start(transport))
+        stream = cast(asyncio.Transport, transport)  # uvloop's transports do not derive from asyncio's
+        stream.pause_reading()  # the TLS layer resumes it
+        self._task = asyncio.get_running_loop().create_task(self._start(stream))
 
     async def _start(self, transport: asyncio.Transport) -> None:
         peer = _peer(transport)
