@@ -8,6 +8,9 @@ reads commands on stdin (`go`, `reset`, `report`, `stop`). Roles:
 - `sub`: one client subscribed to a filter, counting deliveries (the fan-in subscriber).
 - `pub`: connections that each publish `count` messages as fast as flow control allows, cycling over
   their topics (QoS 1: at most `window` unacknowledged per connection).
+- `churn`: `concurrency` loops of connect/disconnect cycles over the clients `<prefix><first..first+count>`
+  (`bench.soak`): each cycle connects, subscribes to the client's device topic, publishes one QoS 1 message
+  (`inform_fmt`, `payload`), waits for its PUBACK and disconnects; `go` runs `cycles` of them.
 
 Every wait is bounded; every connection goes to the host and port given (loopback).
 """
@@ -217,6 +220,8 @@ class Worker:
             await self.connect_all(float(cmd["t0"]), float(cmd.get("deadline_s", 600.0)))
         elif role == "pub":
             await self.publish(cmd)
+        elif role == "churn":
+            await self.churn(int(cmd["cycles"]), float(cmd.get("deadline_s", 600.0)))
         else:
             raise ValueError(f"unknown role {role!r}")
 
@@ -265,6 +270,54 @@ class Worker:
             last=max(done_at, default=0.0),
             errors=failures[:5],
         )
+
+    # ------------------------------------------------------------------------------------ churn
+
+    async def churn(self, cycles: int, deadline_s: float) -> None:
+        """`cycles` connect/subscribe/publish/disconnect cycles, `concurrency` at a time; loop k takes the
+        clients k, k + concurrency, ... of the pool, so no client id is connected twice at once."""
+        spec = self.spec
+        first, count = int(spec["first"]), int(spec["count"])
+        loops = min(int(spec.get("concurrency", 16)), count, max(cycles, 1))
+        payload = spec["payload"].encode()
+        end = time.time() + deadline_s
+        done: list[int] = [0] * loops
+        failures: list[str] = []
+        cursor = self.spec.setdefault("cursor", [0] * loops)  # where each loop goes on in the next `go`
+
+        async def loop_k(k: int, share: int) -> None:
+            for _ in range(share):
+                if time.time() >= end:
+                    return
+                i = first + (k + loops * cursor[k]) % count
+                cursor[k] += 1
+                client_id = f"{spec['prefix']}{i}"
+                try:
+                    conn = await open_client(
+                        self.host, self.port, self.stats, client_id, topic_filter=spec["topic_fmt"].format(i=i),
+                        qos=1, step_s=self.timeout,
+                    )  # fmt: skip
+                    try:
+                        conn.window = 0  # wake on the PUBACK
+                        conn.inflight = 1
+                        conn.ack_event.clear()
+                        conn.write(
+                            mqttlib.publish(spec["inform_fmt"].format(i=i), payload, qos=1, packet_id=1)
+                        )
+                        await asyncio.wait_for(conn.ack_event.wait(), self.timeout)
+                        if conn.acked != 1:
+                            raise ConnectionError("no PUBACK")
+                    finally:
+                        conn.close()
+                except (OSError, TimeoutError, ConnectionError) as e:
+                    failures.append(f"{client_id}: {type(e).__name__}: {e}")
+                    continue
+                done[k] += 1
+
+        shares = [cycles // loops + (k < cycles % loops) for k in range(loops)]
+        await asyncio.gather(*(loop_k(k, share) for k, share in enumerate(shares)))
+        await asyncio.sleep(0.05)  # the last closes reach the broker
+        self.emit("done", ok=sum(done), failed=len(failures), errors=failures[:5], t_end=time.time())
 
     # -------------------------------------------------------------------------------------- pub
 

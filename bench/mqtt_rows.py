@@ -46,6 +46,7 @@ class Limits:
     fanout_s: float  # one fan-out round
     fleet_procs: int = 4
     fleet_window: int = 25  # handshakes in flight per fleet process
+    fanout_rounds: int = 1  # fan-out rounds on each fleet (the first is the one in the main table)
 
 
 def log(msg: str) -> None:
@@ -373,7 +374,17 @@ async def _fleet_once(
             "errors": timing["errors"],
         }
         if fanout and connected:
-            result |= await _fanout_round(server, devices, n, qos, limits, logdir, rep)
+            rounds = []
+            for k in range(limits.fanout_rounds):
+                rounds.append(await _fanout_round(server, devices, n, qos, limits, logdir, rep, k))
+                if limits.fanout_rounds > 1:
+                    log(
+                        f"fleet N={n} {server.name} rep {rep + 1} round {k + 1}: {summary({**result, **rounds[-1]})}"
+                    )
+            result |= rounds[0]
+            if limits.fanout_rounds > 1:
+                result["fanout_rounds"] = [{k: r[k] for k in ("fanout_s", "fanout_cpu_s")} for r in rounds]
+                result["rss_after_rounds_mib"] = round(server.rss() / 2**20, 1)
         return result
     finally:
         if devices is not None:
@@ -382,7 +393,7 @@ async def _fleet_once(
 
 
 async def _fanout_round(
-    server: Server, devices: Fleet, n: int, qos: int, limits: Limits, logdir: Path, rep: int
+    server: Server, devices: Fleet, n: int, qos: int, limits: Limits, logdir: Path, rep: int, k: int = 0
 ) -> dict[str, Any]:
     """One publisher sends one message to each device's own topic; time until the last one arrived."""
     topics = [Fleet.TOPIC_FMT.format(i=i) for i in range(n)]
@@ -400,7 +411,7 @@ async def _fanout_round(
         "payload": notice,
         "window": 100,
     }
-    pub = await WorkerProc.spawn(spec, f"fanout-{server.name}-N{n}-r{rep}", logdir)
+    pub = await WorkerProc.spawn(spec, f"fanout-{server.name}-N{n}-r{rep}-{k}", logdir)
     try:
         await devices.reset()
         cpu0 = server.cpu()
