@@ -69,7 +69,9 @@ class FirmwareStore:
     after a start and again whenever its file's size, mtime, ctime or inode differ from when it was last
     hashed; the verdict is kept only for that state of the file. A file changed within `_RACY_NS` of
     its hashing could change again with the same timestamps, so it is hashed again until it is older
-    (git's "racily clean" rule). A blob that fails is never served.
+    (git's "racily clean" rule). A blob that fails is never served. Checks of one blob that arrive while
+    it is being hashed share that hashing (a campaign started right after an upload sends many downloads
+    at once into the racy window: each hashed the whole file again).
     """
 
     def __init__(self, root: Path, *, max_size: int) -> None:
@@ -77,6 +79,8 @@ class FirmwareStore:
         self.max_size = max_size
         self._tmp = root / "tmp"
         self._verdicts: dict[str, _Verdict] = {}
+        # blob -> the state of its file being hashed now, and that hashing
+        self._hashing: dict[str, tuple[_FileState | None, asyncio.Future[Check]]] = {}
 
     def open(self) -> None:
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -126,6 +130,20 @@ class FirmwareStore:
         known = self._verdicts.get(blob.sha256)
         if known is not None and known.state == state and known.trusted:
             return Check(known.ok, fresh=False)
+        running = self._hashing.get(blob.sha256)
+        if running is not None and running[0] == state:  # the same state of the file, hashed now: share it
+            return Check((await asyncio.shield(running[1])).ok, fresh=False)
+        hashing = asyncio.ensure_future(self._hash(blob, state, known))
+        self._hashing[blob.sha256] = (state, hashing)
+        hashing.add_done_callback(lambda _: self._hashed(blob.sha256, hashing))
+        return await asyncio.shield(hashing)  # a request that goes away leaves it to the others
+
+    def _hashed(self, sha256: str, hashing: asyncio.Future[Check]) -> None:
+        running = self._hashing.get(sha256)
+        if running is not None and running[1] is hashing:
+            del self._hashing[sha256]
+
+    async def _hash(self, blob: Blob, state: _FileState | None, known: _Verdict | None) -> Check:
         ok = state is not None and await asyncio.to_thread(self._check, blob)
         self._remember(blob.sha256, state, ok=ok)
         return Check(ok, fresh=known is None or known.state != state or known.ok != ok)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -200,3 +204,54 @@ async def test_delete_refuses_a_path_that_is_not_a_digest(store: FirmwareStore) 
     with pytest.raises(ValueError, match="sha256"):
         await store.delete("../victim")
     assert victim.read_bytes() == b"keep me"
+
+
+async def test_checks_at_once_share_one_hashing_of_a_racy_file(
+    store: FirmwareStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after an upload the file is too new to trust its timestamps, so it is hashed on every check;
+    checks that arrive while it is being hashed (a campaign's first downloads) share that hashing."""
+    blob = await store.put(stream(FIRMWARE))
+    hashed: list[str] = []
+    real = store._check
+
+    def counting(b: Blob) -> bool:
+        hashed.append(b.sha256)
+        return real(b)
+
+    monkeypatch.setattr(store, "_check", counting)
+    checks = await asyncio.gather(*(store.check(blob) for _ in range(20)))
+    assert all(c.ok for c in checks)
+    assert len(hashed) == 1
+    assert sum(c.fresh for c in checks) <= 1, "a shared verdict is reported fresh once at most"
+    await store.check(blob)  # one after the other: still hashed while the file is racily new
+    assert len(hashed) == 2
+
+
+async def test_a_check_after_the_file_changed_does_not_take_a_running_verdict(
+    store: FirmwareStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hashing shared with a check of another state of the file would answer for bytes it never read:
+    a check that sees the file changed hashes it itself."""
+    blob = await store.put(stream(FIRMWARE))
+    path = store.path(blob.sha256)
+    release = threading.Event()
+    real = store._check
+
+    def slow(b: Blob) -> bool:
+        ok = real(b)
+        release.wait(5.0)
+        return ok
+
+    monkeypatch.setattr(store, "_check", slow)
+    first = asyncio.ensure_future(store.check(blob))
+    await asyncio.sleep(0.2)  # hashing the intact file
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 5_000_000))  # a state the first check did not see
+    second = asyncio.ensure_future(store.check(blob))
+    await asyncio.sleep(0.2)
+    release.set()
+    assert (await first).ok
+    assert not (await second).ok
