@@ -4,7 +4,7 @@
 
 config.yaml keeps amqtt's format (`listeners:`, `plugins:`); each part of the tree is typed where it is
 used: the OTA service's settings (OTA, TLS, admin API, auth mode, listener binds) in
-`plugins.ota.settings`, the device-auth accounts in `plugins.device_auth.plugin`, the MQTT limits in
+`plugins.ota.settings`, the device-auth accounts in `plugins.device_auth.gate`, the MQTT limits in
 `broker.limits`. `BrokerSettings.amqtt_config` is what amqtt runs: the file's listeners with
 `OTA_MQTT_BIND` applied and the MQTT-over-TLS and WebSocket listeners added."""
 
@@ -25,7 +25,7 @@ from dacite import DaciteError, from_dict
 
 from broker.limits import LimitsConfig
 from firmware_store.tls import COMPATIBLE, c_sdk_problem, ensure_tls
-from plugins.device_auth.plugin import DeviceAuthConfig, config_problem
+from plugins.device_auth.gate import DeviceAuthConfig, config_problem
 from plugins.ota.settings import (
     ENV,
     PLUGIN_KEY,

@@ -137,7 +137,7 @@ class OtaMetrics:
             child.inc()
 
     def login_refused(self, reason: str) -> None:
-        """The auth plugin's hook (`plugins.device_auth.plugin.LoginMetrics`): one CONNECT refused."""
+        """The auth plugin's hook (`plugins.device_auth.gate.LoginMetrics`): one CONNECT refused."""
         self.logins_refused.labels(reason).inc()
 
     def observe_db(self, op: str, seconds: float) -> None:

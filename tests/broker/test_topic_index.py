@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.topic_index import Subscription, TopicIndex, matching_retained
-from plugins.device_auth.plugin import AccountConfig, DeviceAuthConfig, config_problem
+from plugins.device_auth.gate import AccountConfig, DeviceAuthConfig, config_problem
 from plugins.mqtt_topics import InvalidTopicFilter, filter_matches, is_valid_filter
 
 _AMQTT = SimpleNamespace(logger=logging.getLogger(__name__))  # Broker._matches only reads self.logger

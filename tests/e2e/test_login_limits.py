@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from argon2 import PasswordHasher
 
-from plugins.device_auth.plugin import PASSWORD_CHECKS, DeviceAuthPlugin
+from plugins.device_auth.gate import PASSWORD_CHECKS, Gate
+from plugins.device_auth.plugin import DeviceAuthPlugin
 from plugins.device_auth.throttle import MAX_FAILURES
 from tests.e2e.test_ops import scrape, value
 from tests.e2e.test_security import DASH_PASSWORD, REFUSED, dash_hash, peer, secure_broker
@@ -53,10 +54,10 @@ def auth_plugin(env: Env) -> DeviceAuthPlugin:
 
 
 class Concurrency:
-    """Wraps the plugin's argon2 check (which still runs) to count checks and the most at once."""
+    """Wraps the gate's argon2 check (which still runs) to count checks and the most at once."""
 
-    def __init__(self, plugin: DeviceAuthPlugin) -> None:
-        self._check = plugin._check_password
+    def __init__(self, gate: Gate) -> None:
+        self._check = gate._check_password
         self._lock = threading.Lock()
         self.running = self.peak = self.calls = 0
 
@@ -80,8 +81,8 @@ async def test_parallel_wrong_logins_are_bounded_refused_and_counted(
     env = two_accounts
     caplog.set_level(logging.INFO, logger="ota.auth")
     plugin = auth_plugin(env)
-    checks = Concurrency(plugin)
-    monkeypatch.setattr(plugin, "_check_password", checks)
+    checks = Concurrency(plugin.gate)
+    monkeypatch.setattr(plugin.gate, "_check_password", checks)
 
     wrong = [peer(env, "apps", "dash", f"guess-{i}", "dash", f"guess-{i}") for i in range(ATTEMPTS)]
     codes = await asyncio.gather(*(p.attempt() for p in wrong))
