@@ -22,6 +22,7 @@ from amqtt.session import ApplicationMessage, Session
 
 from firmware_store.tls import TlsFiles
 from plugins.broker_port import MqttBroker
+from plugins.device_auth.plugin import DeviceAuthPlugin
 from plugins.ota.app.ota_app import OtaApp
 from plugins.ota.core.messages import Outgoing, same_notice
 from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, topic_name
@@ -93,6 +94,8 @@ class OtaPlugin(BasePlugin[BrokerContext]):
     # ------------------------------------------------------------------------------------ lifecycle
 
     async def on_broker_post_start(self) -> None:
+        auth = self.broker.find_plugin(DeviceAuthPlugin) if self._broker is not None else None
+        self.runtime.broker_auth = auth.gate if auth is not None else None
         try:
             await self.runtime.start()
         except Exception as e:  # amqtt swallows event failures: keep it for the runner to act on

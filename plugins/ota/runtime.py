@@ -19,6 +19,7 @@ from aiohttp import web
 from firmware_store import DownloadSlots, FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
 from firmware_store.tls import TlsFiles, ensure_tls, write_private
+from plugins.device_auth.gate import Gate
 from plugins.ota.app.admission import probe_loop_lag
 from plugins.ota.app.channel import DeviceChannel
 from plugins.ota.app.ota_app import OtaApp
@@ -51,6 +52,7 @@ class OtaRuntime:
         self.https_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self.admin_api: web.Application | None = None
+        self.broker_auth: Gate | None = None  # the device-auth gate, for an external broker's hooks
         self.public_url = ""
         self._repo: SqliteRepository | None = None
         self._sites: list[Site] = []
@@ -135,7 +137,13 @@ class OtaRuntime:
             window_of.window.in_flight,
             window_of.waiting_total,
         )
-        self.admin_api = admin_app(app, token, metrics=self.metrics, metrics_token=metrics_token)
+        hooks = None
+        if self.broker_auth is not None:  # an external broker asks who may connect: its own credential
+            hook_token = _secret_file(s.data_dir / "broker-auth.token", lambda: secrets.token_urlsafe(32))
+            hooks = (self.broker_auth, hook_token)
+        self.admin_api = admin_app(
+            app, token, metrics=self.metrics, metrics_token=metrics_token, broker_auth=hooks
+        )
         site = await start_site(
             self.admin_api,
             s.admin_bind.host,

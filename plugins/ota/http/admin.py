@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from plugins.device_auth import hooks
+from plugins.device_auth.gate import Gate
 from plugins.ota.app.ota_app import OtaApp
 from plugins.ota.http import console, devices, events, firmware, health, jobs, overview
 from plugins.ota.http.errors import Handler, error_response, errors
@@ -28,6 +30,7 @@ def admin_app(
     *,
     metrics: OtaMetrics | None = None,
     metrics_token: str | None = None,
+    broker_auth: tuple[Gate, str] | None = None,
 ) -> web.Application:
     """The API under /api/v1, the console, and (given `metrics`) Prometheus' `GET /metrics`, which takes
     the admin token or the read-only `metrics_token`."""
@@ -39,7 +42,7 @@ def admin_app(
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Decided by the route matched, not by the path text: only these handlers are public.
         matched = request.match_info.handler
-        if matched in _PUBLIC:
+        if matched in _PUBLIC or matched in own_token:
             return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         if hmac.compare_digest(given, expected):
@@ -63,6 +66,8 @@ def admin_app(
     app[console.CONSOLE] = console.assets()
     app.on_shutdown.append(events.end_streams)
     _add_routes(app.router)
+    # An external MQTT broker's auth hooks, under /broker-auth/<their own token>/ (plugins.device_auth.hooks).
+    own_token = hooks.install(app, *broker_auth) if broker_auth is not None else ()
     if metrics is not None:
         app[health.METRICS] = metrics
         app.router.add_get(
