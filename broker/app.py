@@ -19,8 +19,9 @@ from amqtt.events import BrokerEvents
 
 from broker import datadir, logs
 from broker.hardened import HardenedBroker
+from plugins.ota.attached import AttachedService, AttachError
 from plugins.ota.plugin import OtaPlugin
-from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, validate
+from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings, validate
 
 log = logging.getLogger("ota.broker")
 
@@ -203,6 +204,35 @@ def _why(error: OSError | ValueError) -> str:
     return str(error)
 
 
+async def serve_attached(settings: Settings) -> int:
+    """Attached mode: the OTA service as a client of the external broker `settings.attach_url`, no broker
+    of its own; until SIGINT or SIGTERM, then stop as `serve` does."""
+    service = AttachedService(settings)
+    try:
+        await service.start()
+    except AttachError as e:
+        raise StartError(str(e)) from e
+    except Exception as e:
+        raise StartError(f"the OTA service could not start: {type(e).__name__}: {e}") from e
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    await _until_signalled()
+    await service.stop()
+    log.info("stopped")
+    return 0
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("ready")
+    await stop.wait()
+    log.info("stopping")
+
+
 async def serve(config: dict[str, Any]) -> int:
     """Run until SIGINT or SIGTERM; then close listeners, finish database writes and return 0."""
     running = await start(config)
@@ -214,12 +244,6 @@ async def serve(config: dict[str, Any]) -> int:
     # over and over while it connects (the collector cost about a third of a 10,000-device connect storm).
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("ready")
-    await stop.wait()
-    log.info("stopping")
+    await _until_signalled()
     await running.stop()
     return 0

@@ -112,7 +112,10 @@ def run(
         log.warning("%s", warning)
     log.info("configuration: %s; data in %s", tree.source, settings.data_dir.resolve())
     try:
-        code = asyncio.run(broker_app.serve(amqtt_config))
+        if settings.attach_url:  # attached mode: no broker of its own, no MQTT listeners
+            code = asyncio.run(broker_app.serve_attached(settings))
+        else:
+            code = asyncio.run(broker_app.serve(amqtt_config))
     except broker_app.StartError as e:
         log.error("could not start: %s", e)
         _exit_after_failed_start()

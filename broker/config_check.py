@@ -30,8 +30,12 @@ def effective_config(tree: BrokerSettings, amqtt_config: Mapping[str, Any]) -> s
     plugins = cfg["plugins"]
     ota = asdict(entry)
     ota["public_url"] = settings.public_url
-    if ota["admin_token"]:
-        ota["admin_token"] = MASK
+    for secret in ("admin_token", "attach_password"):
+        if ota[secret]:
+            ota[secret] = MASK
+    if "@" in ota["attach_url"]:  # a password in the URL's userinfo
+        scheme, _, rest = ota["attach_url"].partition("://")
+        ota["attach_url"] = f"{scheme}://{MASK}@{rest.rpartition('@')[2]}"
     plugins[PLUGIN_KEY] = {f.name: ota[f.name] for f in fields(OtaConfig)}
     auth = plugins.get(AUTH_PLUGIN_KEY)
     if isinstance(auth, dict) and isinstance(auth.get("accounts"), dict):

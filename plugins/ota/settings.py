@@ -84,6 +84,14 @@ class OtaConfig:
     control_lag_target_ms: float = 250.0
     http_header_timeout_s: float = 10.0
     tick_seconds: float = 1.0
+    # Attached mode: with attach_url set, `ota-broker run` starts no broker of its own and attaches the
+    # OTA service as a client to this one (plugins.ota.attached).
+    attach_url: str = ""
+    attach_username: str = ""
+    attach_password: str = ""
+    attach_group: str = "ota"
+    attach_client_id: str = "ota-broker"
+    attach_ca_file: str = ""
 
 
 ENV: Mapping[str, str] = {
@@ -98,6 +106,11 @@ ENV: Mapping[str, str] = {
     "OTA_WSS_BIND": "wss_bind",
     "OTA_TLS_PROFILE": "tls_profile",
     "OTA_MAX_DOWNLOADS": "max_downloads",
+    "OTA_ATTACH_URL": "attach_url",
+    "OTA_ATTACH_USERNAME": "attach_username",
+    "OTA_ATTACH_PASSWORD": "attach_password",
+    "OTA_ATTACH_GROUP": "attach_group",
+    "OTA_ATTACH_CLIENT_ID": "attach_client_id",
 }
 
 
@@ -137,6 +150,12 @@ class Settings:
     control_lag_target_s: float = 0.25  # event-loop lag beyond which transfers are admitted more slowly
     ws_bind: Bind | None = None  # MQTT over WebSockets, off by default
     wss_bind: Bind | None = None  # MQTT over secure WebSockets, off by default
+    attach_url: str = ""  # an external broker to attach to (attached mode), "" for the embedded broker
+    attach_username: str = ""
+    attach_password: str = ""
+    attach_group: str = "ota"
+    attach_client_id: str = "ota-broker"
+    attach_ca_file: str = ""
 
     @property
     def public_host(self) -> str:
@@ -255,6 +274,26 @@ def validate(cfg: OtaConfig) -> Settings:
         if not isinstance(getattr(cfg, name), int | float) or getattr(cfg, name) <= 0:
             raise ConfigError(f"{key}.{name}: must be a positive number")
     max_downloads = _count(cfg.max_downloads, f"{key}.max_downloads")
+    attach_url = str(cfg.attach_url).strip()
+    if attach_url:
+        parts = urlsplit(attach_url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (
+            parts.scheme not in ("mqtt", "mqtts")
+            or not parts.hostname
+            or port == -1
+            or parts.path not in ("", "/")
+        ):
+            raise ConfigError(
+                f"{key}.attach_url: {attach_url!r} must be mqtt://host[:port] or mqtts://host[:port]"
+            )
+    for name in ("attach_group", "attach_client_id"):
+        value = str(getattr(cfg, name))
+        if not value or any(c in value for c in "/+#") or len(value) > 64:
+            raise ConfigError(f"{key}.{name}: {value!r} must be 1-64 characters without / + #")
     return Settings(
         data_dir=Path(cfg.data_dir),
         auth_mode=auth_mode,
@@ -281,6 +320,12 @@ def validate(cfg: OtaConfig) -> Settings:
         control_lag_target_s=float(cfg.control_lag_target_ms) / 1000,
         ws_bind=parse_bind(cfg.ws_bind, f"{key}.ws_bind") if cfg.ws_bind.strip() else None,
         wss_bind=parse_bind(cfg.wss_bind, f"{key}.wss_bind") if cfg.wss_bind.strip() else None,
+        attach_url=attach_url,
+        attach_username=str(cfg.attach_username),
+        attach_password=str(cfg.attach_password),
+        attach_group=str(cfg.attach_group),
+        attach_client_id=str(cfg.attach_client_id),
+        attach_ca_file=str(cfg.attach_ca_file),
     )
 
 

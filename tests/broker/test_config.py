@@ -109,6 +109,12 @@ def test_public_url_port_zero_takes_the_bound_port() -> None:
         ({"OTA_MQTTS_BIND": "1.2.3.4"}, "mqtts_bind"),
         ({"OTA_WS_BIND": "1.2.3.4"}, "ws_bind"),
         ({"OTA_WSS_BIND": "nonsense:x"}, "wss_bind"),
+        ({"OTA_ATTACH_URL": "http://broker:1883"}, "attach_url"),
+        ({"OTA_ATTACH_URL": "mqtt://"}, "attach_url"),
+        ({"OTA_ATTACH_URL": "mqtt://broker:99999"}, "attach_url"),
+        ({"OTA_ATTACH_URL": "mqtt://broker:1883/path"}, "attach_url"),
+        ({"OTA_ATTACH_GROUP": "a/b"}, "attach_group"),
+        ({"OTA_ATTACH_CLIENT_ID": ""}, "attach_client_id"),
     ],
 )
 def test_bad_values_fail_with_the_key(tmp_path: Path, env: dict[str, str], key: str) -> None:

@@ -460,6 +460,7 @@ ALLOWED_FILES = [
     re.compile(r"link\.key"),
     re.compile(r"admin\.token"),
     re.compile(r"metrics\.token"),
+    re.compile(r"broker-auth\.token"),
 ]
 ALLOWED_DIRS = [re.compile(r"firmware"), re.compile(r"firmware/tmp"), re.compile(r"firmware/[0-9a-f]{2}")]
 

@@ -295,16 +295,23 @@ def test_check_config_prints_effective_settings_masked_and_touches_nothing(tmp_p
         OTA_DATA_DIR=str(data),
         OTA_AUTH_MODE="open",
         OTA_MQTT_BIND="127.0.0.1:1999",
+        OTA_ATTACH_URL="mqtt://svc:url-pw@broker.example:1883",
+        OTA_ATTACH_PASSWORD="s3cret-attach-pw",
     )
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "s3cret-admin-token" not in out and HASH not in out
-    assert "# environment overrides: OTA_AUTH_MODE, OTA_DATA_DIR, OTA_MQTT_BIND" in out
+    assert "s3cret-attach-pw" not in out and "url-pw" not in out
+    assert (
+        "# environment overrides: OTA_ATTACH_PASSWORD, OTA_ATTACH_URL, OTA_AUTH_MODE, OTA_DATA_DIR, OTA_MQTT_BIND"
+        in out
+    )
     doc = yaml.safe_load(out)
     ota = doc["plugins"]["plugins.ota.plugin.OtaPlugin"]
     assert (ota["data_dir"], ota["auth_mode"], ota["admin_token"]) == (str(data), "open", MASK)
     assert ota["public_url"] == "https://gw.example:8443"
     assert ota["link_ttl_hours"] == 24  # defaults filled in
+    assert (ota["attach_url"], ota["attach_password"]) == (f"mqtt://{MASK}@broker.example:1883", MASK)
     accounts = doc["plugins"]["plugins.device_auth.plugin.DeviceAuthPlugin"]["accounts"]
     assert accounts["dash"]["password_hash"] == MASK
     assert doc["listeners"]["default"]["bind"] == "127.0.0.1:1999"

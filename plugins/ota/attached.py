@@ -1,0 +1,292 @@
+"""Attached mode: the OTA service as a client of an MQTT broker the fleet already runs (EMQX, HiveMQ,
+VerneMQ, Mosquitto 2), with no broker of its own.
+
+The service connects with its own account under a fixed client id and a persistent session (what devices
+send while it reconnects waits in the broker), and subscribes to what devices send through shared
+subscriptions, `$share/<group>/<filter>`: with several replicas in one group each message reaches one of
+them. Notices and replies go out with QoS 1 on the device's own topics. Everything else (the database, the
+firmware store, the HTTPS downloads, the management API, the periodic tick) is the same
+`plugins.ota.runtime.OtaRuntime` as in the embedded broker.
+
+What differs from the embedded broker, and why:
+
+- Who a message is from: the broker's ACL decides who may publish on a device's topics (ota-broker's
+  HTTP hooks give EMQX and mosquitto-go-auth the same rules, `plugins.device_auth.hooks`); the service
+  takes the device from the topic.
+- Online state: the service sees no connections, only messages. A device counts as online from its first
+  message (an inform, a progress report, a pull) until the service restarts; a notice for a device that has
+  not spoken yet waits for its next message (an SDK informs its version at every connect), and one sent to a
+  device that is gone waits in the broker if the device keeps a persistent session.
+- A device whose credentials change cannot be disconnected from here: the broker refuses its next login
+  through the hooks, and its ACL cache decides when its topics close.
+- Notices reach a device only if it subscribed to its upgrade topic (every C SDK does); a broker-side
+  auto-subscription covers SDKs that rely on Aliyun's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from amqtt.client import ClientError, ConnectError, MQTTClient
+from amqtt.mqtt.constants import QOS_1
+
+from plugins.ota.app.ota_app import OtaApp
+from plugins.ota.core.messages import Outgoing
+from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, TopicKind, topic_name
+from plugins.ota.metrics import OtaMetrics
+from plugins.ota.runtime import OtaRuntime
+from plugins.ota.settings import Settings
+
+log = logging.getLogger("ota.attached")
+
+# What devices send, as filters over every device (the service's account must be allowed to subscribe).
+UPLINK_FILTERS = (
+    "/ota/device/inform/+/+",
+    "/ota/device/progress/+/+",
+    "/ota/device/request/+/+",
+    "/sys/+/+/thing/ota/firmware/get",
+    "/sys/+/+/thing/file/download",
+)
+CONNECT_TIMEOUT_S = 10.0
+RECONNECT_MAX_WAIT_S = 30
+
+
+CONNACK_REFUSALS = {
+    1: "the broker does not accept MQTT 3.1.1 (return code 1)",
+    2: "the client id was refused (return code 2)",
+    3: "the broker is unavailable (return code 3)",
+    4: "bad username or password (return code 4)",
+    5: "not authorized (return code 5)",
+}
+
+
+class AttachError(RuntimeError):
+    """The external broker cannot be reached or refused the service."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """Where and how the service connects: `mqtt://` or `mqtts://host:port`, its account, its share group."""
+
+    url: str
+    username: str | None
+    password: str | None
+    group: str
+    client_id: str
+    ca_file: str | None = None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Attachment:
+        parts = urlsplit(s.attach_url)
+        username = s.attach_username or (unquote(parts.username) if parts.username else None)
+        password = s.attach_password or (unquote(parts.password) if parts.password else None)
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if parts.port:
+            netloc += f":{parts.port}"
+        url = f"{parts.scheme}://{netloc}/"
+        return cls(url, username, password, s.attach_group, s.attach_client_id, s.attach_ca_file or None)
+
+    def shared(self, topic_filter: str) -> str:
+        return f"$share/{self.group}/{topic_filter}"
+
+
+class AttachedChannel:
+    """`DeviceChannel` over an MQTT client: devices are reached by publishing on their topics."""
+
+    def __init__(self, clock: Callable[[], float], metrics: OtaMetrics) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.client: MQTTClient | None = None
+        self._seen: dict[DeviceRef, float] = {}  # device -> when its first message since the start came
+
+    def saw(self, device: DeviceRef) -> bool:
+        """Record a message from `device`; True when it is the first (the device just came online)."""
+        if device in self._seen:
+            return False
+        self._seen[device] = self.clock()
+        return True
+
+    def is_online(self, device: DeviceRef) -> bool:
+        return device in self._seen
+
+    def session_started_at(self, device: DeviceRef) -> float | None:
+        return self._seen.get(device)
+
+    async def send(self, device: DeviceRef, message: Outgoing) -> bool:
+        """Publish on the device's topic at the message's QoS; False when the device has not been heard
+        from (its task then waits for its next message) or the broker cannot be reached now."""
+        if device not in self._seen:
+            return False
+        client = self.client
+        if client is None:
+            return False
+        self.metrics.message_sent(message.kind)
+        try:
+            await client.publish(topic_name(message.kind, device), message.payload, qos=message.qos)
+        except (TimeoutError, ClientError, ConnectionError, OSError) as e:
+            log.warning("could not publish to %s: %s", device, e, extra={"device": str(device)})
+            return False
+        return True
+
+    async def disconnect(self, device: DeviceRef) -> None:
+        """The broker holds the connections: its next login is refused through the auth hooks."""
+        self._seen.pop(device, None)
+        log.info(
+            "%s: credentials changed; the broker refuses its next login (its open connection is the broker's)",
+            device,
+            extra={"device": str(device)},
+        )
+
+
+class AttachedService:
+    """The OTA service attached to an external broker: the runtime, the MQTT client and its message loop."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.attachment = Attachment.from_settings(settings)
+        self.metrics = OtaMetrics()
+        self.channel = AttachedChannel(clock, self.metrics)
+        self.runtime = OtaRuntime(settings, self.channel, clock, self.metrics)
+        self._loop: asyncio.Task[None] | None = None
+        self.client: MQTTClient | None = None
+
+    @property
+    def app(self) -> OtaApp:
+        assert self.runtime.app is not None
+        return self.runtime.app
+
+    async def start(self) -> None:
+        """Start the service (database, HTTPS, API), connect and subscribe; raises AttachError when the
+        broker cannot be reached or refuses, after closing what was opened."""
+        await self.runtime.start()
+        try:
+            self.client = await self._connect()
+        except BaseException:
+            await self.runtime.stop_serving()
+            await self.runtime.close()
+            raise
+        self.channel.client = self.client
+        self._loop = asyncio.create_task(self._receive(self.client))
+        log.info(
+            "attached to %s as %r (client id %r, shared group %r)",
+            self.attachment.url,
+            self.attachment.username,
+            self.attachment.client_id,
+            self.attachment.group,
+        )
+
+    async def _connect(self) -> MQTTClient:
+        a = self.attachment
+        config: dict[str, Any] = {
+            "keep_alive": 30,
+            "auto_reconnect": False,  # the first connect fails fast (a refused account, no broker); then on
+            "reconnect_retries": -1,  # for ever: the service outlives broker restarts
+            "reconnect_max_interval": RECONNECT_MAX_WAIT_S,
+            "cleansession": False,  # what devices send while the service reconnects waits in the broker
+            "default_qos": QOS_1,
+        }
+        client = MQTTClient(client_id=a.client_id, config=config)
+        url = a.url
+        if a.username is not None:
+            scheme, rest = url.split("://", 1)
+            userinfo = a.username if a.password is None else f"{a.username}:{a.password}"
+            url = f"{scheme}://{userinfo}@{rest}"
+        try:
+            await asyncio.wait_for(
+                client.connect(url, cleansession=False, cafile=a.ca_file), CONNECT_TIMEOUT_S
+            )
+            granted = await asyncio.wait_for(
+                client.subscribe([(a.shared(f), QOS_1) for f in UPLINK_FILTERS]), CONNECT_TIMEOUT_S
+            )
+        except (TimeoutError, ConnectError, ClientError, OSError) as e:
+            await _close(client)
+            code = getattr(e, "return_code", None)
+            why = (
+                CONNACK_REFUSALS.get(code, f"return code {code}")
+                if code is not None
+                else f"{type(e).__name__}: {e}"
+            )
+            raise AttachError(f"cannot attach to {a.url} as {a.username!r}: {why}") from e
+        refused = [f for f, code in zip(UPLINK_FILTERS, granted, strict=True) if code not in (0, 1, 2)]
+        if refused:
+            await _close(client)
+            raise AttachError(
+                f"{a.url} refused the subscriptions {', '.join(refused)} (may the account {a.username!r} "
+                "subscribe to them, and does the broker support shared subscriptions?)"
+            )
+        client.config.auto_reconnect = True  # attached: from now on the client reconnects by itself
+        return client
+
+    async def _receive(self, client: MQTTClient) -> None:
+        while True:
+            try:
+                message = await client.deliver_message()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the client reconnects by itself; a failure to is logged there
+                log.warning("receiving from the broker: %s: %s", type(e).__name__, e)
+                await asyncio.sleep(1.0)
+                continue
+            if message is None:
+                continue
+            await self.handle(message.topic, bytes(message.data or b""))
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """One message a device sent, through the same app layer as the embedded broker's."""
+        app = self.app
+        try:
+            parsed = OtaTopic.parse(topic)
+        except InvalidDeviceRef as e:
+            self.metrics.message_received(None)
+            app.reject(topic[:96], "bad_topic", f"{topic[:128]!r}: {e}")
+            return
+        self.metrics.message_received(None if parsed is None else parsed.kind)
+        if parsed is None or not parsed.kind.device_to_server:
+            return
+        if parsed.kind is TopicKind.LEGACY_REQUEST and _is_reply(payload):
+            return  # the answer to a legacy request goes out on the same topic: a replica's own reply
+        first = self.channel.saw(parsed.device)
+        if first and parsed.kind is not TopicKind.FILE_DOWNLOAD:
+            await app.events.device_connected(parsed.device)
+        await app.events.handle_publish(parsed, payload)
+
+    async def stop(self) -> None:
+        await self.runtime.stop_serving()
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.disconnect(), 5.0)
+        await self.runtime.close()
+
+
+def _is_reply(payload: bytes) -> bool:
+    """A legacy-request answer (`code` and `data`, no `params`), as the service publishes it."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and "code" in doc and "data" in doc and "params" not in doc
+
+
+async def _close(client: MQTTClient) -> None:
+    """Close a client whose connect failed: amqtt leaves the socket of a refused CONNECT open."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.disconnect(), 5.0)
+    handler = getattr(client, "_handler", None)
+    writer = getattr(handler, "writer", None)
+    if writer is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.close(), 5.0)

@@ -1,0 +1,268 @@
+"""Attached mode end to end: the OTA service as a client of a real Mosquitto 2 (no broker of its own), with
+real MQTT devices on that Mosquitto, real HTTPS downloads and a real SQLite file: the seed flow, a pull, the
+legacy request, two replicas sharing the work, and a broker that refuses the service's account."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import aiohttp
+import pytest
+
+from plugins.ota.attached import AttachedService, AttachError
+from plugins.ota.settings import OtaConfig, Settings, validate
+from tests.e2e.processes import clean_env
+from tests.mosquitto import OTA_PASSWORD, OTA_USER, Mosquitto, running_mosquitto
+from tests.support import TOKEN, Env, Tls, eventually
+
+FIRMWARE = os.urandom(200_000)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    with running_mosquitto(tmp_path / "mosquitto") as m:
+        yield m
+
+
+def attached_settings(data_dir: Path, tls: Tls, broker: Mosquitto, **overrides: Any) -> Settings:
+    entry: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "auth_mode": "open",
+        "https_bind": "127.0.0.1:0",
+        "public_url": "https://127.0.0.1:0",
+        "admin_bind": "127.0.0.1:0",
+        "admin_token": TOKEN,
+        "mqtts_bind": "",
+        "tls_cert": str(tls.cert_file),
+        "tls_key": str(tls.key_file),
+        "tick_seconds": 0.2,
+        "attach_url": broker.url,
+        "attach_username": OTA_USER,
+        "attach_password": OTA_PASSWORD,
+    }
+    return validate(OtaConfig(**(entry | overrides)))
+
+
+@dataclass
+class _Running:
+    """What `tests.support.Env` reads of a running broker, for an attached service."""
+
+    service: AttachedService
+    mqtt_address: tuple[str, int]
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        assert self.service.runtime.admin_address is not None
+        return self.service.runtime.admin_address
+
+    @property
+    def plugin(self) -> Any:
+        return SimpleNamespace(service=self.service.app, settings=self.service.settings)
+
+
+async def attached_env(settings: Settings, tls: Tls, broker: Mosquitto) -> AsyncIterator[Env]:
+    service = AttachedService(settings)
+    await service.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            env = Env(cast(Any, _Running(service, ("127.0.0.1", broker.port))), tls, http)
+            try:
+                yield env
+            finally:
+                for d in env.devices:
+                    d.disconnect()
+    finally:
+        await service.stop()
+
+
+@pytest.fixture
+async def env(tmp_path: Path, tls: Tls, mosquitto: Mosquitto) -> AsyncIterator[Env]:
+    async for e in attached_env(attached_settings(tmp_path / "data", tls, mosquitto), tls, mosquitto):
+        yield e
+
+
+async def recorded(env: Env, ref: str, version: str) -> None:
+    async def check() -> bool:
+        found = await env.find(f"/devices/{ref}")
+        return found is not None and found["modules"].get("default") == version
+
+    await eventually(check, what=f"{ref} at {version}")
+
+
+async def test_the_seed_flow_through_an_external_broker(env: Env) -> None:
+    """Inform, upload, job, the notice through Mosquitto, the HTTPS download, progress, the new version."""
+    d = await env.device("pk", "dev1").connect()
+    await d.subscribe(d.upgrade_topic)
+    await d.inform("1.0.0")
+    await recorded(env, "pk/dev1", "1.0.0")
+
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    job = await env.job(fw["id"], ["pk/dev1"])
+    [notice] = await d.notices()
+    data = notice["data"]
+    assert notice["code"] == "1000" and data["version"] == "2.0.0" and data["md5"] == fw["md5"]
+    assert data["size"] == len(FIRMWARE)
+    await env.task_state(job["id"], "pk/dev1", "notified")
+
+    status, _, body = await env.download(data["url"])
+    assert status == 200 and hashlib.md5(body).hexdigest() == fw["md5"]
+
+    await d.progress("50", "downloading")
+    await env.task_state(job["id"], "pk/dev1", "in_progress")
+    await d.inform("2.0.0")
+    task = await env.task_state(job["id"], "pk/dev1", "succeeded")
+    assert task["attempts"] == 1
+    assert len(d.messages(d.upgrade_topic)) == 1
+
+
+async def test_a_device_that_was_not_heard_from_gets_its_notice_with_its_first_message(env: Env) -> None:
+    """A job for a device the service has not heard from since it started waits; the device's inform at
+    its next connect brings the notice."""
+    d = await env.device("pk", "late").connect()
+    await d.subscribe(d.upgrade_topic)
+    await env.api("POST", "/devices", expect=201, json={"product_key": "pk", "device_name": "late"})
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    job = await env.job(fw["id"], ["pk/late"])
+    await asyncio.sleep(0.5)
+    assert d.messages(d.upgrade_topic) == []
+    assert (await env.tasks(job["id"]))["pk/late"]["state"] == "queued"
+    await d.inform("1.0.0")
+    [notice] = await d.notices()
+    assert notice["data"]["version"] == "2.0.0"
+
+
+async def test_pull_and_legacy_request_are_answered_through_the_broker(env: Env) -> None:
+    d = await env.device("pk", "puller").connect()
+    await d.subscribe("/sys/pk/puller/thing/ota/firmware/get_reply")
+    await d.subscribe(d.upgrade_topic)
+    await d.inform("1.0.0")
+    await recorded(env, "pk/puller", "1.0.0")
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    await env.job(fw["id"], ["pk/puller"])
+    await d.notices()
+
+    await d.pull(request_id=41)
+    [reply] = await d.wait_messages("/sys/pk/puller/thing/ota/firmware/get_reply")
+    assert reply["id"] == 41 and reply["code"] == 200
+    assert reply["data"]["version"] == "2.0.0"
+
+    await d.subscribe("/ota/device/request/pk/puller")
+    await d.publish("/ota/device/request/pk/puller", {"id": 42, "params": {"version": "1.0.0"}})
+    replies = await eventually(
+        lambda: [m for m in d.messages("/ota/device/request/pk/puller") if "data" in m],
+        what="the legacy reply",
+    )
+    assert replies[0]["code"] == "1000" and replies[0]["data"]["version"] == "2.0.0"
+    await asyncio.sleep(0.3)
+    assert len([m for m in d.messages("/ota/device/request/pk/puller") if "data" in m]) == 1
+
+
+async def test_two_replicas_share_the_devices_messages_and_each_is_handled_once(
+    tmp_path: Path, tls: Tls, mosquitto: Mosquitto
+) -> None:
+    """Two services in one shared-subscription group on one broker (each with its own database here, so
+    that what each handled can be counted): every inform reaches exactly one of them."""
+    first = attached_settings(tmp_path / "a", tls, mosquitto, attach_client_id="replica-a")
+    second = attached_settings(tmp_path / "b", tls, mosquitto, attach_client_id="replica-b")
+    async with contextlib_aclosing(attached_env(first, tls, mosquitto)) as envs_a:
+        env_a = await anext(envs_a)
+        async with contextlib_aclosing(attached_env(second, tls, mosquitto)) as envs_b:
+            env_b = await anext(envs_b)
+            devices = [await env_a.device("pk", f"r{i}").connect() for i in range(20)]
+            for d in devices:
+                await d.inform("1.0.0")
+
+            async def counted() -> bool:
+                a = await env_a.api("GET", "/devices?limit=100", expect=200)
+                b = await env_b.api("GET", "/devices?limit=100", expect=200)
+                return len(a) + len(b) == 20
+
+            await eventually(counted, what="every device recorded by one replica")
+            a = {
+                f"{x['product_key']}/{x['device_name']}" for x in await env_a.api("GET", "/devices?limit=100")
+            }
+            b = {
+                f"{x['product_key']}/{x['device_name']}" for x in await env_b.api("GET", "/devices?limit=100")
+            }
+            assert not a & b, "a message handled twice"
+            assert a and b, "one replica got everything: the subscriptions are not shared"
+
+
+async def test_a_broker_that_refuses_the_account_fails_the_start_with_the_reason(
+    tmp_path: Path, tls: Tls, mosquitto: Mosquitto
+) -> None:
+    settings = attached_settings(tmp_path / "data", tls, mosquitto, attach_password="wrong")
+    service = AttachedService(settings)
+    with pytest.raises(
+        AttachError, match=r"cannot attach to mqtt://127\.0\.0\.1:\d+/ as .ota-service.: not authorized"
+    ):
+        await service.start()
+    # nothing was left open: a start on the same data folder works
+    again = AttachedService(attached_settings(tmp_path / "data", tls, mosquitto))
+    await again.start()
+    await again.stop()
+
+
+def contextlib_aclosing(gen: AsyncIterator[Env]) -> Any:
+    return contextlib.aclosing(cast(Any, gen))
+
+
+def test_ota_broker_run_attaches_when_attach_url_is_set(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """`ota-broker run` with OTA_ATTACH_URL starts no MQTT listener, attaches to the broker, serves its API,
+    and stops on SIGTERM with 0; with a wrong password it exits 1 naming the refusal."""
+    env = clean_env(
+        PYTHONUNBUFFERED="1",
+        OTA_DATA_DIR=str(tmp_path / "data"),
+        OTA_HTTPS_BIND="127.0.0.1:0",
+        OTA_ADMIN_BIND="127.0.0.1:0",
+        OTA_PUBLIC_URL="https://127.0.0.1:0",
+        OTA_ATTACH_URL=mosquitto.url,
+        OTA_ATTACH_USERNAME=OTA_USER,
+        OTA_ATTACH_PASSWORD=OTA_PASSWORD,
+    )
+    command = [sys.executable, "-m", "broker", "run", "--log-level", "info"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        while not any(line.rstrip().endswith("ready") for line in lines):
+            assert time.monotonic() < deadline, "\n".join(lines)
+            line = proc.stderr.readline()
+            assert line, f"exited before ready:\n{''.join(lines)}"
+            lines.append(line)
+        log = "".join(lines)
+        assert f"attached to {mosquitto.url}/ as 'ota-service'" in log
+        assert "mqtt listening" not in log and "mqtts listening" not in log
+        assert OTA_PASSWORD not in log
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    refused = subprocess.run(
+        command,
+        check=False,
+        cwd=tmp_path,
+        env=env | {"OTA_ATTACH_PASSWORD": "wrong"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert "could not start: cannot attach to" in refused.stderr and "not authorized" in refused.stderr

@@ -1,0 +1,96 @@
+"""A real Mosquitto 2 (Debian's package) started by a test: a generated configuration on a free loopback
+port in a temporary folder, anonymous devices allowed, a password for the OTA service's account, shared
+subscriptions (Mosquitto 2 has them built in); stopped by its own PID.
+
+In CI (`CI` set) a missing `mosquitto` fails the test that needs it; elsewhere it is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+OTA_USER = "ota-service"
+OTA_PASSWORD = "ota-service-password"
+READY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Mosquitto:
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()), None
+    )
+    if found is None:
+        message = f"{name} is not installed (Debian: apt-get install mosquitto)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_mosquitto(folder: Path) -> Iterator[Mosquitto]:
+    mosquitto, passwd = _binary("mosquitto"), _binary("mosquitto_passwd")
+    folder.mkdir(parents=True, exist_ok=True)
+    password_file = folder / "passwd"
+    subprocess.run([passwd, "-c", "-b", str(password_file), OTA_USER, OTA_PASSWORD], check=True, timeout=10)
+    password_file.chmod(0o600)
+    port = _free_port()
+    log = folder / "mosquitto.log"
+    config = folder / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"  # the devices (their logins are checked by the broker's own auth, not here)
+        f"password_file {password_file}\n"  # the OTA service's account
+        f"user {getpass.getuser()}\n"  # as root it would switch to `mosquitto`, who cannot read this folder
+        "persistence false\n"
+        f"log_dest file {log}\n"
+        "log_type error\nlog_type warning\nlog_type notice\n"
+    )
+    errors = folder / "stderr.log"
+    with errors.open("wb") as err:
+        process = subprocess.Popen([mosquitto, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + READY_S
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                said = errors.read_text(errors="replace")
+                raise RuntimeError(f"mosquitto did not start on port {port}: {said}")
+            time.sleep(0.05)
+        yield Mosquitto(port, process, log)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
