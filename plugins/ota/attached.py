@@ -13,10 +13,12 @@ What differs from the embedded broker, and why:
 - Who a message is from: the broker's ACL decides who may publish on a device's topics (ota-broker's
   HTTP hooks give EMQX and mosquitto-go-auth the same rules, `plugins.device_auth.hooks`); the service
   takes the device from the topic.
-- Online state: the service sees no connections, only messages. A device counts as online from its first
-  message (an inform, a progress report, a pull) until the service restarts; a notice for a device that has
-  not spoken yet waits for its next message (an SDK informs its version at every connect), and one sent to a
-  device that is gone waits in the broker if the device keeps a persistent session.
+- Online state: the service holds no connections. A broker that announces its clients' connections on
+  `$SYS/brokers/+/clients/+/connected|disconnected` (EMQX) marks devices online and offline, and a device's
+  connection brings its pending notice; otherwise a device counts as online from its first message (an
+  inform, a progress report, a pull) until the service restarts, and a notice for a device that has not
+  spoken yet waits for its next message (an SDK informs its version at every connect). One sent to a device
+  that is gone waits in the broker if the device keeps a persistent session.
 - A device whose credentials change cannot be disconnected from here: the broker refuses its next login
   through the hooks, and its ACL cache decides when its topics close.
 - Notices reach a device only if it subscribed to its upgrade topic (every C SDK does); a broker-side
@@ -55,6 +57,9 @@ UPLINK_FILTERS = (
     "/sys/+/+/thing/ota/firmware/get",
     "/sys/+/+/thing/file/download",
 )
+# Where a broker announces its clients' connections (EMQX: `$SYS/brokers/<node>/clients/<clientid>/...`,
+# a JSON payload with `username`); a broker that publishes none (Mosquitto) leaves online state to messages.
+CLIENT_EVENTS = ("$SYS/brokers/+/clients/+/connected", "$SYS/brokers/+/clients/+/disconnected")
 CONNECT_TIMEOUT_S = 10.0
 RECONNECT_MAX_WAIT_S = 30
 
@@ -108,6 +113,13 @@ class AttachedChannel:
         self.metrics = metrics
         self.client: MQTTClient | None = None
         self._seen: dict[DeviceRef, float] = {}  # device -> when its first message since the start came
+
+    def came(self, device: DeviceRef) -> None:
+        """The broker announced a new connection of `device`: its session starts now."""
+        self._seen[device] = self.clock()
+
+    def left(self, device: DeviceRef) -> None:
+        self._seen.pop(device, None)
 
     def saw(self, device: DeviceRef) -> bool:
         """Record a message from `device`; True when it is the first (the device just came online)."""
@@ -224,6 +236,15 @@ class AttachedService:
                 f"{a.url} refused the subscriptions {', '.join(refused)} (may the account {a.username!r} "
                 "subscribe to them, and does the broker support shared subscriptions?)"
             )
+        with contextlib.suppress(ClientError, OSError, TimeoutError):  # optional: not every broker has them
+            events = await asyncio.wait_for(
+                client.subscribe([(f, QOS_1) for f in CLIENT_EVENTS]), CONNECT_TIMEOUT_S
+            )
+            if any(code not in (0, 1, 2) for code in events):
+                log.info(
+                    "the broker refused its client events (%s): online state comes from messages",
+                    ", ".join(CLIENT_EVENTS),
+                )
         client.config.auto_reconnect = True  # attached: from now on the client reconnects by itself
         return client
 
@@ -244,6 +265,9 @@ class AttachedService:
     async def handle(self, topic: str, payload: bytes) -> None:
         """One message a device sent, through the same app layer as the embedded broker's."""
         app = self.app
+        if topic.startswith("$SYS/"):
+            await self._client_event(topic, payload)
+            return
         try:
             parsed = OtaTopic.parse(topic)
         except InvalidDeviceRef as e:
@@ -259,6 +283,27 @@ class AttachedService:
         if first and parsed.kind is not TopicKind.FILE_DOWNLOAD:
             await app.events.device_connected(parsed.device)
         await app.events.handle_publish(parsed, payload)
+
+    async def _client_event(self, topic: str, payload: bytes) -> None:
+        """A connection or disconnection the broker announced: the device's online state, and on a
+        connection its pending notice (as the embedded broker does when a device connects)."""
+        parts = topic.split("/")
+        if len(parts) != 6 or parts[1] != "brokers" or parts[3] != "clients":
+            return
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            log.debug("a client event on %r that is not JSON", topic[:128])
+            return
+        device = DeviceRef.from_username(doc.get("username")) if isinstance(doc, dict) else None
+        if device is None:
+            return  # an application or the service itself, not a device
+        if parts[5] == "connected":
+            self.channel.came(device)
+            await self.app.events.device_connected(device)
+        elif parts[5] == "disconnected":
+            self.channel.left(device)
+            await self.app.events.device_disconnected(device)
 
     async def stop(self) -> None:
         await self.runtime.stop_serving()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -266,3 +267,34 @@ def test_ota_broker_run_attaches_when_attach_url_is_set(tmp_path: Path, mosquitt
     )
     assert refused.returncode == 1
     assert "could not start: cannot attach to" in refused.stderr and "not authorized" in refused.stderr
+
+
+async def test_a_brokers_client_events_set_online_state_and_bring_the_notice(env: Env) -> None:
+    """EMQX announces connections on `$SYS/brokers/<node>/clients/<clientid>/connected|disconnected` with the
+    client's username; Mosquitto has no such topics, so the events are handed to the service as the broker
+    would deliver them. A device's connection brings its pending notice before it sends anything."""
+    service = cast(_Running, env.running).service
+    d = await env.device("pk", "ev1").connect()
+    await d.subscribe(d.upgrade_topic)
+    await env.api("POST", "/devices", expect=201, json={"product_key": "pk", "device_name": "ev1"})
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    job = await env.job(fw["id"], ["pk/ev1"])
+    await asyncio.sleep(0.3)
+    assert (await env.tasks(job["id"]))["pk/ev1"]["state"] == "queued"
+
+    event = {"clientid": "pk.ev1|securemode=3|", "username": "ev1&pk", "ipaddress": "10.0.0.9", "ts": 1}
+    await service.handle("$SYS/brokers/emqx@n1/clients/pk.ev1/connected", json.dumps(event).encode())
+    [notice] = await d.notices()
+    assert notice["data"]["version"] == "2.0.0"
+    assert (await env.find("/devices/pk/ev1"))["online"] is True
+
+    await service.handle("$SYS/brokers/emqx@n1/clients/pk.ev1/disconnected", json.dumps(event).encode())
+    assert (await env.find("/devices/pk/ev1"))["online"] is False
+    for topic, payload in [
+        ("$SYS/brokers/emqx@n1/clients/dash/connected", b'{"username": "dash"}'),  # not a device
+        ("$SYS/brokers/emqx@n1/clients/pk.ev1/connected", b"not json"),
+        ("$SYS/brokers/emqx@n1/uptime", b"12"),
+    ]:
+        await service.handle(topic, payload)
+    assert (await env.find("/devices/pk/ev1"))["online"] is False
+    assert len(d.messages(d.upgrade_topic)) == 1
