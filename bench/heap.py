@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from bench.report import write_result
 from bench.servers import free_port
 from bench.workers import Fleet
 from broker import app, datadir
@@ -127,11 +127,7 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=120.0, help="seconds allowed to connect the fleet")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    result = asyncio.run(amain(args))
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    write_result(asyncio.run(amain(args)), args.out)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -535,3 +536,11 @@ def chart(results: dict[str, Any], path: Path, compare: list[dict[str, Any]] | N
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def write_result(result: dict[str, Any], out: Path | None) -> None:
+    """A standalone bench script's result: JSON on stdout, and in `out` when given."""
+    text = json.dumps(result, indent=1)
+    if out is not None:
+        out.write_text(text)
+    print(text)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_result
 from bench.servers import MQTT_SERVERS, OtaServer, Server, export_ref, snapshot_worktree
 from bench.workers import WorkerProc, kill_all
 
@@ -186,11 +186,7 @@ def main() -> None:
     for name in args.brokers.split(","):
         if name not in MQTT_SERVERS:
             parser.error(f"unknown broker {name!r}")
-    result = asyncio.run(amain(args))
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    write_result(asyncio.run(amain(args)), args.out)
 
 
 if __name__ == "__main__":

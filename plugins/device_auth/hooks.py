@@ -89,6 +89,15 @@ def _text(fields: Mapping[str, Any], name: str, *, required: bool = True) -> str
     return str(value)
 
 
+def _login(fields: Mapping[str, Any], address: str) -> Login:
+    return Login(
+        _text(fields, "clientid") or "",
+        _text(fields, "username", required=False),
+        _text(fields, "password", required=False),
+        address,
+    )
+
+
 def _authorized(request: web.Request) -> bool:
     return hmac.compare_digest(request.match_info.get("token", "").encode(), request.app[TOKEN].encode())
 
@@ -139,13 +148,7 @@ def _go_auth(request: web.Request, granted: bool, why: str = "") -> web.StreamRe
 
 @_hook("emqx authn")
 async def emqx_authn(request: web.Request, fields: dict[str, Any]) -> web.StreamResponse:
-    login = Login(
-        _text(fields, "clientid") or "",
-        _text(fields, "username", required=False),
-        _text(fields, "password", required=False),
-        _text(fields, "peerhost", required=False) or "",
-    )
-    allowed = await request.app[GATE].login(login)
+    allowed = await request.app[GATE].login(_login(fields, _text(fields, "peerhost", required=False) or ""))
     return web.json_response({"result": "allow" if allowed else "deny", "is_superuser": False})
 
 
@@ -165,12 +168,7 @@ async def emqx_authz(request: web.Request, fields: dict[str, Any]) -> web.Stream
 
 @_hook("go-auth user")
 async def go_auth_user(request: web.Request, fields: dict[str, Any]) -> web.StreamResponse:
-    login = Login(
-        _text(fields, "clientid") or "",
-        _text(fields, "username", required=False),
-        _text(fields, "password", required=False),
-        request.remote or "",
-    )
+    login = _login(fields, request.remote or "")  # go-auth does not say where the client connects from
     return _go_auth(request, await request.app[GATE].login(login), "not authorized")
 
 

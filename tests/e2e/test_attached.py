@@ -25,8 +25,9 @@ import pytest
 from plugins.ota.attached import AttachedService, AttachError
 from plugins.ota.settings import OtaConfig, Settings, validate
 from tests.e2e.processes import clean_env
+from tests.e2e.test_security import recorded
 from tests.mosquitto import OTA_PASSWORD, OTA_USER, Mosquitto, running_mosquitto
-from tests.support import TOKEN, Env, Tls, eventually
+from tests.support import TOKEN, Device, Env, Tls, eventually
 
 FIRMWARE = os.urandom(200_000)
 
@@ -94,12 +95,18 @@ async def env(tmp_path: Path, tls: Tls, mosquitto: Mosquitto) -> AsyncIterator[E
         yield e
 
 
-async def recorded(env: Env, ref: str, version: str) -> None:
-    async def check() -> bool:
-        found = await env.find(f"/devices/{ref}")
-        return found is not None and found["modules"].get("default") == version
-
-    await eventually(check, what=f"{ref} at {version}")
+async def queued_job_for(env: Env, name: str) -> tuple[Device, dict[str, Any]]:
+    """A connected, subscribed, registered device `pk/<name>` the service has not heard from, and a job for
+    it whose task waits queued."""
+    d = await env.device("pk", name).connect()
+    await d.subscribe(d.upgrade_topic)
+    await env.api("POST", "/devices", expect=201, json={"product_key": "pk", "device_name": name})
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    job = await env.job(fw["id"], [f"pk/{name}"])
+    await asyncio.sleep(0.3)
+    assert d.messages(d.upgrade_topic) == []
+    assert (await env.tasks(job["id"]))[f"pk/{name}"]["state"] == "queued"
+    return d, job
 
 
 async def test_the_seed_flow_through_an_external_broker(env: Env) -> None:
@@ -131,14 +138,7 @@ async def test_the_seed_flow_through_an_external_broker(env: Env) -> None:
 async def test_a_device_that_was_not_heard_from_gets_its_notice_with_its_first_message(env: Env) -> None:
     """A job for a device the service has not heard from since it started waits; the device's inform at
     its next connect brings the notice."""
-    d = await env.device("pk", "late").connect()
-    await d.subscribe(d.upgrade_topic)
-    await env.api("POST", "/devices", expect=201, json={"product_key": "pk", "device_name": "late"})
-    fw = await env.upload(FIRMWARE, version="2.0.0")
-    job = await env.job(fw["id"], ["pk/late"])
-    await asyncio.sleep(0.5)
-    assert d.messages(d.upgrade_topic) == []
-    assert (await env.tasks(job["id"]))["pk/late"]["state"] == "queued"
+    d, _ = await queued_job_for(env, "late")
     await d.inform("1.0.0")
     [notice] = await d.notices()
     assert notice["data"]["version"] == "2.0.0"
@@ -274,13 +274,7 @@ async def test_a_brokers_client_events_set_online_state_and_bring_the_notice(env
     client's username; Mosquitto has no such topics, so the events are handed to the service as the broker
     would deliver them. A device's connection brings its pending notice before it sends anything."""
     service = cast(_Running, env.running).service
-    d = await env.device("pk", "ev1").connect()
-    await d.subscribe(d.upgrade_topic)
-    await env.api("POST", "/devices", expect=201, json={"product_key": "pk", "device_name": "ev1"})
-    fw = await env.upload(FIRMWARE, version="2.0.0")
-    job = await env.job(fw["id"], ["pk/ev1"])
-    await asyncio.sleep(0.3)
-    assert (await env.tasks(job["id"]))["pk/ev1"]["state"] == "queued"
+    d, _ = await queued_job_for(env, "ev1")
 
     event = {"clientid": "pk.ev1|securemode=3|", "username": "ev1&pk", "ipaddress": "10.0.0.9", "ts": 1}
     await service.handle("$SYS/brokers/emqx@n1/clients/pk.ev1/connected", json.dumps(event).encode())
