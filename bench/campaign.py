@@ -42,6 +42,7 @@ import psutil
 
 from bench.probe import BrokerSampler, ControlProbe, summarize, timeline
 from bench.report import DASH, fmt
+from bench.servers import MosquittoNoLimitServer, Server
 from simulator.fleet import LoopLag
 from simulator.model import lag_spread
 
@@ -67,6 +68,11 @@ async def wait_for(check: Any, timeout: float, what: str) -> Any:
 async def campaign(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix="ota-campaign-"))
     mqtt, https, admin = free_port(), free_port(), free_port()
+    external: Server | None = None  # --attached: the Mosquitto the devices and the OTA service connect to
+    if args.attached:
+        external = MosquittoNoLimitServer(data / "mosquitto")
+        await external.start()
+        mqtt = external.port
     env = dict(
         os.environ,
         OTA_AUTH_MODE="open",
@@ -77,6 +83,8 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
         OTA_ADMIN_BIND=f"127.0.0.1:{admin}",
         OTA_MQTTS_BIND="",
     )
+    if external is not None:  # no broker of its own: the devices' messages come through Mosquitto
+        env |= {"OTA_ATTACH_URL": f"mqtt://127.0.0.1:{mqtt}", "OTA_MQTT_BIND": f"127.0.0.1:{free_port()}"}
     log = (data / "broker.log").open("w")
     broker = subprocess.Popen(  # noqa: ASYNC220 - started once, stopped in finally
         [sys.executable, "-m", "broker", "run", "--log-level", "warning"], env=env, cwd=data, stderr=log
@@ -126,6 +134,7 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             connected_s = time.monotonic() - t_connect
             proc = psutil.Process(broker.pid)
             cpu0 = proc.cpu_times()
+            external_cpu0 = external.cpu() if external is not None else 0.0
             if args.profile:
                 profiler = subprocess.Popen(  # noqa: ASYNC220
                     ["py-spy", "record", "-p", str(broker.pid), "-d", "25", "-f", "raw", "-o", args.profile],
@@ -164,6 +173,7 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.gather(*watchers)  # each ends within its answer timeout
                 own_lag.stop()
             cpu1 = proc.cpu_times()
+            external_cpu = round(external.cpu() - external_cpu0, 2) if external is not None else None
             async with http.get(f"{base}/jobs/{job['id']}", headers=headers) as r:
                 final = await r.json()
         sim = json.loads(result_file.read_text()) if result_file.exists() else {}
@@ -178,7 +188,9 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             "connect_and_inform_s": round(connected_s, 2),
             "job_counts": final.get("counts"),
             "simulator": simulator_figures(sim),
+            "mode": "attached to Mosquitto" if external is not None else "embedded",
             "broker_cpu_s": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
+            "mosquitto_cpu_s": external_cpu,
             "broker_rss_mb": round(proc.memory_info().rss / 2**20, 1),
             "job_done_s": None if t_done is None else round(t_done, 2),
             "control_probe": {  # from the launch until the job finished
@@ -202,6 +214,8 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        if external is not None:
+            external.stop()
         log.close()
         if not args.keep:
             shutil.rmtree(data, ignore_errors=True)
@@ -263,6 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
     ms3 = ("p50_ms", "p99_ms", "max_ms")
     rows = [
         ("devices (simulator processes)", f"{result['devices']:,} ({result['processes']})"),
+        ("mode", result.get("mode", "embedded")),
         ("connect + inform (s)", fmt(result["connect_and_inform_s"], 2)),
         ("first notice -> last success (s)", fmt(sim.get("notice_to_last_success_s"), 2)),
         (
@@ -289,6 +304,7 @@ def markdown(result: dict[str, Any]) -> str:
         ("peak tasks waiting for capacity", fmt(broker.get("peak_tasks_waiting_for_capacity"))),
         ("broker peak RSS (MiB)", fmt(broker.get("peak_rss_mb"))),
         ("broker CPU during the campaign (s)", fmt(result["broker_cpu_s"], 1)),
+        ("Mosquitto CPU during the campaign (s), attached", fmt(result.get("mosquitto_cpu_s"), 1)),
         ("simulator loop lag p50 / p99 / max (ms)", _triple(sim.get("loop_lag_ms"), ("p50", "p99", "max"))),
         ("simulator peak RSS (MiB), CPU (s)",
          f"{fmt(broker.get('simulator_peak_rss_mb'))}, {fmt(broker.get('simulator_cpu_s'), 1)}"),
@@ -337,6 +353,11 @@ def main() -> None:
     parser.add_argument("--timeline", type=Path, help="CSV file for the per-second samples")
     parser.add_argument("--rate-per-minute", type=int, help="pace the job's notices (default: all at once)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory and logs")
+    parser.add_argument(
+        "--attached",
+        action="store_true",
+        help="the OTA service attached to a Mosquitto 2 (no limits) instead of its embedded broker",
+    )
     parser.add_argument("--profile", help="py-spy raw output file for the broker during the campaign")
     parser.add_argument(
         "--max-rss-mb", type=float, default=512, help="target: the broker's peak RSS during the campaign"
