@@ -61,6 +61,8 @@ UPLINK_FILTERS = (
 # a JSON payload with `username`); a broker that publishes none (Mosquitto) leaves online state to messages.
 CLIENT_EVENTS = ("$SYS/brokers/+/clients/+/connected", "$SYS/brokers/+/clients/+/disconnected")
 CONNECT_TIMEOUT_S = 10.0
+MAX_HANDLING = 256  # messages handled at once (one device's in order, different devices' side by side)
+STOP_WAIT_S = 10.0
 RECONNECT_MAX_WAIT_S = 30
 
 
@@ -171,6 +173,9 @@ class AttachedService:
         self.runtime = OtaRuntime(settings, self.channel, clock, self.metrics)
         self._loop: asyncio.Task[None] | None = None
         self.client: MQTTClient | None = None
+        self._room = asyncio.Semaphore(MAX_HANDLING)
+        self._tails: dict[str, asyncio.Task[None]] = {}  # per device: the last of its messages being handled
+        self._handling: set[asyncio.Task[None]] = set()
 
     @property
     def app(self) -> OtaApp:
@@ -260,7 +265,32 @@ class AttachedService:
                 continue
             if message is None:
                 continue
-            await self.handle(message.topic, bytes(message.data or b""))
+            await self._room.acquire()  # at most MAX_HANDLING at once: the rest wait in the broker
+            self._dispatch(message.topic, bytes(message.data or b""))
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        """Handle a message in a task of its own, after the messages before it from the same device (their
+        order matters: a progress report before the new version's inform), beside other devices'."""
+        key = _order_key(topic)
+        before = self._tails.get(key)
+        task = asyncio.create_task(self._handle_in_order(before, topic, payload))
+        self._tails[key] = task
+        self._handling.add(task)
+        task.add_done_callback(lambda t: self._handled(key, t))
+
+    async def _handle_in_order(self, before: asyncio.Task[None] | None, topic: str, payload: bytes) -> None:
+        if before is not None:
+            await asyncio.wait([before])  # its outcome is its own
+        try:
+            await self.handle(topic, payload)
+        except Exception:
+            log.exception("failed to handle a message on %r", topic[:128])
+
+    def _handled(self, key: str, task: asyncio.Task[None]) -> None:
+        self._room.release()
+        self._handling.discard(task)
+        if self._tails.get(key) is task:
+            del self._tails[key]
 
     async def handle(self, topic: str, payload: bytes) -> None:
         """One message a device sent, through the same app layer as the embedded broker's."""
@@ -311,6 +341,8 @@ class AttachedService:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop
+        if self._handling:  # what was received is handled before the database closes
+            await asyncio.wait(set(self._handling), timeout=STOP_WAIT_S)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.disconnect(), 5.0)
@@ -335,3 +367,15 @@ async def _close(client: MQTTClient) -> None:
     if writer is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.close(), 5.0)
+
+
+def _order_key(topic: str) -> str:
+    """What a message must keep its order within: its device (a client event: its client id)."""
+    parts = topic.split("/")
+    if topic.startswith("/ota/device/") and len(parts) == 6:
+        return f"{parts[4]}/{parts[5]}"
+    if topic.startswith("/sys/") and len(parts) > 3:
+        return f"{parts[2]}/{parts[3]}"
+    if topic.startswith("$SYS/") and len(parts) == 6:
+        return f"$client/{parts[4]}"
+    return topic

@@ -292,3 +292,33 @@ async def test_a_brokers_client_events_set_online_state_and_bring_the_notice(env
         await service.handle(topic, payload)
     assert (await env.find("/devices/pk/ev1"))["online"] is False
     assert len(d.messages(d.upgrade_topic)) == 1
+
+
+async def test_messages_are_handled_in_order_per_device_and_side_by_side_across_devices(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device's messages are handled one after the other in the order they came (a progress report
+    before the new version's inform); different devices' at the same time."""
+    service = cast(_Running, env.running).service
+    handled: list[tuple[str, int]] = []
+    running = peak = 0
+
+    async def slow_handle(topic: str, payload: bytes) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001 * (hash(payload) % 7))
+        handled.append((topic, int(payload)))
+        running -= 1
+
+    monkeypatch.setattr(service, "handle", slow_handle)
+    sent = [(f"/ota/device/progress/pk/o{d}", i) for i in range(20) for d in range(5)]
+    for topic, i in sent:
+        await service._room.acquire()
+        service._dispatch(topic, str(i).encode())
+    await eventually(lambda: len(handled) == len(sent), what="every message handled")
+    for d in range(5):
+        topic = f"/ota/device/progress/pk/o{d}"
+        assert [i for t, i in handled if t == topic] == list(range(20))
+    assert peak > 1, "devices' messages were handled one at a time"
+    assert not service._tails and not service._handling
