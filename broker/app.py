@@ -19,6 +19,7 @@ from amqtt.events import BrokerEvents
 
 from broker import datadir, logs
 from broker.hardened import HardenedBroker
+from plugins.device_auth.gate import DeviceAuthConfig
 from plugins.ota.attached import AttachedService, AttachError
 from plugins.ota.plugin import OtaPlugin
 from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings, validate
@@ -204,10 +205,11 @@ def _why(error: OSError | ValueError) -> str:
     return str(error)
 
 
-async def serve_attached(settings: Settings) -> int:
+async def serve_attached(settings: Settings, auth: DeviceAuthConfig | None) -> int:
     """Attached mode: the OTA service as a client of the external broker `settings.attach_url`, no broker
-    of its own; until SIGINT or SIGTERM, then stop as `serve` does."""
-    service = AttachedService(settings)
+    of its own (`auth`: the device-auth accounts, for the external broker's auth hooks); until SIGINT or
+    SIGTERM, then stop as `serve` does."""
+    service = AttachedService(settings, auth)
     try:
         await service.start()
     except AttachError as e:

@@ -113,7 +113,7 @@ def run(
     log.info("configuration: %s; data in %s", tree.source, settings.data_dir.resolve())
     try:
         if settings.attach_url:  # attached mode: no broker of its own, no MQTT listeners
-            code = asyncio.run(broker_app.serve_attached(settings))
+            code = asyncio.run(broker_app.serve_attached(settings, tree.auth))
         else:
             code = asyncio.run(broker_app.serve(amqtt_config))
     except broker_app.StartError as e:

@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 from amqtt.client import ClientError, ConnectError, MQTTClient
 from amqtt.mqtt.constants import QOS_1
 
+from plugins.device_auth.gate import DeviceAuthConfig, Gate
 from plugins.ota.app.ota_app import OtaApp
 from plugins.ota.core.messages import Outgoing
 from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, TopicKind, topic_name
@@ -165,12 +166,20 @@ class AttachedChannel:
 class AttachedService:
     """The OTA service attached to an external broker: the runtime, the MQTT client and its message loop."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        auth: DeviceAuthConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.attachment = Attachment.from_settings(settings)
         self.metrics = OtaMetrics()
         self.channel = AttachedChannel(clock, self.metrics)
         self.runtime = OtaRuntime(settings, self.channel, clock, self.metrics)
+        # The external broker asks who may connect through the HTTP hooks: the same gate as the embedded
+        # broker's, over this service's device registry and the device-auth accounts of config.yaml.
+        self.runtime.broker_auth = Gate(auth or DeviceAuthConfig(), lambda: self)
         self._loop: asyncio.Task[None] | None = None
         self.client: MQTTClient | None = None
         self._room = asyncio.Semaphore(MAX_HANDLING)
@@ -181,6 +190,14 @@ class AttachedService:
     def app(self) -> OtaApp:
         assert self.runtime.app is not None
         return self.runtime.app
+
+    # The gate's `DeviceDirectory` (and its `LoginMetrics` through `metrics`).
+    @property
+    def auth_mode(self) -> str:
+        return self.settings.auth_mode
+
+    async def device_login(self, device: DeviceRef) -> tuple[str, bool] | None:
+        return await self.runtime.device_login(device)
 
     async def start(self) -> None:
         """Start the service (database, HTTPS, API), connect and subscribe; raises AttachError when the

@@ -22,7 +22,9 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
+from plugins.device_auth.signing import login_for
 from plugins.ota.attached import AttachedService, AttachError
+from plugins.ota.core.topics import DeviceRef
 from plugins.ota.settings import OtaConfig, Settings, validate
 from tests.e2e.processes import clean_env
 from tests.e2e.test_security import recorded
@@ -322,3 +324,33 @@ async def test_messages_are_handled_in_order_per_device_and_side_by_side_across_
         assert [i for t, i in handled if t == topic] == list(range(20))
     assert peak > 1, "devices' messages were handled one at a time"
     assert not service._tails and not service._handling
+
+
+async def test_the_auth_hooks_answer_for_an_attached_service(
+    tmp_path: Path, tls: Tls, mosquitto: Mosquitto
+) -> None:
+    """Attached, the service serves the HTTP hooks the external broker asks (here as EMQX would), from its
+    own device registry: a registered device's signed login is allowed, a wrong secret denied, and the
+    device is kept inside its topics."""
+    settings = attached_settings(tmp_path / "data", tls, mosquitto, auth_mode="device-secret")
+    async with contextlib_aclosing(attached_env(settings, tls, mosquitto)) as envs:
+        env = await anext(envs)
+        created = await env.api(
+            "POST", "/devices", expect=201, json={"product_key": "pk", "device_name": "sig1"}
+        )
+        token = (tmp_path / "data" / "broker-auth.token").read_text().strip()
+        host, port = env.running.admin_address
+        hooks = f"http://{host}:{port}/broker-auth/{token}/emqx"
+
+        async def ask(path: str, body: dict[str, str]) -> str:
+            async with env.http.post(f"{hooks}/{path}", json=body) as r:
+                assert r.status == 200
+                return str((await r.json())["result"])
+
+        good = login_for(DeviceRef("pk", "sig1"), created["device_secret"])
+        fields = {"clientid": good.client_id, "username": good.username, "password": good.password}
+        assert await ask("authn", fields) == "allow"
+        assert await ask("authn", fields | {"password": "0" * 64}) == "deny"
+        mine = {"username": "sig1&pk", "action": "publish", "topic": "/ota/device/inform/pk/sig1"}
+        assert await ask("authz", mine) == "allow"
+        assert await ask("authz", mine | {"topic": "/ota/device/inform/pk/other"}) == "deny"
