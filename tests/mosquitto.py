@@ -25,15 +25,31 @@ OTA_PASSWORD = "ota-service-password"
 READY_S = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class Mosquitto:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    config: Path
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Stop this Mosquitto (its own PID), SIGKILL if it does not exit within 10 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Stop it and start it again on the same port (it keeps no sessions: `persistence false`)."""
+        self.stop()
+        self.process = _start(_binary("mosquitto"), self.config, self.port)
 
 
 def _binary(name: str) -> str:
@@ -73,24 +89,25 @@ def running_mosquitto(folder: Path) -> Iterator[Mosquitto]:
         f"log_dest file {log}\n"
         "log_type error\nlog_type warning\nlog_type notice\n"
     )
-    errors = folder / "stderr.log"
+    mosquitto_broker = Mosquitto(port, _start(mosquitto, config, port), log, config)
+    try:
+        yield mosquitto_broker
+    finally:
+        mosquitto_broker.stop()
+
+
+def _start(mosquitto: str, config: Path, port: int) -> subprocess.Popen[bytes]:
+    errors = config.parent / "stderr.log"
     with errors.open("wb") as err:
         process = subprocess.Popen([mosquitto, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + READY_S
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                said = errors.read_text(errors="replace")
-                raise RuntimeError(f"mosquitto did not start on port {port}: {said}")
-            time.sleep(0.05)
-        yield Mosquitto(port, process, log)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + READY_S
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return process
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
+            said = errors.read_text(errors="replace")
+            raise RuntimeError(f"mosquitto did not start on port {port}: {said}")
+        time.sleep(0.05)

@@ -64,7 +64,7 @@ CLIENT_EVENTS = ("$SYS/brokers/+/clients/+/connected", "$SYS/brokers/+/clients/+
 CONNECT_TIMEOUT_S = 10.0
 MAX_HANDLING = 256  # messages handled at once (one device's in order, different devices' side by side)
 STOP_WAIT_S = 10.0
-RECONNECT_MAX_WAIT_S = 30
+RECONNECT_MAX_WAIT_S = 30.0
 
 
 CONNACK_REFUSALS = {
@@ -148,6 +148,12 @@ class AttachedChannel:
         self.metrics.message_sent(message.kind)
         try:
             await client.publish(topic_name(message.kind, device), message.payload, qos=message.qos)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.warning("could not publish to %s: the connection closed", device, extra={"device": str(device)})
+            return False  # amqtt ends what waits on a connection that closed
         except (TimeoutError, ClientError, ConnectionError, OSError) as e:
             log.warning("could not publish to %s: %s", device, e, extra={"device": str(device)})
             return False
@@ -210,7 +216,7 @@ class AttachedService:
             await self.runtime.close()
             raise
         self.channel.client = self.client
-        self._loop = asyncio.create_task(self._receive(self.client))
+        self._loop = asyncio.create_task(self._receive())
         log.info(
             "attached to %s as %r (client id %r, shared group %r)",
             self.attachment.url,
@@ -223,9 +229,7 @@ class AttachedService:
         a = self.attachment
         config: dict[str, Any] = {
             "keep_alive": 30,
-            "auto_reconnect": False,  # the first connect fails fast (a refused account, no broker); then on
-            "reconnect_retries": -1,  # for ever: the service outlives broker restarts
-            "reconnect_max_interval": RECONNECT_MAX_WAIT_S,
+            "auto_reconnect": False,  # the service attaches again itself (`_reattach`), subscriptions included
             "cleansession": False,  # what devices send while the service reconnects waits in the broker
             "default_qos": QOS_1,
         }
@@ -267,23 +271,54 @@ class AttachedService:
                     "the broker refused its client events (%s): online state comes from messages",
                     ", ".join(CLIENT_EVENTS),
                 )
-        client.config.auto_reconnect = True  # attached: from now on the client reconnects by itself
         return client
 
-    async def _receive(self, client: MQTTClient) -> None:
+    async def _receive(self) -> None:
+        """Take what the broker delivers, and attach again whenever the connection is lost."""
         while True:
+            client = self.client
+            assert client is not None
             try:
                 message = await client.deliver_message()
             except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the client reconnects by itself; a failure to is logged there
-                log.warning("receiving from the broker: %s: %s", type(e).__name__, e)
-                await asyncio.sleep(1.0)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the service stops
+                message, lost = None, "the connection closed"  # amqtt cancels its delivery when it does
+            except Exception as e:
+                message, lost = None, f"{type(e).__name__}: {e}"
+            else:
+                lost = ""
+            if lost:
+                await self._reattach(lost)
                 continue
             if message is None:
                 continue
             await self._room.acquire()  # at most MAX_HANDLING at once: the rest wait in the broker
             self._dispatch(message.topic, bytes(message.data or b""))
+
+    async def _reattach(self, why: str) -> None:
+        """Connect and subscribe again, for as long as it takes: a broker that restarted without keeping
+        sessions has forgotten the service's subscriptions, so they are made again every time."""
+        a = self.attachment
+        log.warning("lost the connection to %s (%s): attaching again", a.url, why)
+        self.channel.client = (
+            None  # notices meanwhile are not sent: their tasks wait as for an offline device
+        )
+        if self.client is not None:
+            await _close(self.client)
+        delay = 1.0
+        while True:
+            try:
+                self.client = await self._connect()
+            except AttachError as e:
+                log.warning("%s; trying again in %gs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_WAIT_S)
+                continue
+            self.channel.client = self.client
+            log.info("attached to %s again", a.url)
+            return
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         """Handle a message in a task of its own, after the messages before it from the same device (their

@@ -354,3 +354,22 @@ async def test_the_auth_hooks_answer_for_an_attached_service(
         mine = {"username": "sig1&pk", "action": "publish", "topic": "/ota/device/inform/pk/sig1"}
         assert await ask("authz", mine) == "allow"
         assert await ask("authz", mine | {"topic": "/ota/device/inform/pk/other"}) == "deny"
+
+
+async def test_the_service_attaches_again_after_the_broker_restarts(env: Env, mosquitto: Mosquitto) -> None:
+    """A broker restarted without its sessions has forgotten the service's subscriptions: the service
+    connects and subscribes again by itself, and what devices send afterwards is handled."""
+    await asyncio.to_thread(mosquitto.restart)
+    d = await env.device("pk", "after").connect()
+    await d.subscribe(d.upgrade_topic)
+
+    async def handled() -> bool:
+        await d.inform("1.0.0")  # until the service is back (a device informs at every connect)
+        found = await env.find("/devices/pk/after")
+        return found is not None
+
+    await eventually(handled, timeout=30.0, what="the inform after the restart to be handled")
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    await env.job(fw["id"], ["pk/after"])
+    [notice] = await d.notices()
+    assert notice["data"]["version"] == "2.0.0"
