@@ -116,6 +116,7 @@ class AttachedChannel:
         self.metrics = metrics
         self.client: MQTTClient | None = None
         self._seen: dict[DeviceRef, float] = {}  # device -> when its first message since the start came
+        self._publishing: set[asyncio.Future[Any]] = set()  # notices and replies waiting for their PUBACK
 
     def came(self, device: DeviceRef) -> None:
         """The broker announced a new connection of `device`: its session starts now."""
@@ -139,25 +140,52 @@ class AttachedChannel:
 
     async def send(self, device: DeviceRef, message: Outgoing) -> bool:
         """Publish on the device's topic at the message's QoS; False when the device has not been heard
-        from (its task then waits for its next message) or the broker cannot be reached now."""
+        from (its task then waits for its next message) or the broker cannot be reached now.
+
+        A notice or a reply counts as sent once it is handed to the connection, as the embedded broker
+        counts one handed to the device's session: its PUBACK is awaited apart, not by the step that sent
+        it (waiting for each one's round trip made a 1,000-device campaign 1.3 times as long). Blocks of a
+        firmware sent over MQTT do wait for theirs: that is their flow control."""
         if device not in self._seen:
             return False
         client = self.client
         if client is None:
             return False
         self.metrics.message_sent(message.kind)
+        publishing = client.publish(topic_name(message.kind, device), message.payload, qos=message.qos)
+        if message.kind is not TopicKind.FILE_DOWNLOAD_REPLY:
+            task = asyncio.ensure_future(publishing)
+            self._publishing.add(task)
+            task.add_done_callback(lambda t: self._published(device, t))
+            return True
         try:
-            await client.publish(topic_name(message.kind, device), message.payload, qos=message.qos)
+            await publishing
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
-            log.warning("could not publish to %s: the connection closed", device, extra={"device": str(device)})
+            log.warning(
+                "could not publish to %s: the connection closed", device, extra={"device": str(device)}
+            )
             return False  # amqtt ends what waits on a connection that closed
         except (TimeoutError, ClientError, ConnectionError, OSError) as e:
             log.warning("could not publish to %s: %s", device, e, extra={"device": str(device)})
             return False
         return True
+
+    def _published(self, device: DeviceRef, task: asyncio.Future[Any]) -> None:
+        self._publishing.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None:
+            why = "the connection closed" if error is None else f"{type(error).__name__}: {error}"
+            log.warning(
+                "a message to %s may not have arrived: %s", device, why, extra={"device": str(device)}
+            )
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) for the publishes under way to be acknowledged."""
+        if self._publishing:
+            await asyncio.wait(set(self._publishing), timeout=timeout_s)
 
     async def disconnect(self, device: DeviceRef) -> None:
         """The broker holds the connections: its next login is refused through the auth hooks."""
@@ -395,6 +423,7 @@ class AttachedService:
                 await self._loop
         if self._handling:  # what was received is handled before the database closes
             await asyncio.wait(set(self._handling), timeout=STOP_WAIT_S)
+        await self.channel.settle(STOP_WAIT_S)  # and what was sent is acknowledged before the disconnect
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.disconnect(), 5.0)

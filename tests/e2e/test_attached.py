@@ -373,3 +373,37 @@ async def test_the_service_attaches_again_after_the_broker_restarts(env: Env, mo
     await env.job(fw["id"], ["pk/after"])
     [notice] = await d.notices()
     assert notice["data"]["version"] == "2.0.0"
+
+
+async def test_a_notice_is_sent_without_waiting_for_its_puback_but_a_block_waits() -> None:
+    """The channel hands a notice to the connection and goes on (its PUBACK is awaited apart, and a lost
+    one is logged); a block of a firmware over MQTT waits for its PUBACK (its flow control)."""
+    from plugins.ota.attached import AttachedChannel
+    from plugins.ota.core.messages import Outgoing
+    from plugins.ota.core.topics import TopicKind
+    from plugins.ota.metrics import OtaMetrics
+
+    release = asyncio.Event()
+    published: list[str] = []
+
+    class SlowClient:  # a broker that acknowledges only when told to
+        async def publish(self, topic: str, payload: bytes, qos: int) -> None:
+            published.append(topic)
+            await release.wait()
+
+    channel = AttachedChannel(lambda: 0.0, OtaMetrics())
+    channel.client = cast(Any, SlowClient())
+    device = DeviceRef("pk", "d1")
+    assert not await channel.send(device, Outgoing(TopicKind.UPGRADE, b"{}", 1)), "not heard from yet"
+    channel.saw(device)
+    assert await asyncio.wait_for(channel.send(device, Outgoing(TopicKind.UPGRADE, b"{}", 1)), 1.0)
+    assert published == ["/ota/device/upgrade/pk/d1"]
+    block = asyncio.ensure_future(channel.send(device, Outgoing(TopicKind.FILE_DOWNLOAD_REPLY, b"x", 0)))
+    await asyncio.sleep(0.05)
+    assert not block.done()
+    settling = asyncio.ensure_future(channel.settle(5.0))
+    await asyncio.sleep(0.05)
+    assert not settling.done()
+    release.set()
+    assert await block
+    await settling
