@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 OTA_USER = "ota-service"
-OTA_PASSWORD = "ota-service-password"
+OTA_PASSWORD = "ota:p@ss/w%rd #1"  # a test broker account, not safe in a URL on purpose
 READY_S = 10.0
 
 

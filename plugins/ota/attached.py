@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from amqtt.client import ClientError, ConnectError, MQTTClient
 from amqtt.mqtt.constants import QOS_1
@@ -263,9 +263,11 @@ class AttachedService:
         }
         client = MQTTClient(client_id=a.client_id, config=config)
         url = a.url
-        if a.username is not None:
+        if a.username is not None:  # amqtt reads the account from the URL, percent-decoded
             scheme, rest = url.split("://", 1)
-            userinfo = a.username if a.password is None else f"{a.username}:{a.password}"
+            userinfo = quote(a.username, safe="")
+            if a.password is not None:
+                userinfo += ":" + quote(a.password, safe="")
             url = f"{scheme}://{userinfo}@{rest}"
         try:
             await asyncio.wait_for(
@@ -330,9 +332,7 @@ class AttachedService:
         sessions has forgotten the service's subscriptions, so they are made again every time."""
         a = self.attachment
         log.warning("lost the connection to %s (%s): attaching again", a.url, why)
-        self.channel.client = (
-            None  # notices meanwhile are not sent: their tasks wait as for an offline device
-        )
+        self.channel.client = None  # meanwhile notices are not sent: their tasks wait as for a device offline
         if self.client is not None:
             await _close(self.client)
         delay = 1.0
