@@ -42,8 +42,15 @@ from amqtt.mqtt.constants import QOS_1
 
 from plugins.device_auth.gate import DeviceAuthConfig, Gate
 from plugins.ota.app.ota_app import OtaApp
-from plugins.ota.core.messages import Outgoing
-from plugins.ota.core.topics import DeviceRef, InvalidDeviceRef, OtaTopic, TopicKind, topic_name
+from plugins.ota.core.messages import Outgoing, is_push_notice
+from plugins.ota.core.topics import (
+    DeviceRef,
+    InvalidDeviceRef,
+    OtaTopic,
+    TopicKind,
+    topic_name,
+    uplink_filters,
+)
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.runtime import OtaRuntime
 from plugins.ota.settings import Settings
@@ -51,13 +58,7 @@ from plugins.ota.settings import Settings
 log = logging.getLogger("ota.attached")
 
 # What devices send, as filters over every device (the service's account must be allowed to subscribe).
-UPLINK_FILTERS = (
-    "/ota/device/inform/+/+",
-    "/ota/device/progress/+/+",
-    "/ota/device/request/+/+",
-    "/sys/+/+/thing/ota/firmware/get",
-    "/sys/+/+/thing/file/download",
-)
+UPLINK_FILTERS = uplink_filters()
 # Where a broker announces its clients' connections (EMQX: `$SYS/brokers/<node>/clients/<clientid>/...`,
 # a JSON payload with `username`); a broker that publishes none (Mosquitto) leaves online state to messages.
 CLIENT_EVENTS = ("$SYS/brokers/+/clients/+/connected", "$SYS/brokers/+/clients/+/disconnected")
@@ -387,7 +388,7 @@ class AttachedService:
         self.metrics.message_received(None if parsed is None else parsed.kind)
         if parsed is None or not parsed.kind.device_to_server:
             return
-        if parsed.kind is TopicKind.LEGACY_REQUEST and _is_reply(payload):
+        if parsed.kind is TopicKind.LEGACY_REQUEST and is_push_notice(payload):
             return  # the answer to a legacy request goes out on the same topic: a replica's own reply
         first = self.channel.saw(parsed.device)
         if first and parsed.kind is not TopicKind.FILE_DOWNLOAD:
@@ -430,15 +431,6 @@ class AttachedService:
         await self.runtime.close()
 
 
-def _is_reply(payload: bytes) -> bool:
-    """A legacy-request answer (`code` and `data`, no `params`), as the service publishes it."""
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        return False
-    return isinstance(doc, dict) and "code" in doc and "data" in doc and "params" not in doc
-
-
 async def _close(client: MQTTClient) -> None:
     """Close a client whose connect failed: amqtt leaves the socket of a refused CONNECT open."""
     with contextlib.suppress(Exception):
@@ -452,11 +444,11 @@ async def _close(client: MQTTClient) -> None:
 
 def _order_key(topic: str) -> str:
     """What a message must keep its order within: its device (a client event: its client id)."""
-    parts = topic.split("/")
-    if topic.startswith("/ota/device/") and len(parts) == 6:
-        return f"{parts[4]}/{parts[5]}"
-    if topic.startswith("/sys/") and len(parts) > 3:
-        return f"{parts[2]}/{parts[3]}"
-    if topic.startswith("$SYS/") and len(parts) == 6:
-        return f"$client/{parts[4]}"
-    return topic
+    if topic.startswith("$SYS/"):
+        parts = topic.split("/")
+        return f"$client/{parts[4]}" if len(parts) == 6 else topic
+    try:
+        parsed = OtaTopic.parse(topic)
+    except InvalidDeviceRef:
+        return topic
+    return topic if parsed is None else str(parsed.device)

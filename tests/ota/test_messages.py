@@ -514,3 +514,13 @@ def test_same_notice_ignores_only_the_id_and_the_links_signature() -> None:
         assert not messages.same_notice(first, messages.push_notice(1, data | other)), other
     assert not messages.same_notice(b"not json", b"not json!")
     assert messages.same_notice(b"not json", b"not json")
+
+
+def test_a_push_notice_is_told_from_a_devices_legacy_request() -> None:
+    """On the legacy request topic the server's answer (a push notice) and a device's request travel the
+    same way; only the notice has the notice's shape."""
+    assert messages.is_push_notice(messages.push_notice(7, {"version": "2.0.0", "url": "https://x/f"}))
+    assert not messages.is_push_notice(b'{"id": 3, "params": {"version": "1.0.0"}}')
+    assert not messages.is_push_notice(b'{"code": "1000", "data": {}, "params": {}}')
+    assert not messages.is_push_notice(b"not json")
+    assert not messages.is_push_notice(b"[1, 2]")

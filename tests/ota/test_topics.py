@@ -16,6 +16,7 @@ from plugins.ota.core.topics import (
     OtaTopic,
     TopicKind,
     topic_name,
+    uplink_filters,
 )
 
 DEV = DeviceRef("a1B2c3D4e5", "dev-01")
@@ -305,3 +306,15 @@ def test_device_wildcard_subscriptions_match_ota_topics(topic: str, _kind: Topic
     assert filter_matches("#", topic)
     prefix = "/ota/device/+/pk1/dev1" if topic.startswith("/ota/") else "/sys/pk1/dev1/#"
     assert filter_matches(prefix, topic)
+
+
+@given(names, names)
+@settings(max_examples=100, deadline=None)
+def test_uplink_filters_match_what_devices_send_and_nothing_the_server_sends(pk: str, dn: str) -> None:
+    """Every device-to-server topic of any device matches one of the filters; no server-to-device topic
+    matches any (the attached service would receive its own notices)."""
+    device = DeviceRef(pk, dn)
+    filters = uplink_filters()
+    for kind in TopicKind:
+        matched = [f for f in filters if filter_matches(f, topic_name(kind, device))]
+        assert len(matched) == (1 if kind.device_to_server else 0), (kind, matched)

@@ -199,6 +199,16 @@ def push_notice(notice_id: int, data: dict[str, Any]) -> bytes:
     return _dump({"code": "1000", "data": data, "id": notice_id, "message": "success"})
 
 
+def is_push_notice(payload: bytes) -> bool:
+    """Whether `payload` has the shape of a `push_notice` (`code` and `data`, no `params`): the server's
+    answer on the legacy request topic, which a device's request on the same topic never has."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and "code" in doc and "data" in doc and "params" not in doc
+
+
 def same_notice(a: bytes, b: bytes) -> bool:
     """Whether two push notices offer the same package: equal but for their id and their links' signatures
     and expiry (each notice signs its links anew). A session that still holds one undelivered need not get

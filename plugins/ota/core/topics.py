@@ -139,7 +139,15 @@ _OTA_VERBS = {
 
 def topic_name(kind: TopicKind, device: DeviceRef) -> str:
     """The topic string of `kind` for `device`."""
-    pk, dn = device.product_key, device.device_name
+    return _spell(kind, device.product_key, device.device_name)
+
+
+def uplink_filters() -> tuple[str, ...]:
+    """Topic filters matching what every device sends to the server, one per device-to-server kind."""
+    return tuple(_spell(kind, "+", "+") for kind in TopicKind if kind.device_to_server)
+
+
+def _spell(kind: TopicKind, pk: str, dn: str) -> str:
     match kind:
         case TopicKind.INFORM:
             return f"/ota/device/inform/{pk}/{dn}"
