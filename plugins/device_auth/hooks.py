@@ -102,23 +102,26 @@ def _authorized(request: web.Request) -> bool:
     return hmac.compare_digest(request.match_info.get("token", "").encode(), request.app[TOKEN].encode())
 
 
-def _hook(
-    kind: str,
-) -> Callable[[Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]], Handler]:
-    """A handler with the token checked and the request's fields read; a bad request is logged and given
-    to `deny` of the kind's contract."""
+Decide = Callable[[web.Request, dict[str, Any]], Awaitable[bool]]
+Answer = Callable[[web.Request, bool, str], web.StreamResponse]
 
-    def wrap(decide: Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]) -> Handler:
+
+def _hook(kind: str, answer: Answer, refusal: str) -> Callable[[Decide], Handler]:
+    """A handler of one contract: the token checked, the request's fields read, the decision given in the
+    contract's `answer` (`refusal` says why a "no" is one); a bad request is logged and refused."""
+
+    def wrap(decide: Decide) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
             if not _authorized(request):
                 return web.json_response({"error": "unauthorized: wrong broker-auth token"}, status=401)
             try:
-                return await decide(request, await _params(request))
+                allowed = await decide(request, await _params(request))
             except BadRequest as e:
                 log.warning(
                     "%s request from %s refused: %s (check the broker's settings)", kind, request.remote, e
                 )
-                return _deny(request, kind, str(e))
+                return answer(request, False, str(e))
+            return answer(request, allowed, "" if allowed else refusal)
 
         handler.__name__ = decide.__name__
         return handler
@@ -126,15 +129,16 @@ def _hook(
     return wrap
 
 
-def _deny(request: web.Request, kind: str, why: str) -> web.StreamResponse:
-    if kind.startswith("emqx"):
-        return web.json_response(
-            {"result": "deny", "is_superuser": False} if kind == "emqx authn" else {"result": "deny"}
-        )
-    return _go_auth(request, False, why)
+def _emqx_authn(_request: web.Request, allowed: bool, _why: str) -> web.StreamResponse:
+    return web.json_response({"result": "allow" if allowed else "deny", "is_superuser": False})
 
 
-def _go_auth(request: web.Request, granted: bool, why: str = "") -> web.StreamResponse:
+def _emqx_authz(_request: web.Request, allowed: bool, _why: str) -> web.StreamResponse:
+    return web.json_response({"result": "allow" if allowed else "deny"})
+
+
+def _go_auth(request: web.Request, granted: bool, why: str) -> web.StreamResponse:
+    """In go-auth's `http_response_mode`, the path's `<mode>`."""
     mode = request.match_info.get("mode", "status")
     if mode == "json":
         return web.json_response({"ok": granted, "error": "" if granted else why or "denied"})
@@ -146,47 +150,44 @@ def _go_auth(request: web.Request, granted: bool, why: str = "") -> web.StreamRe
 # ----------------------------------------------------------------------------------------- EMQX
 
 
-@_hook("emqx authn")
-async def emqx_authn(request: web.Request, fields: dict[str, Any]) -> web.StreamResponse:
-    allowed = await request.app[GATE].login(_login(fields, _text(fields, "peerhost", required=False) or ""))
-    return web.json_response({"result": "allow" if allowed else "deny", "is_superuser": False})
+@_hook("emqx authn", _emqx_authn, "not authorized")
+async def emqx_authn(request: web.Request, fields: dict[str, Any]) -> bool:
+    return await request.app[GATE].login(_login(fields, _text(fields, "peerhost", required=False) or ""))
 
 
-@_hook("emqx authz")
-async def emqx_authz(request: web.Request, fields: dict[str, Any]) -> web.StreamResponse:
+@_hook("emqx authz", _emqx_authz, "outside the client's topics")
+async def emqx_authz(request: web.Request, fields: dict[str, Any]) -> bool:
     topic = _text(fields, "topic") or ""
     action = (_text(fields, "action") or "").lower()
     access = EMQX_ACTIONS.get(action)
     if access is None:
         raise BadRequest(f"action {action!r} (publish or subscribe)")
-    allowed = request.app[GATE].may(_text(fields, "username", required=False), topic, access)
-    return web.json_response({"result": "allow" if allowed else "deny"})
+    return request.app[GATE].may(_text(fields, "username", required=False), topic, access)
 
 
 # ----------------------------------------------------------------------------- mosquitto-go-auth
 
 
-@_hook("go-auth user")
-async def go_auth_user(request: web.Request, fields: dict[str, Any]) -> web.StreamResponse:
+@_hook("go-auth user", _go_auth, "not authorized")
+async def go_auth_user(request: web.Request, fields: dict[str, Any]) -> bool:
     login = _login(fields, request.remote or "")  # go-auth does not say where the client connects from
-    return _go_auth(request, await request.app[GATE].login(login), "not authorized")
+    return await request.app[GATE].login(login)
 
 
-@_hook("go-auth superuser")
-async def go_auth_superuser(request: web.Request, fields: dict[str, Any]) -> web.StreamResponse:
-    return _go_auth(request, False, "no superusers: every client's topics are checked")
+@_hook("go-auth superuser", _go_auth, "no superusers: every client's topics are checked")
+async def go_auth_superuser(request: web.Request, fields: dict[str, Any]) -> bool:
+    return False
 
 
-@_hook("go-auth acl")
-async def go_auth_acl(request: web.Request, fields: dict[str, Any]) -> web.StreamResponse:
+@_hook("go-auth acl", _go_auth, "outside the client's topics")
+async def go_auth_acl(request: web.Request, fields: dict[str, Any]) -> bool:
     topic = _text(fields, "topic") or ""
     acc = _text(fields, "acc") or ""
     accesses = GO_AUTH_ACC.get(int(acc)) if acc.isdigit() else None
     if accesses is None:
         raise BadRequest(f"acc {acc!r} (1 read, 2 write, 3 both, 4 subscribe)")
     gate, username = request.app[GATE], _text(fields, "username", required=False)
-    granted = all(gate.may(username, topic, access) for access in accesses)
-    return _go_auth(request, granted, "outside the client's topics")
+    return all(gate.may(username, topic, access) for access in accesses)
 
 
 HANDLERS: tuple[Handler, ...] = (emqx_authn, emqx_authz, go_auth_user, go_auth_superuser, go_auth_acl)

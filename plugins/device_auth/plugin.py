@@ -53,8 +53,6 @@ class DeviceAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
     ) -> bool | None:
-        if self.gate.is_open():
-            return True
         if session is None or topic is None:
-            return False
+            return self.gate.is_open()
         return self.gate.may(session.username, topic, ACCESS.get(action, Access.RECEIVE))
