@@ -216,13 +216,23 @@ async def serve_attached(settings: Settings, auth: DeviceAuthConfig | None) -> i
         raise StartError(str(e)) from e
     except Exception as e:
         raise StartError(f"the OTA service could not start: {type(e).__name__}: {e}") from e
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    _tune_for_serving()
     await _until_signalled()
     await service.stop()
     log.info("stopped")
     return 0
+
+
+def _tune_for_serving() -> None:
+    """The interpreter tuned for serving, once the service has started."""
+    # The database and firmware reads run in worker threads that need the GIL for a moment per call; with
+    # the default 5 ms switch interval each hand-off can wait that long behind a busy event loop.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # What exists at start lives as long as the process: out of the collector's way. Young objects are
+    # collected every 50,000 allocations instead of 700, so a fleet's worth of connections is not walked
+    # over and over while it connects (the collector cost about a third of a 10,000-device connect storm).
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _until_signalled() -> None:
@@ -238,14 +248,7 @@ async def _until_signalled() -> None:
 async def serve(config: dict[str, Any]) -> int:
     """Run until SIGINT or SIGTERM; then close listeners, finish database writes and return 0."""
     running = await start(config)
-    # The database and firmware reads run in worker threads that need the GIL for a moment per call; with
-    # the default 5 ms switch interval each hand-off can wait that long behind a busy event loop.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    # What exists at start lives as long as the process: out of the collector's way. Young objects are
-    # collected every 50,000 allocations instead of 700, so a fleet's worth of connections is not walked
-    # over and over while it connects (the collector cost about a third of a 10,000-device connect storm).
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    _tune_for_serving()
     await _until_signalled()
     await running.stop()
     return 0

@@ -98,9 +98,8 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     )
 
     def __init__(self, connected: Connected) -> None:
-        self._connected = (
-            connected  # run in a task of its own once the connection is made (shared by a listener)
-        )
+        # run in a task of its own once the connection is made (one callable, shared by the listener)
+        self._connected = connected
         self._task: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -118,9 +117,8 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     # ----------------------------------------------------------------------------- asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(
-            asyncio.Transport, transport
-        )  # uvloop's transports do not derive from asyncio's
+        # a stream transport; uvloop's do not derive from asyncio's classes, so no isinstance check
+        self.transport = cast(asyncio.Transport, transport)
         self._task = asyncio.get_running_loop().create_task(self._connected(self, self))
         self._task.add_done_callback(self._served)
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,8 +23,10 @@ import aiohttp
 import pytest
 
 from plugins.device_auth.signing import login_for
-from plugins.ota.attached import AttachedService, AttachError
-from plugins.ota.core.topics import DeviceRef
+from plugins.ota.attached import AttachedChannel, AttachedService, AttachError
+from plugins.ota.core.messages import Outgoing
+from plugins.ota.core.topics import DeviceRef, TopicKind
+from plugins.ota.metrics import OtaMetrics
 from plugins.ota.settings import OtaConfig, Settings, validate
 from tests.e2e.processes import clean_env
 from tests.e2e.test_security import recorded
@@ -76,7 +78,7 @@ class _Running:
         return SimpleNamespace(service=self.service.app, settings=self.service.settings)
 
 
-async def attached_env(settings: Settings, tls: Tls, broker: Mosquitto) -> AsyncIterator[Env]:
+async def attached_env(settings: Settings, tls: Tls, broker: Mosquitto) -> AsyncGenerator[Env, None]:
     service = AttachedService(settings)
     await service.start()
     try:
@@ -179,9 +181,9 @@ async def test_two_replicas_share_the_devices_messages_and_each_is_handled_once(
     that what each handled can be counted): every inform reaches exactly one of them."""
     first = attached_settings(tmp_path / "a", tls, mosquitto, attach_client_id="replica-a")
     second = attached_settings(tmp_path / "b", tls, mosquitto, attach_client_id="replica-b")
-    async with contextlib_aclosing(attached_env(first, tls, mosquitto)) as envs_a:
+    async with contextlib.aclosing(attached_env(first, tls, mosquitto)) as envs_a:
         env_a = await anext(envs_a)
-        async with contextlib_aclosing(attached_env(second, tls, mosquitto)) as envs_b:
+        async with contextlib.aclosing(attached_env(second, tls, mosquitto)) as envs_b:
             env_b = await anext(envs_b)
             devices = [await env_a.device("pk", f"r{i}").connect() for i in range(20)]
             for d in devices:
@@ -216,10 +218,6 @@ async def test_a_broker_that_refuses_the_account_fails_the_start_with_the_reason
     again = AttachedService(attached_settings(tmp_path / "data", tls, mosquitto))
     await again.start()
     await again.stop()
-
-
-def contextlib_aclosing(gen: AsyncIterator[Env]) -> Any:
-    return contextlib.aclosing(cast(Any, gen))
 
 
 def test_ota_broker_run_attaches_when_attach_url_is_set(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -333,7 +331,7 @@ async def test_the_auth_hooks_answer_for_an_attached_service(
     own device registry: a registered device's signed login is allowed, a wrong secret denied, and the
     device is kept inside its topics."""
     settings = attached_settings(tmp_path / "data", tls, mosquitto, auth_mode="device-secret")
-    async with contextlib_aclosing(attached_env(settings, tls, mosquitto)) as envs:
+    async with contextlib.aclosing(attached_env(settings, tls, mosquitto)) as envs:
         env = await anext(envs)
         created = await env.api(
             "POST", "/devices", expect=201, json={"product_key": "pk", "device_name": "sig1"}
@@ -378,11 +376,6 @@ async def test_the_service_attaches_again_after_the_broker_restarts(env: Env, mo
 async def test_a_notice_is_sent_without_waiting_for_its_puback_but_a_block_waits() -> None:
     """The channel hands a notice to the connection and goes on (its PUBACK is awaited apart, and a lost
     one is logged); a block of a firmware over MQTT waits for its PUBACK (its flow control)."""
-    from plugins.ota.attached import AttachedChannel
-    from plugins.ota.core.messages import Outgoing
-    from plugins.ota.core.topics import TopicKind
-    from plugins.ota.metrics import OtaMetrics
-
     release = asyncio.Event()
     published: list[str] = []
 

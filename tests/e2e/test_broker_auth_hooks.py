@@ -16,8 +16,9 @@ import pytest
 
 from plugins.device_auth.signing import login_for
 from plugins.ota.core.topics import DeviceRef
+from plugins.ota.settings import PLUGIN_KEY
 from tests.e2e.test_security import DASH_PASSWORD, register, secure_broker
-from tests.support import Env, Tls
+from tests.support import Env, Tls, broker_config, started
 
 SECRET = "0123456789abcdef0123456789abcdef"
 
@@ -250,8 +251,6 @@ async def test_a_body_over_the_limit_is_denied(env: Env) -> None:
 
 async def test_in_open_mode_the_hooks_allow_everything(tmp_path: Path, tls: Tls) -> None:
     """As the embedded broker does in open mode (labs): any login, any topic."""
-    from tests.support import broker_config, started
-
     async with started(broker_config(tmp_path / "data", tls), tls) as e:
         assert (await call(e, "/emqx/authn", {"clientid": "x", "username": "anyone"}))[2]["result"] == "allow"
         fields = {"username": "anyone", "topic": "#", "action": "subscribe"}
@@ -259,9 +258,6 @@ async def test_in_open_mode_the_hooks_allow_everything(tmp_path: Path, tls: Tls)
 
 
 async def test_without_the_device_auth_plugin_there_are_no_hooks(tmp_path: Path, tls: Tls) -> None:
-    from plugins.ota.settings import PLUGIN_KEY
-    from tests.support import broker_config, started
-
     config = broker_config(tmp_path / "data", tls)
     config["plugins"] = {PLUGIN_KEY: config["plugins"][PLUGIN_KEY]}
     async with started(config, tls) as e:
