@@ -37,11 +37,13 @@ import struct
 import termios
 import time
 from collections.abc import Awaitable
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader
 from amqtt.errors import AMQTTError, ProtocolHandlerError
 from amqtt.mqtt import packet_class
+from amqtt.mqtt.connack import NOT_AUTHORIZED
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import (
@@ -73,13 +75,17 @@ from broker.protocol import (
     check_body,
     check_header,
     check_publish,
+    connack,
     encode_publish,
     fixed_header,
+    suback,
     transport_of,
 )
 from broker.session_state import NO_QUEUE, LeanSession
 
 log = logging.getLogger("ota.broker")
+
+NO_WAITERS: MappingProxyType[int, asyncio.Future[Any]] = MappingProxyType({})  # amqtt's waiters never used
 
 GRACE = 1.5  # the reader waits GRACE x keep-alive for a client's next packet (MQTT-3.1.2-24)
 
@@ -189,7 +195,29 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
     def __init__(
         self, plugins_manager: PluginManager[Any], router: Router, limits: Limits, session: Any = None
     ) -> None:
-        super().__init__(plugins_manager, session)
+        # amqtt's attributes, set here rather than by amqtt's __init__: it made an Event, a Lock, two Queues
+        # and four dicts per connection that this handler never uses (tests/broker/test_amqtt_internals.py
+        # checks that every attribute amqtt's handler has, this one has too). mypy sees only the slots.
+        self.logger: Any = log  # type: ignore[misc]
+        self.session: Any = None  # type: ignore[misc]
+        if session is not None:
+            self._init_session(session)
+        self.reader: Any = None  # type: ignore[misc]
+        self.writer: Any = None  # type: ignore[misc]
+        self.plugins_manager: Any = plugins_manager  # type: ignore[misc]
+        self._loop: Any = asyncio.get_running_loop()  # type: ignore[misc]
+        self._reader_task: asyncio.Task[Any] | None = None  # type: ignore[misc]  # `run`'s task, while it reads
+        self._keepalive_task: Any = None  # type: ignore[misc]  # amqtt's write timer: none in a broker
+        self._reader_ready: Any = None  # type: ignore[misc]
+        self._reader_stopped: Any = None  # type: ignore[misc]  # amqtt's reader's Event: no such reader here
+        self._puback_waiters: Any = NO_WAITERS  # type: ignore[misc]  # QoS 1 in flight is in `_qos1`
+        self._pubrel_waiters: Any = NO_WAITERS  # type: ignore[misc]  # the reader answers PUBREL itself
+        self._pubrec_waiters: dict[int, asyncio.Future[Any]] = {}  # type: ignore[misc]  # outgoing QoS 2
+        self._pubcomp_waiters: dict[int, asyncio.Future[Any]] = {}  # type: ignore[misc]
+        self._disconnect_waiter: Any = None  # type: ignore[misc]
+        # The reader routes SUBSCRIBE and UNSUBSCRIBE itself: amqtt's two queues for them are never used.
+        self._pending_subscriptions: Any = NO_QUEUE  # type: ignore[misc]
+        self._pending_unsubscriptions: Any = NO_QUEUE  # type: ignore[misc]
         self.router = router
         self.limits = limits
         self.ending = False  # `end` was called: nothing more the client sent is handled
@@ -203,18 +231,17 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._tasks: set[asyncio.Future[Any]] | None = None  # closes started by `end` (made when one starts)
         self._qos1: dict[int, _Qos1Flight] = {}  # QoS 1 messages in flight, in the order of their last send
         self._retry_timer: asyncio.TimerHandle | None = None
-        # The reader routes SUBSCRIBE and UNSUBSCRIBE itself: amqtt's two queues for them are never used.
-        # (amqtt's attributes, in the __dict__ its class gives; mypy sees only the slots of this one.)
-        self._pending_subscriptions = NO_QUEUE  # type: ignore[misc]
-        self._pending_unsubscriptions = NO_QUEUE  # type: ignore[misc]
-        self._reader_stopped = None  # type: ignore[misc]  # amqtt's Event (a 64-slot deque): unused
+
+    # amqtt's `_send_packet` (a QoS 0 message through `mqtt_publish`) writes under this lock; a write here is
+    # whole and never interleaves with another, so one lock-less stand-in serves every connection.
+    _write_lock = contextlib.nullcontext()
 
     def _init_session(self, session: Any) -> None:
         """amqtt's, without the LoggerAdapter it made per connection (the broker's log lines name the client)."""
         if not session:
             raise AMQTTError("Session cannot be None")
-        self.session = session  # type: ignore[misc]  # amqtt's attributes
-        self.keepalive_timeout = session.keep_alive if session.keep_alive > 0 else None  # type: ignore[misc]
+        self.session = session
+        self.keepalive_timeout: Any = session.keep_alive if session.keep_alive > 0 else None  # type: ignore[misc]
 
     # ------------------------------------------------------------------------------------ the reader
 
@@ -397,6 +424,26 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         writer = self.writer
         if writer is not None:
             writer.write(data)
+
+    async def mqtt_connack_authorize(self, authorize: bool) -> None:
+        """CONNACK: accepted (session present when the session was resumed), or refused as not authorized."""
+        session = self.session
+        if session is None:
+            raise AMQTTError("Session is not initialized!")
+        self.write(connack(0 if authorize else NOT_AUTHORIZED, bool(session.parent) and authorize))
+
+    async def mqtt_acknowledge_subscription(self, packet_id: int, return_codes: list[int]) -> None:
+        self.write(suback(packet_id, return_codes))
+
+    async def mqtt_acknowledge_unsubscription(self, packet_id: int) -> None:
+        self.write(ack(0xB0, packet_id))
+
+    def _stop_waiters(self) -> None:
+        """Cancel the outgoing QoS 2 flows' waiters (the only ones this handler makes)."""
+        for waiters in (self._pubrec_waiters, self._pubcomp_waiters):
+            for waiter in waiters.values():
+                if not waiter.done():
+                    waiter.cancel()
 
     def end(self) -> None:
         """Close the connection now, at any point after its CONNECT was read (before the CONNACK, before the

@@ -193,6 +193,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
     # ------------------------------------------------------------------------------- connections
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
+        """One connection, in its own task, from its first byte to its end. While the client is idle this task
+        waits with two frames (this one and the reader's): what the connection needs before and after
+        reading is in coroutines that have returned (`_open`) or not started yet (`_connection_over`)."""
         server = self._servers.get(listener_name)
         if not server:
             raise BrokerError(f"Invalid listener name '{listener_name}'")
@@ -205,9 +208,19 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             return
         await server.acquire_connection()  # `max_connections` counts connected clients only
         try:
-            await self._serve(listener_name, reader, writer, connect)
+            opened = await self._open(listener_name, reader, writer, connect)
+            if opened is not None:
+                session, handler, ended = opened
+                try:
+                    await handler.run()  # the connection's reader, in this task, until the connection ends
+                    await self._connection_over(session, handler)
+                finally:
+                    self._ended(session.client_id, ended)
         except (AMQTTError, MQTTError, NoDataError, OSError, asyncio.IncompleteReadError) as e:
             log.info("connection ended: %s", e or type(e).__name__)
+        except Exception:  # a bug: logged, and the connection must not stay open
+            log.exception("connection from %s:%s failed", *remote)
+            protocol.abort(writer)
         finally:
             server.release_connection()  # however the connection ended (amqtt leaked it on OSError)
 
@@ -233,7 +246,8 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         deadline = self.limits.connect_timeout_s
         peer = f"{remote[0]}:{remote[1]}"
         try:
-            return await asyncio.wait_for(protocol.read_connect(reader, self.limits), deadline)
+            async with asyncio.timeout(deadline):  # in this task (wait_for made one more per connection)
+                return await protocol.read_connect(reader, self.limits)
         except protocol.ConnectRefused as e:
             log.info("refused the CONNECT from %s with return code %d: %s", peer, e.return_code, e)
             with contextlib.suppress(Exception):
@@ -266,7 +280,12 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         session.keep_alive = reader_timeout(connect.keep_alive)
         return session
 
-    async def _serve(self, listener_name: str, reader: Any, writer: Any, connect: protocol.Connect) -> None:
+    async def _open(
+        self, listener_name: str, reader: Any, writer: Any, connect: protocol.Connect
+    ) -> tuple[LeanSession, StrictHandler, asyncio.Future[None]] | None:
+        """Authenticate the CONNECT and answer it; for an accepted one, the session (resumed or new), its
+        handler (started: what was in flight is resent, what was queued is sent) and the future done once
+        the connection is over (`_ended`); None when it was refused (and closed)."""
         incoming = self._incoming_session(connect, writer)
         handler = StrictHandler(self.plugins_manager, self, self.limits)
         incoming.parent = 0
@@ -276,7 +295,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             handler.attach(incoming, reader, writer)
             await handler.mqtt_connack_authorize(False)
             await writer.close()
-            return
+            return None
         incoming.authenticated_since = started  # credentials read no earlier than this (loop time)
         incoming.client_id = client_id = self._session_key(incoming)
         await self._end_live_connection(client_id)
@@ -297,13 +316,17 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             await self._fire(BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session)
             await handler.start()  # also resends what the session had in flight (MQTT-4.4.0-1)
             self._send_queued(session, handler)
-            await handler.run()  # the connection's reader, in this task, until the connection ends
-            await self._connection_over(session, handler)
-        finally:
-            if not ended.done():
-                ended.set_result(None)
-            if self._connection_ended.get(client_id) is ended:
-                del self._connection_ended[client_id]
+        except BaseException:
+            self._ended(client_id, ended)
+            raise
+        return session, handler, ended
+
+    def _ended(self, client_id: str, ended: asyncio.Future[None]) -> None:
+        """The connection of `client_id` whose end `ended` tells is over (a later one may be live already)."""
+        if not ended.done():
+            ended.set_result(None)
+        if self._connection_ended.get(client_id) is ended:
+            del self._connection_ended[client_id]
 
     async def _end_live_connection(self, client_id: str) -> None:
         """MQTT-3.1.4-2: close the connection already using this client id, and wait until it has ended."""
@@ -386,7 +409,16 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         self._drop_session(client_id)
 
     async def _authenticate(self, session: Any, listener: Any) -> bool:
-        if not await super()._authenticate(session, listener):
+        """amqtt's rule (every authentication plugin that answers yes or no says yes, and at least one
+        answers), asked of each plugin in turn in this task: amqtt started a task per plugin per CONNECT."""
+        answers = []
+        for plugin in self.plugins_manager._auth_plugins:
+            check = getattr(plugin, "authenticate", None)
+            if check is not None:
+                answer = await check(session=session)
+                if answer is not None:
+                    answers.append(answer)
+        if not answers or not all(answers):
             return False
         if not session.will_flag:
             return True

@@ -332,16 +332,29 @@ def encode_publish(
     a routed message goes out with retain 0 (MQTT-3.3.1-9)."""
     name = topic.encode()
     size = 2 + len(name) + (2 if qos else 0) + len(payload)
-    head = bytearray(((0x30 | (qos << 1) | (0x8 if dup else 0) | (0x1 if retain else 0)),))
-    while True:
-        byte, size = size & 0x7F, size >> 7
-        head.append(byte | 0x80 if size else byte)
-        if not size:
-            break
+    head = _fixed_header(0x30 | (qos << 1) | (0x8 if dup else 0) | (0x1 if retain else 0), size)
     head += len(name).to_bytes(2, "big") + name
     if qos:
         head += packet_id.to_bytes(2, "big")
     return bytes(head) + payload
+
+
+def _fixed_header(first: int, remaining: int) -> bytearray:
+    """A packet's first byte and its remaining length (MQTT's variable-length integer)."""
+    head = bytearray((first,))
+    while True:
+        byte, remaining = remaining & 0x7F, remaining >> 7
+        head.append(byte | 0x80 if remaining else byte)
+        if not remaining:
+            return head
+
+
+def suback(packet_id: int, return_codes: list[int]) -> bytes:
+    """A SUBACK: one return code per topic filter of the SUBSCRIBE, in its order (MQTT-3.8.4-5)."""
+    head = _fixed_header(0x90, 2 + len(return_codes))
+    head += packet_id.to_bytes(2, "big")
+    head += bytes(return_codes)
+    return bytes(head)
 
 
 PINGRESP_PACKET = b"\xd0\x00"

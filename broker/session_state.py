@@ -9,7 +9,7 @@ callbacks (`_on_enter_connected`, `_on_enter_disconnected`).
 
 amqtt also gives every connection four `asyncio.Queue`s (about 3 KB each: three deques and an Event). The
 broker's reader routes packets itself and never uses three of them (`NoQueue` stands in), and a session's
-offline queue is a `LightQueue`, one deque made on first use.
+offline queue is a `LightQueue`, one deque made on first use; none of them is made and thrown away.
 """
 
 from __future__ import annotations
@@ -117,10 +117,40 @@ class LeanSession(Session):  # type: ignore[misc]
     __slots__ = ("authenticated_since", "waiting", "window")
 
     def __init__(self) -> None:
-        super().__init__()
-        # amqtt's attributes, in the __dict__ its class gives (mypy sees only the slots of this one)
-        self.retained_messages = LightQueue()  # type: ignore[misc]  # messages queued while offline
-        self.delivered_message_queue = NO_QUEUE  # type: ignore[misc]  # the reader routes what is published
+        # amqtt's attributes, set here rather than by amqtt's __init__ (it made two Queues per connection,
+        # replaced at once): the same names and starting values, but plain dicts for the in-flight tables
+        # (ordered too, half the size of an OrderedDict) and the light queues. tests/broker/
+        # test_amqtt_internals.py checks that every attribute amqtt's Session has, this one has too.
+        # (mypy sees only the slots of this class.)
+        self._init_states()
+        self.remote_address: Any = None  # type: ignore[misc]
+        self.remote_port: Any = None  # type: ignore[misc]
+        self.client_id: Any = None  # type: ignore[misc]
+        self.clean_session: Any = None  # type: ignore[misc]
+        self.will_flag: Any = False  # type: ignore[misc]
+        self.will_message: Any = None  # type: ignore[misc]
+        self.will_qos: Any = None  # type: ignore[misc]
+        self.will_retain: Any = None  # type: ignore[misc]
+        self.will_topic: Any = None  # type: ignore[misc]
+        self.keep_alive: Any = 0  # type: ignore[misc]
+        self.publish_retry_delay: Any = 0  # type: ignore[misc]
+        self.broker_uri: Any = None  # type: ignore[misc]
+        self.username: Any = None  # type: ignore[misc]
+        self.password: Any = None  # type: ignore[misc]
+        self.cafile: Any = None  # type: ignore[misc]
+        self.capath: Any = None  # type: ignore[misc]
+        self.cadata: Any = None  # type: ignore[misc]
+        self._packet_id: Any = 0  # type: ignore[misc]
+        self.parent: Any = 0  # type: ignore[misc]
+        self.last_connect_time: Any = None  # type: ignore[misc]
+        self.ssl_object: Any = None  # type: ignore[misc]
+        self.last_disconnect_time: Any = None  # type: ignore[misc]
+        self.attributes: dict[str, Any] = {}  # type: ignore[misc]  # plugins' own, namespaced keys
+        self.inflight_out: dict[int, Any] = {}  # type: ignore[misc]  # packet id -> outgoing message, oldest first
+        self.inflight_in: dict[int, Any] = {}  # type: ignore[misc]  # packet id -> incoming QoS 2 message not released yet
+        self.retained_messages: Any = LightQueue()  # type: ignore[misc]  # messages queued while offline
+        self.delivered_message_queue: Any = NO_QUEUE  # type: ignore[misc]  # the reader routes what is published
+        self.is_anonymous: Any = False  # type: ignore[misc]
         # Loop time from which this login's credentials were read (for plugins: credentials changed while
         # the client logged in); None until it authenticated.
         self.authenticated_since: float | None = None
@@ -128,4 +158,4 @@ class LeanSession(Session):  # type: ignore[misc]
         self.waiting = 0  # outgoing QoS 1/2 messages waiting for a place in the window
 
     def _init_states(self) -> None:
-        self.transitions = SessionState(self)  # type: ignore[misc]  # amqtt's attribute
+        self.transitions: Any = SessionState(self)  # type: ignore[misc]  # amqtt's attribute

@@ -98,7 +98,8 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     )
 
     def __init__(self, connected: Connected) -> None:
-        # run in a task of its own once the connection is made (one callable, shared by the listener)
+        # run in a task of its own once the connection is made (one callable, shared by the listener); it
+        # closes the connection however it ends
         self._connected = connected
         self._task: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
@@ -119,16 +120,10 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport; uvloop's do not derive from asyncio's classes, so no isinstance check
         self.transport = cast(asyncio.Transport, transport)
+        # Held while the connection lives (the loop keeps only weak references to tasks); no done-callback
+        # (one more object and a context copy per connection): `connected` handles its own ending, errors
+        # included.
         self._task = asyncio.get_running_loop().create_task(self._connected(self, self))
-        self._task.add_done_callback(self._served)
-
-    def _served(self, task: asyncio.Task[None]) -> None:
-        self._task = None
-        error = None if task.cancelled() else task.exception()
-        if error is not None:  # the broker handles what it expects: this is a bug, and must not leave it open
-            log.error("connection from %s failed", self.get_peer_info(), exc_info=error)
-            if self.transport is not None:
-                self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data

@@ -97,6 +97,13 @@ def _identity(subscriber: S) -> Hashable:
     return subscriber
 
 
+def _as_set(filters: str | set[str] | None) -> set[str] | frozenset[str]:
+    """A subscriber's filters as a set, however they are kept."""
+    if filters is None:
+        return frozenset()
+    return {filters} if isinstance(filters, str) else filters
+
+
 def _merge(found: dict[Hashable, Subscription[S]], subscribers: dict[Hashable, Subscription[S]]) -> None:
     """Add ``subscribers`` to ``found``, keeping each subscriber's highest QoS (MQTT-3.3.5-1)."""
     for key, subscription in subscribers.items():
@@ -119,7 +126,9 @@ class TopicIndex(Mapping[str, list[Subscription[S]]]):
         # ``multi``), so re-subscribing and reading the mapping need no walk.
         self._wildcard: dict[str, dict[Hashable, Subscription[S]]] = {}
         self._root: _Node[S] = _Node()
-        self._filters_by_key: dict[Hashable, set[str]] = {}
+        # A subscriber's filters: one filter as itself (nearly every device has one: a set is 216 bytes),
+        # more as a set.
+        self._filters_by_key: dict[Hashable, str | set[str]] = {}
 
     def add(self, topic_filter: str, subscriber: S, qos: int) -> bool:
         """Subscribe; True if new, False if it replaced the subscriber's QoS on that filter (MQTT-3.8.4-3).
@@ -137,25 +146,37 @@ class TopicIndex(Mapping[str, list[Subscription[S]]]):
             subscribers = self._create(topic_filter)
         is_new = key not in subscribers
         subscribers[key] = Subscription(subscriber, qos)
-        self._filters_by_key.setdefault(key, set()).add(topic_filter)
+        filters = self._filters_by_key.get(key)
+        if filters is None:
+            self._filters_by_key[key] = topic_filter
+        elif isinstance(filters, str):
+            if filters != topic_filter:
+                self._filters_by_key[key] = {filters, topic_filter}
+        else:
+            filters.add(topic_filter)
         return is_new
 
     def remove(self, topic_filter: str, subscriber: S) -> bool:
         """Unsubscribe; False if the subscriber was not subscribed to exactly that filter."""
         key = self._key(subscriber)
         filters = self._filters_by_key.get(key)
-        if filters is None or topic_filter not in filters:
-            return False
-        filters.remove(topic_filter)
-        if not filters:
+        if isinstance(filters, str):
+            if filters != topic_filter:
+                return False
             del self._filters_by_key[key]
+        else:
+            if filters is None or topic_filter not in filters:
+                return False
+            filters.remove(topic_filter)
+            if not filters:
+                del self._filters_by_key[key]
         self._discard(topic_filter, key)
         return True
 
     def remove_all(self, subscriber: S) -> list[str]:
         """Unsubscribe from every filter; return those filters, sorted. Costs the subscriber's filters only."""
         key = self._key(subscriber)
-        filters = self._filters_by_key.pop(key, set())
+        filters = _as_set(self._filters_by_key.pop(key, None))
         for topic_filter in filters:
             self._discard(topic_filter, key)
         return sorted(filters)
@@ -169,7 +190,7 @@ class TopicIndex(Mapping[str, list[Subscription[S]]]):
 
     def filters_of(self, subscriber: S) -> frozenset[str]:
         """The filters the subscriber is subscribed to."""
-        return frozenset(self._filters_by_key.get(self._key(subscriber), ()))
+        return frozenset(_as_set(self._filters_by_key.get(self._key(subscriber))))
 
     def match(self, topic: str) -> list[Subscription[S]]:
         """The subscribers to deliver a message published on ``topic`` to: each once, at its highest granted QoS."""

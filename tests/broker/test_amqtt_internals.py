@@ -153,12 +153,33 @@ async def test_amqtt_still_has_each_attribute_the_broker_uses(build: Callable[[]
     assert hasattr(built, name), f"amqtt's {type(built).__name__} no longer has {name}: the broker uses it"
 
 
+async def test_the_broker_s_session_and_handler_carry_every_attribute_amqtt_s_do() -> None:
+    """LeanSession and StrictHandler set amqtt's attributes themselves instead of calling amqtt's __init__ (it
+    made queues, an Event and a Lock they never use): whatever amqtt's own objects carry, theirs carry too,
+    so an amqtt upgrade that adds one fails here instead of at the first read of it."""
+    broker = HardenedBroker(bare_config())
+    for amqtt_object, own in (
+        (Session(), LeanSession()),
+        (
+            BrokerProtocolHandler(broker.plugins_manager),
+            StrictHandler(broker.plugins_manager, broker, broker.limits),
+        ),
+    ):
+        missing = {name for name in vars(amqtt_object) if not hasattr(own, name)} - {"keepalive_timeout"}
+        assert not missing, (
+            f"{type(own).__name__} lacks amqtt's {sorted(missing)}"
+        )  # (set with a session only)
+        assert all(hasattr(own, name) for name in own.__slots__)  # type: ignore[attr-defined]
+
+
 async def test_amqtt_still_has_the_plugin_manager_internals_the_broker_reads() -> None:
-    """The broker calls the plugins' event handlers and topic checks itself, in the calling task, from the
-    plugin manager's `_event_plugin_callbacks` and `_topic_plugins`; its plugins come from `plugins`."""
+    """The broker calls the plugins' event handlers, topic checks and authentication itself, in the calling
+    task, from the plugin manager's `_event_plugin_callbacks`, `_topic_plugins` and `_auth_plugins`; its
+    plugins come from `plugins`."""
     manager = HardenedBroker(bare_config()).plugins_manager
     assert isinstance(manager._event_plugin_callbacks, dict), "PluginManager._event_plugin_callbacks changed"
     assert isinstance(manager._topic_plugins, list), "PluginManager._topic_plugins changed"
+    assert isinstance(manager._auth_plugins, list), "PluginManager._auth_plugins changed"
     assert isinstance(manager.plugins, list), "PluginManager.plugins changed"
 
 
