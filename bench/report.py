@@ -12,6 +12,7 @@ DASH = "\N{EN DASH}"
 
 LABELS = {
     "amqtt": "amqtt",
+    "asyncio_floor": "asyncio floor",
     "ota": "ota-broker",
     "ota_nolimit": "ota-broker (no limits)",
     "ota_uvloop": "ota-broker on uvloop",

@@ -269,6 +269,16 @@ class AmqttServer(Server):
         return Process(argv, log=self.workdir / "amqtt.log", cwd=self.workdir)
 
 
+class AsyncioFloorServer(Server):
+    """`bench/asyncio_floor.py`: asyncio's own cost of a connection, with no MQTT work behind it."""
+
+    name = "asyncio_floor"
+
+    def launch(self) -> Process:
+        argv = [PYTHON, str(REPO / "bench" / "asyncio_floor.py"), str(self.port)]
+        return Process(argv, log=self.workdir / "asyncio_floor.log", cwd=self.workdir)
+
+
 class OtaServer(Server):
     """ota-broker in open auth mode, its state in a temporary data directory, every listener on a free
     loopback port (MQTT over TLS off)."""
@@ -418,6 +428,7 @@ http {{
 
 MQTT_SERVERS: dict[str, type[Server]] = {
     "amqtt": AmqttServer,
+    "asyncio_floor": AsyncioFloorServer,
     "ota": OtaServer,
     "ota_nolimit": OtaNoLimitServer,
     "ota_uvloop": OtaUvloopServer,
