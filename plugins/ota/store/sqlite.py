@@ -1,19 +1,18 @@
 """The SQLite `Repository` (aiosqlite, WAL); its schema is the numbered scripts in `migrations/`, run in
-order and counted in `PRAGMA user_version`.
+order and counted in `PRAGMA user_version` (a database newer than them is refused: `schema.SchemaTooNew`).
 
-Rows become domain values here and nowhere else. Task writes are compare-and-set on `rev`, and every
-task change appends a history row in the same transaction.
+Rows become domain values in `rows`, shared with the PostgreSQL repository. Task writes are compare-and-set
+on `rev`, and every task change appends a history row in the same transaction.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from plugins.ota.core.credentials import new_device_secret
 from plugins.ota.core.errors import Conflict, NotFound
 from plugins.ota.core.machine import PlannedTask
 from plugins.ota.core.model import (
-    DOWNLOADABLE,
-    UNFINISHED,
     DeviceRecord,
     Firmware,
     FirmwareFile,
@@ -39,22 +36,25 @@ from plugins.ota.core.model import (
     TaskState,
 )
 from plugins.ota.core.topics import DeviceRef
+from plugins.ota.store import schema
 from plugins.ota.store.gate import Gate
+from plugins.ota.store.lookups import Lookups
+from plugins.ota.store.rows import (
+    DOWNLOADABLE_SQL,
+    UNFINISHED_SQL,
+    counts_by_job,
+    device_filter,
+    device_from,
+    files_json,
+    firmware_from,
+    groups_of,
+    job_from,
+    modules_by_device,
+    options_json,
+    task_from,
+)
 
-
-def _migrations() -> tuple[str, ...]:
-    """The migration scripts `migrations/NNNN_<what>.sql`, in order; their numbers run 1, 2, 3... with no gap."""
-    folder = importlib.resources.files(__package__).joinpath("migrations")
-    scripts = sorted(
-        (f.name, f.read_text(encoding="utf-8")) for f in folder.iterdir() if f.name.endswith(".sql")
-    )
-    for number, (name, _) in enumerate(scripts, start=1):
-        if not name.startswith(f"{number:04d}_"):
-            raise RuntimeError(f"migration {name}: expected number {number:04d}")
-    return tuple(script for _, script in scripts)
-
-
-MIGRATIONS: Sequence[str] = _migrations()
+MIGRATIONS: Sequence[str] = schema.scripts("migrations")
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -71,11 +71,7 @@ def _statements(script: str) -> Iterator[str]:
         yield pending.strip()
 
 
-_UNFINISHED_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(UNFINISHED)) + ")"
-_DOWNLOADABLE_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(DOWNLOADABLE)) + ")"
-
-
-class SqliteRepository:
+class SqliteRepository(Lookups):
     """The `Repository` on one SQLite file."""
 
     def __init__(self, path: Path) -> None:
@@ -91,12 +87,17 @@ class SqliteRepository:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(self.path, isolation_level=None)
         db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")
-        self._db = db
-        await self._migrate()
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=5000")
+            self._db = db
+            await self._migrate()
+        except BaseException:
+            self._db = None  # a refused database (newer schema, failed migration) leaves nothing open
+            await db.close()
+            raise
 
     async def close(self) -> None:
         if self._db is not None:
@@ -111,14 +112,20 @@ class SqliteRepository:
         return self._db
 
     async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        current = int(row[0]) if row else 0
-        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+        """Run the next script the database has not run, one transaction each, until none is left. The
+        version is read inside the write transaction: two connections opening the file at once take turns,
+        and the second finds the first's work done."""
+        while True:
             async with self._tx() as db:
-                for statement in _statements(script):
+                async with db.execute("PRAGMA user_version") as cur:
+                    row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+                schema.check_version(str(self.path), current, len(MIGRATIONS))
+                if current == len(MIGRATIONS):
+                    return
+                for statement in _statements(MIGRATIONS[current]):
                     await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {number}")
+                await db.execute(f"PRAGMA user_version = {current + 1}")
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -196,13 +203,7 @@ class SqliteRepository:
             "SELECT module, version FROM device_modules WHERE product_key=? AND device_name=? ORDER BY module",
             (ref.product_key, ref.device_name),
         )
-        return _device(row, {m["module"]: m["version"] for m in modules})
-
-    async def get_device(self, ref: DeviceRef) -> DeviceRecord:
-        found = await self.find_device(ref)
-        if found is None:
-            raise NotFound(f"device {ref} does not exist")
-        return found
+        return device_from(row, {m["module"]: m["version"] for m in modules})
 
     async def list_devices(
         self,
@@ -214,21 +215,22 @@ class SqliteRepository:
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]:
-        where, args = _device_filter(product_key, module, version, online)
+        where, args = device_filter(product_key, module, version, online, lambda _: "?")
         rows = await self._all(
             f"SELECT d.* FROM devices d WHERE {where}"  # noqa: S608 - only fixed fragments
             " ORDER BY d.product_key, d.device_name LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
-        modules: dict[tuple[str, str], dict[str, str]] = {}
-        if rows:
-            for m in await self._all(
+        modules = modules_by_device(
+            await self._all(
                 "SELECT product_key, device_name, module, version FROM device_modules"
                 " WHERE product_key || '/' || device_name IN (SELECT value FROM json_each(?))",
                 (json.dumps([f"{r['product_key']}/{r['device_name']}" for r in rows]),),
-            ):
-                modules.setdefault((m["product_key"], m["device_name"]), {})[m["module"]] = m["version"]
-        return [_device(r, modules.get((r["product_key"], r["device_name"]), {})) for r in rows]
+            )
+            if rows
+            else ()
+        )
+        return [device_from(r, modules.get(DeviceRef(r["product_key"], r["device_name"]), {})) for r in rows]
 
     async def count_devices(
         self,
@@ -239,7 +241,7 @@ class SqliteRepository:
         online: bool | None = None,
     ) -> int:
         """How many devices `list_devices` with the same filters would list in all."""
-        where, args = _device_filter(product_key, module, version, online)
+        where, args = device_filter(product_key, module, version, online, lambda _: "?")
         row = await self._one(f"SELECT COUNT(*) FROM devices d WHERE {where}", args)  # noqa: S608
         return int(row[0]) if row else 0
 
@@ -272,7 +274,7 @@ class SqliteRepository:
         """Delete the device and its module versions; Conflict while it has an unfinished task."""
         async with self._tx() as db:
             cur = await db.execute(
-                f"SELECT COUNT(*) FROM tasks WHERE product_key=? AND device_name=? AND state IN {_UNFINISHED_SQL}",  # noqa: S608
+                f"SELECT COUNT(*) FROM tasks WHERE product_key=? AND device_name=? AND state IN {UNFINISHED_SQL}",  # noqa: S608
                 (ref.product_key, ref.device_name),
             )
             row = await cur.fetchone()
@@ -363,7 +365,7 @@ class SqliteRepository:
                         description,
                         status.value,
                         now,
-                        json.dumps([asdict(f) for f in files]),
+                        files_json(files),
                     ),
                 )
                 fw_id = cur.lastrowid
@@ -374,13 +376,7 @@ class SqliteRepository:
 
     async def find_firmware(self, firmware_id: int) -> Firmware | None:
         row = await self._one("SELECT * FROM firmware WHERE id=?", (firmware_id,))
-        return None if row is None else _firmware(row)
-
-    async def get_firmware(self, firmware_id: int) -> Firmware:
-        found = await self.find_firmware(firmware_id)
-        if found is None:
-            raise NotFound(f"firmware {firmware_id} does not exist")
-        return found
+        return None if row is None else firmware_from(row)
 
     async def list_firmware(
         self, product_key: str | None = None, *, limit: int = -1, offset: int = 0
@@ -390,7 +386,7 @@ class SqliteRepository:
             "SELECT * FROM firmware WHERE ?1 IS NULL OR product_key=?1 ORDER BY id LIMIT ?2 OFFSET ?3",
             (product_key, limit, offset),
         )
-        return [_firmware(r) for r in rows]
+        return [firmware_from(r) for r in rows]
 
     async def count_firmware(self, product_key: str | None = None) -> int:
         row = await self._one(
@@ -403,7 +399,7 @@ class SqliteRepository:
         firmware = await self.get_firmware(firmware_id)
         async with self._tx() as db:
             cur = await db.execute(
-                f"SELECT COUNT(*) FROM tasks WHERE firmware_id=? AND state IN {_UNFINISHED_SQL}",  # noqa: S608
+                f"SELECT COUNT(*) FROM tasks WHERE firmware_id=? AND state IN {UNFINISHED_SQL}",  # noqa: S608
                 (firmware_id,),
             )
             row = await cur.fetchone()
@@ -449,7 +445,7 @@ class SqliteRepository:
                     firmware.id,
                     job_type.value,
                     JobState.RUNNING.value,
-                    json.dumps(options.to_json()),
+                    options_json(options),
                     now,
                     now,
                     schedule_at,
@@ -504,10 +500,6 @@ class SqliteRepository:
                 (cur.lastrowid, now, p.state.value, 0, p.desc or "created"),
             )
 
-    async def running_jobs(self) -> list[JobRecord]:
-        """Jobs stored as running (scheduled ones included: their start time is checked by the caller)."""
-        return await self.jobs_in_states(JobState.RUNNING)
-
     async def jobs_in_states(self, *states: JobState) -> list[JobRecord]:
         rows = await self._all(
             "SELECT id FROM jobs WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id",
@@ -531,7 +523,7 @@ class SqliteRepository:
         args: list[float | int | str] = [now]
         if options is not None:
             sets.append("options=?")
-            args.append(json.dumps(options.to_json()))
+            args.append(options_json(options))
         for column, value in (
             ("state", state),
             ("current_group", current_group),
@@ -553,12 +545,7 @@ class SqliteRepository:
             "SELECT group_no, state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY group_no, state",
             (job_id,),
         )
-        groups: list[dict[TaskState, int]] = []
-        for r in rows:
-            while len(groups) <= int(r["group_no"]):
-                groups.append({})
-            groups[int(r["group_no"])][TaskState(r["state"])] = int(r["n"])
-        return groups
+        return groups_of(rows)
 
     async def dispatchable_tasks(self, job_id: int, max_group: int, now: float, limit: int) -> list[Task]:
         rows = await self._all(
@@ -566,14 +553,14 @@ class SqliteRepository:
             " AND (not_before IS NULL OR not_before<=?) ORDER BY group_no, id LIMIT ?",
             (job_id, max_group, now, limit),
         )
-        return [_task(r) for r in rows]
+        return [task_from(r) for r in rows]
 
     async def job_task_of_device(self, job_id: int, ref: DeviceRef) -> Task | None:
         row = await self._one(
             "SELECT * FROM tasks WHERE job_id=? AND product_key=? AND device_name=? ORDER BY id DESC LIMIT 1",
             (job_id, ref.product_key, ref.device_name),
         )
-        return None if row is None else _task(row)
+        return None if row is None else task_from(row)
 
     async def set_firmware_status(self, firmware_id: int, status: FirmwareStatus) -> None:
         async with self._tx() as db:
@@ -584,27 +571,21 @@ class SqliteRepository:
         if row is None:
             return None
         counts = await self._all(
-            "SELECT state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY state", (job_id,)
+            "SELECT job_id, state, COUNT(*) AS n FROM tasks WHERE job_id=? GROUP BY job_id, state", (job_id,)
         )
-        return _job(row, {TaskState(c["state"]): int(c["n"]) for c in counts})
-
-    async def get_job(self, job_id: int) -> JobRecord:
-        found = await self.find_job(job_id)
-        if found is None:
-            raise NotFound(f"job {job_id} does not exist")
-        return found
+        return job_from(row, counts_by_job(counts).get(job_id, {}))
 
     async def list_jobs(self, limit: int = 200, offset: int = 0) -> list[JobRecord]:
         """Jobs newest first."""
         rows = await self._all("SELECT * FROM jobs ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
-        counts: dict[int, dict[TaskState, int]] = {}
-        for c in await self._all(
-            "SELECT job_id, state, COUNT(*) AS n FROM tasks WHERE job_id IN (SELECT value FROM json_each(?))"
-            " GROUP BY job_id, state",
-            (json.dumps([r["id"] for r in rows]),),
-        ):
-            counts.setdefault(int(c["job_id"]), {})[TaskState(c["state"])] = int(c["n"])
-        return [_job(r, counts.get(int(r["id"]), {})) for r in rows]
+        counts = counts_by_job(
+            await self._all(
+                "SELECT job_id, state, COUNT(*) AS n FROM tasks WHERE job_id IN (SELECT value FROM json_each(?))"
+                " GROUP BY job_id, state",
+                (json.dumps([r["id"] for r in rows]),),
+            )
+        )
+        return [job_from(r, counts.get(int(r["id"]), {})) for r in rows]
 
     async def count_jobs(self) -> int:
         row = await self._one("SELECT COUNT(*) FROM jobs")
@@ -616,27 +597,27 @@ class SqliteRepository:
         row = await self._one("SELECT * FROM tasks WHERE id=?", (task_id,))
         if row is None:
             raise NotFound(f"task {task_id} does not exist")
-        return _task(row)
+        return task_from(row)
 
     async def unfinished_task(self, ref: DeviceRef, module: str) -> Task | None:
         row = await self._one(
-            f"SELECT * FROM tasks WHERE product_key=? AND device_name=? AND module=? AND state IN {_UNFINISHED_SQL}"  # noqa: S608
+            f"SELECT * FROM tasks WHERE product_key=? AND device_name=? AND module=? AND state IN {UNFINISHED_SQL}"  # noqa: S608
             " ORDER BY id DESC LIMIT 1",
             (ref.product_key, ref.device_name, module),
         )
-        return None if row is None else _task(row)
+        return None if row is None else task_from(row)
 
     async def unfinished_tasks_of_device(self, ref: DeviceRef) -> list[Task]:
         rows = await self._all(
-            f"SELECT * FROM tasks WHERE product_key=? AND device_name=? AND state IN {_UNFINISHED_SQL}"  # noqa: S608
+            f"SELECT * FROM tasks WHERE product_key=? AND device_name=? AND state IN {UNFINISHED_SQL}"  # noqa: S608
             " ORDER BY id",
             (ref.product_key, ref.device_name),
         )
-        return [_task(r) for r in rows]
+        return [task_from(r) for r in rows]
 
     async def busy_devices(self, refs: Sequence[DeviceRef], module: str) -> set[DeviceRef]:
         rows = await self._all(
-            f"SELECT DISTINCT product_key, device_name FROM tasks WHERE module=? AND state IN {_UNFINISHED_SQL}"  # noqa: S608
+            f"SELECT DISTINCT product_key, device_name FROM tasks WHERE module=? AND state IN {UNFINISHED_SQL}"  # noqa: S608
             " AND product_key || '/' || device_name IN (SELECT value FROM json_each(?))",
             (module, json.dumps([str(r) for r in refs])),
         )
@@ -661,7 +642,7 @@ class SqliteRepository:
                 " ORDER BY id LIMIT ? OFFSET ?",
                 (job_id, json.dumps([s.value for s in states]), limit, offset),
             )
-        return [_task(r) for r in rows]
+        return [task_from(r) for r in rows]
 
     async def count_tasks_of_job(self, job_id: int) -> int:
         row = await self._one("SELECT COUNT(*) FROM tasks WHERE job_id=?", (job_id,))
@@ -672,7 +653,7 @@ class SqliteRepository:
             "SELECT * FROM tasks WHERE product_key=? AND device_name=? ORDER BY id DESC LIMIT ?",
             (ref.product_key, ref.device_name, limit),
         )
-        return [_task(r) for r in rows]
+        return [task_from(r) for r in rows]
 
     async def overdue_tasks(self, now: float) -> list[Task]:
         """Tasks in progress whose timeout, counted from the first progress report, has passed, and notified
@@ -684,7 +665,7 @@ class SqliteRepository:
             " AND noticed_at IS NOT NULL AND noticed_at + notify_timeout_s <= ?1 ORDER BY id",
             (now,),
         )
-        return [_task(r) for r in rows]
+        return [task_from(r) for r in rows]
 
     async def devices_in_transfer(self, noticed_since: float) -> list[DeviceRef]:
         """The devices of the tasks holding a transfer: notified at or after `noticed_since`, or in progress
@@ -735,109 +716,7 @@ class SqliteRepository:
 
     async def may_download(self, firmware_id: int, ref: DeviceRef) -> bool:
         row = await self._one(
-            f"SELECT 1 FROM tasks WHERE firmware_id=? AND product_key=? AND device_name=? AND state IN {_DOWNLOADABLE_SQL} LIMIT 1",  # noqa: S608, E501
+            f"SELECT 1 FROM tasks WHERE firmware_id=? AND product_key=? AND device_name=? AND state IN {DOWNLOADABLE_SQL} LIMIT 1",  # noqa: S608, E501
             (firmware_id, ref.product_key, ref.device_name),
         )
         return row is not None
-
-
-# ------------------------------------------------------------------------------------------ row mapping
-
-
-def _device_filter(
-    product_key: str | None, module: str | None, version: str | None, online: bool | None
-) -> tuple[str, list[str | int]]:
-    """The WHERE clause (over `devices d`) and its arguments for the device list's filters."""
-    where: list[str] = ["1=1"]
-    args: list[str | int] = []
-    if product_key is not None:
-        where.append("d.product_key=?")
-        args.append(product_key)
-    if online is not None:
-        where.append("d.online=?")
-        args.append(int(online))
-    if module is not None or version is not None:
-        sub = (
-            "SELECT 1 FROM device_modules m WHERE m.product_key=d.product_key AND m.device_name=d.device_name"
-        )
-        if module is not None:
-            sub += " AND m.module=?"
-            args.append(module)
-        if version is not None:
-            sub += " AND m.version=?"
-            args.append(version)
-        where.append(f"EXISTS ({sub})")
-    return " AND ".join(where), args
-
-
-def _device(row: sqlite3.Row, modules: dict[str, str]) -> DeviceRecord:
-    return DeviceRecord(
-        device=DeviceRef(row["product_key"], row["device_name"]),
-        device_secret=row["device_secret"],
-        enabled=bool(row["enabled"]),
-        online=bool(row["online"]),
-        created_at=row["created_at"],
-        last_seen=row["last_seen"],
-        modules=modules,
-    )
-
-
-def _firmware(row: sqlite3.Row) -> Firmware:
-    return Firmware(
-        id=row["id"],
-        product_key=row["product_key"],
-        module=row["module"],
-        version=row["version"],
-        src_version=row["src_version"],
-        size=row["size"],
-        md5=row["md5"],
-        sha256=row["sha256"],
-        sign_method=SignMethod(row["sign_method"]),
-        description=row["description"],
-        status=FirmwareStatus(row["status"]),
-        created_at=row["created_at"],
-        files=tuple(FirmwareFile(**f) for f in json.loads(row["files"])),
-    )
-
-
-def _job(row: sqlite3.Row, counts: dict[TaskState, int]) -> JobRecord:
-    return JobRecord(
-        id=row["id"],
-        firmware_id=row["firmware_id"],
-        type=JobType(row["type"]),
-        stored_state=JobState(row["state"]),
-        options=JobOptions.from_json(json.loads(row["options"])),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        counts=counts,
-        current_group=row["current_group"],
-        schedule_at=row["schedule_at"],
-        end_at=row["end_at"],
-        pause_reason=row["pause_reason"],
-    )
-
-
-def _task(row: sqlite3.Row) -> Task:
-    return Task(
-        id=row["id"],
-        job_id=row["job_id"],
-        firmware_id=row["firmware_id"],
-        device=DeviceRef(row["product_key"], row["device_name"]),
-        module=row["module"],
-        target_version=row["target_version"],
-        state=TaskState(row["state"]),
-        progress=row["progress"],
-        desc=row["desc"],
-        attempts=row["attempts"],
-        timeout_s=row["timeout_s"],
-        notified_at=row["notified_at"],
-        noticed_at=row["noticed_at"],
-        started_at=row["started_at"],
-        updated_at=row["updated_at"],
-        rev=row["rev"],
-        group_no=row["group_no"],
-        not_before=row["not_before"],
-        retry_count=row["retry_count"],
-        retry_interval_s=row["retry_interval_s"],
-        notify_timeout_s=row["notify_timeout_s"],
-    )

@@ -1,0 +1,757 @@
+"""The PostgreSQL `Repository` (asyncpg, a pool of connections); its schema is the numbered scripts in
+`migrations_pg/` (the same numbers and meaning as SQLite's `migrations/`), run in order and counted in the
+table `schema_version` (a database newer than them is refused: `schema.SchemaTooNew`).
+
+Every method keeps the SQLite repository's rules; rows become domain values in `rows`, shared with it.
+Where they differ, and why:
+
+- Migrations run in one transaction under `pg_advisory_xact_lock`: replicas starting at once on an empty
+  database migrate it once, the others wait and find it done.
+- SQLite runs one write transaction at a time; PostgreSQL runs them side by side (READ COMMITTED). A
+  transaction that checks before it writes therefore locks what it checked, so that the outcome is one
+  the SQLite order could give: deleting a firmware locks it and its tasks (a job created for it meanwhile
+  waits on the foreign key, a task moved back to queued meanwhile is counted); deleting a device locks its
+  row, and new tasks take a key-share lock on their devices' rows.
+- `save_task` is the same compare-and-set (`UPDATE ... WHERE id=$ AND rev=$`): a concurrent writer of
+  the row waits, then finds `rev` changed and updates nothing. The history row is written by the trigger
+  of migration 3, a plpgsql function, in the same statement.
+- Statements that SQLite sends once per row (a job's tasks, an import's devices) go as one statement over
+  arrays (`unnest`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from plugins.ota.core.credentials import new_device_secret
+from plugins.ota.core.errors import Conflict, NotFound
+from plugins.ota.core.machine import PlannedTask
+from plugins.ota.core.model import (
+    DeviceRecord,
+    Firmware,
+    FirmwareFile,
+    FirmwareStatus,
+    JobOptions,
+    JobRecord,
+    JobState,
+    JobType,
+    SignMethod,
+    Task,
+    TaskPolicy,
+    TaskState,
+)
+from plugins.ota.core.topics import DeviceRef
+from plugins.ota.store import schema
+from plugins.ota.store.lookups import Lookups
+from plugins.ota.store.rows import (
+    DOWNLOADABLE_SQL,
+    UNFINISHED_SQL,
+    counts_by_job,
+    device_filter,
+    device_from,
+    files_json,
+    firmware_from,
+    groups_of,
+    job_from,
+    modules_by_device,
+    options_json,
+    task_from,
+)
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+MIGRATIONS: Sequence[str] = schema.scripts("migrations_pg")
+
+# The advisory lock the migrations run under ("ota_migr" as a 64-bit number): one per database.
+MIGRATION_LOCK = int.from_bytes(b"ota_migr", "big")
+
+
+def _mark(n: int) -> str:
+    return f"${n}"
+
+
+def _limit(limit: int) -> int | None:
+    """A negative limit lists everything (SQLite's `LIMIT -1`), which PostgreSQL spells `LIMIT NULL`."""
+    return None if limit < 0 else limit
+
+
+def _changed(status: str) -> int:
+    """The rows a command changed, from its status (`UPDATE 3`, `INSERT 0 1`, `DELETE 0`)."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _keys(refs: Iterable[DeviceRef]) -> tuple[list[str], list[str]]:
+    """Devices as the two arrays (product keys, device names) a statement `unnest`s into rows."""
+    listed = list(refs)
+    return [r.product_key for r in listed], [r.device_name for r in listed]
+
+
+class PostgresRepository(Lookups):
+    """The `Repository` on one PostgreSQL database; several replicas may share it."""
+
+    def __init__(self, dsn: str, *, pool_size: int = 10) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        # Told how long each query ("read") and transaction ("write") took, waiting included (metrics).
+        self.observe: Callable[[str, float], None] | None = None
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=1,
+            max_size=self.pool_size,
+            server_settings={"application_name": "ota-broker"},
+        )
+        try:
+            await self._migrate(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise RuntimeError("repository is not open")
+        return self._pool
+
+    @staticmethod
+    async def _migrate(pool: asyncpg.Pool[asyncpg.Record]) -> None:
+        """Run the scripts the database has not run yet, all in one transaction, under a lock that makes
+        replicas starting at once take turns (the first migrates, the others find it done)."""
+        async with pool.acquire() as db, db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version"
+                " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            current = int(await db.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+            name = await db.fetchval("SELECT current_database()")
+            schema.check_version(f"PostgreSQL database {name!r}", current, len(MIGRATIONS))
+            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                await db.execute(script)  # no arguments: the simple protocol, several statements at once
+                await db.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+        """One write transaction on a connection of its own (committed at the end, rolled back on error)."""
+        started = time.perf_counter()
+        async with self.pool.acquire() as db, db.transaction():
+            yield db
+        self._observe("write", started)
+
+    def _observe(self, kind: str, started: float) -> None:
+        if self.observe is not None:
+            self.observe(kind, time.perf_counter() - started)
+
+    async def _write1(self, sql: str, *args: Any) -> int:
+        """One write statement, atomic on its own (triggers included). Returns the rows changed."""
+        started = time.perf_counter()
+        status = await self.pool.execute(sql, *args)
+        self._observe("write", started)
+        return _changed(status)
+
+    async def _all(self, sql: str, *args: Any, write: bool = False) -> list[asyncpg.Record]:
+        """One query (or, `write`, a statement that returns rows)."""
+        started = time.perf_counter()
+        rows = await self.pool.fetch(sql, *args)
+        self._observe("write" if write else "read", started)
+        return rows
+
+    async def _one(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        rows = await self._all(sql, *args)
+        return rows[0] if rows else None
+
+    async def _count(self, sql: str, *args: Any) -> int:
+        row = await self._one(sql, *args)
+        return int(row[0]) if row else 0
+
+    # --------------------------------------------------------------------------------------- devices
+
+    async def add_device(self, ref: DeviceRef, secret: str, now: float) -> DeviceRecord:
+        try:
+            [row] = await self._all(
+                "INSERT INTO devices (product_key, device_name, device_secret, created_at)"
+                " VALUES ($1,$2,$3,$4) RETURNING *",
+                ref.product_key,
+                ref.device_name,
+                secret,
+                now,
+                write=True,
+            )
+        except asyncpg.UniqueViolationError as e:
+            raise Conflict(f"device {ref} already exists") from e
+        return device_from(row, {})
+
+    async def ensure_device(self, ref: DeviceRef, now: float) -> bool:
+        """Register the device if it is unknown (open mode); True when it was created."""
+        created = await self._write1(
+            "INSERT INTO devices (product_key, device_name, device_secret, created_at, last_seen)"
+            " VALUES ($1,$2,$3,$4,$4) ON CONFLICT DO NOTHING",
+            ref.product_key,
+            ref.device_name,
+            new_device_secret(),
+            now,
+        )
+        return created > 0
+
+    async def find_device(self, ref: DeviceRef) -> DeviceRecord | None:
+        row = await self._one(
+            "SELECT * FROM devices WHERE product_key=$1 AND device_name=$2", ref.product_key, ref.device_name
+        )
+        if row is None:
+            return None
+        modules = await self._all(
+            "SELECT module, version FROM device_modules WHERE product_key=$1 AND device_name=$2 ORDER BY module",
+            ref.product_key,
+            ref.device_name,
+        )
+        return device_from(row, {m["module"]: m["version"] for m in modules})
+
+    async def list_devices(
+        self,
+        *,
+        product_key: str | None = None,
+        module: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[DeviceRecord]:
+        where, args = device_filter(product_key, module, version, online, _mark)
+        n = len(args)
+        rows = await self._all(
+            f"SELECT d.* FROM devices d WHERE {where}"  # noqa: S608 - only fixed fragments
+            f" ORDER BY d.product_key, d.device_name LIMIT ${n + 1} OFFSET ${n + 2}",
+            *args,
+            _limit(limit),
+            offset,
+        )
+        modules = modules_by_device(
+            await self._all(
+                "SELECT product_key, device_name, module, version FROM device_modules"
+                " WHERE (product_key, device_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                *_keys(DeviceRef(r["product_key"], r["device_name"]) for r in rows),
+            )
+            if rows
+            else ()
+        )
+        return [device_from(r, modules.get(DeviceRef(r["product_key"], r["device_name"]), {})) for r in rows]
+
+    async def count_devices(
+        self,
+        *,
+        product_key: str | None = None,
+        module: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+    ) -> int:
+        """How many devices `list_devices` with the same filters would list in all."""
+        where, args = device_filter(product_key, module, version, online, _mark)
+        return await self._count(f"SELECT COUNT(*) FROM devices d WHERE {where}", *args)  # noqa: S608
+
+    async def device_login(self, ref: DeviceRef) -> tuple[str, bool] | None:
+        row = await self._one(
+            "SELECT device_secret, enabled FROM devices WHERE product_key=$1 AND device_name=$2",
+            ref.product_key,
+            ref.device_name,
+        )
+        return None if row is None else (str(row["device_secret"]), bool(row["enabled"]))
+
+    async def set_enabled(self, ref: DeviceRef, enabled: bool) -> None:
+        changed = await self._write1(
+            "UPDATE devices SET enabled=$1 WHERE product_key=$2 AND device_name=$3",
+            enabled,
+            ref.product_key,
+            ref.device_name,
+        )
+        if changed != 1:
+            raise NotFound(f"device {ref} does not exist")
+
+    async def set_secret(self, ref: DeviceRef, secret: str) -> None:
+        changed = await self._write1(
+            "UPDATE devices SET device_secret=$1 WHERE product_key=$2 AND device_name=$3",
+            secret,
+            ref.product_key,
+            ref.device_name,
+        )
+        if changed != 1:
+            raise NotFound(f"device {ref} does not exist")
+
+    async def delete_device(self, ref: DeviceRef) -> None:
+        """Delete the device and its module versions; Conflict while it has an unfinished task."""
+        key = (ref.product_key, ref.device_name)
+        async with self._tx() as db:
+            # Locked first: a job inserting tasks for it (key-share lock) finishes before the count below.
+            await db.execute("SELECT 1 FROM devices WHERE product_key=$1 AND device_name=$2 FOR UPDATE", *key)
+            unfinished = await db.fetchval(
+                f"SELECT COUNT(*) FROM tasks WHERE product_key=$1 AND device_name=$2 AND state IN {UNFINISHED_SQL}",  # noqa: S608
+                *key,
+            )
+            if unfinished:
+                raise Conflict(f"device {ref} has {unfinished} unfinished task(s); cancel them first")
+            status = await db.execute("DELETE FROM devices WHERE product_key=$1 AND device_name=$2", *key)
+            if _changed(status) != 1:
+                raise NotFound(f"device {ref} does not exist")
+
+    async def add_devices(self, rows: Sequence[tuple[DeviceRef, str]], now: float) -> list[DeviceRef]:
+        """Insert the devices that do not exist yet, all in one transaction; returns those created."""
+        wanted = dict(rows)  # a device listed twice: its last secret
+        created = await self._all(
+            "INSERT INTO devices (product_key, device_name, device_secret, created_at)"
+            " SELECT pk, dn, secret, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS n(pk, dn, secret)"
+            " ON CONFLICT DO NOTHING RETURNING product_key, device_name",
+            *_keys(wanted),
+            list(wanted.values()),
+            now,
+            write=True,
+        )
+        new = {DeviceRef(r["product_key"], r["device_name"]) for r in created}
+        return [ref for ref in wanted if ref in new]
+
+    async def set_online(self, ref: DeviceRef, online: bool, now: float) -> None:
+        await self._write1(
+            "UPDATE devices SET online=$1, last_seen=$2 WHERE product_key=$3 AND device_name=$4",
+            online,
+            now,
+            ref.product_key,
+            ref.device_name,
+        )
+
+    async def mark_all_offline(self) -> None:
+        await self._write1("UPDATE devices SET online=FALSE WHERE online")
+
+    async def record_version(self, ref: DeviceRef, module: str, version: str, now: float) -> None:
+        await self._write1(
+            "WITH m AS (INSERT INTO device_modules (product_key, device_name, module, version, updated_at)"
+            " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (product_key, device_name, module)"
+            " DO UPDATE SET version=excluded.version, updated_at=excluded.updated_at)"
+            " UPDATE devices SET last_seen=$5 WHERE product_key=$1 AND device_name=$2",
+            ref.product_key,
+            ref.device_name,
+            module,
+            version,
+            now,
+        )
+
+    # -------------------------------------------------------------------------------------- firmware
+
+    async def add_firmware(
+        self,
+        *,
+        status: FirmwareStatus = FirmwareStatus.NO_VERIFY_NEEDED,
+        product_key: str,
+        module: str,
+        version: str,
+        src_version: str | None,
+        size: int,
+        md5: str,
+        sha256: str,
+        sign_method: SignMethod,
+        description: str,
+        now: float,
+        files: Sequence[FirmwareFile] = (),
+    ) -> Firmware:
+        """A new firmware; `files` lists every file of a multi-file package (the first one is the file
+        `size`, `md5` and `sha256` describe), and is empty for a single-file one."""
+        try:
+            [row] = await self._all(
+                "INSERT INTO firmware (product_key, module, version, src_version, size, md5, sha256,"
+                " sign_method, description, status, created_at, files)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) RETURNING *",
+                product_key,
+                module,
+                version,
+                src_version,
+                size,
+                md5,
+                sha256,
+                sign_method.value,
+                description,
+                status.value,
+                now,
+                files_json(files),
+                write=True,
+            )
+        except asyncpg.UniqueViolationError as e:
+            raise Conflict(f"firmware {product_key}/{module} {version} already exists") from e
+        return firmware_from(row)
+
+    async def find_firmware(self, firmware_id: int) -> Firmware | None:
+        row = await self._one("SELECT * FROM firmware WHERE id=$1", firmware_id)
+        return None if row is None else firmware_from(row)
+
+    async def list_firmware(
+        self, product_key: str | None = None, *, limit: int = -1, offset: int = 0
+    ) -> list[Firmware]:
+        """Firmware oldest first (`limit` -1: all)."""
+        rows = await self._all(
+            "SELECT * FROM firmware WHERE $1::text IS NULL OR product_key=$1 ORDER BY id LIMIT $2 OFFSET $3",
+            product_key,
+            _limit(limit),
+            offset,
+        )
+        return [firmware_from(r) for r in rows]
+
+    async def count_firmware(self, product_key: str | None = None) -> int:
+        return await self._count(
+            "SELECT COUNT(*) FROM firmware WHERE $1::text IS NULL OR product_key=$1", product_key
+        )
+
+    async def delete_firmware(self, firmware_id: int) -> Firmware:
+        """Delete the firmware's record (and its finished jobs); Conflict while an unfinished task uses it."""
+        async with self._tx() as db:
+            # The firmware's row locked: a job or task created for it meanwhile waits on its foreign key.
+            row = await db.fetchrow("SELECT * FROM firmware WHERE id=$1 FOR UPDATE", firmware_id)
+            if row is None:
+                raise NotFound(f"firmware {firmware_id} does not exist")
+            # Its tasks locked: one moved back to an unfinished state meanwhile is counted, not deleted.
+            unfinished = await db.fetchval(
+                f"SELECT COUNT(*) FROM (SELECT state FROM tasks WHERE firmware_id=$1 FOR UPDATE) t WHERE state IN {UNFINISHED_SQL}",  # noqa: S608, E501
+                firmware_id,
+            )
+            if unfinished:
+                raise Conflict(
+                    f"firmware {firmware_id} is used by {unfinished} unfinished task(s); cancel the job first"
+                )
+            await db.execute(
+                "DELETE FROM task_history WHERE task_id IN (SELECT id FROM tasks WHERE firmware_id=$1)",
+                firmware_id,
+            )
+            await db.execute("DELETE FROM tasks WHERE firmware_id=$1", firmware_id)
+            await db.execute("DELETE FROM jobs WHERE firmware_id=$1", firmware_id)
+            await db.execute("DELETE FROM firmware WHERE id=$1", firmware_id)
+        return firmware_from(row)
+
+    async def blob_in_use(self, sha256: str) -> bool:
+        """Whether any firmware's file is this blob."""
+        found = await self._one(
+            "SELECT 1 FROM firmware WHERE sha256=$1 UNION ALL SELECT 1 FROM firmware,"
+            " json_array_elements(firmware.files) f WHERE f->>'sha256'=$1 LIMIT 1",
+            sha256,
+        )
+        return found is not None
+
+    # ------------------------------------------------------------------------------------------ jobs
+
+    async def create_job(
+        self,
+        firmware: Firmware,
+        job_type: JobType,
+        options: JobOptions,
+        planned: Sequence[PlannedTask],
+        policy: TaskPolicy,
+        now: float,
+        *,
+        schedule_at: float | None = None,
+        end_at: float | None = None,
+    ) -> int:
+        async with self._tx() as db:
+            job_id = int(
+                await db.fetchval(
+                    "INSERT INTO jobs (firmware_id, type, state, options, created_at, updated_at,"
+                    " schedule_at, end_at) VALUES ($1,$2,$3,$4,$5,$5,$6,$7) RETURNING id",
+                    firmware.id,
+                    job_type.value,
+                    JobState.RUNNING.value,
+                    options_json(options),
+                    now,
+                    schedule_at,
+                    end_at,
+                )
+            )
+            await self._insert_tasks(db, job_id, firmware, planned, policy, now)
+        return job_id
+
+    async def add_tasks(
+        self, job_id: int, firmware: Firmware, planned: Sequence[PlannedTask], policy: TaskPolicy, now: float
+    ) -> None:
+        async with self._tx() as db:
+            await self._insert_tasks(db, job_id, firmware, planned, policy, now)
+
+    @staticmethod
+    async def _insert_tasks(
+        db: PoolConnectionProxy[asyncpg.Record],
+        job_id: int,
+        firmware: Firmware,
+        planned: Sequence[PlannedTask],
+        policy: TaskPolicy,
+        now: float,
+    ) -> None:
+        """The tasks in plan order (their ids ascending), each with its first history row: one statement."""
+        if not planned:
+            return
+        product_keys, device_names = _keys(p.device for p in planned)
+        # A device being deleted meanwhile is deleted first or after, not between its check and its delete.
+        await db.execute(
+            "SELECT 1 FROM devices WHERE (product_key, device_name) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[])) FOR KEY SHARE",
+            product_keys,
+            device_names,
+        )
+        await db.execute(
+            "WITH planned AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])"
+            " WITH ORDINALITY AS p(product_key, device_name, state, note, group_no, n)),"
+            " created AS (INSERT INTO tasks (job_id, firmware_id, product_key, device_name, module,"
+            ' target_version, state, "desc", timeout_s, retry_count, retry_interval_s, group_no, created_at,'
+            " updated_at, notify_timeout_s) SELECT $6::bigint, $7::bigint, product_key, device_name, $8::text,"
+            " $9::text, state, note, $10::float8, $11::int, $12::float8, group_no, $13::float8, $13::float8,"
+            ' $14::float8 FROM planned ORDER BY n RETURNING id, state, "desc")'
+            ' INSERT INTO task_history (task_id, at, state, progress, "desc")'
+            " SELECT id, $13::float8, state, 0, CASE \"desc\" WHEN '' THEN 'created' ELSE \"desc\" END"
+            " FROM created ORDER BY id",
+            product_keys,
+            device_names,
+            [p.state.value for p in planned],
+            [p.desc for p in planned],
+            [p.group_no for p in planned],
+            job_id,
+            firmware.id,
+            firmware.module,
+            firmware.version,
+            policy.timeout_s,
+            policy.retry_count,
+            policy.retry_interval_s,
+            now,
+            policy.notify_timeout_s,
+        )
+
+    async def jobs_in_states(self, *states: JobState) -> list[JobRecord]:
+        rows = await self._all(
+            "SELECT * FROM jobs WHERE state = ANY($1::text[]) ORDER BY id", [s.value for s in states]
+        )
+        return await self._with_counts(rows)
+
+    async def _with_counts(self, rows: Sequence[asyncpg.Record]) -> list[JobRecord]:
+        """The jobs of `rows`, each with how many of its tasks are in each state."""
+        if not rows:
+            return []
+        counts = counts_by_job(
+            await self._all(
+                "SELECT job_id, state, COUNT(*) AS n FROM tasks WHERE job_id = ANY($1::bigint[])"
+                " GROUP BY job_id, state",
+                [r["id"] for r in rows],
+            )
+        )
+        return [job_from(r, counts.get(int(r["id"]), {})) for r in rows]
+
+    async def update_job(
+        self,
+        job_id: int,
+        now: float,
+        *,
+        state: JobState | None = None,
+        current_group: int | None = None,
+        pause_reason: str | None = None,
+        options: JobOptions | None = None,
+        only_from: Sequence[JobState] = (),
+    ) -> bool:
+        """Change the job; with `only_from`, only while it is in one of those states. Whether it changed."""
+        args: list[Any] = [job_id, now]
+        sets: list[str] = ["updated_at=$2"]
+        for column, value in (
+            ("options", None if options is None else options_json(options)),
+            ("state", None if state is None else state.value),
+            ("current_group", current_group),
+            ("pause_reason", pause_reason),
+        ):
+            if value is not None:
+                args.append(value)
+                sets.append(f"{column}=${len(args)}")
+        where = "id=$1"
+        if only_from:
+            args.append([s.value for s in only_from])
+            where += f" AND state = ANY(${len(args)}::text[])"
+        return await self._write1(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", *args) == 1  # noqa: S608
+
+    async def group_counts(self, job_id: int) -> list[dict[TaskState, int]]:
+        rows = await self._all(
+            "SELECT group_no, state, COUNT(*) AS n FROM tasks WHERE job_id=$1 GROUP BY group_no, state",
+            job_id,
+        )
+        return groups_of(rows)
+
+    async def dispatchable_tasks(self, job_id: int, max_group: int, now: float, limit: int) -> list[Task]:
+        rows = await self._all(
+            "SELECT * FROM tasks WHERE job_id=$1 AND state='queued' AND group_no<=$2"
+            " AND (not_before IS NULL OR not_before<=$3) ORDER BY group_no, id LIMIT $4",
+            job_id,
+            max_group,
+            now,
+            _limit(limit),
+        )
+        return [task_from(r) for r in rows]
+
+    async def job_task_of_device(self, job_id: int, ref: DeviceRef) -> Task | None:
+        row = await self._one(
+            "SELECT * FROM tasks WHERE job_id=$1 AND product_key=$2 AND device_name=$3 ORDER BY id DESC LIMIT 1",
+            job_id,
+            ref.product_key,
+            ref.device_name,
+        )
+        return None if row is None else task_from(row)
+
+    async def set_firmware_status(self, firmware_id: int, status: FirmwareStatus) -> None:
+        await self._write1("UPDATE firmware SET status=$1 WHERE id=$2", status.value, firmware_id)
+
+    async def find_job(self, job_id: int) -> JobRecord | None:
+        row = await self._one("SELECT * FROM jobs WHERE id=$1", job_id)
+        return None if row is None else (await self._with_counts([row]))[0]
+
+    async def list_jobs(self, limit: int = 200, offset: int = 0) -> list[JobRecord]:
+        """Jobs newest first."""
+        rows = await self._all(
+            "SELECT * FROM jobs ORDER BY id DESC LIMIT $1 OFFSET $2", _limit(limit), offset
+        )
+        return await self._with_counts(rows)
+
+    async def count_jobs(self) -> int:
+        return await self._count("SELECT COUNT(*) FROM jobs")
+
+    # ----------------------------------------------------------------------------------------- tasks
+
+    async def get_task(self, task_id: int) -> Task:
+        row = await self._one("SELECT * FROM tasks WHERE id=$1", task_id)
+        if row is None:
+            raise NotFound(f"task {task_id} does not exist")
+        return task_from(row)
+
+    async def unfinished_task(self, ref: DeviceRef, module: str) -> Task | None:
+        row = await self._one(
+            f"SELECT * FROM tasks WHERE product_key=$1 AND device_name=$2 AND module=$3 AND state IN {UNFINISHED_SQL}"  # noqa: S608
+            " ORDER BY id DESC LIMIT 1",
+            ref.product_key,
+            ref.device_name,
+            module,
+        )
+        return None if row is None else task_from(row)
+
+    async def unfinished_tasks_of_device(self, ref: DeviceRef) -> list[Task]:
+        rows = await self._all(
+            f"SELECT * FROM tasks WHERE product_key=$1 AND device_name=$2 AND state IN {UNFINISHED_SQL}"  # noqa: S608
+            " ORDER BY id",
+            ref.product_key,
+            ref.device_name,
+        )
+        return [task_from(r) for r in rows]
+
+    async def busy_devices(self, refs: Sequence[DeviceRef], module: str) -> set[DeviceRef]:
+        rows = await self._all(
+            f"SELECT DISTINCT product_key, device_name FROM tasks WHERE module=$1 AND state IN {UNFINISHED_SQL}"  # noqa: S608
+            " AND (product_key, device_name) IN (SELECT * FROM unnest($2::text[], $3::text[]))",
+            module,
+            *_keys(refs),
+        )
+        return {DeviceRef(r["product_key"], r["device_name"]) for r in rows}
+
+    async def tasks_of_job(
+        self,
+        job_id: int,
+        states: Iterable[TaskState] | None = None,
+        *,
+        limit: int = -1,
+        offset: int = 0,
+    ) -> list[Task]:
+        """The job's tasks in the order they were planned (`limit` -1: all)."""
+        rows = await self._all(
+            "SELECT * FROM tasks WHERE job_id=$1 AND ($2::text[] IS NULL OR state = ANY($2::text[]))"
+            " ORDER BY id LIMIT $3 OFFSET $4",
+            job_id,
+            None if states is None else [s.value for s in states],
+            _limit(limit),
+            offset,
+        )
+        return [task_from(r) for r in rows]
+
+    async def count_tasks_of_job(self, job_id: int) -> int:
+        return await self._count("SELECT COUNT(*) FROM tasks WHERE job_id=$1", job_id)
+
+    async def tasks_of_device(self, ref: DeviceRef, limit: int = 100) -> list[Task]:
+        rows = await self._all(
+            "SELECT * FROM tasks WHERE product_key=$1 AND device_name=$2 ORDER BY id DESC LIMIT $3",
+            ref.product_key,
+            ref.device_name,
+            _limit(limit),
+        )
+        return [task_from(r) for r in rows]
+
+    async def overdue_tasks(self, now: float) -> list[Task]:
+        """Tasks in progress whose timeout, counted from the first progress report, has passed, and notified
+        tasks whose notify timeout, counted from the latest notice, has."""
+        rows = await self._all(
+            "SELECT * FROM tasks WHERE state='in_progress' AND timeout_s IS NOT NULL"
+            " AND started_at IS NOT NULL AND started_at + timeout_s <= $1"
+            " UNION ALL SELECT * FROM tasks WHERE state='notified' AND notify_timeout_s IS NOT NULL"
+            " AND noticed_at IS NOT NULL AND noticed_at + notify_timeout_s <= $1 ORDER BY id",
+            now,
+        )
+        return [task_from(r) for r in rows]
+
+    async def devices_in_transfer(self, noticed_since: float) -> list[DeviceRef]:
+        """The devices of the tasks holding a transfer: notified at or after `noticed_since`, or in progress
+        below 100 %."""
+        rows = await self._all(
+            "SELECT product_key, device_name FROM tasks WHERE state='notified' AND noticed_at>=$1"
+            " UNION ALL SELECT product_key, device_name FROM tasks WHERE state='in_progress' AND progress<100",
+            noticed_since,
+        )
+        return [DeviceRef(r[0], r[1]) for r in rows]
+
+    async def save_task(self, task: Task, note: str) -> Task | None:
+        """Compare-and-set: write `task` if the stored row still has `task.rev`; the saved task, or None
+        when someone else changed the row first. The history row is written by a trigger in the same
+        statement."""
+        changed = await self._write1(
+            'UPDATE tasks SET state=$1, progress=$2, "desc"=$3, attempts=$4, notified_at=$5, noticed_at=$6,'
+            " started_at=$7, not_before=$8, updated_at=$9, note=$10, rev=rev+1 WHERE id=$11 AND rev=$12",
+            task.state.value,
+            task.progress,
+            task.desc,
+            task.attempts,
+            task.notified_at,
+            task.noticed_at,
+            task.started_at,
+            task.not_before,
+            task.updated_at,
+            note,
+            task.id,
+            task.rev,
+        )
+        if changed != 1:
+            return None
+        return replace(task, rev=task.rev + 1)
+
+    async def task_history(self, task_id: int) -> list[dict[str, Any]]:
+        rows = await self._all(
+            'SELECT at, state, progress, "desc" FROM task_history WHERE task_id=$1 ORDER BY id', task_id
+        )
+        return [dict(r) for r in rows]
+
+    async def task_state_counts(self) -> dict[TaskState, int]:
+        """How many tasks are in each state, over all jobs (for metrics; one scan of an index)."""
+        rows = await self._all("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+        return {TaskState(r["state"]): int(r["n"]) for r in rows}
+
+    async def may_download(self, firmware_id: int, ref: DeviceRef) -> bool:
+        row = await self._one(
+            f"SELECT 1 FROM tasks WHERE firmware_id=$1 AND product_key=$2 AND device_name=$3 AND state IN {DOWNLOADABLE_SQL} LIMIT 1",  # noqa: S608, E501
+            firmware_id,
+            ref.product_key,
+            ref.device_name,
+        )
+        return row is not None
