@@ -1,11 +1,19 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.postgres import Postgres, running_postgres
 from tests.support import Env, Tls, broker_config, started
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """A real PostgreSQL for the session (tests.postgres); each test makes its own database on it."""
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from plugins.ota.store.postgres import PostgresRepository
 from plugins.ota.store.repository import Repository
 from plugins.ota.store.schema import SchemaTooNew
 from plugins.ota.store.sqlite import SqliteRepository
-from tests.postgres import Postgres, running_postgres
+from tests.postgres import Postgres
 
 S = TaskState
 NOW = 1_000_000.0
@@ -67,12 +67,6 @@ class Backend:
     schema_version: Callable[[], Awaitable[int]]
     set_schema_version: Callable[[int], Awaitable[None]]
     migrations: int
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Postgres]:
-    with running_postgres() as server:
-        yield server
 
 
 async def _sqlite_backend(path: Path) -> AsyncIterator[Backend]:
@@ -1053,3 +1047,64 @@ async def test_observe_is_told_of_reads_and_writes(repo: Repository) -> None:
     await repo.find_device(dev("d1"))
     assert {kind for kind, _ in heard} == {"read"}
     assert all(seconds >= 0 for _, seconds in heard)
+
+
+# -------------------------------------------------------------------------------------- replicas
+
+
+async def test_one_process_at_a_time_leads_and_another_takes_over_when_it_stops(backend: Backend) -> None:
+    """Of the repositories open on one database, exactly one leads (SQLite: its only process, always); it
+    keeps the lead while it lives, and when it closes, another takes it at its next ask."""
+    replicas = [backend.make() for _ in range(3)]
+    await asyncio.gather(*(r.open() for r in replicas))
+    try:
+        if backend.name == "sqlite":
+            assert all([await r.lead() for r in replicas])
+            return
+        first = [await r.lead() for r in replicas]
+        assert first.count(True) == 1
+        leader = replicas[first.index(True)]
+        assert [await r.lead() for r in replicas] == first  # held, not handed around
+        await leader.close()
+        rest = [r for r in replicas if r is not leader]
+        assert [await r.lead() for r in rest].count(True) == 1
+    finally:
+        await asyncio.gather(*(r.close() for r in replicas))
+
+
+async def test_presence_is_told_first_whole_then_as_other_processes_change_it(backend: Backend) -> None:
+    """`watch_presence` tells every device online now; with PostgreSQL, then each change another replica
+    records (once: a device already online recorded online again is no change), and everything again after
+    the watching connection was lost."""
+    a, b = backend.make(), backend.make()
+    await a.open()
+    await b.open()
+    heard: list[tuple[DeviceRef, bool]] = []
+    try:
+        for name in ("on", "off", "later"):
+            await b.add_device(dev(name), "s", NOW)
+        await b.set_online(dev("on"), True, NOW)
+        await a.watch_presence(lambda device, online: heard.append((device, online)))
+        assert heard == [(dev("on"), True)]
+        if backend.name == "sqlite":
+            return
+        heard.clear()
+        await b.set_online(dev("later"), True, NOW)
+        await b.set_online(dev("later"), True, NOW + 1)  # no change: no news
+        await b.set_online(dev("on"), False, NOW + 2)
+        await b.set_online(dev("nobody"), True, NOW)  # no such device: nothing recorded, no news
+        expected = [(dev("later"), True), (dev("on"), False)]
+        for _ in range(100):
+            if len(heard) >= len(expected):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # nothing more comes
+        assert heard == expected
+        heard.clear()
+        assert isinstance(a, PostgresRepository) and a._own is not None
+        a._own.terminate()  # the watching connection is lost: the next ask reconnects and tells all again
+        await a.lead()
+        assert heard == [(dev("later"), True)]
+    finally:
+        await a.close()
+        await b.close()

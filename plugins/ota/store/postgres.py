@@ -21,6 +21,8 @@ Where they differ, and why:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -67,10 +69,17 @@ from plugins.ota.store.rows import (
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
+log = logging.getLogger("ota.store")
+
 MIGRATIONS: Sequence[str] = schema.scripts("migrations_pg")
 
 # The advisory lock the migrations run under ("ota_migr" as a 64-bit number): one per database.
 MIGRATION_LOCK = int.from_bytes(b"ota_migr", "big")
+# The advisory lock of the replica that runs the periodic work ("ota_lead"), held by its own connection.
+LEAD_LOCK = int.from_bytes(b"ota_lead", "big")
+# Where `set_online` announces a change of a device's presence: payload "1<product_key>/<device_name>" or "0...".
+PRESENCE_CHANNEL = "ota_presence"
+OWN_TIMEOUT_S = 5.0  # the replica's own connection: connecting, and its check that it is still alive
 
 
 def _mark(n: int) -> str:
@@ -102,6 +111,11 @@ class PostgresRepository(Lookups):
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         # Told how long each query ("read") and transaction ("write") took, waiting included (metrics).
         self.observe: Callable[[str, float], None] | None = None
+        # This replica's own connection, apart from the pool: it holds the lead lock (a session lock, let go
+        # by the server when the connection ends, a replica killed included) and listens for presence.
+        self._own: asyncpg.Connection[asyncpg.Record] | None = None
+        self._leading = False
+        self._presence: Callable[[DeviceRef, bool], None] | None = None
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -120,9 +134,67 @@ class PostgresRepository(Lookups):
         self._pool = pool
 
     async def close(self) -> None:
+        await self._drop_own()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    # ------------------------------------------------------------------------------------- replicas
+
+    async def lead(self) -> bool:
+        """Hold the lead lock, or try to take it; False (and the lock given up) when the database cannot be
+        reached: another replica takes over once the server notices this connection is gone."""
+        try:
+            own = await self._own_connection()
+            if self._leading:
+                await own.fetchval("SELECT 1", timeout=OWN_TIMEOUT_S)  # still connected, still holding it
+            else:
+                self._leading = bool(
+                    await own.fetchval("SELECT pg_try_advisory_lock($1)", LEAD_LOCK, timeout=OWN_TIMEOUT_S)
+                )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("lost the database connection of this replica: %s: %s", type(e).__name__, e)
+            await self._drop_own()
+        return self._leading
+
+    async def watch_presence(self, changed: Callable[[DeviceRef, bool], None]) -> None:
+        self._presence = changed
+        await self._drop_own()  # listen from a fresh connection: it tells every online device first
+        await self._own_connection()
+
+    async def _own_connection(self) -> asyncpg.Connection[asyncpg.Record]:
+        own = self._own
+        if own is not None and not own.is_closed():
+            return own
+        self._leading = False
+        own = await asyncpg.connect(
+            self.dsn, timeout=OWN_TIMEOUT_S, server_settings={"application_name": "ota-broker replica"}
+        )
+        try:
+            if self._presence is not None:
+                await own.add_listener(PRESENCE_CHANNEL, self._heard)
+                for row in await own.fetch("SELECT product_key, device_name FROM devices WHERE online"):
+                    self._presence(DeviceRef(row["product_key"], row["device_name"]), True)
+        except BaseException:
+            own.terminate()
+            raise
+        self._own = own
+        return own
+
+    async def _drop_own(self) -> None:
+        own, self._own = self._own, None
+        self._leading = False
+        if own is not None and not own.is_closed():
+            try:
+                await asyncio.wait_for(own.close(), OWN_TIMEOUT_S)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                own.terminate()
+
+    def _heard(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
+        text = str(payload)
+        product_key, _, device_name = text[1:].partition("/")
+        if self._presence is not None and text[:1] in ("0", "1") and product_key and device_name:
+            self._presence(DeviceRef(product_key, device_name), text[0] == "1")
 
     @property
     def pool(self) -> asyncpg.Pool[asyncpg.Record]:
@@ -325,12 +397,19 @@ class PostgresRepository(Lookups):
         return [ref for ref in wanted if ref in new]
 
     async def set_online(self, ref: DeviceRef, online: bool, now: float) -> None:
-        await self._write1(
-            "UPDATE devices SET online=$1, last_seen=$2 WHERE product_key=$3 AND device_name=$4",
+        """Record it, and announce it to the other replicas when it changed (delivered at commit)."""
+        await self._all(
+            "WITH before AS (SELECT online FROM devices WHERE product_key=$3 AND device_name=$4 FOR UPDATE),"
+            " changed AS (UPDATE devices SET online=$1, last_seen=$2"
+            " WHERE product_key=$3 AND device_name=$4 RETURNING 1)"
+            " SELECT pg_notify($5, $6) FROM before, changed WHERE before.online IS DISTINCT FROM $1",
             online,
             now,
             ref.product_key,
             ref.device_name,
+            PRESENCE_CHANNEL,
+            f"{int(online)}{ref}",
+            write=True,
         )
 
     async def mark_all_offline(self) -> None:

@@ -88,6 +88,20 @@ class Repository(Protocol):
 
     async def mark_all_offline(self) -> None: ...
 
+    # Processes sharing the state (replicas of an attached service on one PostgreSQL database).
+
+    async def lead(self) -> bool:
+        """Whether this process is the one that runs the periodic work now (timeouts, retries, job steps,
+        phases, pacing): one at a time among the processes sharing the state, another taking over when it
+        stops or loses the database. Asked once per step; with SQLite (one process) always True."""
+        ...
+
+    async def watch_presence(self, changed: Callable[[DeviceRef, bool], None]) -> None:
+        """Tell `changed` about every device recorded online now, then about each device another process
+        records online or offline (`set_online` changing it), and about every online one again after the
+        watch was interrupted. With SQLite (one process) only the first."""
+        ...
+
     async def record_version(self, ref: DeviceRef, module: str, version: str, now: float) -> None: ...
 
     async def add_firmware(

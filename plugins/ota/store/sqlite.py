@@ -316,6 +316,13 @@ class SqliteRepository(Lookups):
         async with self._tx() as db:
             await db.execute("UPDATE devices SET online=0 WHERE online=1")
 
+    async def lead(self) -> bool:
+        return True  # one process owns the file
+
+    async def watch_presence(self, changed: Callable[[DeviceRef, bool], None]) -> None:
+        for row in await self._all("SELECT product_key, device_name FROM devices WHERE online=1"):
+            changed(DeviceRef(row["product_key"], row["device_name"]), True)
+
     async def record_version(self, ref: DeviceRef, module: str, version: str, now: float) -> None:
         await self._write1(
             "INSERT INTO device_modules (product_key, device_name, module, version, updated_at)"
