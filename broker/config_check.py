@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from broker.config import AUTH_PLUGIN_KEY, BrokerSettings, warnings
-from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings
+from plugins.ota.settings import PLUGIN_KEY, ConfigError, OtaConfig, Settings, masked_url
 
 MASK = "********"
 
@@ -33,9 +33,8 @@ def effective_config(tree: BrokerSettings, amqtt_config: Mapping[str, Any]) -> s
     for secret in ("admin_token", "attach_password"):
         if ota[secret]:
             ota[secret] = MASK
-    if "@" in ota["attach_url"]:  # a password in the URL's userinfo
-        scheme, _, rest = ota["attach_url"].partition("://")
-        ota["attach_url"] = f"{scheme}://{MASK}@{rest.rpartition('@')[2]}"
+    for url in ("attach_url", "database_url"):  # a password in the URL's userinfo
+        ota[url] = masked_url(ota[url], MASK)
     plugins[PLUGIN_KEY] = {f.name: ota[f.name] for f in fields(OtaConfig)}
     auth = plugins.get(AUTH_PLUGIN_KEY)
     if isinstance(auth, dict) and isinstance(auth.get("accounts"), dict):

@@ -126,6 +126,14 @@ class AttachedChannel:
     def left(self, device: DeviceRef) -> None:
         self._seen.pop(device, None)
 
+    def heard_elsewhere(self, device: DeviceRef, online: bool) -> None:
+        """Another replica (or this one, through the database) recorded `device` online or offline: the
+        devices one replica hears from are online for all, so any replica's job step notifies them."""
+        if online:
+            self._seen.setdefault(device, self.clock())
+        else:
+            self._seen.pop(device, None)
+
     def saw(self, device: DeviceRef) -> bool:
         """Record a message from `device`; True when it is the first (the device just came online)."""
         if device in self._seen:
@@ -239,6 +247,7 @@ class AttachedService:
         broker cannot be reached or refuses, after closing what was opened."""
         await self.runtime.start()
         try:
+            await self.runtime.repo.watch_presence(self.channel.heard_elsewhere)
             self.client = await self._connect()
         except BaseException:
             await self.runtime.stop_serving()

@@ -9,9 +9,11 @@ its sessions, the database after.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -28,6 +30,8 @@ from plugins.ota.core.topics import DeviceRef
 from plugins.ota.http.admin import admin_app
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.settings import AuthMode, Settings
+from plugins.ota.store.postgres import PostgresRepository
+from plugins.ota.store.repository import Repository
 from plugins.ota.store.sqlite import SqliteRepository
 
 log = logging.getLogger("ota.plugin")
@@ -54,7 +58,8 @@ class OtaRuntime:
         self.admin_api: web.Application | None = None
         self.broker_auth: Gate | None = None  # the device-auth gate, for an external broker's hooks
         self.public_url = ""
-        self._repo: SqliteRepository | None = None
+        self._repo: Repository | None = None
+        self._leading = False  # this process runs the periodic work (`Repository.lead`)
         self._sites: list[Site] = []
         self._ticker: asyncio.Task[None] | None = None
         self._lag_probe: asyncio.Task[None] | None = None
@@ -66,22 +71,32 @@ class OtaRuntime:
     async def start(self) -> OtaApp:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.tls = (
-            TlsFiles(s.tls_cert, s.tls_cert, s.tls_key)
-            if s.tls_cert and s.tls_key
-            else ensure_tls(s.data_dir / "tls", s.public_host, s.tls_profile)
-        )
-        repo = SqliteRepository(s.data_dir / "ota.db")
+        with _data_dir_lock(s.data_dir):  # replicas sharing the folder make its keys and certificates once
+            self.tls = (
+                TlsFiles(s.tls_cert, s.tls_cert, s.tls_key)
+                if s.tls_cert and s.tls_key
+                else ensure_tls(s.data_dir / "tls", s.public_host, s.tls_profile)
+            )
+            link_key = _secret_file(s.data_dir / "link.key", lambda: secrets.token_bytes(32).hex()).encode()
+            token = s.admin_token or _secret_file(
+                s.data_dir / "admin.token", lambda: secrets.token_urlsafe(32)
+            )
+            # A read-only credential for Prometheus: it opens /metrics and nothing else.
+            metrics_token = _secret_file(s.data_dir / "metrics.token", lambda: secrets.token_urlsafe(32))
+            # An external broker's credential for asking who may connect (attached mode only).
+            hook_token = (
+                _secret_file(s.data_dir / "broker-auth.token", lambda: secrets.token_urlsafe(32))
+                if self.broker_auth is not None
+                else ""
+            )
+        repo = open_repository(s)
         repo.observe = self.metrics.observe_db
         await repo.open()
         self._repo = repo
-        await repo.mark_all_offline()
+        if not s.database_url:  # the only process on this state: nobody is connected before it starts
+            await repo.mark_all_offline()
         store = FirmwareStore(s.data_dir / "firmware", max_size=s.max_upload_bytes)
         store.open()
-        link_key = _secret_file(s.data_dir / "link.key", lambda: secrets.token_bytes(32).hex()).encode()
-        token = s.admin_token or _secret_file(s.data_dir / "admin.token", lambda: secrets.token_urlsafe(32))
-        # A read-only credential for Prometheus: it opens /metrics and nothing else.
-        metrics_token = _secret_file(s.data_dir / "metrics.token", lambda: secrets.token_urlsafe(32))
 
         # The signer needs the public URL, which may name the HTTPS port only known once bound.
         signer = LinkSigner(link_key, s.public_url, s.link_ttl_s, offload=s.download_offload)
@@ -139,7 +154,6 @@ class OtaRuntime:
         )
         hooks = None
         if self.broker_auth is not None:  # an external broker asks who may connect: its own credential
-            hook_token = _secret_file(s.data_dir / "broker-auth.token", lambda: secrets.token_urlsafe(32))
             hooks = (self.broker_auth, hook_token)
         self.admin_api = admin_app(
             app, token, metrics=self.metrics, metrics_token=metrics_token, broker_auth=hooks
@@ -171,11 +185,23 @@ class OtaRuntime:
         if self.app is not None:
             self.app.admission.lagged(lag_s)
 
+    @property
+    def repo(self) -> Repository:
+        assert self._repo is not None, "the service is not started"
+        return self._repo
+
     async def _tick_loop(self, app: OtaApp) -> None:
         while True:
             await asyncio.sleep(self.settings.tick_seconds)
             try:
-                await app.tick()
+                leading = await self.repo.lead()
+                if leading != self._leading and self.settings.database_url:
+                    log.info(
+                        "this replica %s the periodic work (timeouts, retries, job steps)",
+                        "now runs" if leading else "no longer runs",
+                    )
+                self._leading = leading
+                await app.tick(lead=leading)
             except Exception:
                 log.exception("periodic task check failed")
 
@@ -205,9 +231,29 @@ class OtaRuntime:
         return await self.app.device_login(device)
 
 
+def open_repository(settings: Settings) -> Repository:
+    """The service's state: PostgreSQL at `database_url` (shared by replicas), else SQLite in the data folder."""
+    if settings.database_url:
+        return PostgresRepository(settings.database_url)
+    return SqliteRepository(settings.data_dir / "ota.db")
+
+
 def _fmt(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Held while the data folder's secrets and certificates are read or made: replicas of the service that
+    share the folder and start together make them once and all read the same (an exclusive `flock` on
+    `<data_dir>/.lock`, released when the process ends however it ends)."""
+    with open(data_dir / ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _secret_file(path: Path, make: Callable[[], str]) -> str:

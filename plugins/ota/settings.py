@@ -92,6 +92,9 @@ class OtaConfig:
     attach_group: str = "ota"
     attach_client_id: str = "ota-broker"
     attach_ca_file: str = ""
+    # Where the service's state lives: "" for SQLite in the data folder (ota.db), or a PostgreSQL URL
+    # (postgresql://user:password@host:port/database) shared by every replica of an attached service.
+    database_url: str = ""
 
 
 ENV: Mapping[str, str] = {
@@ -111,6 +114,7 @@ ENV: Mapping[str, str] = {
     "OTA_ATTACH_PASSWORD": "attach_password",
     "OTA_ATTACH_GROUP": "attach_group",
     "OTA_ATTACH_CLIENT_ID": "attach_client_id",
+    "OTA_DATABASE_URL": "database_url",
 }
 
 
@@ -156,6 +160,7 @@ class Settings:
     attach_group: str = "ota"
     attach_client_id: str = "ota-broker"
     attach_ca_file: str = ""
+    database_url: str = ""  # a PostgreSQL URL, "" for SQLite in the data folder
 
     @property
     def public_host(self) -> str:
@@ -199,6 +204,15 @@ class Settings:
         """The CA that signed the certificate of an `admin_tls` API: the generated one, unless `tls_cert`
         names a certificate of the operator's (then None: the system's trust store)."""
         return None if self.tls_cert is not None else self.data_dir / "tls" / "ca.crt"
+
+
+def masked_url(url: str, mask: str = "***") -> str:
+    """`url` with its userinfo (a user and a password) replaced by `mask`, to print or log it."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return url
+    return f"{scheme}://{mask}@{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def without_default_port(url: str) -> str:
@@ -290,6 +304,14 @@ def validate(cfg: OtaConfig) -> Settings:
             raise ConfigError(
                 f"{key}.attach_url: {attach_url!r} must be mqtt://host[:port] or mqtts://host[:port]"
             )
+    database_url = str(cfg.database_url).strip()
+    if database_url:
+        parts = urlsplit(database_url)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+            raise ConfigError(
+                f"{key}.database_url: must be postgresql://[user[:password]@]host[:port]/database, "
+                f"not {masked_url(database_url)!r}"
+            )
     for name in ("attach_group", "attach_client_id"):
         value = str(getattr(cfg, name))
         if not value or any(c in value for c in "/+#") or len(value) > 64:
@@ -326,6 +348,7 @@ def validate(cfg: OtaConfig) -> Settings:
         attach_group=str(cfg.attach_group),
         attach_client_id=str(cfg.attach_client_id),
         attach_ca_file=str(cfg.attach_ca_file),
+        database_url=database_url,
     )
 
 

@@ -1,9 +1,13 @@
 """Read-mostly facts kept in memory so a device's message costs fewer database round trips: the devices
 known to exist (forgotten when deleted), firmware rows and what a notice needs of its job (both fixed
-once created)."""
+once created).
+
+A device looked up and not found is remembered as absent for `ABSENT_TTL_S` only: another replica on the
+same database may register it meanwhile (its messages are then handled from that long after, at most)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from plugins.ota.core.model import DownloadProtocol, Firmware
@@ -11,6 +15,7 @@ from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store.repository import Repository
 
 _ABSENT_MAX = 100_000
+ABSENT_TTL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +30,8 @@ class Catalog:
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self._existing: set[DeviceRef] = set()
-        self._absent: set[DeviceRef] = set()  # looked up and not registered (until registered here)
+        # looked up and not registered: until when (monotonic) that answer stands, unless registered here
+        self._absent: dict[DeviceRef, float] = {}
         self._firmware: dict[int, Firmware] = {}
         self._jobs: dict[int, JobFacts] = {}
 
@@ -34,18 +40,20 @@ class Catalog:
     async def exists(self, device: DeviceRef) -> bool:
         if device in self._existing:
             return True
-        if device in self._absent:
+        until = self._absent.get(device)
+        if until is not None and time.monotonic() < until:
             return False
         if await self.repo.find_device(device) is None:
             if len(self._absent) >= _ABSENT_MAX:
                 self._absent.clear()
-            self._absent.add(device)
+            self._absent[device] = time.monotonic() + ABSENT_TTL_S
             return False
+        self._absent.pop(device, None)
         self._existing.add(device)
         return True
 
     def registered(self, device: DeviceRef) -> None:
-        self._absent.discard(device)
+        self._absent.pop(device, None)
         self._existing.add(device)
 
     def deleted(self, device: DeviceRef) -> None:

@@ -91,10 +91,13 @@ class OtaApp:
     def reject(self, device: DeviceRef | str, kind: str, reason: str) -> None:
         self.rejections.reject(device, kind, reason)
 
-    async def tick(self) -> None:
-        """Apply time: timeouts, then one step of every running job (and the end of paused ones)."""
+    async def tick(self, *, lead: bool = True) -> None:
+        """Apply time: forget idle per-device state; and, in the process that leads (`Repository.lead`: the
+        only one, or one replica of several at a time), timeouts, then one step of every running job (and
+        the end of paused ones)."""
         self.events.forget_idle()
-        await self.dispatcher.tick()
+        if lead:
+            await self.dispatcher.tick()
 
     async def drain(self) -> None:
         """Wait for background work (notices being dispatched, handlers in flight)."""
