@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import asyncpg
 import typer
 from argon2 import PasswordHasher
 
@@ -24,7 +25,8 @@ from broker.config import BrokerSettings, ConfigError, configure, load, warnings
 from broker.config_check import effective_config
 from firmware_store.links import nginx_secure_link
 from plugins.ota.cli import AdminEndpoint, device_app, firmware_app, job_app
-from plugins.ota.settings import Settings
+from plugins.ota.settings import Settings, masked_url
+from plugins.ota.store.copy import CopyError, copy_sqlite_to_postgres
 
 cli = typer.Typer(
     help="A self-hosted OTA service for MQTT devices (Aliyun OTA protocol).", no_args_is_help=True
@@ -319,6 +321,36 @@ def nginx_link(
         print(f"{key_file} does not exist yet: start the broker once, it makes the key", file=sys.stderr)
         raise typer.Exit(1)
     sys.stdout.write(nginx_secure_link(key_file.read_text().strip().encode()))
+
+
+@cli.command("copy-database")
+def copy_database(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            envvar="OTA_DATABASE_URL",
+            help="The empty PostgreSQL database: postgresql://user@host/db.",
+        ),
+    ],
+    config: ConfigOption = None,
+) -> None:
+    """Copy the embedded SQLite database (<data_dir>/ota.db) into an empty PostgreSQL database: devices and
+    their secrets, firmware, jobs, tasks and their history, with their ids (docs/scale-out.md).
+
+    Stop the broker first (its last writes would miss the copy). Firmware files, keys and certificates stay
+    in the data folder: replicas share that folder. Exit status 1, with nothing written, when the
+    destination is not empty or cannot be reached.
+    """
+    data_dir = settings_for(config).ota.data_dir
+    try:
+        copied = asyncio.run(copy_sqlite_to_postgres(data_dir / "ota.db", to))
+    except (CopyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        print(f"copy failed: {e}", file=sys.stderr)
+        raise typer.Exit(1) from e
+    for table, rows in copied.items():
+        print(f"{table:15} {rows:>10,} rows")
+    print(f"copied {data_dir / 'ota.db'} to {masked_url(to)}")
 
 
 @cli.command("hash-password")
