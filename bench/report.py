@@ -543,5 +543,6 @@ def write_result(result: dict[str, Any], out: Path | None) -> None:
     """A standalone bench script's result: JSON on stdout, and in `out` when given."""
     text = json.dumps(result, indent=1)
     if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     print(text)
