@@ -21,14 +21,16 @@ handshake surfaces here, as one rate-limited line naming the listener, the peer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import fcntl
 import ipaddress
 import logging
 import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -133,8 +135,14 @@ def wanted_names(public_host: str | None) -> set[str]:
 
 
 def ensure_tls(directory: Path, public_host: str | None, profile: str = COMPATIBLE) -> TlsFiles:
-    """Make (or reuse) the CA and a server certificate naming every host in `wanted_names`."""
+    """Make (or reuse) the CA and a server certificate naming every host in `wanted_names`; processes sharing
+    the folder (replicas) take turns, so it is made once and all use the same."""
     directory.mkdir(parents=True, exist_ok=True)
+    with exclusive(directory):
+        return _ensure_tls(directory, public_host, profile)
+
+
+def _ensure_tls(directory: Path, public_host: str | None, profile: str) -> TlsFiles:
     files = TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
     ca_key_path = directory / "ca.key"
     if profile == COMPATIBLE and _generated_ec(ca_key_path):
@@ -190,6 +198,18 @@ def _key_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """Held by one process at a time: an exclusive `flock` on `<directory>/.lock`, let go when the block ends
+    or the process does, however it ends. For what processes sharing a folder make in it once."""
+    with open(directory / ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_private(path: Path, data: bytes) -> None:

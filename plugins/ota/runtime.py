@@ -9,18 +9,16 @@ its sessions, the database after.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from firmware_store import DownloadSlots, FirmwareStore, LinkSigner
 from firmware_store.server import Site, download_app, start_site
-from firmware_store.tls import TlsFiles, ensure_tls, write_private
+from firmware_store.tls import TlsFiles, ensure_tls, exclusive, write_private
 from plugins.device_auth.gate import Gate
 from plugins.ota.app.admission import probe_loop_lag
 from plugins.ota.app.channel import DeviceChannel
@@ -71,7 +69,7 @@ class OtaRuntime:
     async def start(self) -> OtaApp:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        with _data_dir_lock(s.data_dir):  # replicas sharing the folder make its keys and certificates once
+        with exclusive(s.data_dir):  # replicas sharing the folder make its keys and certificates once
             self.tls = (
                 TlsFiles(s.tls_cert, s.tls_cert, s.tls_key)
                 if s.tls_cert and s.tls_key
@@ -118,6 +116,8 @@ class OtaRuntime:
             window=window,
             slots=slots,
         )
+        # Replicas: none runs job steps before its first ask of the lead (one alone on SQLite leads from the start).
+        app.dispatcher.leading = not s.database_url
         dl = download_app(
             store,
             signer,
@@ -241,19 +241,6 @@ def open_repository(settings: Settings) -> Repository:
 def _fmt(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@contextlib.contextmanager
-def _data_dir_lock(data_dir: Path) -> Iterator[None]:
-    """Held while the data folder's secrets and certificates are read or made: replicas of the service that
-    share the folder and start together make them once and all read the same (an exclusive `flock` on
-    `<data_dir>/.lock`, released when the process ends however it ends)."""
-    with open(data_dir / ".lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _secret_file(path: Path, make: Callable[[], str]) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
+import multiprocessing
 import socket
 import ssl
 import stat
@@ -400,3 +402,16 @@ def test_handshake_failures_are_rate_limited(caplog: pytest.LogCaptureFixture) -
     assert len(caplog.records) == 4
     assert "7 more failed handshakes not logged" in caplog.records[-1].getMessage()
     assert failures.failures == 11
+
+
+def _ensure_in_process(directory: str) -> bytes:
+    files = ensure_tls(Path(directory), "127.0.0.1")
+    return files.ca_cert.read_bytes() + files.cert.read_bytes()
+
+
+def test_processes_sharing_the_folder_make_one_ca_and_one_certificate(tmp_path: Path) -> None:
+    """Replicas starting at once on one data folder: whichever makes the material, all read the same."""
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        made = list(pool.map(_ensure_in_process, [str(tmp_path)] * 8, timeout=120))
+    assert len(set(made)) == 1
+    assert made[0] == _ensure_in_process(str(tmp_path))
