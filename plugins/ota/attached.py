@@ -265,10 +265,15 @@ class AttachedService:
 
     async def _connect(self) -> MQTTClient:
         a = self.attachment
+        # One service alone keeps a persistent session: what devices send while it reconnects waits in the
+        # broker. Replicas (a shared database) use clean sessions: a broker keeps handing a persistent
+        # session that is gone its share of a shared subscription (Mosquitto queues it until that client
+        # returns), so a replica that died would take its share of every device's messages with it.
+        clean = bool(self.settings.database_url)
         config: dict[str, Any] = {
             "keep_alive": 30,
             "auto_reconnect": False,  # the service attaches again itself (`_reattach`), subscriptions included
-            "cleansession": False,  # what devices send while the service reconnects waits in the broker
+            "cleansession": clean,
             "default_qos": QOS_1,
         }
         client = MQTTClient(client_id=a.client_id, config=config)
@@ -281,7 +286,7 @@ class AttachedService:
             url = f"{scheme}://{userinfo}@{rest}"
         try:
             await asyncio.wait_for(
-                client.connect(url, cleansession=False, cafile=a.ca_file), CONNECT_TIMEOUT_S
+                client.connect(url, cleansession=clean, cafile=a.ca_file), CONNECT_TIMEOUT_S
             )
             granted = await asyncio.wait_for(
                 client.subscribe([(a.shared(f), QOS_1) for f in UPLINK_FILTERS]), CONNECT_TIMEOUT_S

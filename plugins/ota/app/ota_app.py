@@ -96,6 +96,7 @@ class OtaApp:
         only one, or one replica of several at a time), timeouts, then one step of every running job (and
         the end of paused ones)."""
         self.events.forget_idle()
+        self.dispatcher.leading = lead
         if lead:
             await self.dispatcher.tick()
 

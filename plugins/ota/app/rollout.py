@@ -44,6 +44,9 @@ class Dispatcher:
         self.clock = clock
         self.step_s = step_s  # how often tick() runs
         self._job_pacers: dict[int, RateLimiter] = {}
+        # This process runs the job steps (`Repository.lead`; set by each tick): a replica that does not
+        # leaves a job it started or resumed to the leader's next step, so that one pacer paces each job.
+        self.leading = True
 
     async def tick(self) -> None:
         """Apply time: timeouts, then one step of every running job (and the end of paused ones)."""
@@ -80,6 +83,9 @@ class Dispatcher:
         self.admission.release(task.id)
 
     async def advance_by_id(self, job_id: int) -> None:
+        """A job's step now (it was started, resumed or changed), in the process that leads."""
+        if not self.leading:
+            return
         job = await self.repo.get_job(job_id)
         if job.stored_state is JobState.RUNNING:
             await self._advance(job, self.clock())

@@ -23,7 +23,7 @@ from plugins.ota.store.repository import Repository
 
 log = logging.getLogger("ota.service")
 
-_CAS_RETRIES = 5
+_CAS_RETRIES = 16  # replicas handling one device's reports side by side conflict more often
 
 
 @dataclass(frozen=True, slots=True)
