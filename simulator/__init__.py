@@ -13,7 +13,8 @@ Each simulated device does what a device built on Aliyun's SDKs does, over real 
 
 When a run ends (first match wins):
 
-- `all_final`: every device is final: `upgraded`, `failed`, or `offline` (it could not log in);
+- `all_final`: every device is `upgraded` or `offline` (it could not log in); a device that `failed` may
+  be notified again by its job's retries, so failures end a run by `idle` instead;
 - `idle`: at least one notice arrived, no device is busy (booting, downloading, installing, rebooting),
   and `idle_exit` seconds passed since the last notice, boot or finished upgrade; devices that never got
   a notice stay `idle`. So `simulate` may start before the operator launches the job (it waits up to
