@@ -71,11 +71,21 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_mosquitto(folder: Path) -> Iterator[Mosquitto]:
+def running_mosquitto(folder: Path, accounts: dict[str, str] | None = None) -> Iterator[Mosquitto]:
+    """`accounts`: more usernames and their passwords it accepts (devices that log in with a username, as
+    Aliyun's SDKs do: Mosquitto lets only clients without one in anonymously)."""
     mosquitto, passwd = _binary("mosquitto"), _binary("mosquitto_passwd")
     folder.mkdir(parents=True, exist_ok=True)
     password_file = folder / "passwd"
     subprocess.run([passwd, "-c", "-b", str(password_file), OTA_USER, OTA_PASSWORD], check=True, timeout=10)
+    if accounts:  # hashed in place all at once (`-U`); their passwords hold no colon, the service's does
+        more = folder / "passwd-more"
+        more.write_text("".join(f"{user}:{password}\n" for user, password in accounts.items()))
+        more.chmod(0o600)
+        subprocess.run([passwd, "-U", str(more)], check=True, timeout=60)
+        with password_file.open("a") as out:
+            out.write(more.read_text())
+        more.unlink()
     password_file.chmod(0o600)
     port = _free_port()
     log = folder / "mosquitto.log"

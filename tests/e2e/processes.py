@@ -87,6 +87,8 @@ class Launched:
             found = [m for line in self.lines if (m := pattern.search(message(line).rstrip()))]
             if name == "mqtts" and self.env.get("OTA_MQTTS_BIND") == "":
                 continue  # MQTT over TLS turned off
+            if name in ("mqtt", "mqtts") and self.env.get("OTA_ATTACH_URL"):
+                continue  # attached to another broker: no MQTT listener of its own
             assert found, f"no '{name} listening' line in the log:\n{self.log}"
             self.ports[name] = int(found[0].group(1))
             if name == "https":
