@@ -1,6 +1,7 @@
 """Attached mode end to end: the OTA service as a client of a real Mosquitto 2 (no broker of its own), with
-real MQTT devices on that Mosquitto, real HTTPS downloads and a real SQLite file: the seed flow, a pull, the
-legacy request, two replicas sharing the work, and a broker that refuses the service's account."""
+real MQTT devices on that Mosquitto, real HTTPS downloads, and a real SQLite file or a real PostgreSQL database
+(each test on `env` runs on both): the seed flow, a pull, the legacy request, two replicas sharing the work,
+and a broker that refuses the service's account."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from plugins.ota.settings import OtaConfig, Settings, validate
 from tests.e2e.processes import clean_env
 from tests.e2e.test_security import recorded
 from tests.mosquitto import OTA_PASSWORD, OTA_USER, Mosquitto, running_mosquitto
+from tests.postgres import Postgres
 from tests.support import TOKEN, Device, Env, Tls, eventually
 
 FIRMWARE = os.urandom(200_000)
@@ -93,10 +95,24 @@ async def attached_env(settings: Settings, tls: Tls, broker: Mosquitto) -> Async
         await service.stop()
 
 
-@pytest.fixture
-async def env(tmp_path: Path, tls: Tls, mosquitto: Mosquitto) -> AsyncIterator[Env]:
-    async for e in attached_env(attached_settings(tmp_path / "data", tls, mosquitto), tls, mosquitto):
-        yield e
+@pytest.fixture(params=["sqlite", "postgres"])
+async def env(
+    request: pytest.FixtureRequest, tmp_path: Path, tls: Tls, mosquitto: Mosquitto
+) -> AsyncIterator[Env]:
+    """One attached service, its state in SQLite (one replica alone) or in a PostgreSQL database of its own
+    (what replicas share)."""
+    overrides: dict[str, Any] = {}
+    server: Postgres | None = None
+    if request.param == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        overrides["database_url"] = await server.new_database()
+    try:
+        settings = attached_settings(tmp_path / "data", tls, mosquitto, **overrides)
+        async for e in attached_env(settings, tls, mosquitto):
+            yield e
+    finally:
+        if server is not None:
+            await server.drop_database(overrides["database_url"])
 
 
 async def queued_job_for(env: Env, name: str) -> tuple[Device, dict[str, Any]]:
