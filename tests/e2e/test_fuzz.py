@@ -461,6 +461,7 @@ ALLOWED_FILES = [
     re.compile(r"admin\.token"),
     re.compile(r"metrics\.token"),
     re.compile(r"broker-auth\.token"),
+    re.compile(r"\.lock"),  # what processes sharing the folder take turns on (its keys, its certificates)
 ]
 ALLOWED_DIRS = [re.compile(r"firmware"), re.compile(r"firmware/tmp"), re.compile(r"firmware/[0-9a-f]{2}")]
 
