@@ -249,8 +249,8 @@ def simulate(
 ) -> None:
     """Simulate Aliyun-SDK devices over real MQTT and HTTPS: inform, take notices, download, report, upgrade.
 
-    Ends when all devices upgraded (or could not log in); or none is busy and --idle-exit s passed without a notice; or at
-    --duration-limit. Ctrl-C ends early, with the summary.
+    Ends when all devices upgraded (or could not log in); or none is busy and --idle-exit s passed without a
+    notice; or at --duration-limit. Ctrl-C ends early, with the summary.
 
     Exit status 0; 1 when no device could log in, the limit cut busy devices off or a worker process died;
     130 after Ctrl-C.
