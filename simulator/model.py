@@ -252,10 +252,9 @@ def end_reason(
     snapshot: Snapshot, elapsed: float, now: float, options: SimulationOptions
 ) -> EndReason | None:
     """Whether the run is over (see the module docstring), from counters and times only."""
+    # A failed device is not final here: its job's retries may notify it again.
     if snapshot.count(DeviceState.UPGRADED, DeviceState.OFFLINE) == snapshot.total:
-        return (
-            EndReason.ALL_FINAL
-        )  # a failed device may be notified again (its job's retries): not final here
+        return EndReason.ALL_FINAL
     if snapshot.notified and not snapshot.busy and now - snapshot.last_activity >= options.idle_exit:
         return EndReason.IDLE
     if elapsed >= options.duration_limit:
