@@ -1,7 +1,12 @@
 """Whole-campaign benchmark: N simulated devices, one firmware, notice -> success, against ota-broker.
 
     python -m bench.campaign --devices 1000 --firmware-mb 1 [--processes 2] [--out result.json]
-        [--timeline seconds.csv] [--profile py-spy.txt]
+        [--timeline seconds.csv] [--profile py-spy.txt] [--attached | --replicas N]
+
+With `--replicas N` it runs N replicas of the attached service on one throwaway PostgreSQL (started as the
+tests start theirs) and one data folder, and reports their CPU together, PostgreSQL's CPU and its
+transactions; the job is launched through the first replica and each notice's link names the HTTPS port of
+the replica that sent it (the one leading): no load balancer spreads the downloads.
 
 It starts `python -m broker run` (open auth mode, a temporary data directory, free loopback ports), uploads
 the firmware through the management API, starts `ota-broker simulate` with N devices (which connect and
@@ -85,10 +90,33 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
     )
     if external is not None:  # no broker of its own: the devices' messages come through Mosquitto
         env |= {"OTA_ATTACH_URL": f"mqtt://127.0.0.1:{mqtt}", "OTA_MQTT_BIND": f"127.0.0.1:{free_port()}"}
+    database = contextlib.ExitStack()
+    pg: Any = None
+    if args.replicas:  # replicas of the attached service on one throwaway PostgreSQL (the tests' own)
+        from tests.postgres import running_postgres  # noqa: PLC0415 - only for --replicas
+
+        pg = database.enter_context(running_postgres())
+        env["OTA_DATABASE_URL"] = await pg.new_database()
     log = (data / "broker.log").open("w")
-    broker = subprocess.Popen(  # noqa: ASYNC220 - started once, stopped in finally
-        [sys.executable, "-m", "broker", "run", "--log-level", "warning"], env=env, cwd=data, stderr=log
-    )
+    brokers = []
+    for index in range(max(1, args.replicas)):
+        own = {"OTA_ATTACH_CLIENT_ID": f"replica-{index}"} if args.replicas else {}
+        if index:  # each replica its own HTTPS and API ports; the first one's are the bench's
+            port = free_port()
+            own |= {
+                "OTA_HTTPS_BIND": f"127.0.0.1:{port}",
+                "OTA_PUBLIC_URL": f"https://127.0.0.1:{port}",
+                "OTA_ADMIN_BIND": f"127.0.0.1:{free_port()}",
+            }
+        brokers.append(
+            subprocess.Popen(  # noqa: ASYNC220 - started once, stopped in finally
+                [sys.executable, "-m", "broker", "run", "--log-level", "warning"],
+                env=env | own,
+                cwd=data,
+                stderr=log,
+            )
+        )
+    broker = brokers[0]
     simulator: subprocess.Popen[bytes] | None = None
     profiler: subprocess.Popen[bytes] | None = None
     base = f"http://127.0.0.1:{admin}/api/v1"
@@ -134,7 +162,10 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             connected_s = time.monotonic() - t_connect
             proc = psutil.Process(broker.pid)
             cpu0 = proc.cpu_times()
+            replicas_cpu0 = sum(_cpu(p.pid) for p in brokers)
             external_cpu0 = external.cpu() if external is not None else 0.0
+            pg_cpu0 = _cpu(pg.process.pid, tree=True) if pg is not None else 0.0
+            pg_xact0 = await _transactions(env["OTA_DATABASE_URL"]) if pg is not None else 0
             if args.profile:
                 profiler = subprocess.Popen(  # noqa: ASYNC220
                     ["py-spy", "record", "-p", str(broker.pid), "-d", "25", "-f", "raw", "-o", args.profile],
@@ -173,7 +204,10 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.gather(*watchers)  # each ends within its answer timeout
                 own_lag.stop()
             cpu1 = proc.cpu_times()
+            replicas_cpu = sum(_cpu(p.pid) for p in brokers) - replicas_cpu0
             external_cpu = round(external.cpu() - external_cpu0, 2) if external is not None else None
+            pg_cpu = round(_cpu(pg.process.pid, tree=True) - pg_cpu0, 2) if pg is not None else None
+            pg_xact = await _transactions(env["OTA_DATABASE_URL"]) - pg_xact0 if pg is not None else None
             async with http.get(f"{base}/jobs/{job['id']}", headers=headers) as r:
                 final = await r.json()
         sim = json.loads(result_file.read_text()) if result_file.exists() else {}
@@ -188,9 +222,19 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             "connect_and_inform_s": round(connected_s, 2),
             "job_counts": final.get("counts"),
             "simulator": simulator_figures(sim),
-            "mode": "attached to Mosquitto" if external is not None else "embedded",
+            "mode": (
+                f"{args.replicas} replica(s) on PostgreSQL, attached to Mosquitto"
+                if args.replicas
+                else "attached to Mosquitto"
+                if external is not None
+                else "embedded"
+            ),
+            "replicas": args.replicas,
             "broker_cpu_s": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
+            "replicas_cpu_s": round(replicas_cpu, 2),
             "mosquitto_cpu_s": external_cpu,
+            "postgres_cpu_s": pg_cpu,
+            "postgres_transactions": pg_xact,
             "broker_rss_mb": round(proc.memory_info().rss / 2**20, 1),
             "job_done_s": None if t_done is None else round(t_done, 2),
             "control_probe": {  # from the launch until the job finished
@@ -207,7 +251,7 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
     finally:
-        for p in (profiler, simulator, broker):
+        for p in (profiler, simulator, *brokers):
             if p is not None and p.poll() is None:
                 p.terminate()
                 try:
@@ -216,6 +260,7 @@ async def campaign(args: argparse.Namespace) -> dict[str, Any]:
                     p.kill()
         if external is not None:
             external.stop()
+        database.close()  # the throwaway PostgreSQL, stopped by its PID
         log.close()
         if not args.keep:
             shutil.rmtree(data, ignore_errors=True)
@@ -226,6 +271,36 @@ async def _job_done(http: aiohttp.ClientSession, url: str, headers: dict[str, st
     async with http.get(url, headers=headers) as r:
         counts = (await r.json()).get("counts") or {}
     return not any(counts.get(state, 0) for state in ("queued", "notified", "in_progress", "confirm"))
+
+
+def _cpu(pid: int, *, tree: bool = False) -> float:
+    """CPU seconds of a process (with `tree`, and of its children: PostgreSQL's backends)."""
+    try:
+        process = psutil.Process(pid)
+        procs = [process, *process.children(recursive=True)] if tree else [process]
+        total = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                times = p.cpu_times()
+                total += times.user + times.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+async def _transactions(dsn: str) -> int:
+    """Transactions committed or rolled back in the database so far (a statement outside one counts as one)."""
+    import asyncpg  # noqa: PLC0415 - only for --replicas
+
+    db = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await db.fetchval(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+            )
+        )
+    finally:
+        await db.close()
 
 
 def _process(pid: int) -> psutil.Process | None:
@@ -305,6 +380,10 @@ def markdown(result: dict[str, Any]) -> str:
         ("broker peak RSS (MiB)", fmt(broker.get("peak_rss_mb"))),
         ("broker CPU during the campaign (s)", fmt(result["broker_cpu_s"], 1)),
         ("Mosquitto CPU during the campaign (s), attached", fmt(result.get("mosquitto_cpu_s"), 1)),
+        ("all replicas' CPU (s); PostgreSQL's CPU (s), transactions", (
+            f"{fmt(result.get('replicas_cpu_s'), 1)}; {fmt(result.get('postgres_cpu_s'), 1)}, "
+            f"{fmt(result.get('postgres_transactions'))}"
+        )),
         ("simulator loop lag p50 / p99 / max (ms)", _triple(sim.get("loop_lag_ms"), ("p50", "p99", "max"))),
         ("simulator peak RSS (MiB), CPU (s)",
          f"{fmt(broker.get('simulator_peak_rss_mb'))}, {fmt(broker.get('simulator_cpu_s'), 1)}"),
@@ -358,6 +437,12 @@ def main() -> None:
         action="store_true",
         help="the OTA service attached to a Mosquitto 2 (no limits) instead of its embedded broker",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="N replicas of the attached service on one throwaway PostgreSQL (implies --attached)",
+    )
     parser.add_argument("--profile", help="py-spy raw output file for the broker during the campaign")
     parser.add_argument(
         "--max-rss-mb", type=float, default=512, help="target: the broker's peak RSS during the campaign"
@@ -366,6 +451,7 @@ def main() -> None:
         "--max-puback-ms", type=float, default=1000, help="target: the slowest PUBACK during the campaign"
     )
     args = parser.parse_args()
+    args.attached = args.attached or args.replicas > 0
     result = asyncio.run(campaign(args))
     result["targets"] = verdicts(result, args.max_rss_mb, args.max_puback_ms)
     text = json.dumps(result, indent=2)
