@@ -327,6 +327,8 @@ class _HeadDeadline(asyncio.Protocol):
         self._transport: asyncio.BaseTransport | None = None
         self._body: StreamReader | None = None
         self._unsent = -1  # bytes of our response the client had not read at the last deadline
+        self._served = 0  # requests whose head arrived on this connection
+        self._waiting = False  # bytes of the next request head have arrived (it is not idle)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -338,6 +340,7 @@ class _HeadDeadline(asyncio.Protocol):
         """Wait for the next request head (once the client has read the response before it)."""
         self._body = None
         self._unsent = -1
+        self._waiting = False
         self._start_timer()
 
     def disarm(self) -> None:
@@ -346,6 +349,7 @@ class _HeadDeadline(asyncio.Protocol):
 
     def await_body(self, body: StreamReader) -> None:
         """The head arrived; wait for the rest of its body, if any."""
+        self._served += 1
         self.disarm()
         if not body.is_eof():
             self._body = body
@@ -382,6 +386,13 @@ class _HeadDeadline(asyncio.Protocol):
                     unsent,
                     self._timeout,
                 )
+            elif self._served and not self._waiting:  # an idle keep-alive connection: ordinary
+                log.debug(
+                    "closed an idle connection from %s after %d request(s): none more within %gs",
+                    peer,
+                    self._served,
+                    self._timeout,
+                )
             else:
                 log.warning(
                     "closed a connection from %s: no complete request within %gs", peer, self._timeout
@@ -405,6 +416,8 @@ class _HeadDeadline(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._body is None and self._timer is not None:
+            self._waiting = True  # part of a request head: no longer idle
         self._inner.data_received(data)
         if self._body is not None:
             if self._body.is_eof():

@@ -6,6 +6,7 @@ endpoint asks its caller) and the clock are the test's.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -21,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 import pytest
 import trustme
+from aiohttp import web
 from multidict import CIMultiDict
 
 from firmware_store import Blob, FirmwareStore, LinkSigner
@@ -560,3 +562,44 @@ async def test_large_firmware_streams_intact(
         tracemalloc.stop()
     assert (size, got.hexdigest()) == (blob.size, blob.sha256)
     assert peak < blob.size // 2, f"peak traced memory {peak} bytes for a {blob.size}-byte download"
+
+
+async def test_an_idle_keep_alive_connection_is_closed_quietly_a_slow_request_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the head deadline every waiting connection is closed; only one that never completed a request, or
+    stopped in the middle of one, is a warning. One that was served and sent nothing more is an ordinary
+    idle keep-alive connection (devices and load balancers keep them)."""
+    app = web.Application()
+    app.router.add_get("/", _ok)
+    site = await start_site(app, "127.0.0.1", 0, None, header_timeout_s=0.3)
+    host, port = site.address
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def closed_after(*sends: bytes) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for data in sends:
+                writer.write(data)
+                await asyncio.sleep(0.05)
+            await asyncio.wait_for(reader.read(), 5)  # until the server closes it
+        finally:
+            writer.close()
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="ota.download"):
+            await closed_after(request)  # served, then idle
+            idle = [r for r in caplog.records if "idle connection" in r.getMessage()]
+            assert idle and all(r.levelno == logging.DEBUG for r in idle)
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+            for sends in ((), (b"GET / HT",), (request, b"GET / HTTP/1.1\r\n")):
+                caplog.clear()
+                await closed_after(*sends)  # nothing, half a head, a request then half another
+                warned = [r for r in caplog.records if "no complete request" in r.getMessage()]
+                assert [r.levelno for r in warned] == [logging.WARNING], sends
+    finally:
+        await site.close()
+
+
+async def _ok(_request: web.Request) -> web.Response:
+    return web.Response(text="ok")
