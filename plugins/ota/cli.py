@@ -334,7 +334,7 @@ def device_show(
     ctx: typer.Context, device: str, admin_url: AdminUrl = None, token: Token = None, as_json: AsJson = False
 ) -> None:
     """Show one device (pk/dn) and its tasks, newest first."""
-    found = Api(ctx, admin_url, token).call("GET", f"/devices/{device}")
+    found = _device_call(ctx, "GET", device, "", admin_url, token)
     if as_json:
         show_json(found)
         return

@@ -410,3 +410,28 @@ async def test_every_client_command_uses_the_settings_of_config_yaml(
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     broken = await asyncio.to_thread(CliRunner().invoke, cli, ["device", "list"])
     assert broken.exit_code == 2 and "admin_bind" in broken.stderr, broken.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["device", "show", "nodev"],
+        ["device", "disable", "nodev"],
+        ["device", "enable", "pk/"],
+        ["device", "delete", "/dn"],
+        ["device", "rotate-secret", "pk/dn/x"],
+        ["job", "history", "1", "nodev"],
+    ],
+)
+def test_every_command_naming_a_device_says_what_is_wrong_with_a_malformed_one(args: list[str]) -> None:
+    """Before any call to the API (none listens here): the device's form, not the API's 404."""
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    result = CliRunner().invoke(cli, [*args, "--admin-url", f"http://127.0.0.1:{port}", "--token", "t"])
+    assert result.exit_code == 1, result.output
+    said = result.output
+    assert said.startswith("error:") and (
+        "not of the form product_key/device_name" in said or "must be" in said
+    )
