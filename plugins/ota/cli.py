@@ -425,10 +425,28 @@ def firmware_list(
 
 @firmware_app.command("show")
 def firmware_show(
-    ctx: typer.Context, firmware_id: int, admin_url: AdminUrl = None, token: Token = None
+    ctx: typer.Context,
+    firmware_id: int,
+    admin_url: AdminUrl = None,
+    token: Token = None,
+    as_json: AsJson = False,
 ) -> None:
-    """Show one firmware."""
-    show_json(Api(ctx, admin_url, token).call("GET", f"/firmware/{firmware_id}"))
+    """Show one firmware: what it is, its sums, and the files of a package."""
+    found = Api(ctx, admin_url, token).call("GET", f"/firmware/{firmware_id}")
+    if as_json:
+        show_json(found)
+        return
+    table = Table("field", "value", show_header=False)
+    for key in ("id", "product_key", "module", "version", "src_version", "size", "status", "sign_method"):
+        table.add_row(key, "" if found.get(key) is None else str(found[key]))
+    for key in ("md5", "sha256", "description", "created_at"):
+        table.add_row(key, str(found.get(key) or ""))
+    console.print(table)
+    if found.get("files"):
+        files = Table("file", "size", "md5", "sha256")
+        for f in found["files"]:
+            files.add_row(f["name"] or "", str(f["size"]), f["md5"], f["sha256"])
+        console.print(files)
 
 
 @firmware_app.command("delete")

@@ -145,4 +145,18 @@ async def test_the_cli_uploads_a_package(env: Env, tmp_path: Path) -> None:
         CliRunner().invoke, cli, [*args, "--admin-url", f"http://{host}:{port}", "--token", TOKEN]
     )
     assert result.exit_code == 0, result.output
-    assert [f["name"] for f in json.loads(result.stdout)["files"]] == list(FILES)
+    added = json.loads(result.stdout)
+    assert [f["name"] for f in added["files"]] == list(FILES)
+    # `firmware show` as a table, like the other `show`s: its fields, then one row per file of the package
+    shown = await asyncio.to_thread(
+        CliRunner().invoke,
+        cli,
+        ["firmware", "show", str(added["id"]), "--admin-url", f"http://{host}:{port}", "--token", TOKEN],
+        env={"COLUMNS": "200"},
+    )
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert any("version" in line and "4.0.0" in line for line in lines)
+    assert any("sha256" in line and added["sha256"] in line for line in lines)
+    assert [name for name in FILES if any(name in line for line in lines)] == list(FILES)
+    assert not shown.stdout.lstrip().startswith("{")
