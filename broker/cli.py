@@ -225,7 +225,10 @@ def simulate(
     port: Annotated[int | None, typer.Option(help="MQTT port (default 1883, 8883 with --tls).")] = None,
     tls: Annotated[bool, typer.Option(help="MQTT over TLS.")] = False,
     ca_file: Annotated[
-        Path | None, typer.Option(help="CA to trust for MQTT/TLS and HTTPS (the broker's data/tls/ca.crt).")
+        Path | None,
+        typer.Option(
+            help="CA to trust for MQTT/TLS and HTTPS (default: the data folder's tls/ca.crt, if any)."
+        ),
     ] = None,
     secrets: Annotated[
         Path | None,
@@ -264,6 +267,11 @@ def simulate(
         raise typer.Exit(2) from e
 
     setup_logging(log_level)
+    if ca_file is None:  # the CA the broker generated, when this runs beside it (as `run` finds its folder)
+        generated = settings_for(None).ota.data_dir / "tls" / "ca.crt"
+        if generated.is_file():
+            ca_file = generated
+            print(f"simulate: trusting {generated} (the broker's generated CA; --ca-file to choose)")
     options = model.SimulationOptions(
         devices=devices,
         product_key=product_key,

@@ -92,6 +92,13 @@ def summary_lines(result: SimulationResult) -> Iterator[str]:
     steps = Counter(d.failed_step for d in result.devices if d.failed_step)
     if steps:
         yield "  reported failures: " + ", ".join(f"step {s}: {n}" for s, n in sorted(steps.items()))
+        reasons = Counter((d.failed_step, d.reason) for d in result.devices if d.failed_step and d.reason)
+        for (step, reason), n in reasons.most_common(3):  # the devices' own words, whole
+            yield f"    {n} device(s), step {step}: {reason}"
+        if any(
+            "CERTIFICATE_VERIFY_FAILED" in r.upper() or "certificate verify failed" in r for _, r in reasons
+        ):
+            yield "    (the download's certificate is not trusted: --ca-file the broker's data/tls/ca.crt)"
     others = Counter(d.reason for d in result.devices if d.reason and not d.failed_step)
     for reason, n in others.most_common(3):
         yield f"  {n} device(s): {reason}"

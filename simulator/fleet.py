@@ -105,6 +105,14 @@ class AttemptPlan:
         return cls(step if fails else None, at, interrupt_at if interrupted else None)
 
 
+def _why(error: Exception) -> str:
+    """A download error in a few words, the telling ones first (a desc is cut at 128 characters)."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        detail = getattr(error.certificate_error, "verify_message", "") or error.certificate_error
+        return f"certificate verify failed ({detail}): trust the broker's CA"
+    return f"{type(error).__name__}: {error}"
+
+
 class UpgradeFailed(Exception):
     """The device reports a negative step with this desc."""
 
@@ -361,7 +369,7 @@ class SimDevice:
                 errors += 1
                 if errors >= DOWNLOAD_TRIES:
                     raise UpgradeFailed(
-                        "-2", f"download failed {errors} times at byte {transfer.offset}: {e!r}"
+                        "-2", f"download failed {errors} times at byte {transfer.offset}: {_why(e)}"
                     ) from e
                 self.resumes += 1
                 await asyncio.sleep(0.5 * 2 ** (errors - 1))

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 
 from broker import app as broker_app
+from simulator.display import summary_lines
 from simulator.fleet import run_simulation
 from simulator.model import DeviceState, EndReason, SimulationOptions, SimulationResult, read_secrets
 from tests.support import Env, Tls, eventually, secure_config
@@ -106,6 +108,24 @@ async def test_fleet_upgrades_and_the_api_agrees(env: Env, tmp_path: Path) -> No
     json.dumps(doc)  # serialisable as is
 
 
+async def test_an_untrusted_download_certificate_is_named_in_the_reason_and_the_summary(
+    env: Env, tmp_path: Path
+) -> None:
+    """Devices trusting another CA fail their download with a reason that says so up front (a desc is cut at
+    128 characters), and the summary says which CA to trust."""
+    other = tmp_path / "other-ca.pem"
+    other.write_text(trustme.CA().cert_pem.bytes().decode())
+    options = replace(options_for(env, tmp_path, devices=2), ca_file=other)
+    result, _ = await simulate_campaign(env, options)
+
+    assert result.counts["failed"] == 2
+    for d in result.devices:
+        assert d.failed_step == "-2" and "certificate verify failed" in d.reason[:80], d.reason
+    lines = list(summary_lines(result))
+    assert any("step -2: certificate" in line or "certificate verify failed" in line for line in lines)
+    assert any("--ca-file the broker's data/tls/ca.crt" in line for line in lines), lines
+
+
 async def test_every_device_fails_with_its_reported_reason(env: Env, tmp_path: Path) -> None:
     """fail-rate 1.0: each device reports -2, -3 or -4 (a flipped byte really fails the hash), and its task
     ends failed with the matching reason and the device's desc."""
@@ -143,10 +163,12 @@ async def test_cli_runs_and_writes_json(env: Env, tmp_path: Path) -> None:
     out, _ = await asyncio.wait_for(helped.communicate(), RUN_S)
     assert helped.returncode == 0 and b"--fail-rate" in out and b"--idle-exit" in out
 
-    options = options_for(env, tmp_path)
-    assert options.ca_file is not None
+    # No --ca-file: the CA of the data folder (OTA_DATA_DIR, as `run` finds it) is trusted by default.
+    data = tmp_path / "data"
+    (data / "tls").mkdir(parents=True)
+    (data / "tls" / "ca.crt").write_text(env.tls.ca_pem)
     report = tmp_path / "run.json"
-    args = ["--devices", "3", "--port", str(env.mqtt_port), "--ca-file", str(options.ca_file)]
+    args = ["--devices", "3", "--port", str(env.mqtt_port)]
     args += ["--json", str(report), "--connect-rate", "0", "--duration-limit", str(RUN_S)]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -155,6 +177,7 @@ async def test_cli_runs_and_writes_json(env: Env, tmp_path: Path) -> None:
         "simulate",
         *args,
         cwd=cwd,
+        env={**os.environ, "OTA_DATA_DIR": str(data)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -168,6 +191,7 @@ async def test_cli_runs_and_writes_json(env: Env, tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, err.decode()
+    assert f"trusting {data / 'tls' / 'ca.crt'}".encode() in out
     assert b"simulation ended (all_final)" in out
     doc = json.loads(report.read_text())
     assert doc["counts"]["upgraded"] == 3 and doc["end_reason"] == "all_final"
