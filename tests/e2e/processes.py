@@ -12,6 +12,7 @@ import re
 import signal
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -157,3 +158,25 @@ def json_message(line: str) -> str:
     except ValueError:
         return ""
     return str(doc.get("message", "")) if isinstance(doc, dict) else ""
+
+
+def attached_replica(
+    folder: Path, index: int, data_dir: Path, broker_url: str, database_url: str
+) -> Launched:
+    """Replica `index` of the attached service (`python -m broker run`, open auth mode, not started), in
+    `folder/replica-<index>`: on the PostgreSQL `database_url`, attached to `broker_url` with the test
+    Mosquitto's service account, on the shared `data_dir`."""
+    from tests.mosquitto import OTA_PASSWORD, OTA_USER
+
+    workdir = folder / f"replica-{index}"
+    workdir.mkdir()
+    env = {
+        "OTA_AUTH_MODE": "open",
+        "OTA_DATABASE_URL": database_url,
+        "OTA_ATTACH_URL": broker_url,
+        "OTA_ATTACH_USERNAME": OTA_USER,
+        "OTA_ATTACH_PASSWORD": OTA_PASSWORD,
+        "OTA_ATTACH_CLIENT_ID": f"replica-{index}",
+    }
+    command = [sys.executable, "-m", "broker", "run", "--log-level", "info"]
+    return Launched(command, workdir, data_dir, env)

@@ -30,8 +30,8 @@ from plugins.device_auth.signing import login_for
 from plugins.ota.core.topics import DeviceRef
 from simulator.fleet import AttemptPlan
 from simulator.model import SimulationOptions
-from tests.e2e.processes import Launched
-from tests.mosquitto import OTA_PASSWORD, OTA_USER, Mosquitto, running_mosquitto
+from tests.e2e.processes import Launched, attached_replica
+from tests.mosquitto import Mosquitto, running_mosquitto
 from tests.postgres import Postgres
 from tests.support import eventually
 
@@ -65,21 +65,6 @@ async def database(postgres_server: Postgres) -> AsyncIterator[str]:
     dsn = await postgres_server.new_database()
     yield dsn
     await postgres_server.drop_database(dsn)
-
-
-def _replica(tmp_path: Path, index: int, data: Path, mosquitto: Mosquitto, dsn: str) -> Launched:
-    command = [sys.executable, "-m", "broker", "run", "--log-level", "info"]
-    workdir = tmp_path / f"replica-{index}"
-    workdir.mkdir()
-    env = {
-        "OTA_AUTH_MODE": "open",
-        "OTA_DATABASE_URL": dsn,
-        "OTA_ATTACH_URL": mosquitto.url,
-        "OTA_ATTACH_USERNAME": OTA_USER,
-        "OTA_ATTACH_PASSWORD": OTA_PASSWORD,
-        "OTA_ATTACH_CLIENT_ID": f"replica-{index}",
-    }
-    return Launched(command, workdir, data, env)
 
 
 def _scripted_failures_leave_room_for_the_kill() -> None:
@@ -124,7 +109,7 @@ async def test_three_replicas_finish_a_campaign_when_the_leading_one_is_killed(
 ) -> None:
     _scripted_failures_leave_room_for_the_kill()
     data = tmp_path / "data"  # one folder for all: firmware, the link key, the certificates
-    replicas = [_replica(tmp_path, i, data, mosquitto, database) for i in range(3)]
+    replicas = [attached_replica(tmp_path, i, data, mosquitto.url, database) for i in range(3)]
     simulator: asyncio.subprocess.Process | None = None
     try:
         # Started at once: they make the folder's keys and certificates, and the schema, once between them.

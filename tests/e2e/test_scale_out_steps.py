@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.processes import Launched, clean_env
-from tests.mosquitto import OTA_PASSWORD, OTA_USER, Mosquitto, running_mosquitto
+from tests.e2e.processes import Launched, attached_replica, clean_env
+from tests.mosquitto import Mosquitto, running_mosquitto
 from tests.postgres import Postgres
 from tests.support import Device, eventually
 
@@ -88,18 +88,7 @@ async def test_an_embedded_gateway_moves_to_two_replicas_on_mosquitto_and_postgr
             assert "devices" in said.decode() and "2 rows" in said.decode()
 
             # 3. Two replicas on it, attached to Mosquitto, on the gateway's data folder.
-            for index in range(2):
-                workdir = tmp_path / f"replica-{index}"
-                workdir.mkdir()
-                env = {
-                    "OTA_AUTH_MODE": "open",
-                    "OTA_DATABASE_URL": dsn,
-                    "OTA_ATTACH_URL": mosquitto.url,
-                    "OTA_ATTACH_USERNAME": OTA_USER,
-                    "OTA_ATTACH_PASSWORD": OTA_PASSWORD,
-                    "OTA_ATTACH_CLIENT_ID": f"replica-{index}",
-                }
-                replicas.append(Launched(command, workdir, data, env))
+            replicas += [attached_replica(tmp_path, i, data, mosquitto.url, dsn) for i in range(2)]
             await asyncio.gather(*(asyncio.to_thread(r.start) for r in replicas))
             first, second = replicas
 
