@@ -306,14 +306,14 @@ def device_list(
     module: Annotated[str | None, typer.Option()] = None,
     version: Annotated[str | None, typer.Option()] = None,
     online: Annotated[bool | None, typer.Option("--online/--offline", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help="Devices whose name contains this, in any case.")] = None,
     admin_url: AdminUrl = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """List devices with their module versions."""
-    params = {
-        k: v for k, v in {"product_key": product_key, "module": module, "version": version}.items() if v
-    }
+    """List devices with their module versions (searched and paged by the broker: every match, however many)."""
+    chosen = {"product_key": product_key, "module": module, "version": version, "name": name}
+    params = {k: v for k, v in chosen.items() if v}
     if online is not None:
         params["online"] = "true" if online else "false"
     devices = Api(ctx, admin_url, token).every("/devices", params)

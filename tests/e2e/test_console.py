@@ -234,6 +234,16 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
     await page.get_by_label("Name contains").fill("dev3")
     await page.get_by_label("Name contains").press("Enter")
     await expect(table.locator("tbody tr")).to_have_count(1)
+    # Searched by the broker (not in the page over its first 1,000), in any case, with the total.
+    await expect(page.get_by_role("status").filter(has_text="device(s)")).to_contain_text("1 device(s).")
+    assert any("name=dev3" in u for u in requests), [u for u in requests if "/devices?" in u]
+    await page.get_by_label("Product key").fill("")
+    await page.get_by_label("Name contains").fill("PK/DEV3")
+    await page.get_by_label("Name contains").press("Enter")
+    await expect(table.locator("tbody tr")).to_have_count(0)  # the product key is not "PK"
+    await page.get_by_label("Name contains").fill("pk/DEV3")
+    await page.get_by_label("Name contains").press("Enter")
+    await expect(table.locator("tbody tr")).to_have_count(1)
     await shot(page, "6-devices")
 
     # A device page: its module versions and its task with the history (the failure and the retry).

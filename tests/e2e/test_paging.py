@@ -106,3 +106,37 @@ async def test_the_cli_lists_every_device(env: Env, args: list[str], count: int)
     assert result.exit_code == 0, result.output
     names = [d["device_name"] for d in json.loads(result.stdout)]
     assert names == [f"c{i:05d}" for i in range(count)]
+
+
+async def test_devices_are_searched_by_a_part_of_their_name_on_the_server(env: Env) -> None:
+    """`?name=` finds every device whose name holds it, in any case, beyond the first 1,000 too, with the
+    total; the CLI's `device list --name` the same; a needle over 64 characters is refused."""
+    await _import(env, [f"pk,Meter_{i:05d}" for i in range(1_500)] + ["pk,pump_1", "other,meter_x"])
+    items, total, _ = await _walk(env, "/devices?name=meter_010")
+    assert total == 100 and [d["device_name"] for d in items] == [
+        f"Meter_{i:05d}" for i in range(1_000, 1_100)
+    ]
+    items, total, _ = await _walk(env, "/devices?name=METER&product_key=other")
+    assert total == 1 and items[0]["device_name"] == "meter_x"
+    host, port = env.running.admin_address
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
+        cli,
+        [
+            "device",
+            "list",
+            "--json",
+            "--name",
+            "_0149",
+            "--admin-url",
+            f"http://{host}:{port}",
+            "--token",
+            TOKEN,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert [d["device_name"] for d in json.loads(result.stdout)] == [
+        f"Meter_{i:05d}" for i in range(1_490, 1_500)
+    ]
+    async with env.http.get(env.admin + "/devices?name=" + "x" * 65, headers=AUTH) as r:
+        assert r.status == 422 and (await r.json())["message"].startswith("name")

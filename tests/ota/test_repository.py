@@ -279,6 +279,33 @@ async def test_list_and_count_devices_apply_every_filter_alike(repo: Repository)
         assert await repo.count_devices(**filters) == len(expected), filters  # type: ignore[arg-type]
 
 
+async def test_the_name_filter_finds_a_part_of_the_name_in_any_case_and_wildcards_as_themselves(
+    repo: Repository,
+) -> None:
+    """`name`: the device name contains it, whatever the case; `%`, `_` and `\\` in it match only
+    themselves (`_` is common in device names; the others are in no name); with the other filters, in the
+    list and the count alike."""
+    names = ["Meter_01", "meter-02", "METER_A", "pump_01", "m.1"]
+    for name in names:
+        await repo.add_device(dev(name), "s", NOW)
+    await repo.add_device(dev("meter_9", "other"), "s", NOW)
+    cases: list[tuple[dict[str, object], list[str]]] = [
+        ({"name": "meter"}, ["METER_A", "Meter_01", "meter-02", "meter_9"]),
+        ({"name": "METER_"}, ["METER_A", "Meter_01", "meter_9"]),  # `_` is the underscore, not "any one"
+        ({"name": "_01"}, ["Meter_01", "pump_01"]),
+        ({"name": "%"}, []),  # not "anything": no name holds a %
+        ({"name": "\\"}, []),
+        ({"name": "."}, ["m.1"]),
+        ({"name": "meter", "product_key": "pk"}, ["METER_A", "Meter_01", "meter-02"]),
+        ({"name": "nothing"}, []),
+        ({"name": ""}, sorted([*names, "meter_9"], key=lambda n: (n != "meter_9", n))),  # empty: no filter
+    ]
+    for filters, expected in cases:
+        found = [r.device.device_name for r in await repo.list_devices(**filters)]  # type: ignore[arg-type]
+        assert sorted(found) == sorted(expected), filters
+        assert await repo.count_devices(**filters) == len(expected), filters  # type: ignore[arg-type]
+
+
 async def test_list_devices_pages_with_limit_and_offset(repo: Repository) -> None:
     """limit and offset page through the sorted list; a negative limit lists all; the count ignores paging."""
     devices = [dev(f"d{i:02d}") for i in range(7)]

@@ -51,16 +51,16 @@ class DeviceAdmin:
         module: str | None = None,
         version: str | None = None,
         online: bool | None = None,
+        name: str | None = None,
         limit: int = 1000,
         offset: int = 0,
     ) -> tuple[list[DeviceRecord], int]:
         """The devices the filters select, a page of them, and how many there are in all."""
+        filters = {"product_key": product_key, "module": module, "version": version}
         records = await self.repo.list_devices(
-            product_key=product_key, module=module, version=version, online=online, limit=limit, offset=offset
+            **filters, online=online, name=name, limit=limit, offset=offset
         )
-        total = await self.repo.count_devices(
-            product_key=product_key, module=module, version=version, online=online
-        )
+        total = await self.repo.count_devices(**filters, online=online, name=name)
         return records, total
 
     # -------------------------------------------------------------------------------------- changes

@@ -44,11 +44,15 @@ async def list_devices(request: web.Request) -> web.Response:
         if q["online"] not in ("true", "false", "1", "0"):
             raise InvalidInput("online", "must be true or false")
         online = q["online"] in ("true", "1")
+    name = q.get("name") or None
+    if name is not None and len(name) > 64:
+        raise InvalidInput("name", "must be at most 64 characters (a part of a device name)")
     filters: dict[str, Any] = {
         "product_key": q.get("product_key"),
         "module": q.get("module"),
         "version": q.get("version"),
         "online": online,
+        "name": name,
     }
     page = page_of(request)
     records, total = await ota_app(request).devices.page(**filters, limit=page.limit, offset=page.offset)

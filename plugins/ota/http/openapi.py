@@ -279,7 +279,9 @@ OPENAPI: dict[str, Any] = {
         },
         "/devices": {
             "post": _op("Register a device", "201", _ref("Device"), _json(_ref("Device"))),
-            "get": _list("List devices", "Device", _query("product_key", "module", "version", "online")),
+            "get": _list(
+                "List devices", "Device", _query("product_key", "module", "version", "online", "name")
+            ),
         },
         "/devices/import": {
             "post": _op(

@@ -302,10 +302,11 @@ class PostgresRepository(Lookups):
         module: str | None = None,
         version: str | None = None,
         online: bool | None = None,
+        name: str | None = None,
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]:
-        where, args = device_filter(product_key, module, version, online, _mark)
+        where, args = device_filter(product_key, module, version, online, name, _mark)
         n = len(args)
         rows = await self._all(
             f"SELECT d.* FROM devices d WHERE {where}"  # noqa: S608 - only fixed fragments
@@ -332,9 +333,10 @@ class PostgresRepository(Lookups):
         module: str | None = None,
         version: str | None = None,
         online: bool | None = None,
+        name: str | None = None,
     ) -> int:
         """How many devices `list_devices` with the same filters would list in all."""
-        where, args = device_filter(product_key, module, version, online, _mark)
+        where, args = device_filter(product_key, module, version, online, name, _mark)
         return await self._count(f"SELECT COUNT(*) FROM devices d WHERE {where}", *args)  # noqa: S608
 
     async def device_login(self, ref: DeviceRef) -> tuple[str, bool] | None:

@@ -55,6 +55,7 @@ class Repository(Protocol):
         module: str | None = None,
         version: str | None = None,
         online: bool | None = None,
+        name: str | None = None,
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]: ...
@@ -66,6 +67,7 @@ class Repository(Protocol):
         module: str | None = None,
         version: str | None = None,
         online: bool | None = None,
+        name: str | None = None,
     ) -> int:
         """How many devices `list_devices` with the same filters would list in all."""
         ...

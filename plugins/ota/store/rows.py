@@ -42,10 +42,12 @@ def device_filter(
     module: str | None,
     version: str | None,
     online: bool | None,
+    name: str | None,
     mark: Callable[[int], str],
 ) -> tuple[str, list[str | bool]]:
     """The WHERE clause (over `devices d`) and its arguments for the device list's filters; `mark(n)` spells
-    the placeholder of the n-th argument in the dialect at hand."""
+    the placeholder of the n-th argument in the dialect at hand. `name`: the device name contains it, in any
+    case (names are ASCII; `%`, `_` and `\\` in it are themselves)."""
     where: list[str] = ["1=1"]
     args: list[str | bool] = []
 
@@ -57,6 +59,9 @@ def device_filter(
         where.append(f"d.product_key={arg(product_key)}")
     if online is not None:
         where.append(f"d.online={arg(online)}")
+    if name:
+        needle = name.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append(f"LOWER(d.device_name) LIKE {arg(f'%{needle}%')} ESCAPE '\\'")
     if module is not None or version is not None:
         sub = (
             "SELECT 1 FROM device_modules m WHERE m.product_key=d.product_key AND m.device_name=d.device_name"

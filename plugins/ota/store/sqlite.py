@@ -212,10 +212,11 @@ class SqliteRepository(Lookups):
         module: str | None = None,
         version: str | None = None,
         online: bool | None = None,
+        name: str | None = None,
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]:
-        where, args = device_filter(product_key, module, version, online, lambda _: "?")
+        where, args = device_filter(product_key, module, version, online, name, lambda _: "?")
         rows = await self._all(
             f"SELECT d.* FROM devices d WHERE {where}"  # noqa: S608 - only fixed fragments
             " ORDER BY d.product_key, d.device_name LIMIT ? OFFSET ?",
@@ -239,9 +240,10 @@ class SqliteRepository(Lookups):
         module: str | None = None,
         version: str | None = None,
         online: bool | None = None,
+        name: str | None = None,
     ) -> int:
         """How many devices `list_devices` with the same filters would list in all."""
-        where, args = device_filter(product_key, module, version, online, lambda _: "?")
+        where, args = device_filter(product_key, module, version, online, name, lambda _: "?")
         row = await self._one(f"SELECT COUNT(*) FROM devices d WHERE {where}", args)  # noqa: S608
         return int(row[0]) if row else 0
 

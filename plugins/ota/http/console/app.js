@@ -112,7 +112,8 @@ class SignedOut extends Error {}
 
 const token = () => sessionStorage.getItem(TOKEN_KEY);
 
-async function api(method, path, body) {
+// `meta`, when given, receives `total`: the whole list's size (X-Total-Count) of a paged answer.
+async function api(method, path, body, meta) {
   const headers = { Authorization: `Bearer ${token()}` };
   const init = { method, headers };
   if (body !== undefined) {
@@ -125,6 +126,7 @@ async function api(method, path, body) {
   let doc = null;
   if (text && (response.headers.get('Content-Type') || '').includes('json')) doc = JSON.parse(text);
   if (!response.ok) throw new ApiError(response.status, doc);
+  if (meta && response.headers.get('X-Total-Count') !== null) meta.total = Number(response.headers.get('X-Total-Count'));
   return doc === null ? text : doc;
 }
 
@@ -879,11 +881,18 @@ async function devicesPage(main, _params, query, alive) {
   for (const name of ['product_key', 'module', 'version', 'online']) {
     if (query.get(name)) filters[name] = query.get(name);
   }
-  const search = (query.get('q') || '').toLowerCase();
+  // Searched by the broker over every device: "part" of a name, or "pk/part" for one product's.
+  const search = (query.get('q') || '').trim();
+  if (search) {
+    const [product, part] = search.includes('/') ? search.split('/', 2) : ['', search];
+    if (product && !filters.product_key) filters.product_key = product;
+    if (part) filters.name = part;
+  }
   const params = new URLSearchParams({ ...filters, limit: '1000' });
-  const devices = await api('GET', `/devices?${params}`);
+  const meta = {};
+  const shown = await api('GET', `/devices?${params}`, undefined, meta);
   if (!alive()) return;
-  const shown = search ? devices.filter((d) => `${d.product_key}/${d.device_name}`.toLowerCase().includes(search)) : devices;
+  const total = meta.total ?? shown.length;
   const field = (name, label, control) => h('div', { class: 'field' }, h('label', { for: `dev-${name}` }, label), control);
   const text = (name) => h('input', { id: `dev-${name}`, name, value: query.get(name) || '' });
   const online = h('select', { id: 'dev-online', name: 'online' },
@@ -913,7 +922,7 @@ async function devicesPage(main, _params, query, alive) {
       h('td', {}, time(d.last_seen)));
   });
   fill(main, h('h1', {}, 'Devices'), form,
-    h('p', { class: 'muted', role: 'status' }, `${shown.length} device(s)${devices.length === 1000 ? ' (the first 1000 matches)' : ''}.`),
+    h('p', { class: 'muted', role: 'status' }, `${total} device(s)${total > shown.length ? `; the first ${shown.length} shown (narrow the search)` : ''}.`),
     rows.length ? table('Devices', ['Device', 'Connection', 'Module versions', 'Login', 'Last seen'], rows, { id: 'devices' }) : null);
 }
 
