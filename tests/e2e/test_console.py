@@ -187,6 +187,10 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
         for d in devices:
             await expect(page.locator(f'tr[data-device="{d.ref}"]')).to_contain_text("40 %")
         await expect(page.locator("#job-state")).to_contain_text("running")
+        # A running job's card says progress, and cancelling does not look like pausing.
+        await expect(page.locator("#job-progress-label")).to_have_text("Progress")
+        await expect(page.get_by_role("button", name="Cancel job")).to_have_class("danger")
+        await expect(page.get_by_role("button", name="Pause")).not_to_have_class("danger")
 
         await page.get_by_role("button", name="Pause").click()
         await expect(page.locator("#job-state")).to_contain_text("paused")
@@ -221,6 +225,10 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
         for r in responders:
             r.cancel()
         await asyncio.gather(*responders, return_exceptions=True)
+
+    # The jobs list names each job's firmware, not its number.
+    await page.get_by_role("link", name="Jobs", exact=True).click()
+    await expect(page.get_by_role("table", name="Jobs, newest first")).to_contain_text("pk / default 2.0.0")
 
     # Devices: search by product and name; all on 2.0.0 now.
     await page.get_by_role("link", name="Devices", exact=True).click()

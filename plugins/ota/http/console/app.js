@@ -506,14 +506,15 @@ function done(job) {
 }
 
 async function jobsPage(main, _params, _query, alive) {
-  const jobs = await api('GET', '/jobs');
+  const [jobs, firmware] = await Promise.all([api('GET', '/jobs'), api('GET', '/firmware?limit=10000')]);
   if (!alive()) return;
+  const names = new Map(firmware.map((fw) => [fw.id, `${fw.product_key} / ${fw.module} ${fw.version}`]));
   const rows = jobs.map((job) => {
     const d = done(job);
     return h('tr', {},
       h('td', {}, h('a', { href: `#/jobs/${job.id}` }, `Job #${job.id}`)),
       h('td', {}, job.type),
-      h('td', {}, `#${job.firmware_id}`),
+      h('td', {}, names.get(job.firmware_id) || `#${job.firmware_id} (deleted)`),
       h('td', {}, stateBadge(job.state)),
       h('td', {}, h('progress', { max: 100, value: d.percent, 'aria-label': `Job ${job.id} finished` }),
         ` ${d.finished} of ${d.total}`),
@@ -688,8 +689,8 @@ async function jobPage(main, [jobId], _query, alive) {
   let latest = first;
   let stopLive = null;
 
-  const button = (label, action, confirmText) => {
-    const b = h('button', { type: 'button' }, label);
+  const button = (label, action, confirmText, kind = '') => {
+    const b = h('button', { type: 'button', class: kind }, label);
     b.addEventListener('click', async () => {
       if (confirmText && !window.confirm(confirmText)) return;
       error.textContent = '';
@@ -709,7 +710,7 @@ async function jobPage(main, [jobId], _query, alive) {
     resume: button('Resume', 'resume'),
     confirm: button('Confirm waiting', 'confirm'),
     rerun: button('Re-run failed', 'rerun'),
-    cancel: button('Cancel job', 'cancel', `Cancel every unfinished task of job #${jobId}?`),
+    cancel: button('Cancel job', 'cancel', `Cancel every unfinished task of job #${jobId}?`, 'danger'),
   };
   const report = h('button', { type: 'button', class: 'quiet' }, 'Download CSV report');
   report.addEventListener('click', async () => {
@@ -794,7 +795,7 @@ async function jobPage(main, [jobId], _query, alive) {
     h('div', { class: 'title-row' }, h('h1', {}, `Job #${jobId}`),
       h('p', { class: 'muted' }, 'Updates: ', liveState)),
     h('section', { class: 'card', 'aria-labelledby': 'job-progress-label' },
-      h('h2', { id: 'job-progress-label' }, 'Finished'),
+      h('h2', { id: 'job-progress-label' }, 'Progress'),
       h('p', { class: 'overall' }, overall, ' ', overallText),
       summary,
       h('div', { class: 'actions' }, Object.values(buttons), report),
