@@ -7,6 +7,7 @@ on `rev`, and every task change appends a history row in the same transaction.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -71,6 +72,22 @@ def _statements(script: str) -> Iterator[str]:
         yield pending.strip()
 
 
+WAL_TRIES = 100  # every 50 ms: 5 s, as the busy timeout
+
+
+async def _wal(db: aiosqlite.Connection) -> None:
+    """Switch the file to WAL. Two processes opening a new file at once (replicas, the CLI beside the broker)
+    can have SQLite answer "locked" at once, without waiting the busy timeout (it would deadlock): try again."""
+    for attempt in range(WAL_TRIES):
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == WAL_TRIES - 1:
+                raise
+            await asyncio.sleep(0.05)
+
+
 class SqliteRepository(Lookups):
     """The `Repository` on one SQLite file."""
 
@@ -88,10 +105,10 @@ class SqliteRepository(Lookups):
         db = await aiosqlite.connect(self.path, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await _wal(db)
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.execute("PRAGMA foreign_keys=ON")
-            await db.execute("PRAGMA busy_timeout=5000")
             self._db = db
             await self._migrate()
         except BaseException:
