@@ -348,19 +348,16 @@ class PostgresRepository(Lookups):
         return None if row is None else (str(row["device_secret"]), bool(row["enabled"]))
 
     async def set_enabled(self, ref: DeviceRef, enabled: bool) -> None:
-        changed = await self._write1(
-            "UPDATE devices SET enabled=$1 WHERE product_key=$2 AND device_name=$3",
-            enabled,
-            ref.product_key,
-            ref.device_name,
-        )
-        if changed != 1:
-            raise NotFound(f"device {ref} does not exist")
+        await self._set_device(ref, "enabled", enabled)
 
     async def set_secret(self, ref: DeviceRef, secret: str) -> None:
+        await self._set_device(ref, "device_secret", secret)
+
+    async def _set_device(self, ref: DeviceRef, column: str, value: object) -> None:
+        """One column of one device row (`column` is one of this class's literals); NotFound if there is none."""
         changed = await self._write1(
-            "UPDATE devices SET device_secret=$1 WHERE product_key=$2 AND device_name=$3",
-            secret,
+            f"UPDATE devices SET {column}=$1 WHERE product_key=$2 AND device_name=$3",  # noqa: S608
+            value,
             ref.product_key,
             ref.device_name,
         )
