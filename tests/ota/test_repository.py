@@ -409,6 +409,37 @@ async def test_online_state_and_last_seen(repo: Repository) -> None:
     assert await repo.find_device(dev("ghost")) is None
 
 
+async def test_presence_of_many_devices_in_one_call(repo: Repository) -> None:
+    """set_presence records every device listed, a device listed twice as its last change says, leaves out
+    devices that are not registered, and sets last_seen of the devices listed only."""
+    for name in ("d1", "d2", "d3", "d4"):
+        await repo.add_device(dev(name), "s", NOW)
+    await repo.set_presence([(dev("d1"), True), (dev("d4"), True)], NOW + 1)
+    await repo.set_presence(
+        [(dev("d1"), False), (dev("d2"), True), (dev("ghost"), True), (dev("d2"), False), (dev("d3"), True)],
+        NOW + 2,
+    )
+    await repo.set_presence([], NOW + 3)
+    assert [(r.device.device_name, r.online, r.last_seen) for r in await repo.list_devices()] == [
+        ("d1", False, NOW + 2),
+        ("d2", False, NOW + 2),
+        ("d3", True, NOW + 2),
+        ("d4", True, NOW + 1),
+    ]
+    assert await repo.find_device(dev("ghost")) is None
+
+
+async def test_registered_among_a_list_of_devices(repo: Repository) -> None:
+    """existing_devices answers which of the devices asked about are registered, in one query (a device
+    asked twice, another product's device of the same name, an empty list)."""
+    await repo.add_device(dev("d1"), "s", NOW)
+    await repo.add_device(dev("d1", "other"), "s", NOW)
+    await repo.add_device(dev("d3"), "s", NOW)
+    asked = [dev("d1"), dev("d2"), dev("d1"), dev("d3", "other"), dev("d3")]
+    assert await repo.existing_devices(asked) == {dev("d1"), dev("d3")}
+    assert await repo.existing_devices([]) == set()
+
+
 async def test_record_version_upserts_per_module_and_marks_the_device_seen(repo: Repository) -> None:
     """record_version stores one version per module (a new report replaces it) and sets last_seen."""
     await repo.add_device(dev("d1"), "s", NOW)
@@ -811,6 +842,28 @@ async def test_unfinished_tasks_of_device_over_all_modules_oldest_first(repo: Re
     assert [t.job_id for t in await repo.unfinished_tasks_of_device(dev("d1"))] == [b]
 
 
+async def test_unfinished_tasks_of_many_devices_in_one_query(repo: Repository) -> None:
+    """unfinished_tasks_of_devices answers, for each device asked about (once, however often it was asked),
+    what unfinished_tasks_of_device would: its unfinished tasks of every module, oldest first."""
+    fw = await add_firmware(repo)
+    wifi = await add_firmware(repo, module="wifi")
+    a = await add_job(repo, fw, planned(dev("d1"), dev("d2"), dev("x", "other")))
+    b = await add_job(repo, wifi, planned(dev("d1")))
+    await move(repo, await task_of(repo, a, dev("d2")), state=S.FAILED)
+    asked = [dev("d2"), dev("d1"), dev("d9"), dev("d1"), dev("x", "other")]
+    found = await repo.unfinished_tasks_of_devices(asked)
+    assert list(found) == [dev("d2"), dev("d1"), dev("d9"), dev("x", "other")]
+    assert {d: [t.job_id for t in tasks] for d, tasks in found.items()} == {
+        dev("d2"): [],
+        dev("d1"): [a, b],
+        dev("d9"): [],
+        dev("x", "other"): [a],
+    }
+    for device, tasks in found.items():
+        assert tasks == await repo.unfinished_tasks_of_device(device)
+    assert await repo.unfinished_tasks_of_devices([]) == {}
+
+
 async def test_busy_devices_are_those_of_the_list_with_an_unfinished_task_of_the_module(
     repo: Repository,
 ) -> None:
@@ -1120,7 +1173,9 @@ async def test_presence_is_told_first_whole_then_as_other_processes_change_it(ba
         await b.set_online(dev("later"), True, NOW + 1)  # no change: no news
         await b.set_online(dev("on"), False, NOW + 2)
         await b.set_online(dev("nobody"), True, NOW)  # no such device: nothing recorded, no news
-        expected = [(dev("later"), True), (dev("on"), False)]
+        # in one batch: news of the changed one only
+        await b.set_presence([(dev("off"), True), (dev("later"), True), (dev("nobody"), False)], NOW + 3)
+        expected = [(dev("later"), True), (dev("on"), False), (dev("off"), True)]
         for _ in range(100):
             if len(heard) >= len(expected):
                 break
@@ -1131,7 +1186,7 @@ async def test_presence_is_told_first_whole_then_as_other_processes_change_it(ba
         assert isinstance(a, PostgresRepository) and a._own is not None
         a._own.terminate()  # the watching connection is lost: the next ask reconnects and tells all again
         await a.lead()
-        assert heard == [(dev("later"), True)]
+        assert sorted(heard, key=str) == [(dev("later"), True), (dev("off"), True)]
     finally:
         await a.close()
         await b.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from plugins.ota.app.batching import Batcher
 from plugins.ota.core.model import DownloadProtocol, Firmware
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store.repository import Repository
@@ -34,6 +35,7 @@ class Catalog:
         self._absent: dict[DeviceRef, float] = {}
         self._firmware: dict[int, Firmware] = {}
         self._jobs: dict[int, JobFacts] = {}
+        self._lookups = Batcher(self._registered_among)  # a burst of connections: a few queries
 
     # ---------------------------------------------------------------------------------------- devices
 
@@ -43,7 +45,7 @@ class Catalog:
         until = self._absent.get(device)
         if until is not None and time.monotonic() < until:
             return False
-        if await self.repo.find_device(device) is None:
+        if not await self._lookups.submit(device):
             if len(self._absent) >= _ABSENT_MAX:
                 self._absent.clear()
             self._absent[device] = time.monotonic() + ABSENT_TTL_S
@@ -51,6 +53,10 @@ class Catalog:
         self._absent.pop(device, None)
         self._existing.add(device)
         return True
+
+    async def _registered_among(self, devices: list[DeviceRef]) -> list[bool]:
+        found = await self.repo.existing_devices(devices)
+        return [device in found for device in devices]
 
     def registered(self, device: DeviceRef) -> None:
         self._absent.pop(device, None)

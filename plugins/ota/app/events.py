@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from plugins.ota.app.batching import Batcher
 from plugins.ota.app.catalog import Catalog
 from plugins.ota.app.channel import DeviceChannel
 from plugins.ota.app.downloads import BlockServer
@@ -15,7 +16,7 @@ from plugins.ota.app.rollout import Dispatcher
 from plugins.ota.app.tasks import PullReply, TaskDriver
 from plugins.ota.core import messages
 from plugins.ota.core.machine import DeviceAvailable, FirmwareRequested, ProgressReported, VersionReported
-from plugins.ota.core.model import DEFAULT_MODULE, PENDING, TaskState
+from plugins.ota.core.model import DEFAULT_MODULE, PENDING, Task, TaskState
 from plugins.ota.core.rate_limits import RateLimiter
 from plugins.ota.core.topics import DeviceRef, OtaTopic, TopicKind
 from plugins.ota.store.repository import Repository
@@ -53,6 +54,9 @@ class DeviceEvents:
         self.auto_register = auto_register
         self.max_payload_bytes = max_payload_bytes
         self.progress_limit = RateLimiter(progress_per_second, progress_burst)
+        # Sessions coming and going in bursts (a fleet reconnecting) share their writes and reads.
+        self._presence = Batcher(self._record_presence)
+        self._unfinished = Batcher(self._unfinished_of)
 
     async def handle_publish(self, topic: OtaTopic, payload: bytes, *, now_online: bool = False) -> None:
         """One device publish on an OTA topic. Never raises: failures are logged with the device."""
@@ -66,7 +70,7 @@ class DeviceEvents:
             async with self.locks.hold(device):
                 if now_online and await self.catalog.exists(device):
                     # Marked under the same lock as the message: the device's messages keep their order.
-                    await self.repo.set_online(device, True, self.clock())
+                    await self._presence.submit((device, True))
                 match topic.kind:
                     case TopicKind.INFORM:
                         await self._on_inform(device, messages.parse_inform(payload, self.max_payload_bytes))
@@ -117,8 +121,8 @@ class DeviceEvents:
             async with self.locks.hold(device):
                 if not await self.catalog.exists(device):
                     return
-                await self.repo.set_online(device, True, self.clock())
-                for task in await self.repo.unfinished_tasks_of_device(device):
+                await self._presence.submit((device, True))
+                for task in await self._unfinished.submit(device):
                     if task.state is TaskState.QUEUED and not await self.dispatcher.dispatch_now(task):
                         continue  # its job's dispatcher notifies it when its turn comes
                     try:
@@ -132,9 +136,17 @@ class DeviceEvents:
         try:
             async with self.locks.hold(device):
                 if await self.catalog.exists(device):
-                    await self.repo.set_online(device, False, self.clock())
+                    await self._presence.submit((device, False))
         except Exception:
             log.exception("failed to handle the disconnection of %s", device, extra=about(device))
+
+    async def _record_presence(self, changes: list[tuple[DeviceRef, bool]]) -> list[None]:
+        await self.repo.set_presence(changes, self.clock())
+        return [None] * len(changes)
+
+    async def _unfinished_of(self, devices: list[DeviceRef]) -> list[list[Task]]:
+        found = await self.repo.unfinished_tasks_of_devices(devices)
+        return [found[device] for device in devices]
 
     async def _known(self, device: DeviceRef, kind: str) -> bool:
         if await self.catalog.exists(device):
@@ -143,7 +155,7 @@ class DeviceEvents:
             if await self.repo.ensure_device(device, self.clock()):
                 log.info("registered %s on its first inform", device, extra=about(device))
             self.catalog.registered(device)
-            await self.repo.set_online(device, self.channel.is_online(device), self.clock())
+            await self._presence.submit((device, self.channel.is_online(device)))
             return True
         self.rejections.reject(device, "unknown_device", f"{kind} from a device that is not registered")
         return False

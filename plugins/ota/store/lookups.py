@@ -1,13 +1,15 @@
 """The `Repository` methods every implementation derives the same way from its own queries: a `get_*` is
-its `find_*` raising `NotFound` instead of answering None, and the running jobs are the jobs in one state.
+its `find_*` raising `NotFound` instead of answering None, the running jobs are the jobs in one state, and
+one device's presence or unfinished tasks are those of a list of one.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from plugins.ota.core.errors import NotFound
-from plugins.ota.core.model import DeviceRecord, Firmware, JobRecord, JobState
+from plugins.ota.core.model import DeviceRecord, Firmware, JobRecord, JobState, Task
 from plugins.ota.core.topics import DeviceRef
 
 
@@ -25,6 +27,18 @@ class Lookups(ABC):
 
     @abstractmethod
     async def jobs_in_states(self, *states: JobState) -> list[JobRecord]: ...
+
+    @abstractmethod
+    async def set_presence(self, changes: Sequence[tuple[DeviceRef, bool]], now: float) -> None: ...
+
+    @abstractmethod
+    async def unfinished_tasks_of_devices(self, refs: Sequence[DeviceRef]) -> dict[DeviceRef, list[Task]]: ...
+
+    async def set_online(self, ref: DeviceRef, online: bool, now: float) -> None:
+        await self.set_presence([(ref, online)], now)
+
+    async def unfinished_tasks_of_device(self, ref: DeviceRef) -> list[Task]:
+        return (await self.unfinished_tasks_of_devices([ref]))[ref]
 
     async def get_device(self, ref: DeviceRef) -> DeviceRecord:
         found = await self.find_device(ref)

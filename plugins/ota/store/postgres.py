@@ -295,6 +295,16 @@ class PostgresRepository(Lookups):
         )
         return device_from(row, {m["module"]: m["version"] for m in modules})
 
+    async def existing_devices(self, refs: Sequence[DeviceRef]) -> set[DeviceRef]:
+        if not refs:
+            return set()
+        rows = await self._all(
+            "SELECT d.product_key, d.device_name FROM devices AS d JOIN unnest($1::text[], $2::text[]) AS k(pk, dn)"
+            " ON d.product_key=k.pk AND d.device_name=k.dn",
+            *_keys(dict.fromkeys(refs)),
+        )
+        return {DeviceRef(r["product_key"], r["device_name"]) for r in rows}
+
     async def list_devices(
         self,
         *,
@@ -395,21 +405,39 @@ class PostgresRepository(Lookups):
         new = {DeviceRef(r["product_key"], r["device_name"]) for r in created}
         return [ref for ref in wanted if ref in new]
 
-    async def set_online(self, ref: DeviceRef, online: bool, now: float) -> None:
-        """Record it, and announce it to the other replicas when it changed (delivered at commit)."""
-        await self._all(
-            "WITH before AS (SELECT online FROM devices WHERE product_key=$3 AND device_name=$4 FOR UPDATE),"
-            " changed AS (UPDATE devices SET online=$1, last_seen=$2"
-            " WHERE product_key=$3 AND device_name=$4 RETURNING 1)"
-            " SELECT pg_notify($5, $6) FROM before, changed WHERE before.online IS DISTINCT FROM $1",
-            online,
-            now,
-            ref.product_key,
-            ref.device_name,
-            PRESENCE_CHANNEL,
-            f"{int(online)}{ref}",
-            write=True,
-        )
+    async def set_presence(self, changes: Sequence[tuple[DeviceRef, bool]], now: float) -> None:
+        """Record them in one transaction, and announce to the other replicas each device whose state changed
+        (delivered at commit). Rows are locked in one order, so two replicas' batches cannot deadlock."""
+        latest = dict(changes)  # a device's last change wins
+        if not latest:
+            return
+        products, names = _keys(latest)
+        async with self._tx() as db:
+            before = await db.fetch(
+                "SELECT product_key, device_name, online FROM devices"
+                " WHERE (product_key, device_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+                " ORDER BY product_key, device_name FOR UPDATE",
+                products,
+                names,
+            )
+            await db.execute(
+                "UPDATE devices AS d SET online=k.online, last_seen=$4"
+                " FROM unnest($1::text[], $2::text[], $3::bool[]) AS k(pk, dn, online)"
+                " WHERE d.product_key=k.pk AND d.device_name=k.dn",
+                products,
+                names,
+                list(latest.values()),
+                now,
+            )
+            changed = []
+            for row in before:
+                ref = DeviceRef(row["product_key"], row["device_name"])
+                if row["online"] != latest[ref]:
+                    changed.append(f"{int(latest[ref])}{ref}")
+            if changed:
+                await db.execute(
+                    "SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n", PRESENCE_CHANNEL, changed
+                )
 
     async def mark_all_offline(self) -> None:
         await self._write1("UPDATE devices SET online=FALSE WHERE online")
@@ -719,14 +747,19 @@ class PostgresRepository(Lookups):
         )
         return None if row is None else task_from(row)
 
-    async def unfinished_tasks_of_device(self, ref: DeviceRef) -> list[Task]:
+    async def unfinished_tasks_of_devices(self, refs: Sequence[DeviceRef]) -> dict[DeviceRef, list[Task]]:
+        found: dict[DeviceRef, list[Task]] = {ref: [] for ref in refs}
+        if not found:
+            return found
         rows = await self._all(
-            f"SELECT * FROM tasks WHERE product_key=$1 AND device_name=$2 AND state IN {UNFINISHED_SQL}"  # noqa: S608
-            " ORDER BY id",
-            ref.product_key,
-            ref.device_name,
+            "SELECT t.* FROM tasks AS t JOIN unnest($1::text[], $2::text[]) AS k(pk, dn)"  # noqa: S608
+            f" ON t.product_key=k.pk AND t.device_name=k.dn WHERE t.state IN {UNFINISHED_SQL} ORDER BY t.id",
+            *_keys(found),
         )
-        return [task_from(r) for r in rows]
+        for row in rows:
+            task = task_from(row)
+            found[task.device].append(task)
+        return found
 
     async def busy_devices(self, refs: Sequence[DeviceRef], module: str) -> set[DeviceRef]:
         rows = await self._all(

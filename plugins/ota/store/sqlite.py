@@ -72,6 +72,11 @@ def _statements(script: str) -> Iterator[str]:
         yield pending.strip()
 
 
+def _pairs(refs: Iterable[DeviceRef]) -> str:
+    """Devices as a JSON list of [product key, device name] that a statement joins through `json_each`."""
+    return json.dumps([[r.product_key, r.device_name] for r in refs])
+
+
 WAL_TRIES = 100  # every 50 ms: 5 s, as the busy timeout
 
 
@@ -222,6 +227,16 @@ class SqliteRepository(Lookups):
         )
         return device_from(row, {m["module"]: m["version"] for m in modules})
 
+    async def existing_devices(self, refs: Sequence[DeviceRef]) -> set[DeviceRef]:
+        if not refs:
+            return set()
+        rows = await self._all(
+            "SELECT d.product_key, d.device_name FROM json_each(?) AS j JOIN devices AS d"
+            " ON d.product_key = json_extract(j.value, '$[0]') AND d.device_name = json_extract(j.value, '$[1]')",
+            (_pairs(dict.fromkeys(refs)),),
+        )
+        return {DeviceRef(r["product_key"], r["device_name"]) for r in rows}
+
     async def list_devices(
         self,
         *,
@@ -325,11 +340,15 @@ class SqliteRepository(Lookups):
             )
         return [ref for ref, _ in new]
 
-    async def set_online(self, ref: DeviceRef, online: bool, now: float) -> None:
-        await self._write1(
-            "UPDATE devices SET online=?, last_seen=? WHERE product_key=? AND device_name=?",
-            (int(online), now, ref.product_key, ref.device_name),
-        )
+    async def set_presence(self, changes: Sequence[tuple[DeviceRef, bool]], now: float) -> None:
+        latest = dict(changes)  # a device's last change wins
+        if not latest:
+            return
+        async with self._tx() as db:
+            await db.executemany(
+                "UPDATE devices SET online=?, last_seen=? WHERE product_key=? AND device_name=?",
+                [(int(online), now, ref.product_key, ref.device_name) for ref, online in latest.items()],
+            )
 
     async def mark_all_offline(self) -> None:
         async with self._tx() as db:
@@ -633,13 +652,20 @@ class SqliteRepository(Lookups):
         )
         return None if row is None else task_from(row)
 
-    async def unfinished_tasks_of_device(self, ref: DeviceRef) -> list[Task]:
+    async def unfinished_tasks_of_devices(self, refs: Sequence[DeviceRef]) -> dict[DeviceRef, list[Task]]:
+        found: dict[DeviceRef, list[Task]] = {ref: [] for ref in refs}
+        if not found:
+            return found
         rows = await self._all(
-            f"SELECT * FROM tasks WHERE product_key=? AND device_name=? AND state IN {UNFINISHED_SQL}"  # noqa: S608
-            " ORDER BY id",
-            (ref.product_key, ref.device_name),
+            "SELECT t.* FROM json_each(?) AS j JOIN tasks AS t"  # noqa: S608
+            " ON t.product_key = json_extract(j.value, '$[0]') AND t.device_name = json_extract(j.value, '$[1]')"
+            f" WHERE t.state IN {UNFINISHED_SQL} ORDER BY t.id",
+            (_pairs(found),),
         )
-        return [task_from(r) for r in rows]
+        for row in rows:
+            task = task_from(row)
+            found[task.device].append(task)
+        return found
 
     async def busy_devices(self, refs: Sequence[DeviceRef], module: str) -> set[DeviceRef]:
         rows = await self._all(
