@@ -217,6 +217,7 @@ async def test_checks_at_once_share_one_hashing_of_a_racy_file(
 
     def counting(b: Blob) -> bool:
         hashed.append(b.sha256)
+        time.sleep(0.2)  # a large file: every check below arrives (its `stat` done) while this one runs
         return real(b)
 
     monkeypatch.setattr(store, "_check", counting)
