@@ -1,11 +1,15 @@
 """Attached mode: the OTA service as a client of an MQTT broker the fleet already runs (EMQX, HiveMQ,
 VerneMQ, Mosquitto 2), with no broker of its own.
 
-The service connects with its own account under a fixed client id and a persistent session (what devices
-send while it reconnects waits in the broker), and subscribes to what devices send through shared
-subscriptions, `$share/<group>/<filter>`: with several replicas in one group each message reaches one of
-them. Notices and replies go out with QoS 1 on the device's own topics. Everything else (the database, the
-firmware store, the HTTPS downloads, the management API, the periodic tick) is the same
+The service connects with its own account and a persistent session (what devices send while it reconnects
+waits in the broker), and subscribes to what devices send through shared subscriptions,
+`$share/<group>/<filter>`: with several replicas in one group each message reaches one of them. A QoS 1
+message is acknowledged only once it is handled (`plugins.ota.service_client`), so what a service had
+received and not handled when it died is delivered again: to itself when it comes back, or, for replicas,
+to the replica that adopts the session of one gone (each replica has a session of its own, registered in
+the database; the leading replica takes over the sessions their replicas left behind, handles what they
+hold and erases them). Notices and replies go out with QoS 1 on the device's own topics. Everything else
+(the database, the firmware store, the HTTPS downloads, the management API, the periodic tick) is the same
 `plugins.ota.runtime.OtaRuntime` as in the embedded broker.
 
 What differs from the embedded broker, and why:
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from amqtt.client import ClientError, ConnectError, MQTTClient
+from amqtt.client import ClientError, ConnectError
 from amqtt.mqtt.constants import QOS_1
 
 from plugins.device_auth.gate import DeviceAuthConfig, Gate
@@ -53,7 +57,9 @@ from plugins.ota.core.topics import (
 )
 from plugins.ota.metrics import OtaMetrics
 from plugins.ota.runtime import OtaRuntime
+from plugins.ota.service_client import ServiceClient
 from plugins.ota.settings import Settings
+from plugins.ota.store.repository import ReplicaRegistry
 
 log = logging.getLogger("ota.attached")
 
@@ -66,6 +72,13 @@ CONNECT_TIMEOUT_S = 10.0
 MAX_HANDLING = 256  # messages handled at once (one device's in order, different devices' side by side)
 STOP_WAIT_S = 10.0
 RECONNECT_MAX_WAIT_S = 30.0
+# A replica counts as gone once its lock on the database is free and it has not beaten for this long (a
+# replica whose database connection comes back within it keeps its session).
+REPLICA_SILENT_S = 5.0
+# Taking over a gone replica's session: it is done once nothing more came for ADOPT_IDLE_S, or after
+# ADOPT_MAX_S whatever is left (a broker keeping the session hands it over at the next attempt).
+ADOPT_IDLE_S = 1.0
+ADOPT_MAX_S = 120.0
 
 
 CONNACK_REFUSALS = {
@@ -115,7 +128,7 @@ class AttachedChannel:
     def __init__(self, clock: Callable[[], float], metrics: OtaMetrics) -> None:
         self.clock = clock
         self.metrics = metrics
-        self.client: MQTTClient | None = None
+        self.client: ServiceClient | None = None
         self._seen: dict[DeviceRef, float] = {}  # device -> when its first message since the start came
         self._publishing: set[asyncio.Future[Any]] = set()  # notices and replies waiting for their PUBACK
 
@@ -224,7 +237,12 @@ class AttachedService:
         # broker's, over this service's device registry and the device-auth accounts of config.yaml.
         self.runtime.broker_auth = Gate(auth or DeviceAuthConfig(), lambda: self)
         self._loop: asyncio.Task[None] | None = None
-        self.client: MQTTClient | None = None
+        self.client: ServiceClient | None = None
+        # Several replicas on one database: each registers, and has a session of its own (`client_id`).
+        self.registry: ReplicaRegistry | None = None
+        self.replica: int | None = None
+        self.client_id = self.attachment.client_id
+        self._watcher: asyncio.Task[None] | None = None
         self._room = asyncio.Semaphore(MAX_HANDLING)
         self._tails: dict[str, asyncio.Task[None]] = {}  # per device: the last of its messages being handled
         self._handling: set[asyncio.Task[None]] = set()
@@ -247,7 +265,11 @@ class AttachedService:
         broker cannot be reached or refuses, after closing what was opened."""
         await self.runtime.start()
         try:
-            await self.runtime.repo.watch_presence(self.channel.heard_elsewhere)
+            repo = self.runtime.repo
+            await repo.watch_presence(self.channel.heard_elsewhere)
+            if self.settings.database_url and isinstance(repo, ReplicaRegistry):
+                self.registry = repo
+                self.replica, self.client_id = await repo.register_replica(self.attachment.client_id)
             self.client = await self._connect()
         except BaseException:
             await self.runtime.stop_serving()
@@ -255,28 +277,20 @@ class AttachedService:
             raise
         self.channel.client = self.client
         self._loop = asyncio.create_task(self._receive())
+        if self.registry is not None:
+            self._watcher = asyncio.create_task(self._watch_replicas(self.registry))
         log.info(
             "attached to %s as %r (client id %r, shared group %r)",
             self.attachment.url,
             self.attachment.username,
-            self.attachment.client_id,
+            self.client_id,
             self.attachment.group,
         )
 
-    async def _connect(self) -> MQTTClient:
+    async def _connect(self) -> ServiceClient:
+        """Connect with this service's session and subscribe to what devices send."""
         a = self.attachment
-        # One service alone keeps a persistent session: what devices send while it reconnects waits in the
-        # broker. Replicas (a shared database) use clean sessions: a broker keeps handing a persistent
-        # session that is gone its share of a shared subscription (Mosquitto queues it until that client
-        # returns), so a replica that died would take its share of every device's messages with it.
-        clean = bool(self.settings.database_url)
-        config: dict[str, Any] = {
-            "keep_alive": 30,
-            "auto_reconnect": False,  # the service attaches again itself (`_reattach`), subscriptions included
-            "cleansession": clean,
-            "default_qos": QOS_1,
-        }
-        client = MQTTClient(client_id=a.client_id, config=config)
+        client = await self._open(self.client_id, clean=False)
         url = a.url
         if a.username is not None:  # amqtt reads the account from the URL, percent-decoded
             scheme, rest = url.split("://", 1)
@@ -285,21 +299,12 @@ class AttachedService:
                 userinfo += ":" + quote(a.password, safe="")
             url = f"{scheme}://{userinfo}@{rest}"
         try:
-            await asyncio.wait_for(
-                client.connect(url, cleansession=clean, cafile=a.ca_file), CONNECT_TIMEOUT_S
-            )
             granted = await asyncio.wait_for(
                 client.subscribe([(a.shared(f), QOS_1) for f in UPLINK_FILTERS]), CONNECT_TIMEOUT_S
             )
-        except (TimeoutError, ConnectError, ClientError, OSError) as e:
+        except (TimeoutError, ClientError, OSError) as e:
             await _close(client)
-            code = getattr(e, "return_code", None)
-            why = (
-                CONNACK_REFUSALS.get(code, f"return code {code}")
-                if code is not None
-                else f"{type(e).__name__}: {e}"
-            )
-            raise AttachError(f"cannot attach to {a.url} as {a.username!r}: {why}") from e
+            raise AttachError(f"cannot subscribe on {a.url}: {type(e).__name__}: {e}") from e
         refused = [f for f, code in zip(UPLINK_FILTERS, granted, strict=True) if code not in (0, 1, 2)]
         if refused:
             await _close(client)
@@ -316,6 +321,39 @@ class AttachedService:
                     "the broker refused its client events (%s): online state comes from messages",
                     ", ".join(CLIENT_EVENTS),
                 )
+        return client
+
+    async def _open(self, client_id: str, *, clean: bool) -> ServiceClient:
+        """Connect under `client_id` (a persistent session unless `clean`); AttachError when the broker cannot
+        be reached or refuses."""
+        a = self.attachment
+        config: dict[str, Any] = {
+            "keep_alive": 30,
+            "auto_reconnect": False,  # the service attaches again itself (`_reattach`), subscriptions included
+            "cleansession": clean,
+            "default_qos": QOS_1,
+        }
+        client = ServiceClient(client_id=client_id, config=config)
+        url = a.url
+        if a.username is not None:  # amqtt reads the account from the URL, percent-decoded
+            scheme, rest = url.split("://", 1)
+            userinfo = quote(a.username, safe="")
+            if a.password is not None:
+                userinfo += ":" + quote(a.password, safe="")
+            url = f"{scheme}://{userinfo}@{rest}"
+        try:
+            await asyncio.wait_for(
+                client.connect(url, cleansession=clean, cafile=a.ca_file), CONNECT_TIMEOUT_S
+            )
+        except (TimeoutError, ConnectError, ClientError, OSError) as e:
+            await _close(client)
+            code = getattr(e, "return_code", None)
+            why = (
+                CONNACK_REFUSALS.get(code, f"return code {code}")
+                if code is not None
+                else f"{type(e).__name__}: {e}"
+            )
+            raise AttachError(f"cannot attach to {a.url} as {a.username!r}: {why}") from e
         return client
 
     async def _receive(self) -> None:
@@ -340,7 +378,7 @@ class AttachedService:
             if message is None:
                 continue
             await self._room.acquire()  # at most MAX_HANDLING at once: the rest wait in the broker
-            self._dispatch(message.topic, bytes(message.data or b""))
+            self._dispatch(client, message)
 
     async def _reattach(self, why: str) -> None:
         """Connect and subscribe again, for as long as it takes: a broker that restarted without keeping
@@ -363,29 +401,125 @@ class AttachedService:
             log.info("attached to %s again", a.url)
             return
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
+    def _dispatch(self, client: ServiceClient, message: Any) -> None:
         """Handle a message in a task of its own, after the messages before it from the same device (their
-        order matters: a progress report before the new version's inform), beside other devices'."""
+        order matters: a progress report before the new version's inform), beside other devices'; then
+        acknowledge it."""
+        topic = str(message.topic)
         key = _order_key(topic)
         before = self._tails.get(key)
-        task = asyncio.create_task(self._handle_in_order(before, topic, payload))
+        task = asyncio.create_task(self._handle_in_order(before, client, message))
         self._tails[key] = task
         self._handling.add(task)
         task.add_done_callback(lambda t: self._handled(key, t))
 
-    async def _handle_in_order(self, before: asyncio.Task[None] | None, topic: str, payload: bytes) -> None:
+    async def _handle_in_order(
+        self, before: asyncio.Task[None] | None, client: ServiceClient, message: Any
+    ) -> None:
         if before is not None:
             await asyncio.wait([before])  # its outcome is its own
+        topic = str(message.topic)
         try:
-            await self.handle(topic, payload)
-        except Exception:
+            await self.handle(topic, bytes(message.data or b""))
+        except Exception:  # logged, and acknowledged all the same: delivered again, it would fail again
             log.exception("failed to handle a message on %r", topic[:128])
+        await client.acknowledge(message)
 
     def _handled(self, key: str, task: asyncio.Task[None]) -> None:
         self._room.release()
         self._handling.discard(task)
         if self._tails.get(key) is task:
             del self._tails[key]
+
+    async def _watch_replicas(self, registry: ReplicaRegistry) -> None:
+        """Every tick: this replica's heartbeat (registering again if it was taken for gone), and, in the
+        leading replica, the adoption of the sessions gone replicas left behind, one after the other."""
+        while True:
+            await asyncio.sleep(self.settings.tick_seconds)
+            try:
+                if not await registry.replica_alive():
+                    old = self.client_id
+                    self.replica, self.client_id = await registry.register_replica(self.attachment.client_id)
+                    log.warning("this replica registered again, with the client id %r", self.client_id)
+                    if self._loop is not None:  # attach again under the new client id
+                        self._loop.cancel()
+                        await asyncio.gather(self._loop, return_exceptions=True)
+                        await self._reattach("this replica registered again")
+                        self._loop = asyncio.create_task(self._receive())
+                    # its old session, if it subscribed again meanwhile, is in no one's record: hand it over
+                    await self._take_over(old)
+                if self.runtime.leading:
+                    for replica, client_id in await registry.orphaned_replicas(REPLICA_SILENT_S):
+                        await self._adopt(registry, replica, client_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the database or the broker away: next tick
+                log.warning("replica check failed: %s: %s", type(e).__name__, e)
+
+    async def _adopt(self, registry: ReplicaRegistry, replica: int, client_id: str) -> None:
+        """Take over the session of a replica that is gone: stop its share of the subscriptions, handle what
+        it holds (what the broker had handed it unacknowledged, and queued for it since), erase it."""
+        log.warning("replica %d is gone: taking over its session %r", replica, client_id)
+        handled = await self._take_over(client_id)
+        if handled is None:
+            await registry.release_replica(replica)  # found again at a later tick
+            return
+        await registry.forget_replica(replica)
+        log.info("took over replica %d's session: %d message(s) handled", replica, handled)
+
+    async def _take_over(self, client_id: str) -> int | None:
+        """Connect under `client_id`'s session, unsubscribe it, handle what it holds and erase it: the number
+        of messages handled, or None when the broker could not be reached or more kept coming than could be
+        handled in ADOPT_MAX_S (the session is left as it is, to be taken over later)."""
+        try:
+            client = await self._open(client_id, clean=False)
+        except AttachError as e:
+            log.warning("%s; the session %r is taken over later", e, client_id)
+            return None
+        try:
+            with contextlib.suppress(ClientError, OSError, TimeoutError):
+                await asyncio.wait_for(
+                    client.unsubscribe([self.attachment.shared(f) for f in UPLINK_FILTERS]), CONNECT_TIMEOUT_S
+                )
+            handled, complete = await self._drain(client, ADOPT_MAX_S)
+        finally:
+            await _close(client)
+        if not complete:
+            log.warning("the session %r was not emptied within %gs: taken over later", client_id, ADOPT_MAX_S)
+            return None
+        await self._erase(client_id)
+        return handled
+
+    async def _drain(self, client: ServiceClient, limit_s: float) -> tuple[int, bool]:
+        """Handle what `client` is delivered until nothing more comes for ADOPT_IDLE_S, and wait for all of it
+        to be handled and acknowledged: (messages handled, True) or, past `limit_s`, (so far, False)."""
+        deadline = asyncio.get_running_loop().time() + limit_s
+        handled = 0
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return handled, False
+            try:
+                message = await client.deliver_message(timeout_duration=min(ADOPT_IDLE_S, left))
+            except TimeoutError:
+                break
+            except Exception:  # the connection closed: what is unacknowledged waits in the session
+                return handled, False
+            if message is None:
+                continue
+            await self._room.acquire()
+            self._dispatch(client, message)
+            handled += 1
+        while client.unacknowledged:
+            if asyncio.get_running_loop().time() >= deadline:
+                return handled, False
+            await asyncio.sleep(0.05)
+        return handled, True
+
+    async def _erase(self, client_id: str) -> None:
+        """Have the broker forget the session `client_id` (a clean connection under it ends it)."""
+        with contextlib.suppress(AttachError):
+            await _close(await self._open(client_id, clean=True))
 
     async def handle(self, topic: str, payload: bytes) -> None:
         """One message a device sent, through the same app layer as the embedded broker's."""
@@ -432,20 +566,35 @@ class AttachedService:
 
     async def stop(self) -> None:
         await self.runtime.stop_serving()
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop
+        for task in (self._watcher, self._loop):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        client = self.client
+        retiring = self.registry is not None and self.replica is not None and client is not None
+        if retiring and client is not None:
+            # A replica leaves for good: the broker stops handing it its share, it handles what it holds,
+            # and its session goes (the other replicas take every device's messages from now on).
+            with contextlib.suppress(ClientError, OSError, TimeoutError):
+                await asyncio.wait_for(
+                    client.unsubscribe([self.attachment.shared(f) for f in UPLINK_FILTERS]), CONNECT_TIMEOUT_S
+                )
+            _, retiring = await self._drain(client, STOP_WAIT_S)
         if self._handling:  # what was received is handled before the database closes
             await asyncio.wait(set(self._handling), timeout=STOP_WAIT_S)
         await self.channel.settle(STOP_WAIT_S)  # and what was sent is acknowledged before the disconnect
-        if self.client is not None:
+        if client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.client.disconnect(), 5.0)
+                await asyncio.wait_for(client.disconnect(), 5.0)
+        if retiring and self.registry is not None and self.replica is not None:
+            await self._erase(self.client_id)
+            with contextlib.suppress(Exception):
+                await self.registry.forget_replica(self.replica)
         await self.runtime.close()
 
 
-async def _close(client: MQTTClient) -> None:
+async def _close(client: ServiceClient) -> None:
     """Close a client whose connect failed: amqtt leaves the socket of a refused CONNECT open."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(client.disconnect(), 5.0)

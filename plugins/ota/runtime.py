@@ -186,6 +186,11 @@ class OtaRuntime:
             self.app.admission.lagged(lag_s)
 
     @property
+    def leading(self) -> bool:
+        """This process runs the periodic work (alone, or the replica holding the lead)."""
+        return self._leading or not self.settings.database_url
+
+    @property
     def repo(self) -> Repository:
         assert self._repo is not None, "the service is not started"
         return self._repo

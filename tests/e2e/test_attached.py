@@ -314,7 +314,8 @@ async def test_messages_are_handled_in_order_per_device_and_side_by_side_across_
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A device's messages are handled one after the other in the order they came (a progress report
-    before the new version's inform); different devices' at the same time."""
+    before the new version's inform); different devices' at the same time; each is acknowledged once it
+    is handled, not before."""
     service = cast(_Running, env.running).service
     handled: list[tuple[str, int]] = []
     running = peak = 0
@@ -327,12 +328,19 @@ async def test_messages_are_handled_in_order_per_device_and_side_by_side_across_
         handled.append((topic, int(payload)))
         running -= 1
 
+    acknowledged: list[tuple[str, int]] = []
+
+    class Client:  # where the messages came from: told when each is handled
+        async def acknowledge(self, message: Any) -> None:
+            assert (message.topic, int(message.data)) in handled, "acknowledged before it was handled"
+            acknowledged.append((message.topic, int(message.data)))
+
     monkeypatch.setattr(service, "handle", slow_handle)
     sent = [(f"/ota/device/progress/pk/o{d}", i) for i in range(20) for d in range(5)]
     for topic, i in sent:
         await service._room.acquire()
-        service._dispatch(topic, str(i).encode())
-    await eventually(lambda: len(handled) == len(sent), what="every message handled")
+        service._dispatch(cast(Any, Client()), SimpleNamespace(topic=topic, data=str(i).encode()))
+    await eventually(lambda: len(acknowledged) == len(sent), what="every message handled and acknowledged")
     for d in range(5):
         topic = f"/ota/device/progress/pk/o{d}"
         assert [i for t, i in handled if t == topic] == list(range(20))

@@ -43,7 +43,6 @@ RETRIES = 3  # four attempts a device at most
 FAIL_RATE = 0.05
 SEED = 7
 KILL_AFTER_SUCCEEDED = 90  # the leading replica dies once this many tasks have succeeded
-LOST_AT_KILL = 15  # at most this many tasks lose a report in the killed replica (measured: 6 or 7 of 300)
 CAMPAIGN_S = 150.0  # the whole campaign, kill included, within this
 FIRMWARE = os.urandom(32 * 1024)
 NAMES = [f"pk/dev{i:05d}" for i in range(DEVICES)]
@@ -206,13 +205,9 @@ async def test_three_replicas_finish_a_campaign_when_the_leading_one_is_killed(
             # One notice per attempt: no replica sent a device a second notice for an attempt, and every
             # attempt the device made was one the service counted.
             assert device["notices"] == task["attempts"] == device["attempts"], (name, task, device)
-        # What the killed replica had acknowledged and not handled yet is lost with it (the broker handed it
-        # over): only devices whose upgrade was under way at the kill, and their tasks end timed out.
-        assert len(lost) <= LOST_AT_KILL, f"{len(lost)} tasks did not succeed: {sorted(lost)}"
-        for name in lost:
-            notified = [_at(h) for h in histories[name] if h["state"] == "notified"]
-            assert tasks[name]["state"] == "timed_out", (name, tasks[name])
-            assert any(killed_at - 5.0 <= t <= killed_at for t in notified), (name, notified, killed_at)
+        # What the killed replica had received and not handled was not acknowledged: the replica that took
+        # over its session handled it, so no report was lost and every task succeeded.
+        assert not lost, f"{len(lost)} tasks did not succeed: {sorted((n, tasks[n]['state']) for n in lost)}"
         assert any(t["attempts"] > 1 for t in tasks.values()), (
             "no retry happened: the scripted failures did not"
         )

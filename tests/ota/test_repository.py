@@ -1190,3 +1190,39 @@ async def test_presence_is_told_first_whole_then_as_other_processes_change_it(ba
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_replica_found_gone_has_its_session_adopted_once_and_learns_it_on_return(
+    backend: Backend,
+) -> None:
+    """The replicas' registry (PostgreSQL): each registers with a session of its own; one whose database
+    connection is gone and that is silent is found by another, locked so that no third one adopts it too;
+    once forgotten, the replica coming back learns that it was taken for gone and registers again."""
+    if backend.name == "sqlite":
+        pytest.skip("one service alone has no replicas")
+    a, b, c = backend.make(), backend.make(), backend.make()
+    for r in (a, b, c):
+        await r.open()
+    try:
+        assert isinstance(a, PostgresRepository) and isinstance(b, PostgresRepository)
+        assert isinstance(c, PostgresRepository)
+        (ida, client_a), (idb, client_b) = await a.register_replica("ota"), await b.register_replica("ota")
+        await c.register_replica("ota")
+        assert ida != idb and client_a == f"ota-{ida}" and client_b == f"ota-{idb}"
+        assert await a.replica_alive() and await b.replica_alive()
+        assert await a.orphaned_replicas(0.0) == []  # silent or not, a replica holding its lock is alive
+        assert b._own is not None
+        b._own.terminate()  # b's database connection is lost (the process died, or the network)
+        assert await a.orphaned_replicas(60.0) == []  # not silent for long enough yet
+        assert await a.orphaned_replicas(0.0) == [(idb, client_b)]
+        assert await c.orphaned_replicas(0.0) == []  # a adopts it: no other replica does at the same time
+        await a.forget_replica(idb)
+        assert await c.orphaned_replicas(0.0) == []
+        assert not await b.replica_alive()  # back: its session was adopted, it must register again
+        idb2, client_b2 = await b.register_replica("ota")
+        assert idb2 not in (ida, idb) and client_b2 == f"ota-{idb2}" and await b.replica_alive()
+        await a.release_replica(idb2)  # not held: nothing happens
+        assert await c.orphaned_replicas(0.0) == []
+    finally:
+        for r in (a, b, c):
+            await r.close()

@@ -77,6 +77,11 @@ MIGRATIONS: Sequence[str] = schema.scripts("migrations_pg")
 MIGRATION_LOCK = int.from_bytes(b"ota_migr", "big")
 # The advisory lock of the replica that runs the periodic work ("ota_lead"), held by its own connection.
 LEAD_LOCK = int.from_bytes(b"ota_lead", "big")
+# The advisory locks of the replicas' MQTT sessions: ("otar", the replica's id), each held by its replica's own
+# connection while it lives, and by the replica adopting its session once it died.
+REPLICA_LOCKS = int.from_bytes(b"otar", "big")
+# The database's clock, in seconds: replicas on several machines compare their heartbeats on one clock.
+DB_NOW = "extract(epoch FROM clock_timestamp())"
 # Where `set_online` announces a change of a device's presence: payload "1<product_key>/<device_name>" or "0...".
 PRESENCE_CHANNEL = "ota_presence"
 OWN_TIMEOUT_S = 5.0  # the replica's own connection: connecting, and its check that it is still alive
@@ -116,6 +121,11 @@ class PostgresRepository(Lookups):
         self._own: asyncpg.Connection[asyncpg.Record] | None = None
         self._leading = False
         self._presence: Callable[[DeviceRef, bool], None] | None = None
+        self._replica: int | None = None  # this replica's id in `replicas` (`register_replica`)
+        self._replica_lost = False  # its lock or its row was gone when its own connection came back
+        self._own_use = (
+            asyncio.Lock()
+        )  # one statement at a time on the own connection (the tick, the replicas)
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -144,23 +154,88 @@ class PostgresRepository(Lookups):
     async def lead(self) -> bool:
         """Hold the lead lock, or try to take it; False (and the lock given up) when the database cannot be
         reached: another replica takes over once the server notices this connection is gone."""
-        try:
+        async with self._own_use:
+            try:
+                own = await self._own_connection()
+                if self._leading:
+                    await own.fetchval("SELECT 1", timeout=OWN_TIMEOUT_S)  # still connected, still holding it
+                else:
+                    self._leading = bool(
+                        await own.fetchval(
+                            "SELECT pg_try_advisory_lock($1)", LEAD_LOCK, timeout=OWN_TIMEOUT_S
+                        )
+                    )
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("lost the database connection of this replica: %s: %s", type(e).__name__, e)
+                await self._drop_own()
+            return self._leading
+
+    async def register_replica(self, client_id_prefix: str) -> tuple[int, str]:
+        """Register this replica: a row in `replicas` and its lock, held by its own connection for as long as it
+        lives. Returns its id and the client id of its MQTT session (`<prefix>-<id>`)."""
+        async with self._own_use:
             own = await self._own_connection()
-            if self._leading:
-                await own.fetchval("SELECT 1", timeout=OWN_TIMEOUT_S)  # still connected, still holding it
-            else:
-                self._leading = bool(
-                    await own.fetchval("SELECT pg_try_advisory_lock($1)", LEAD_LOCK, timeout=OWN_TIMEOUT_S)
-                )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            log.warning("lost the database connection of this replica: %s: %s", type(e).__name__, e)
-            await self._drop_own()
-        return self._leading
+            replica = int(await own.fetchval("SELECT nextval(pg_get_serial_sequence('replicas', 'id'))"))
+            client_id = f"{client_id_prefix}-{replica}"
+            await own.execute(
+                f"INSERT INTO replicas (id, client_id, started_at, seen_at) VALUES ($1, $2, {DB_NOW}, {DB_NOW})",  # noqa: S608 - DB_NOW
+                replica,
+                client_id,
+            )
+            await own.fetchval("SELECT pg_advisory_lock($1, $2)", REPLICA_LOCKS, replica)
+            self._replica, self._replica_lost = replica, False
+            return replica, client_id
+
+    async def replica_alive(self) -> bool:
+        """This replica's heartbeat; False when it was taken for dead (its own connection was away long enough
+        for another replica to adopt its session): it must register again."""
+        async with self._own_use:
+            own = await self._own_connection()
+            if self._replica is None or self._replica_lost:
+                return False
+            status = await own.execute(
+                f"UPDATE replicas SET seen_at = {DB_NOW} WHERE id = $1",  # noqa: S608 - DB_NOW
+                self._replica,
+                timeout=OWN_TIMEOUT_S,
+            )
+            return _changed(status) == 1
+
+    async def orphaned_replicas(self, silent_s: float) -> list[tuple[int, str]]:
+        """The other replicas that are gone: their lock free and no heartbeat for `silent_s`. Each one returned
+        is locked by this replica's own connection until `forget_replica` or `release_replica`."""
+        async with self._own_use:
+            own = await self._own_connection()
+            rows = await own.fetch(
+                f"SELECT id, client_id FROM replicas WHERE id <> $1 AND seen_at < {DB_NOW} - $2 ORDER BY id",  # noqa: S608 - DB_NOW
+                self._replica or 0,
+                silent_s,
+            )
+            gone: list[tuple[int, str]] = []
+            for row in rows:
+                if await own.fetchval("SELECT pg_try_advisory_lock($1, $2)", REPLICA_LOCKS, row["id"]):
+                    gone.append((int(row["id"]), str(row["client_id"])))
+            return gone
+
+    async def forget_replica(self, replica: int) -> None:
+        """`replica`'s session is adopted and erased (or, this replica's own, retired): its row goes."""
+        async with self._own_use:
+            own = await self._own_connection()
+            await own.execute("DELETE FROM replicas WHERE id = $1", replica)
+            await own.fetchval("SELECT pg_advisory_unlock($1, $2)", REPLICA_LOCKS, replica)
+            if replica == self._replica:
+                self._replica = None
+
+    async def release_replica(self, replica: int) -> None:
+        """Give up adopting `replica` for now (its lock goes; it is found again next time)."""
+        async with self._own_use:
+            own = await self._own_connection()
+            await own.fetchval("SELECT pg_advisory_unlock($1, $2)", REPLICA_LOCKS, replica)
 
     async def watch_presence(self, changed: Callable[[DeviceRef, bool], None]) -> None:
-        self._presence = changed
-        await self._drop_own()  # listen from a fresh connection: it tells every online device first
-        await self._own_connection()
+        async with self._own_use:
+            self._presence = changed
+            await self._drop_own()  # listen from a fresh connection: it tells every online device first
+            await self._own_connection()
 
     async def _own_connection(self) -> asyncpg.Connection[asyncpg.Record]:
         own = self._own
@@ -175,6 +250,16 @@ class PostgresRepository(Lookups):
                 await own.add_listener(PRESENCE_CHANNEL, self._heard)
                 for row in await own.fetch("SELECT product_key, device_name FROM devices WHERE online"):
                     self._presence(DeviceRef(row["product_key"], row["device_name"]), True)
+            if self._replica is not None and not self._replica_lost:
+                # back after losing its connection: this replica's lock again, unless another one took it
+                # (and is adopting its session) or already deleted its row
+                held = await own.fetchval("SELECT pg_try_advisory_lock($1, $2)", REPLICA_LOCKS, self._replica)
+                listed = await own.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM replicas WHERE id = $1)", self._replica
+                )
+                if not (held and listed):
+                    log.warning("this replica was taken for gone while away from the database")
+                    self._replica_lost = True
         except BaseException:
             own.terminate()
             raise

@@ -8,7 +8,7 @@ or return None (`find_*`); a write that breaks a rule raises `Conflict`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from plugins.ota.core.machine import PlannedTask
 from plugins.ota.core.model import (
@@ -261,3 +261,26 @@ class Repository(Protocol):
         ...
 
     async def may_download(self, firmware_id: int, ref: DeviceRef) -> bool: ...
+
+
+@runtime_checkable
+class ReplicaRegistry(Protocol):
+    """The replicas of one service sharing a database (`PostgresRepository`), each with its persistent MQTT
+    session on the external broker: who is alive, and whose session is left behind by one that died."""
+
+    async def register_replica(self, client_id_prefix: str) -> tuple[int, str]:
+        """Register this replica; its id and its session's client id."""
+        ...
+
+    async def replica_alive(self) -> bool:
+        """The heartbeat; False once this replica was taken for gone (it registers again)."""
+        ...
+
+    async def orphaned_replicas(self, silent_s: float) -> list[tuple[int, str]]:
+        """Replicas gone (lock free, silent for `silent_s`), each locked by this one until it forgets or
+        releases it."""
+        ...
+
+    async def forget_replica(self, replica: int) -> None: ...
+
+    async def release_replica(self, replica: int) -> None: ...
