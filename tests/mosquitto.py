@@ -71,9 +71,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_mosquitto(folder: Path, accounts: dict[str, str] | None = None) -> Iterator[Mosquitto]:
+def running_mosquitto(
+    folder: Path, accounts: dict[str, str] | None = None, settings: str = ""
+) -> Iterator[Mosquitto]:
     """`accounts`: more usernames and their passwords it accepts (devices that log in with a username, as
-    Aliyun's SDKs do: Mosquitto lets only clients without one in anonymously)."""
+    Aliyun's SDKs do: Mosquitto lets only clients without one in anonymously); `settings`: more lines of
+    its configuration."""
     mosquitto, passwd = _binary("mosquitto"), _binary("mosquitto_passwd")
     folder.mkdir(parents=True, exist_ok=True)
     password_file = folder / "passwd"
@@ -97,7 +100,7 @@ def running_mosquitto(folder: Path, accounts: dict[str, str] | None = None) -> I
         f"user {getpass.getuser()}\n"  # as root it would switch to `mosquitto`, who cannot read this folder
         "persistence false\n"
         f"log_dest file {log}\n"
-        "log_type error\nlog_type warning\nlog_type notice\n"
+        "log_type error\nlog_type warning\nlog_type notice\n" + settings
     )
     mosquitto_broker = Mosquitto(port, _start(mosquitto, config, port), log, config)
     try:

@@ -106,12 +106,24 @@ async def _die(service: AttachedService) -> None:
     repo.pool.terminate()
 
 
+@pytest.mark.parametrize("qos", [1, 0])
 async def test_the_session_of_a_replica_that_died_is_taken_over_and_nothing_is_lost(
-    tmp_path: Path, tls: Tls, mosquitto: Mosquitto, postgres_server: Postgres
+    tmp_path: Path, tls: Tls, postgres_server: Postgres, qos: int
 ) -> None:
     """Two replicas on one database; the one not leading takes its share of 40 devices' informs and dies
     before handling any. The leading replica finds it gone, takes over its session, handles every inform
-    it held, and erases the session and its record; stopped, it leaves the registry too."""
+    it held, and erases the session and its record; stopped, it leaves the registry too. Informs sent at
+    QoS 0 (as LinkSDK C v4 sends them) are covered the same way by a broker that delivers at the
+    subscription's QoS (Mosquitto's `upgrade_outgoing_qos`)."""
+    with running_mosquitto(
+        tmp_path / "mosquitto", settings="upgrade_outgoing_qos true\n" if qos == 0 else ""
+    ) as m:
+        await _replica_dies(tmp_path, tls, m, postgres_server, qos)
+
+
+async def _replica_dies(
+    tmp_path: Path, tls: Tls, mosquitto: Mosquitto, postgres_server: Postgres, qos: int
+) -> None:
     database = await postgres_server.new_database()
     try:
         common: dict[str, Any] = {"database_url": database, "attach_client_id": "ota"}
@@ -140,7 +152,11 @@ async def test_the_session_of_a_replica_that_died_is_taken_over_and_nothing_is_l
             try:
                 devices = [await env.device("pk", f"d{i}").connect() for i in range(40)]
                 for d in devices:
-                    await d.inform("1.0.0")
+                    await d.publish(
+                        f"/ota/device/inform/pk/{d.dn}",
+                        {"id": d.request_id(), "params": {"version": "1.0.0"}},
+                        qos=qos,
+                    )
                 await eventually(
                     lambda: doomed.client is not None and doomed.client.unacknowledged > 0,
                     what="the doomed replica to hold messages",
