@@ -535,11 +535,17 @@ def job_create(
     tag: Annotated[
         list[str] | None, typer.Option("--tag", help="key=value for the notice's extData.")
     ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show whom the job would notify, and start nothing.")
+    ] = False,
+    seed: Annotated[
+        str | None, typer.Option("--seed", help="A dry run's seed: start exactly the devices it showed.")
+    ] = None,
     admin_url: AdminUrl = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Start an upgrade job (every option of POST /api/v1/jobs)."""
+    """Start an upgrade job (every option of POST /api/v1/jobs); with --dry-run, show what it would start."""
     body: dict[str, Any] = {"firmware_id": firmware, "type": job_type, "download_protocol": download_protocol}
     listed = list(device or [])
     if devices_file is not None:
@@ -558,6 +564,7 @@ def job_create(
         "need_confirm": confirm or None,
         "overwrite": overwrite or None,
         "force": force or None,
+        "seed": seed,
     }
     body |= {k: v for k, v in optional.items() if v is not None}
     if phases:
@@ -578,8 +585,35 @@ def job_create(
         if any(not sep or not k for k, sep, _ in pairs):
             fail("--tag takes key=value")
         body["tags"] = {k: v for k, _, v in pairs}
+    if dry_run:
+        preview = Api(ctx, admin_url, token).call("POST", "/jobs/preview", json=body)
+        show_json(preview) if as_json else _show_preview(preview)
+        return
     job = Api(ctx, admin_url, token).call("POST", "/jobs", json=body)
     show_json(job) if as_json else console.print(_job_line(job), highlight=False)
+
+
+def _show_preview(preview: dict[str, Any]) -> None:
+    fw = preview["firmware"]
+    whom = (
+        f"every device of product {fw['product_key']}" if preview["whole_product"] else "the devices listed"
+    )
+    console.print(
+        f"Would notify {preview['tasks']} device(s) of {preview['devices']} matched ({whom}) with "
+        f"{fw['module']} {fw['version']} (firmware {fw['id']}); nothing was started.",
+        highlight=False,
+    )
+    if len(preview["phases"]) > 1:
+        console.print("Phases: " + ", ".join(str(n) for n in preview["phases"]), highlight=False)
+    for reason, count in preview["skipped_reasons"].items():
+        console.print(f"Skipped: {count} ({reason})", highlight=False)
+    table = Table("Device", "State", "Phase", "Note", title=f"Sample ({len(preview['sample'])})")
+    for t in preview["sample"]:
+        table.add_row(t["device"], t["state"], str(t["phase"]), t["desc"] or "")
+    console.print(table)
+    console.print(
+        f"To start exactly these: the same command without --dry-run, with --seed {preview['seed']}"
+    )
 
 
 def _read_device_list(path: Path) -> list[str]:

@@ -82,6 +82,9 @@ async def page(env: Env) -> AsyncIterator[Any]:
             await browser.close()
 
 
+RED, GREEN = "rgb(164, 20, 29)", "rgb(11, 107, 46)"  # the console's --bad and --good
+
+
 async def shot(page: Any, name: str) -> None:
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
@@ -187,6 +190,7 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
         for d in devices:
             await expect(page.locator(f'tr[data-device="{d.ref}"]')).to_contain_text("40 %")
         await expect(page.locator("#job-state")).to_contain_text("running")
+        await expect(page.locator("#job-firmware")).to_have_text("pk / default 2.0.0 (#1)")
         # A running job's card says progress, and cancelling does not look like pausing.
         await expect(page.locator("#job-progress-label")).to_have_text("Progress")
         await expect(page.get_by_role("button", name="Cancel job")).to_have_class("danger")
@@ -204,6 +208,24 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
         await expect(failed_row).to_contain_text("failed")
         await expect(failed_row).to_contain_text("download failed: timeout after 30 s")
         await expect(page.locator('#job-counts dd[data-state="failed"]')).to_have_text("1")
+        # A failure shows: the job's bar has a red part a third long, said in words too; the failed
+        # task's own bar is red, not a full blue one.
+        bar = page.get_by_role("img", name="Tasks of job 1")
+        await expect(bar).to_have_attribute("aria-label", "Tasks of job 1: 2 succeeded, 1 failed")
+        failed_part = bar.locator('[data-part="failed"]')
+        await expect(failed_part).to_have_attribute("data-count", "1")
+        assert await failed_part.evaluate("e => getComputedStyle(e).backgroundColor") == RED
+        share = await failed_part.evaluate(
+            "e => e.getBoundingClientRect().width / e.parentElement.clientWidth"
+        )
+        assert abs(share - 1 / 3) < 0.02, share
+        assert (
+            await bar.locator('[data-part="succeeded"]').evaluate("e => getComputedStyle(e).backgroundColor")
+            == GREEN
+        )
+        await expect(page.locator(".legend .key-failed")).to_have_text("1 failed")
+        failed_bar = failed_row.get_by_role("progressbar")
+        assert await failed_bar.evaluate("e => getComputedStyle(e).accentColor") == RED
         await expect(page.locator("#live-state")).to_have_text("final: no more changes")
         await shot(page, "5-live-job-failure")
 
@@ -211,6 +233,7 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
         await expect(page.locator('#job-counts dd[data-state="succeeded"]')).to_have_text("3")
         await expect(page.locator("#job-state")).to_contain_text("completed")
         await expect(page.locator("#job-percent")).to_have_text("100 % (3 of 3 finished)")
+        await expect(bar).to_have_attribute("aria-label", "Tasks of job 1: 3 succeeded")
         for d in devices:
             row = page.locator(f'tr[data-device="{d.ref}"]')
             await expect(row).to_contain_text("succeeded")
@@ -229,6 +252,7 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
     # The jobs list names each job's firmware, not its number.
     await page.get_by_role("link", name="Jobs", exact=True).click()
     await expect(page.get_by_role("table", name="Jobs, newest first")).to_contain_text("pk / default 2.0.0")
+    await expect(page.get_by_role("img", name="Job 1")).to_have_attribute("aria-label", "Job 1: 3 succeeded")
 
     # Devices: search by product and name; all on 2.0.0 now.
     await page.get_by_role("link", name="Devices", exact=True).click()
@@ -513,3 +537,80 @@ async def test_a_package_and_a_job_over_mqtt_in_the_console(env: Env, page: Any)
     await expect(page.get_by_role("heading", name="Job #1")).to_be_visible()
     options = (await env.api("GET", "/jobs/1", expect=200))["options"]
     assert (options["download_protocol"], options["notify_timeout_minutes"]) == ("mqtt", 30)
+
+
+async def test_a_job_shows_whom_it_notifies_and_a_whole_product_is_confirmed(env: Env, page: Any) -> None:
+    """Before a job starts the console shows how many devices it notifies and a sample of them; a job for
+    the whole product (or for many devices) starts only once the operator confirms it, and starts exactly
+    the devices previewed. Devices can be picked from a CSV file."""
+    from playwright.async_api import expect
+
+    for name in ("d1", "d2", "d3"):
+        await reporting(env, name)
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    await page.goto("/")
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.keyboard.press("Enter")
+    await page.goto(f"/console/#/jobs/new?firmware={fw['id']}")
+    await expect(page.get_by_role("heading", name="New job")).to_be_visible()
+    # the firmware's whole name shows in its box
+    select = page.get_by_label("Firmware", exact=True)
+    fits = """e => {
+        const pen = document.createElement('canvas').getContext('2d');
+        const style = getComputedStyle(e);
+        pen.font = `${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+        return pen.measureText(e.options[e.selectedIndex].text).width + 24 <= e.clientWidth;
+    }"""
+    assert await select.evaluate(fits), "the firmware's name is cut off in its box"
+
+    # The device box left empty: the whole product. Declined, nothing starts; the preview stays.
+    asked: list[str] = []
+
+    async def decline(dialog: Any) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    page.once("dialog", decline)
+    await page.get_by_role("button", name="Start job").click()
+    await expect(page.get_by_role("status").filter(has_text="not started")).to_have_text(
+        "The job was not started."
+    )
+    assert asked == [
+        "Start this job? It notifies 3 device(s) (every device of product pk) with default 2.0.0."
+    ]
+    await expect(page.locator("#job-preview-count")).to_have_text(
+        "3 device(s) of 3 matched (every device of product pk) get default 2.0.0."
+    )
+    sample = page.get_by_role("table", name="A sample of 3 of 3")
+    await expect(sample.locator("tbody tr")).to_have_count(3)
+    await shot(page, "8-job-preview-confirm")
+    assert await env.api("GET", "/jobs", expect=200) == []
+
+    # Devices from a CSV file; a short list starts without asking.
+    await page.get_by_label("Devices from a file").set_input_files(
+        files=[
+            {
+                "name": "canary.csv",
+                "mimeType": "text/csv",
+                "buffer": b"product_key,device_name\r\npk,d1\r\npk,d3\r\n",
+            }
+        ]
+    )
+    await expect(page.get_by_label("Devices", exact=True)).to_have_value("pk/d1\npk/d3")
+    await page.get_by_role("button", name="Preview").click()
+    await expect(page.locator("#job-preview-count")).to_have_text(
+        "2 device(s) of 2 matched (the devices listed) get default 2.0.0."
+    )
+    await page.get_by_role("button", name="Start job").click()
+    await expect(page.get_by_role("heading", name="Job #1")).to_be_visible()
+    tasks = await env.api("GET", "/jobs/1/tasks", expect=200)
+    assert sorted(t["device"] for t in tasks) == ["pk/d1", "pk/d3"]
+
+    # The whole product, confirmed this time: the job starts (d1 and d3 are busy in job 1: skipped).
+    await env.api("POST", "/jobs/1/cancel", expect=200)
+    await page.goto(f"/console/#/jobs/new?firmware={fw['id']}")
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.get_by_role("button", name="Start job").click()
+    await expect(page.get_by_role("heading", name="Job #2")).to_be_visible()
+    assert len(await env.api("GET", "/jobs/2/tasks", expect=200)) == 3
+    assert page.problems == []

@@ -353,7 +353,18 @@ async def test_cli_drives_a_device_upgrade_end_to_end(
     fw_id = found.group(1)
     assert hashlib.md5(FIRMWARE).hexdigest() in out
 
-    out = ok(await cli(broker, "job", "create", "--firmware", fw_id, "--device", "pk/dev1"))
+    # A dry run says whom the job would notify, and starts nothing; its seed starts exactly that.
+    out = ok(await cli(broker, "job", "create", "--firmware", fw_id, "--dry-run"))
+    assert "Would notify 1 device(s) of 1 matched (every device of product pk)" in out, out
+    assert "pk/dev1" in out and "nothing was started" in out, out
+    seed = re.search(r"--seed (\S+)", out)
+    assert seed, out
+    assert (await admin.call("GET", "/jobs")) == []
+    out = ok(
+        await cli(
+            broker, "job", "create", "--firmware", fw_id, "--device", "pk/dev1", "--seed", seed.group(1)
+        )
+    )
     found = re.search(rf"job (\d+) \(static, firmware {fw_id}\)", out)
     assert found, out
     job_id = found.group(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from plugins.ota.app.housekeeping import Background
@@ -31,6 +31,15 @@ from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store.repository import Repository
 
 log = logging.getLogger("ota.service")
+
+
+@dataclass(frozen=True, slots=True)
+class JobPreview:
+    """The tasks a job would have (`JobAdmin.preview`), and the seed of its gray sample."""
+
+    firmware: Firmware
+    planned: list[machine.PlannedTask]
+    seed: str
 
 
 class JobAdmin:
@@ -84,13 +93,20 @@ class JobAdmin:
 
     # -------------------------------------------------------------------------------------- changes
 
-    async def create(self, spec: JobSpec) -> JobRecord:
+    async def preview(self, spec: JobSpec) -> JobPreview:
+        """What `create` would do with `spec`, creating nothing: the tasks it would plan (which devices, in
+        which state and phase). `create` with the preview's seed plans exactly these (a gray release's
+        sample included), as long as the devices have not changed meanwhile."""
+        firmware, planned, seed = await self._plan(spec)
+        return JobPreview(firmware, planned, seed)
+
+    async def _plan(self, spec: JobSpec) -> tuple[Firmware, list[machine.PlannedTask], str]:
         firmware = await self.repo.find_firmware(spec.firmware_id)
         if firmware is None:
             raise InvalidInput("firmware_id", f"firmware {spec.firmware_id} does not exist")
         await self._check_firmware_for(firmware, spec)
         candidates = await self._candidates(firmware, spec.devices)
-        seed = f"{firmware.id}:{self.clock()}"
+        seed = spec.seed or f"{firmware.id}:{self.clock()}"
         planned = machine.plan_tasks(
             firmware,
             candidates,
@@ -103,6 +119,10 @@ class JobAdmin:
         )
         if not planned and spec.type is not JobType.DYNAMIC:
             raise InvalidInput("devices", "no device matches the job")
+        return firmware, planned, seed
+
+    async def create(self, spec: JobSpec) -> JobRecord:
+        firmware, planned, seed = await self._plan(spec)
         now = self.clock()
         options = JobOptions.of(spec, seed)
         job_id = await self.repo.create_job(

@@ -207,6 +207,7 @@ class JobSpec:
     tags: tuple[tuple[str, str], ...] = ()
     download_protocol: DownloadProtocol = DownloadProtocol.HTTPS
     notify_timeout_minutes: float | None = NOTIFY_TIMEOUT_MINUTES  # None: a notified task never times out
+    seed: str | None = None  # of the gray sample (a preview's, to start what was previewed); None: a new one
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,6 +92,7 @@ def _add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/v1/firmware/{id}", firmware.show_firmware)
     r.add_delete("/api/v1/firmware/{id}", firmware.delete_firmware)
     r.add_post("/api/v1/jobs", jobs.create_job)
+    r.add_post("/api/v1/jobs/preview", jobs.preview_job)
     r.add_get("/api/v1/jobs", jobs.list_jobs)
     r.add_get("/api/v1/jobs/{id}", jobs.show_job)
     r.add_get("/api/v1/jobs/{id}/tasks", jobs.job_tasks)

@@ -44,6 +44,50 @@ async def create_job(request: web.Request) -> web.Response:
     return web.json_response(job_view(job, service.clock(), service.admission.waiting), status=201)
 
 
+PREVIEW_SAMPLE = 20  # devices a preview names
+
+
+async def preview_job(request: web.Request) -> web.Response:
+    """What POST /jobs would start with the same body, starting nothing: how many devices, in which state
+    and phase, why others are skipped, a sample of them, and the seed that starts exactly this selection."""
+    service = ota_app(request)
+    spec = parse_job_spec(await json_object(request), service.clock())
+    preview = await service.jobs.preview(spec)
+    states: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    phases: dict[int, int] = {}
+    for p in preview.planned:
+        states[p.state.value] = states.get(p.state.value, 0) + 1
+        if p.state is TaskState.SKIPPED:
+            reasons[p.desc] = reasons.get(p.desc, 0) + 1
+        else:
+            phases[p.group_no] = phases.get(p.group_no, 0) + 1
+    runs = [p for p in preview.planned if p.state is not TaskState.SKIPPED]
+    sample = (runs + [p for p in preview.planned if p.state is TaskState.SKIPPED])[:PREVIEW_SAMPLE]
+    fw = preview.firmware
+    return web.json_response(
+        {
+            "firmware": {
+                "id": fw.id,
+                "product_key": fw.product_key,
+                "module": fw.module,
+                "version": fw.version,
+            },
+            "whole_product": spec.devices is None,
+            "devices": len(preview.planned),
+            "tasks": len(runs),
+            "states": states,
+            "skipped_reasons": reasons,
+            "phases": [phases.get(i, 0) for i in range(max(phases, default=-1) + 1)],
+            "sample": [
+                {"device": str(p.device), "state": p.state.value, "phase": p.group_no, "desc": p.desc}
+                for p in sample
+            ],
+            "seed": preview.seed,
+        }
+    )
+
+
 def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
     """POST /jobs body → JobSpec, naming the field of the first problem."""
     fw = body.get("firmware_id")
@@ -75,6 +119,9 @@ def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
     notify_timeout = or_default(
         number(body, "notify_timeout_minutes", low=0, high=1440 * 30), NOTIFY_TIMEOUT_MINUTES
     )
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, str) or not 1 <= len(seed) <= 128):
+        raise InvalidInput("seed", "must be the seed of a preview (a string of at most 128 characters)")
     return JobSpec(
         firmware_id=fw,
         type=job_type,
@@ -94,6 +141,7 @@ def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
         tags=tuple((str(k), str(v)) for k, v in tags.items()),
         download_protocol=protocol,
         notify_timeout_minutes=notify_timeout or None,  # 0: never
+        seed=seed,
     )
 
 

@@ -184,6 +184,28 @@ OPENAPI: dict[str, Any] = {
                         },
                     },
                     "tags": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "seed": {
+                        "type": "string",
+                        "description": "A preview's seed: the job starts exactly the devices the preview"
+                        " planned (a gray release's sample included).",
+                    },
+                },
+            },
+            "JobPreview": {
+                "type": "object",
+                "properties": {
+                    "firmware": {"type": "object"},
+                    "whole_product": {
+                        "type": "boolean",
+                        "description": "No device list: every device of it.",
+                    },
+                    "devices": {"type": "integer", "description": "Devices matched, skipped ones included."},
+                    "tasks": {"type": "integer", "description": "Devices that would be notified."},
+                    "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "skipped_reasons": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "phases": {"type": "array", "items": {"type": "integer"}},
+                    "sample": {"type": "array", "items": {"type": "object"}},
+                    "seed": {"type": "string"},
                 },
             },
             "Job": {
@@ -317,6 +339,15 @@ OPENAPI: dict[str, Any] = {
                 "Start a job", "201", _ref("Job"), _json(_ref("JobRequest")), errors=("401", "409", "422")
             ),
             "get": _list("List jobs, newest first", "Job"),
+        },
+        "/jobs/preview": {
+            "post": _op(
+                "What POST /jobs would start with this body, starting nothing",
+                "200",
+                _ref("JobPreview"),
+                _json(_ref("JobRequest")),
+                errors=("401", "409", "422"),
+            ),
         },
         "/jobs/{id}": {"parameters": _ID, "get": _op("One job", answer=_ref("Job"))},
         "/jobs/{id}/events": {"parameters": _ID, "get": _EVENTS},

@@ -317,7 +317,8 @@ async function overviewPage(main, _params, _query, alive) {
     h('td', {}, h('a', { href: `#/jobs/${job.id}` }, `#${job.id}`)),
     h('td', {}, job.type),
     h('td', {}, stateBadge(job.state)),
-    h('td', {}, `${job.counts.succeeded} of ${job.total - job.counts.skipped}`)));
+    h('td', {}, stackedBar(job.counts, `Job ${job.id}`),
+      ` ${job.counts.succeeded} of ${job.total - job.counts.skipped} succeeded`)));
   const failures = data.recent_failures.map((t) => h('tr', {},
     h('td', {}, h('a', { href: `#/jobs/${t.job_id}` }, `#${t.job_id}`)),
     h('td', {}, deviceLink(t.device)),
@@ -344,7 +345,7 @@ async function overviewPage(main, _params, _query, alive) {
         : h('p', { class: 'muted' }, 'No device has reported a version yet.')),
     h('section', { 'aria-labelledby': 'active-h' },
       h('h2', { id: 'active-h' }, 'Jobs running'),
-      active.length ? table('Unfinished jobs', ['Job', 'Type', 'State', 'Succeeded'], active)
+      active.length ? table('Unfinished jobs', ['Job', 'Type', 'State', 'Tasks'], active)
         : h('p', { class: 'muted' }, 'No job is running.')),
     h('section', { 'aria-labelledby': 'failures-h' },
       h('h2', { id: 'failures-h' }, 'Recent failures'),
@@ -498,6 +499,34 @@ async function renderFirmwareList(main, list) {
 
 // ------------------------------------------------------------------------------------------ jobs
 
+// The parts of a job's stacked bar, in the order they are drawn: what ended well, what ended badly, what
+// was stopped, what is under way, what waits. Skipped tasks (the device was already up to date) are left out.
+const PARTS = [
+  ['succeeded', 'succeeded', ['succeeded']],
+  ['failed', 'failed', ['failed', 'timed_out']],
+  ['cancelled', 'cancelled', ['cancelled']],
+  ['running', 'in progress', ['notified', 'in_progress']],
+  ['waiting', 'waiting', ['queued', 'confirm']],
+];
+
+// A job's tasks as one bar of coloured parts (hawkBit's rollout bars): a failure is never hidden inside a
+// full bar. Its text (role img) says the same in words, and a legend names every part that is not empty.
+function stackedBar(counts, label, id) {
+  const parts = PARTS.map(([key, words, states]) => [key, words, states.reduce((n, s) => n + (counts[s] || 0), 0)]);
+  const total = parts.reduce((n, [, , count]) => n + count, 0);
+  const said = parts.filter(([, , count]) => count).map(([, words, count]) => `${count} ${words}`);
+  const bar = h('div', { class: 'stack', role: 'img', id, 'aria-label': `${label}: ${said.join(', ') || 'no tasks'}` },
+    parts.filter(([, , count]) => count).map(([key, words, count]) => {
+      const part = h('span', { class: `part part-${key}`, 'data-part': key, 'data-count': count, title: `${count} ${words}` });
+      part.style.width = `${((count / total) * 100).toFixed(2)}%`; // CSSOM: the CSP refuses style attributes
+      return part;
+    }));
+  const legend = h('span', { class: 'legend', 'aria-hidden': 'true' },
+    parts.filter(([, , count]) => count).map(([key, words, count]) =>
+      h('span', { class: `key key-${key}` }, `${count} ${words}`)));
+  return h('span', { class: 'stacked' }, bar, legend);
+}
+
 function done(job) {
   const total = job.total - (job.counts.skipped || 0);
   const finished = TASK_STATES.filter((s) => TERMINAL.has(s) && s !== 'skipped')
@@ -516,8 +545,7 @@ async function jobsPage(main, _params, _query, alive) {
       h('td', {}, job.type),
       h('td', {}, names.get(job.firmware_id) || `#${job.firmware_id} (deleted)`),
       h('td', {}, stateBadge(job.state)),
-      h('td', {}, h('progress', { max: 100, value: d.percent, 'aria-label': `Job ${job.id} finished` }),
-        ` ${d.finished} of ${d.total}`),
+      h('td', {}, stackedBar(job.counts, `Job ${job.id}`), ` ${d.finished} of ${d.total} finished`),
       h('td', {}, job.success_rate === null ? '—' : `${Math.round(job.success_rate * 100)} %`),
       h('td', {}, time(job.created_at)));
   });
@@ -534,9 +562,9 @@ async function newJobPage(main, _params, query, alive) {
   const id = (name) => `job-${name}`;
   const help = (name, text) => h('small', { id: `${id(name)}-help` }, text);
   const input = (name, attrs) => h('input', { id: id(name), name, 'aria-describedby': `${id(name)}-help`, ...attrs });
-  const field = (name, label, control, helpText) => {
+  const field = (name, label, control, helpText, wide) => {
     if (!helpText) control.removeAttribute('aria-describedby');
-    return h('div', { class: 'field' }, h('label', { for: id(name) }, label), control,
+    return h('div', { class: wide ? 'field wide' : 'field' }, h('label', { for: id(name) }, label), control,
       helpText ? help(name, helpText) : null);
   };
   const check = (name, label) => h('div', { class: 'check' },
@@ -548,10 +576,22 @@ async function newJobPage(main, _params, query, alive) {
   const typeSelect = h('select', { id: id('type'), name: 'type', 'aria-describedby': `${id('type')}-help` },
     ['static', 'dynamic', 'verify'].map((t) => h('option', { value: t, selected: t === (query.get('type') || 'static') }, t)));
   const error = h('p', { class: 'error', role: 'alert', id: 'job-error' });
+  const devicesBox = h('textarea', { id: id('devices'), name: 'devices', rows: 4, 'aria-describedby': `${id('devices')}-help`, spellcheck: 'false' });
+  const devicesFile = input('devices_file', { type: 'file', accept: '.csv,.txt,text/csv,text/plain' });
+  devicesFile.removeAttribute('name'); // read here, not sent
+  devicesFile.addEventListener('change', async () => {
+    const [file] = devicesFile.files;
+    if (!file) return;
+    const listed = deviceLines(await file.text());
+    devicesBox.value = [devicesBox.value.trim(), ...listed].filter(Boolean).join('\n');
+    say(`${listed.length} device(s) added from ${file.name}.`);
+  });
+  const preview = h('section', { class: 'card', id: 'job-preview', 'aria-labelledby': 'job-preview-h', hidden: true });
+  const previewButton = h('button', { type: 'button', class: 'quiet' }, 'Preview');
   const form = h('form', { class: 'card', id: 'job-form' },
     h('fieldset', {}, h('legend', {}, 'What'),
       h('div', { class: 'grid' },
-        field('firmware', 'Firmware', fwSelect),
+        field('firmware', 'Firmware', fwSelect, null, 'wide'),
         field('type', 'Type', typeSelect,
           'static: the devices matching now; dynamic: also devices that report a matching version later, until cancelled; verify: 1–10 listed devices, all must succeed.'),
         field('download_protocol', 'Download over', h('select', { id: id('download_protocol'), name: 'download_protocol', 'aria-describedby': `${id('download_protocol')}-help` },
@@ -559,8 +599,10 @@ async function newJobPage(main, _params, query, alive) {
           'MQTT: devices with no HTTP stack fetch the firmware in blocks over their MQTT connection (files up to 16 MB).'))),
     h('fieldset', {}, h('legend', {}, 'Targets'),
       h('div', { class: 'grid' },
-        field('devices', 'Devices', h('textarea', { id: id('devices'), name: 'devices', rows: 4, 'aria-describedby': `${id('devices')}-help`, spellcheck: 'false' }),
+        field('devices', 'Devices', devicesBox,
           'One product_key/device_name per line (or separated by commas). Empty: every device of the firmware’s product.'),
+        field('devices_file', 'Devices from a file', devicesFile,
+          'A CSV or text file: product_key,device_name or product_key/device_name per line (a header line is skipped); added to the list above.'),
         field('src_versions', 'Only from versions', input('src_versions', {}), 'Comma-separated, e.g. 1.0.0, 1.0.1. Empty: any version.'),
         field('gray_percent', 'Gray release (% of matched devices)', input('gray_percent', { type: 'number', min: 0.01, max: 100, step: 'any' }), 'A deterministic sample. Empty: all of them.'))),
     h('fieldset', {}, h('legend', {}, 'When and how fast'),
@@ -584,20 +626,45 @@ async function newJobPage(main, _params, query, alive) {
       check('need_confirm', 'Tasks wait for confirmation before notices are sent'),
       field('tags', 'Tags', h('textarea', { id: id('tags'), name: 'tags', rows: 2, 'aria-describedby': `${id('tags')}-help`, spellcheck: 'false' }),
         'Up to 10 key=value lines, delivered in the notice’s extData.')),
-    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Start job')),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Start job'), previewButton),
     error);
-  form.addEventListener('submit', async (event) => {
-    event.preventDefault();
+
+  // Whom the job touches, asked of the broker with the form as it is (nothing starts): shown before every
+  // start, and confirmed by the operator when it is the whole product or more than CONFIRM_ABOVE devices.
+  async function previewed() {
     error.textContent = '';
     let spec;
     try {
       spec = jobSpec(new FormData(form));
     } catch (failure) {
       error.textContent = failure.message;
-      return;
+      return null;
     }
     try {
-      const job = await api('POST', '/jobs', spec);
+      const p = await api('POST', '/jobs/preview', spec);
+      showPreview(preview, p);
+      return { spec, p };
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = `The job cannot start: ${errorText(failure)}`;
+      preview.hidden = true;
+      return null;
+    }
+  }
+  previewButton.addEventListener('click', previewed);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    const planned = await previewed();
+    if (!planned) return;
+    const { spec, p } = planned;
+    if (p.whole_product || p.tasks > CONFIRM_ABOVE) {
+      const whom = p.whole_product ? ` (every device of product ${p.firmware.product_key})` : '';
+      if (!window.confirm(`Start this job? It notifies ${p.tasks} device(s)${whom} with ${p.firmware.module} ${p.firmware.version}.`)) {
+        say('The job was not started.');
+        return;
+      }
+    }
+    try {
+      const job = await api('POST', '/jobs', { ...spec, seed: p.seed }); // exactly the devices previewed
       say(`Job ${job.id} started.`);
       location.hash = `#/jobs/${job.id}`;
     } catch (failure) {
@@ -605,7 +672,35 @@ async function newJobPage(main, _params, query, alive) {
     }
   });
   fill(main, h('h1', {}, 'New job'),
-    firmware.length ? form : h('p', {}, 'Upload firmware first: ', h('a', { href: '#/firmware' }, 'Firmware'), '.'));
+    firmware.length ? [form, preview] : h('p', {}, 'Upload firmware first: ', h('a', { href: '#/firmware' }, 'Firmware'), '.'));
+}
+
+const CONFIRM_ABOVE = 25; // devices a job may notify without the operator confirming it
+
+function showPreview(section, p) {
+  const whom = p.whole_product ? `every device of product ${p.firmware.product_key}` : 'the devices listed';
+  const skipped = Object.entries(p.skipped_reasons).map(([why, n]) => `${n} ${why.replace(/_/g, ' ')}`);
+  section.hidden = false;
+  fill(section,
+    h('h2', { id: 'job-preview-h' }, 'Whom this job notifies'),
+    h('p', { id: 'job-preview-count' },
+      `${p.tasks} device(s) of ${p.devices} matched (${whom}) get ${p.firmware.module} ${p.firmware.version}.`),
+    skipped.length ? h('p', {}, `Skipped: ${skipped.join(', ')}.`) : null,
+    p.phases.length > 1 ? h('p', {}, `Phases: ${p.phases.join(', ')} device(s).`) : null,
+    p.sample.length ? table(`A sample of ${p.sample.length} of ${p.devices}`, ['Device', 'State', 'Phase', 'Why skipped'],
+      p.sample.map((t) => h('tr', {}, h('td', {}, t.device), h('td', {}, stateBadge(t.state)),
+        h('td', { class: 'num' }, String(t.phase + 1)), h('td', {}, t.desc.replace(/_/g, ' ') || '—')))) : null);
+}
+
+// Device names from a CSV or text file: `pk,dn` or `pk/dn` per line, a header line and blank lines skipped.
+function deviceLines(text) {
+  return text.replace(/^\uFEFF/, '').split(/\r?\n/).map((line) => line.trim())
+    .filter((line) => line && !line.toLowerCase().startsWith('product_key'))
+    .map((line) => {
+      if (!line.includes(',')) return line;
+      const [pk, dn] = line.split(',');
+      return `${pk.trim()}/${(dn || '').trim()}`;
+    });
 }
 
 function optionText(value) {
@@ -676,9 +771,14 @@ function jobSpec(form) {
 
 async function jobPage(main, [jobId], _query, alive) {
   const first = await api('GET', `/jobs/${jobId}`);
+  const fw = await api('GET', `/firmware/${first.firmware_id}`).catch((failure) => {
+    if (failure instanceof SignedOut) throw failure;
+    return null; // deleted since
+  });
   if (!alive()) return undefined;
+  const fwName = fw ? `${fw.product_key} / ${fw.module} ${fw.version} (#${fw.id})` : `#${first.firmware_id} (deleted)`;
   const liveState = h('span', { id: 'live-state', class: 'live' }, 'connecting…');
-  const overall = h('progress', { id: 'job-progress', max: 100, value: 0, 'aria-labelledby': 'job-progress-label' });
+  const overall = h('span', { class: 'overall-bar' });
   const overallText = h('span', { id: 'job-percent' });
   const summary = h('dl', { class: 'pairs', id: 'job-summary' });
   const counts = h('dl', { class: 'stats', id: 'job-counts' });
@@ -727,7 +827,7 @@ async function jobPage(main, [jobId], _query, alive) {
   function renderJob(job) {
     latest = job;
     const d = done(job);
-    overall.value = d.percent;
+    fill(overall, stackedBar(job.counts, `Tasks of job ${jobId}`, 'job-bar'));
     overallText.textContent = `${d.percent} % (${d.finished} of ${d.total} finished)`;
     const opts = Object.entries(job.options || {}).filter(([, v]) => !(Array.isArray(v) && !v.length)
       && !(v && typeof v === 'object' && !Array.isArray(v) && !Object.keys(v).length));
@@ -735,7 +835,7 @@ async function jobPage(main, [jobId], _query, alive) {
       h('dt', {}, 'State'), h('dd', { id: 'job-state' }, stateBadge(job.state),
         job.pause_reason ? ` — ${job.pause_reason}` : ''),
       h('dt', {}, 'Type'), h('dd', {}, job.type),
-      h('dt', {}, 'Firmware'), h('dd', {}, `#${job.firmware_id}`),
+      h('dt', {}, 'Firmware'), h('dd', { id: 'job-firmware' }, fwName),
       h('dt', {}, 'Phase'), h('dd', {}, String(job.current_phase)),
       h('dt', {}, 'Success rate'), h('dd', {}, job.success_rate === null ? '—' : `${Math.round(job.success_rate * 100)} %`),
       h('dt', {}, 'Throughput'), h('dd', {}, `${job.throughput_per_minute} per minute`),
@@ -847,6 +947,7 @@ function taskRow(jobId, task, error) {
     update(t) {
       fill(state, stateBadge(t.state));
       bar.value = t.progress;
+      bar.setAttribute('class', `task-${t.state}`); // a failed task's bar is not a blue one
       percent.textContent = `${t.progress} %`;
       attempts.textContent = String(t.attempts);
       desc.textContent = t.desc || '—';
@@ -955,7 +1056,7 @@ async function devicePage(main, [pk, dn], _query, alive) {
       h('td', {}, t.module),
       h('td', {}, t.target_version),
       h('td', {}, stateBadge(t.state)),
-      h('td', { class: 'bar-cell' }, h('progress', { max: 100, value: t.progress, 'aria-label': `Progress in job ${t.job_id}` }), ` ${t.progress} %`),
+      h('td', { class: 'bar-cell' }, h('progress', { max: 100, value: t.progress, class: `task-${t.state}`, 'aria-label': `Progress in job ${t.job_id}` }), ` ${t.progress} %`),
       h('td', { class: 'reason' }, t.desc || '—'),
       h('td', {}, time(t.updated_at)),
       h('td', {}, history)), detail];

@@ -1,0 +1,89 @@
+"""Knowing whom a job touches before it starts: `POST /jobs/preview` (and `job create --dry-run`) plans a job
+from the same body as `POST /jobs` and starts nothing; its seed starts exactly what it showed (a real broker
+on 127.0.0.1:0, real MQTT devices)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from tests.support import Env, eventually, reporting
+
+FIRMWARE = os.urandom(10_000)
+
+
+async def _fleet(env: Env) -> list[Any]:
+    """pk/d1 … pk/d6 on 1.0.0, pk/d7 already on 2.0.0."""
+    devices = [await reporting(env, f"d{i}") for i in range(1, 7)]
+    d7 = await env.device("pk", "d7").connect()
+    await d7.inform("2.0.0")
+
+    async def recorded() -> bool:
+        found = await env.find("/devices/pk/d7")
+        return found is not None and found["modules"].get("default") == "2.0.0"
+
+    await eventually(recorded, what="pk/d7 on 2.0.0")
+    for d in [*devices, d7]:
+        await d.subscribe(d.upgrade_topic)
+    return [*devices, d7]
+
+
+async def test_a_preview_shows_whom_a_job_would_notify_and_starts_nothing(env: Env) -> None:
+    devices = await _fleet(env)
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    p = await env.api("POST", "/jobs/preview", expect=200, json={"firmware_id": fw["id"]})
+    assert p["whole_product"] is True  # no device list: the whole product, said so
+    assert p["firmware"] == {"id": fw["id"], "product_key": "pk", "module": "default", "version": "2.0.0"}
+    assert (p["devices"], p["tasks"]) == (7, 6)
+    assert p["states"] == {"queued": 6, "skipped": 1}
+    assert p["skipped_reasons"] == {"already_on_target": 1}
+    assert [s["device"] for s in p["sample"]] == [f"pk/d{i}" for i in range(1, 8)]  # to notify first
+    assert p["sample"][-1] == {"device": "pk/d7", "state": "skipped", "phase": 0, "desc": "already_on_target"}
+    await asyncio.sleep(0.3)
+    assert await env.api("GET", "/jobs", expect=200) == []
+    assert all(d.messages(d.upgrade_topic) == [] for d in devices), "a preview notified a device"
+
+    # phases, source versions and a list: the same planning as the job's
+    phased = await env.api(
+        "POST", "/jobs/preview", expect=200, json={"firmware_id": fw["id"], "rollout": {"phases": [50, 50]}}
+    )
+    assert phased["phases"] == [3, 3]
+    listed = await env.api(
+        "POST",
+        "/jobs/preview",
+        expect=200,
+        json={"firmware_id": fw["id"], "devices": ["pk/d1", "pk/d7"], "src_versions": ["1.0.0"]},
+    )
+    assert listed["whole_product"] is False
+    assert (listed["tasks"], listed["skipped_reasons"]) == (1, {"src_version_mismatch": 1})
+
+
+async def test_a_previewed_seed_starts_exactly_the_previewed_gray_sample(env: Env) -> None:
+    await _fleet(env)
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    body = {"firmware_id": fw["id"], "gray_percent": 50}
+    previews = [await env.api("POST", "/jobs/preview", expect=200, json=body) for _ in range(6)]
+    chosen = [sorted(s["device"] for s in p["sample"] if s["state"] == "queued") for p in previews]
+    assert len({tuple(c) for c in chosen}) > 1, "every preview drew the same sample: the seed is not used"
+    for p, devices in zip(previews[:3], chosen[:3], strict=True):
+        job = await env.api("POST", "/jobs", expect=201, json=body | {"seed": p["seed"]})
+        tasks = await env.api("GET", f"/jobs/{job['id']}/tasks?limit=100", expect=200)
+        assert sorted(t["device"] for t in tasks if t["state"] != "skipped") == devices
+        await env.api("POST", f"/jobs/{job['id']}/cancel", expect=200)
+
+
+async def test_a_preview_refuses_what_the_job_would_refuse(env: Env) -> None:
+    await reporting(env, "d1")
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    for body, field in (
+        ({"firmware_id": 999}, "firmware_id"),
+        ({"firmware_id": fw["id"], "devices": ["pk/nobody"]}, "devices[0]"),
+        ({"firmware_id": fw["id"], "seed": 5}, "seed"),
+        ({"firmware_id": fw["id"], "seed": "x" * 129}, "seed"),
+        ({"firmware_id": fw["id"], "gray_percent": 0}, "gray_percent"),
+    ):
+        answer = await env.api("POST", "/jobs/preview", expect=422, json=body)
+        assert answer["message"].startswith(f"{field}: "), (body, answer)
+        assert (await env.api("POST", "/jobs", expect=422, json=body)) == answer
+    assert await env.api("GET", "/jobs", expect=200) == []
