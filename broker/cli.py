@@ -20,6 +20,7 @@ import typer
 from argon2 import PasswordHasher
 
 from broker import app as broker_app
+from broker import backup as backups
 from broker import datadir, logs
 from broker.config import BrokerSettings, ConfigError, configure, load, warnings
 from broker.config_check import effective_config
@@ -27,6 +28,7 @@ from firmware_store.links import nginx_secure_link
 from plugins.ota.cli import AdminEndpoint, device_app, firmware_app, job_app
 from plugins.ota.settings import Settings, masked_url
 from plugins.ota.store.copy import CopyError, copy_sqlite_to_postgres
+from plugins.ota.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 
 cli = typer.Typer(
     help="A self-hosted OTA service for MQTT devices (Aliyun OTA protocol).", no_args_is_help=True
@@ -359,6 +361,60 @@ def copy_database(
     for table, rows in copied.items():
         print(f"{table:15} {rows:>10,} rows")
     print(f"copied {data_dir / 'ota.db'} to {masked_url(to)}")
+
+
+@cli.command("backup")
+def backup_command(
+    destination: Annotated[Path, typer.Argument(help="A new (or empty) folder for the backup.")],
+    config: ConfigOption = None,
+) -> None:
+    """Back up the embedded broker's state while it runs: a consistent copy of its database (devices and their
+    secrets, firmware, jobs, tasks, history, MQTT sessions), the firmware files it refers to, each checked
+    against its sha256, and the data folder's keys, tokens and certificates. Exit status 1, saying why, when
+    it cannot be made."""
+    ota = settings_for(config).ota
+    if ota.database_url:
+        print(
+            "this broker keeps its state in PostgreSQL (database_url): back the database up with pg_dump, and "
+            f"the data folder {ota.data_dir} (firmware files, keys, certificates) with a file copy",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1)
+    try:
+        made = backups.backup(ota.data_dir, destination, len(SQLITE_MIGRATIONS))
+    except backups.BackupError as e:
+        print(str(e), file=sys.stderr)
+        raise typer.Exit(1) from e
+    _summary(made)
+    print(f"backed up {ota.data_dir} to {made.folder}; restore it with: ota-broker restore {made.folder}")
+
+
+@cli.command("restore")
+def restore_command(
+    source: Annotated[Path, typer.Argument(help="A folder made by `ota-broker backup`.")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Where to restore (new or empty); default: the settings' data_dir."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Restore a backup into a new or empty data folder, after checking it whole (its database's integrity
+    and schema version, every firmware file's sha256); then start the broker on that folder. Exit status 1,
+    with nothing written, when the backup or the destination will not do."""
+    target = data_dir or settings_for(config).ota.data_dir
+    try:
+        made = backups.restore(source, target, len(SQLITE_MIGRATIONS))
+    except backups.BackupError as e:
+        print(str(e), file=sys.stderr)
+        raise typer.Exit(1) from e
+    _summary(made)
+    print(f"restored {source} into {made.folder}")
+
+
+def _summary(made: backups.Summary) -> None:
+    for table, rows in made.rows.items():
+        print(f"{table:15} {rows:>10,} rows")
+    print(f"{'firmware files':15} {made.blobs:>10,} ({made.blob_bytes:,} bytes)")
 
 
 @cli.command("hash-password")
