@@ -25,7 +25,7 @@ from broker import datadir, logs
 from broker.config import BrokerSettings, ConfigError, configure, load, warnings
 from broker.config_check import effective_config
 from firmware_store.links import nginx_secure_link
-from plugins.ota.cli import AdminEndpoint, device_app, firmware_app, job_app
+from plugins.ota.cli import AdminEndpoint, account_app, device_app, firmware_app, job_app
 from plugins.ota.settings import Settings, masked_url
 from plugins.ota.store.copy import CopyError, copy_sqlite_to_postgres
 from plugins.ota.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
@@ -36,6 +36,7 @@ cli = typer.Typer(
 cli.add_typer(device_app, name="device")
 cli.add_typer(firmware_app, name="firmware")
 cli.add_typer(job_app, name="job")
+cli.add_typer(account_app, name="account")
 
 
 def settings_for(config: Path | None) -> BrokerSettings:

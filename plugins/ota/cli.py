@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -778,3 +779,128 @@ def job_cancel(
         console.print(f"{task['device']}: {task['state']}", highlight=False)
         return
     _job_action(ctx, "cancel", job_id, admin_url, token, json={"states": state} if state else {})
+
+
+# ------------------------------------------------------------------------------------------- accounts
+
+account_app = typer.Typer(help="Operator accounts, their roles and API tokens (admin).", no_args_is_help=True)
+Password = Annotated[
+    bool,
+    typer.Option("--password", help="Ask for a password (the console's sign-in), at least 10 characters."),
+]
+
+
+def _ask_password() -> str:
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+@account_app.command("add")
+def account_add(
+    ctx: typer.Context,
+    name: str,
+    role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")] = "viewer",
+    password: Password = False,
+    admin_url: AdminUrl = None,
+    token: Token = None,
+) -> None:
+    """Add an account: a viewer reads; an operator also runs firmware and jobs; an admin does everything."""
+    body = {"name": name, "role": role} | ({"password": _ask_password()} if password else {})
+    made = Api(ctx, admin_url, token).call("POST", "/accounts", json=body)
+    console.print(f"account {made['name']} ({made['role']}) added", highlight=False)
+
+
+@account_app.command("list")
+def account_list(
+    ctx: typer.Context, admin_url: AdminUrl = None, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List the accounts."""
+    accounts = Api(ctx, admin_url, token).every("/accounts", {})
+    if as_json:
+        show_json(accounts)
+        return
+    table = Table("account", "role", "password", "disabled", "created")
+    for a in accounts:
+        table.add_row(
+            a["name"],
+            a["role"],
+            "yes" if a["has_password"] else "no",
+            "yes" if a["disabled"] else "",
+            a["created_at"],
+        )
+    console.print(table)
+
+
+@account_app.command("set")
+def account_set(
+    ctx: typer.Context,
+    name: str,
+    role: Annotated[str | None, typer.Option("--role", help="viewer, operator or admin.")] = None,
+    password: Password = False,
+    disabled: Annotated[bool | None, typer.Option("--disable/--enable", show_default=False)] = None,
+    admin_url: AdminUrl = None,
+    token: Token = None,
+) -> None:
+    """Change an account's role, password, or whether it is disabled (a disabled account's tokens stop)."""
+    body: dict[str, Any] = {}
+    if role is not None:
+        body["role"] = role
+    if password:
+        body["password"] = _ask_password()
+    if disabled is not None:
+        body["disabled"] = disabled
+    if not body:
+        fail("nothing to change: give --role, --password, --disable or --enable")
+    made = Api(ctx, admin_url, token).call("PATCH", f"/accounts/{quote(name, safe='')}", json=body)
+    console.print(
+        f"account {made['name']}: {made['role']}{', disabled' if made['disabled'] else ''}", highlight=False
+    )
+
+
+@account_app.command("delete")
+def account_delete(ctx: typer.Context, name: str, admin_url: AdminUrl = None, token: Token = None) -> None:
+    """Delete an account and its tokens."""
+    Api(ctx, admin_url, token).call("DELETE", f"/accounts/{quote(name, safe='')}")
+    console.print(f"account {name} deleted", highlight=False)
+
+
+@account_app.command("token")
+def account_token(
+    ctx: typer.Context,
+    name: str,
+    label: Annotated[str, typer.Option("--label", help="What the token is for.")] = "",
+    admin_url: AdminUrl = None,
+    token: Token = None,
+) -> None:
+    """Issue an API token for an account; it is printed this once (the broker keeps only its sha256)."""
+    made = Api(ctx, admin_url, token).call(
+        "POST", f"/accounts/{quote(name, safe='')}/tokens", json={"label": label}
+    )
+    console.print(f"token {made['id']} of {name}: {made['token']}", highlight=False, soft_wrap=True)
+
+
+@account_app.command("revoke")
+def account_revoke(
+    ctx: typer.Context, name: str, token_id: int, admin_url: AdminUrl = None, token: Token = None
+) -> None:
+    """Revoke one of an account's tokens: it stops working at once."""
+    Api(ctx, admin_url, token).call("DELETE", f"/accounts/{quote(name, safe='')}/tokens/{token_id}")
+    console.print(f"token {token_id} of {name} revoked", highlight=False)
+
+
+@account_app.command("audit")
+def account_audit(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", help="The newest this many.")] = 50,
+    admin_url: AdminUrl = None,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """The audit log: every change made through the API (and every one refused), newest first."""
+    entries = Api(ctx, admin_url, token).call("GET", "/audit", params={"limit": str(limit)})
+    if as_json:
+        show_json(entries)
+        return
+    table = Table("when", "who", "role", "what", "on", "status", "from")
+    for e in entries:
+        table.add_row(e["at"], e["actor"], e["role"], e["action"], e["target"], str(e["status"]), e["remote"])
+    console.print(table)

@@ -614,3 +614,57 @@ async def test_a_job_shows_whom_it_notifies_and_a_whole_product_is_confirmed(env
     await expect(page.get_by_role("heading", name="Job #2")).to_be_visible()
     assert len(await env.api("GET", "/jobs/2/tasks", expect=200)) == 3
     assert page.problems == []
+
+
+async def test_an_operator_signs_in_with_an_account_and_an_admin_reads_the_audit_log(
+    env: Env, page: Any
+) -> None:
+    """An account signs in with its password (a session cookie the page cannot read); the page says who is
+    signed in; the operator's changes go through and are in the audit log under their name, which an admin
+    reads in the console; signing out ends the session in the broker."""
+    from playwright.async_api import expect
+
+    password = "correct horse battery"
+    for name, role in (("olga", "operator"), ("ada", "admin")):
+        await env.api(
+            "POST", "/accounts", expect=201, json={"name": name, "role": role, "password": password}
+        )
+    await env.upload(FIRMWARE, version="2.0.0")
+
+    await page.goto("/")
+    await page.get_by_label("Account").fill("olga")
+    await page.get_by_label("Password").fill("wrong password")
+    await page.get_by_role("button", name="Use this account").click()
+    await expect(page.locator("#account-error")).to_have_text(
+        "Wrong account or password, or the account is disabled."
+    )
+    await page.get_by_label("Password").fill(password)
+    await page.get_by_role("button", name="Use this account").click()
+    await expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
+    await expect(page.locator("#who")).to_have_text("olga (operator)")
+    await expect(page.get_by_role("link", name="Audit log")).to_be_hidden()
+    assert await page.evaluate("document.cookie") == "", "the session cookie is readable by the page"
+    assert await page.evaluate("sessionStorage.getItem('ota-broker.token')") is None
+
+    # a change through the console, with the cookie: made, and recorded under olga's name
+    await page.get_by_role("link", name="Firmware", exact=True).click()
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.get_by_role("button", name="Delete firmware 1").click()
+    await expect(page.get_by_text("No firmware yet.")).to_be_visible()
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+    await page.get_by_label("Account").fill("ada")
+    await page.get_by_label("Password").fill(password)
+    await page.get_by_role("button", name="Use this account").click()
+    await expect(page.locator("#who")).to_have_text("ada (admin)")
+    await page.get_by_role("link", name="Audit log").click()
+    log = page.get_by_role("table", name="Changes, newest first")
+    await expect(log.locator("tbody tr").first).to_contain_text("olga")
+    await expect(log.locator("tbody tr").first).to_contain_text("DELETE /api/v1/firmware/{id}")
+    await expect(log).to_contain_text("POST /api/v1/accounts")
+    await shot(page, "9-audit-log")
+    # the one wrong password, answered 401 (which the browser logs), and nothing else
+    assert page.problems == [
+        "console error: Failed to load resource: the server responded with a status of 401 (Unauthorized)"
+    ]

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from plugins.ota.core.accounts import AuditEntry, Role
 from plugins.ota.core.machine import PlannedTask
 from plugins.ota.core.model import (
     FirmwareFile,
@@ -66,6 +67,11 @@ async def _fill(repo: Repository) -> None:
         package, JobType.DYNAMIC, JobOptions(seed="t"), [PlannedTask(DEVICES[4], TaskState.QUEUED)],
         TaskPolicy(), NOW + 20,
     )  # fmt: skip
+    await repo.add_account("ann", Role.OPERATOR, "argon2-hash", NOW)
+    await repo.add_token("ann", "a" * 64, "ci", NOW)
+    await repo.record_audit(
+        AuditEntry(NOW, "ann", "operator", "POST /api/v1/jobs", "/api/v1/jobs -> id 1", 201, "::1")
+    )
 
 
 async def _everything(repo: Repository) -> dict[str, object]:
@@ -80,6 +86,10 @@ async def _everything(repo: Repository) -> dict[str, object]:
         "tasks": tasks,
         "history": [await repo.task_history(t.id) for t in tasks],
         "counts": await repo.task_state_counts(),
+        "accounts": await repo.list_accounts(),
+        "tokens": await repo.list_tokens("ann"),
+        "token": await repo.principal_of_token("a" * 64),
+        "audit": await repo.audit_page(10, 0),
     }
 
 

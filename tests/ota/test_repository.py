@@ -1226,3 +1226,51 @@ async def test_a_replica_found_gone_has_its_session_adopted_once_and_learns_it_o
     finally:
         for r in (a, b, c):
             await r.close()
+
+
+async def test_accounts_tokens_and_the_audit_log(repo: Repository) -> None:
+    """Accounts with roles; a token known by its sha256, working while neither it is revoked nor its account
+    disabled; an account's role as it is now; the audit log newest first, paged with its total."""
+    from plugins.ota.core.accounts import AuditEntry, Principal, Role
+
+    ann = await repo.add_account("ann", Role.OPERATOR, "hash-1", NOW)
+    assert (ann.name, ann.role, ann.disabled, ann.has_password) == ("ann", Role.OPERATOR, False, True)
+    await repo.add_account("bob", Role.VIEWER, None, NOW)
+    with pytest.raises(Conflict):
+        await repo.add_account("ann", Role.ADMIN, None, NOW)
+    assert [a.name for a in await repo.list_accounts()] == ["ann", "bob"]
+    assert await repo.password_hash("ann") == "hash-1" and await repo.password_hash("bob") is None
+
+    token = await repo.add_token("ann", "a" * 64, "ci", NOW)
+    assert (token.account, token.label, token.revoked_at) == ("ann", "ci", None)
+    with pytest.raises(NotFound):
+        await repo.add_token("nobody", "b" * 64, "x", NOW)
+    assert await repo.principal_of_token("a" * 64) == Principal("ann", Role.OPERATOR)
+    assert await repo.principal_of_token("c" * 64) is None
+
+    await repo.update_account("ann", role=Role.ADMIN)  # a role changed applies at once
+    assert await repo.principal_of_token("a" * 64) == Principal("ann", Role.ADMIN)
+    await repo.update_account("ann", disabled=True)  # a disabled account: none of its ways in work
+    assert await repo.principal_of_token("a" * 64) is None
+    assert await repo.principal_of_account("ann") is None and await repo.password_hash("ann") is None
+    await repo.update_account("ann", disabled=False, password_hash="hash-2")
+    assert await repo.password_hash("ann") == "hash-2"
+    revoked = await repo.revoke_token("ann", token.id, NOW + 1)
+    assert revoked.revoked_at == NOW + 1 and await repo.principal_of_token("a" * 64) is None
+    assert (await repo.revoke_token("ann", token.id, NOW + 2)).revoked_at == NOW + 1  # stays as it was
+    with pytest.raises(NotFound):
+        await repo.revoke_token("bob", token.id, NOW)  # not bob's
+    with pytest.raises(NotFound):
+        await repo.update_account("nobody", role=Role.VIEWER)
+    await repo.delete_account("ann")
+    assert await repo.find_account("ann") is None and await repo.principal_of_token("a" * 64) is None
+    with pytest.raises(NotFound):
+        await repo.delete_account("ann")
+
+    for i in range(5):
+        await repo.record_audit(
+            AuditEntry(NOW + i, "bob", "viewer", "POST /api/v1/jobs", f"/api/v1/jobs #{i}", 403, "127.0.0.1")
+        )
+    page, total = await repo.audit_page(2, 1)
+    assert total == 5 and [e.target for e in page] == ["/api/v1/jobs #3", "/api/v1/jobs #2"]
+    assert (page[0].actor, page[0].status, page[0].remote) == ("bob", 403, "127.0.0.1")

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from firmware_store import DownloadSlots, FirmwareStore, LinkSigner
+from plugins.ota.app.accounts import AccountAdmin
 from plugins.ota.app.admission import Admission
 from plugins.ota.app.catalog import Catalog
 from plugins.ota.app.channel import DeviceChannel
@@ -77,6 +78,7 @@ class OtaApp:
         self.devices = DeviceAdmin(repo, catalog, channel, clock)
         self.firmware = FirmwareAdmin(repo, store, catalog, clock)
         self.jobs = JobAdmin(repo, self.driver, self.dispatcher, self.background, clock)
+        self.accounts = AccountAdmin(repo, clock)
 
     @property
     def rejected(self) -> Counter[str]:

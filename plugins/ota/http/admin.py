@@ -9,6 +9,9 @@ validated there and answered with a 4xx naming the field.
 from __future__ import annotations
 
 import hmac
+import json
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +19,17 @@ from aiohttp import web
 
 from plugins.device_auth import hooks
 from plugins.device_auth.gate import Gate
+from plugins.device_auth.throttle import LoginThrottle
 from plugins.ota.app.ota_app import OtaApp
-from plugins.ota.http import console, devices, events, firmware, health, jobs, overview
-from plugins.ota.http.errors import Handler, error_response, errors
+from plugins.ota.core.accounts import BOOTSTRAP, AuditEntry, Principal, Role
+from plugins.ota.core.errors import OtaError
+from plugins.ota.http import accounts, console, devices, events, firmware, health, jobs, overview
+from plugins.ota.http.errors import Handler, error_response, errors, status_of
 from plugins.ota.http.inputs import SERVICE
 from plugins.ota.http.openapi import OPENAPI
 from plugins.ota.metrics import OtaMetrics
+
+log = logging.getLogger("ota.admin")
 
 
 def admin_app(
@@ -37,6 +45,25 @@ def admin_app(
     expected = f"Bearer {token}".encode()
     metrics_expected = f"Bearer {metrics_token}".encode() if metrics_token else None
     tickets = events.Tickets(token)
+    key = accounts.session_key(token)
+
+    async def principal(request: web.Request, matched: Any) -> tuple[Principal | None, bool]:
+        """Who the request is from, and whether only its session cookie says so."""
+        given = request.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), expected):
+            return Principal(BOOTSTRAP, Role.ADMIN), False
+        if given.startswith("Bearer "):
+            return await service.accounts.by_token(given[7:].strip()), False
+        if matched is events.job_events and tickets.valid(
+            request.query.get("ticket", ""), events.clock(request)
+        ):
+            return Principal("event-ticket", Role.VIEWER), False
+        cookie = request.cookies.get(accounts.COOKIE)
+        if cookie:
+            name = accounts.session_name(key, cookie, time.time())
+            if name is not None:
+                return await service.accounts.by_session(name), True
+        return None, False
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -44,22 +71,21 @@ def admin_app(
         matched = request.match_info.handler
         if matched in _PUBLIC or matched in own_token:
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
-        if hmac.compare_digest(given, expected):
-            return await handler(request)
         if (
             matched is health.prometheus_metrics
             and metrics_expected is not None
-            and hmac.compare_digest(given, metrics_expected)
+            and hmac.compare_digest(request.headers.get("Authorization", "").encode(), metrics_expected)
         ):
             return await handler(request)
-        if matched is events.job_events and tickets.valid(
-            request.query.get("ticket", ""), events.clock(request)
-        ):
-            return await handler(request)
-        return error_response(401, "unauthorized", "missing or wrong bearer token")
+        who, by_cookie = await principal(request, matched)
+        if who is None:
+            return error_response(401, "unauthorized", "missing or wrong bearer token, or no session")
+        request[accounts.PRINCIPAL] = who
+        return await _guarded(service, request, handler, who, by_cookie=by_cookie)
 
     app = web.Application(middlewares=[errors, auth])
+    app[accounts.SESSION_KEY] = key
+    app[accounts.THROTTLE] = LoginThrottle()
     app[SERVICE] = service
     app[events.TICKETS] = tickets
     app[events.STREAMS] = events.Streams()
@@ -108,6 +134,18 @@ def _add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/v1/overview", overview.overview)
     r.add_post("/api/v1/tickets", events.issue_ticket)
     r.add_get("/api/v1/jobs/{id}/events", events.job_events)
+    r.add_get("/api/v1/accounts", accounts.list_accounts)
+    r.add_post("/api/v1/accounts", accounts.add_account)
+    r.add_get("/api/v1/accounts/{name}", accounts.show_account)
+    r.add_patch("/api/v1/accounts/{name}", accounts.update_account)
+    r.add_delete("/api/v1/accounts/{name}", accounts.delete_account)
+    r.add_get("/api/v1/accounts/{name}/tokens", accounts.list_tokens)
+    r.add_post("/api/v1/accounts/{name}/tokens", accounts.issue_token)
+    r.add_delete("/api/v1/accounts/{name}/tokens/{id}", accounts.revoke_token)
+    r.add_get("/api/v1/audit", accounts.audit_log)
+    r.add_get("/api/v1/whoami", accounts.whoami)
+    r.add_post("/api/v1/session", accounts.sign_in)
+    r.add_delete("/api/v1/session", accounts.sign_out)
 
 
 async def openapi(_request: web.Request) -> web.Response:
@@ -115,5 +153,123 @@ async def openapi(_request: web.Request) -> web.Response:
 
 
 _PUBLIC: frozenset[Callable[..., Any]] = frozenset(
-    {health.health, console.console_root, console.console_asset}
+    {health.health, console.console_root, console.console_asset, accounts.sign_in, accounts.sign_out}
 )
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Requests that are not GETs and change nothing: not in the audit log, and no session-cookie header needed.
+_NOT_CHANGES: frozenset[Callable[..., Any]] = frozenset({jobs.preview_job, events.issue_ticket})
+# What each role may do beyond reading (a viewer reads everything but accounts and the audit log, and
+# previews jobs): an operator runs firmware and jobs; an admin also manages devices, their secrets and
+# accounts, and reads the audit log.
+_OPERATOR: frozenset[Callable[..., Any]] = frozenset(
+    {
+        firmware.add_firmware,
+        firmware.delete_firmware,
+        jobs.create_job,
+        jobs.cancel_job,
+        jobs.pause_job,
+        jobs.resume_job,
+        jobs.confirm_job,
+        jobs.rerun_job,
+        jobs.cancel_task,
+    }
+)
+_ADMIN: frozenset[Callable[..., Any]] = frozenset(
+    {
+        devices.add_device,
+        devices.import_devices,
+        devices.update_device,
+        devices.delete_device,
+        devices.rotate_secret,
+        accounts.list_accounts,
+        accounts.add_account,
+        accounts.show_account,
+        accounts.update_account,
+        accounts.delete_account,
+        accounts.list_tokens,
+        accounts.issue_token,
+        accounts.revoke_token,
+        accounts.audit_log,
+        health.prometheus_metrics,
+    }
+)
+
+
+async def _guarded(
+    service: OtaApp, request: web.Request, handler: Handler, who: Principal, *, by_cookie: bool
+) -> web.StreamResponse:
+    """The request handled if `who`'s role allows it (and, from the session cookie alone, a change carries
+    the console's header); every change, made or refused, recorded in the audit log."""
+    matched = request.match_info.handler
+    needed = needed_role(matched)
+    changes = request.method not in _READS and matched not in _NOT_CHANGES
+    if not who.role.allows(needed):
+        response: web.StreamResponse = error_response(
+            403, "forbidden", f"{who.name} is {who.role.value}: this needs the {needed.value} role"
+        )
+    elif by_cookie and changes and request.headers.get(accounts.CSRF_HEADER) != accounts.CSRF_VALUE:
+        response = error_response(
+            403, "forbidden", f"a change made with the session cookie needs the header {accounts.CSRF_HEADER}"
+        )
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            response = e
+        except OtaError as e:
+            response = error_response(status_of(e), e.code, e.message)
+    if changes:
+        await _audit(service, request, who, response)
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
+
+
+def needed_role(handler: Any) -> Role:
+    """The role a route's handler needs (every route not named above: a viewer's)."""
+    if handler in _ADMIN:
+        return Role.ADMIN
+    if handler in _OPERATOR:
+        return Role.OPERATOR
+    return Role.VIEWER
+
+
+async def _audit(service: OtaApp, request: web.Request, who: Principal, response: web.StreamResponse) -> None:
+    """Record a change (or a refused one) with who made it, from where, and what it made."""
+    resource = request.match_info.route.resource
+    action = f"{request.method} {resource.canonical if resource is not None else request.path}"
+    target = request.path
+    if response.status == 201 and isinstance(response, web.Response) and response.body is not None:
+        made = _made(response.body)
+        if made:
+            target += f" -> {made}"
+    try:
+        await service.accounts.audit(
+            AuditEntry(
+                time.time(),
+                who.name,
+                who.role.value,
+                action,
+                target[:512],
+                response.status,
+                request.remote or "",
+            )
+        )
+    except Exception:  # the change is made; a failed record is logged, not turned into an error
+        log.exception("failed to record %s by %s in the audit log", action, who.name)
+
+
+def _made(body: Any) -> str:
+    """What a creation made, from its JSON answer: an id, a device, an account name."""
+    try:
+        doc = json.loads(bytes(body))
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(doc, dict):
+        return ""
+    if "product_key" in doc and "device_name" in doc and "id" not in doc:
+        return f"{doc['product_key']}/{doc['device_name']}"
+    for key in ("id", "name"):
+        if key in doc:
+            return f"{key} {doc[key]}"
+    return ""

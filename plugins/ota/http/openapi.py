@@ -38,6 +38,7 @@ _PK_DN = [
     {"name": "dn", "in": "path", "required": True, "schema": {"type": "string"}},
 ]
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+_NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
 _LIST = {"type": "array", "items": {}}
 _PAGE = [
     {
@@ -191,6 +192,54 @@ OPENAPI: dict[str, Any] = {
                     },
                 },
             },
+            "Account": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "role": {"enum": ["viewer", "operator", "admin"]},
+                    "disabled": {"type": "boolean"},
+                    "has_password": {"type": "boolean"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "tokens": {"type": "array", "items": _ref("ApiToken")},
+                },
+            },
+            "AccountRequest": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "role": {"enum": ["viewer", "operator", "admin"]},
+                    "password": {"type": "string", "description": "At least 10 characters; for the console."},
+                    "disabled": {"type": "boolean"},
+                },
+            },
+            "ApiToken": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "account": {"type": "string"},
+                    "label": {"type": "string"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+                    "token": {"type": "string", "description": "Only in the answer that issues it."},
+                },
+            },
+            "AuditEntry": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "at": {"type": "string", "format": "date-time"},
+                    "actor": {"type": "string"},
+                    "role": {"type": "string"},
+                    "action": {"type": "string"},
+                    "target": {"type": "string"},
+                    "status": {"type": "integer"},
+                    "remote": {"type": "string"},
+                },
+            },
+            "Principal": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "role": {"type": "string"}},
+            },
             "JobPreview": {
                 "type": "object",
                 "properties": {
@@ -296,6 +345,58 @@ OPENAPI: dict[str, Any] = {
         "/health": {"get": {**_op("Liveness", errors=()), "security": []}},
         "/openapi.json": {"get": _op("This document", errors=("401",))},
         "/overview": {"get": _op("The fleet at a glance", answer=_ref("Overview"), errors=("401",))},
+        "/accounts": {
+            "get": _list("Operator accounts, by name (admin)", "Account"),
+            "post": _op(
+                "Add an account (admin)",
+                "201",
+                _ref("Account"),
+                _json(_ref("AccountRequest")),
+                errors=("401", "403", "409", "422"),
+            ),
+        },
+        "/accounts/{name}": {
+            "parameters": _NAME,
+            "get": _op("One account and its API tokens (admin)", answer=_ref("Account")),
+            "patch": _op(
+                "Change an account's role, password, or disabled flag (admin)",
+                answer=_ref("Account"),
+                body=_json(_ref("AccountRequest")),
+            ),
+            "delete": _op("Delete an account and its tokens (admin)", "204", errors=("401", "403", "404")),
+        },
+        "/accounts/{name}/tokens": {
+            "parameters": _NAME,
+            "get": _list("The account's API tokens (admin)", "ApiToken"),
+            "post": _op(
+                "Issue an API token: the answer's `token` is shown this once (admin)",
+                "201",
+                _ref("ApiToken"),
+                _json({"type": "object", "properties": {"label": {"type": "string"}}}),
+            ),
+        },
+        "/accounts/{name}/tokens/{id}": {
+            "parameters": _NAME + _ID,
+            "delete": _op("Revoke a token: it stops working at once (admin)", answer=_ref("ApiToken")),
+        },
+        "/audit": {"get": _list("Every change made through the API, newest first (admin)", "AuditEntry")},
+        "/whoami": {"get": _op("Who this request is from, and its role", answer=_ref("Principal"))},
+        "/session": {
+            "post": _op(
+                "Sign in with an account's password: sets the HttpOnly session cookie `ota_session`",
+                "200",
+                _ref("Principal"),
+                _json(
+                    {
+                        "type": "object",
+                        "required": ["name", "password"],
+                        "properties": {"name": {"type": "string"}, "password": {"type": "string"}},
+                    }
+                ),
+                errors=("401", "422"),
+            ),
+            "delete": _op("Sign out: the session cookie is cleared", "204", errors=()),
+        },
         "/tickets": {
             "post": _op("A 60-second ticket for the event stream", "201", _ref("Ticket"), errors=("401",))
         },

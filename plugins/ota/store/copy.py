@@ -21,7 +21,17 @@ from plugins.ota.store.postgres import PostgresRepository
 from plugins.ota.store.sqlite import SqliteRepository
 
 # In the order foreign keys allow.
-TABLES = ("devices", "device_modules", "firmware", "jobs", "tasks", "task_history")
+TABLES = (
+    "devices",
+    "device_modules",
+    "firmware",
+    "jobs",
+    "tasks",
+    "task_history",
+    "accounts",
+    "api_tokens",
+    "audit",
+)
 CHUNK_ROWS = 10_000
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,7 @@ from plugins.ota.core.model import (
 )
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store import schema
+from plugins.ota.store.accounts import AccountStore
 from plugins.ota.store.lookups import Lookups
 from plugins.ota.store.rows import (
     DOWNLOADABLE_SQL,
@@ -87,6 +88,12 @@ PRESENCE_CHANNEL = "ota_presence"
 OWN_TIMEOUT_S = 5.0  # the replica's own connection: connecting, and its check that it is still alive
 
 
+def _numbered(sql: str) -> str:
+    """`?` marks as PostgreSQL's `$1`, `$2`, ... (the statements shared with SQLite hold no other `?`)."""
+    parts = sql.split("?")
+    return "".join(part + (f"${i}" if i < len(parts) else "") for i, part in enumerate(parts, start=1))
+
+
 def _mark(n: int) -> str:
     return f"${n}"
 
@@ -107,7 +114,7 @@ def _keys(refs: Iterable[DeviceRef]) -> tuple[list[str], list[str]]:
     return [r.product_key for r in listed], [r.device_name for r in listed]
 
 
-class PostgresRepository(Lookups):
+class PostgresRepository(AccountStore, Lookups):
     """The `Repository` on one PostgreSQL database; several replicas may share it."""
 
     def __init__(self, dsn: str, *, pool_size: int = 10) -> None:
@@ -337,6 +344,15 @@ class PostgresRepository(Lookups):
     async def _count(self, sql: str, *args: Any) -> int:
         row = await self._one(sql, *args)
         return int(row[0]) if row else 0
+
+    async def _sql_rows(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]:
+        return [dict(r) for r in await self._all(_numbered(sql), *args)]
+
+    async def _sql_change(self, sql: str, args: Sequence[Any] = (), conflict: str = "") -> int:
+        try:
+            return await self._write1(_numbered(sql), *args)
+        except asyncpg.UniqueViolationError as e:
+            raise Conflict(conflict or str(e)) from e
 
     # --------------------------------------------------------------------------------------- devices
 

@@ -11,7 +11,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +38,7 @@ from plugins.ota.core.model import (
 )
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store import schema
+from plugins.ota.store.accounts import AccountStore
 from plugins.ota.store.gate import Gate
 from plugins.ota.store.lookups import Lookups
 from plugins.ota.store.rows import (
@@ -93,7 +94,7 @@ async def _wal(db: aiosqlite.Connection) -> None:
             await asyncio.sleep(0.05)
 
 
-class SqliteRepository(Lookups):
+class SqliteRepository(AccountStore, Lookups):
     """The `Repository` on one SQLite file."""
 
     def __init__(self, path: Path) -> None:
@@ -190,6 +191,15 @@ class SqliteRepository(Lookups):
         if self.observe is not None:
             self.observe("read", time.perf_counter() - started)
         return list(rows)
+
+    async def _sql_rows(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]:
+        return [{k: r[k] for k in r.keys()} for r in await self._all(sql, args)]  # noqa: SIM118 - a Row
+
+    async def _sql_change(self, sql: str, args: Sequence[Any] = (), conflict: str = "") -> int:
+        try:
+            return await self._write1(sql, args)
+        except sqlite3.IntegrityError as e:
+            raise Conflict(conflict or str(e)) from e
 
     # --------------------------------------------------------------------------------------- devices
 

@@ -6,6 +6,8 @@
 
 const API = '/api/v1';
 const TOKEN_KEY = 'ota-broker.token';
+const SESSION_KEY = 'ota-broker.session'; // signed in with an account's password: the HttpOnly cookie does the rest
+const CSRF = { 'X-Requested-With': 'ota-console' }; // what a change made with the session cookie must carry
 const TERMINAL = new Set(['succeeded', 'failed', 'timed_out', 'cancelled', 'skipped']);
 const UNFINISHED = new Set(['confirm', 'queued', 'notified', 'in_progress']);
 const TASK_STATES = ['confirm', 'queued', 'notified', 'in_progress', 'succeeded', 'failed',
@@ -111,17 +113,19 @@ class ApiError extends Error {
 class SignedOut extends Error {}
 
 const token = () => sessionStorage.getItem(TOKEN_KEY);
+const signedIn = () => Boolean(token() || sessionStorage.getItem(SESSION_KEY));
+const authHeaders = () => (token() ? { ...CSRF, Authorization: `Bearer ${token()}` } : { ...CSRF });
 
 // `meta`, when given, receives `total`: the whole list's size (X-Total-Count) of a paged answer.
 async function api(method, path, body, meta) {
-  const headers = { Authorization: `Bearer ${token()}` };
-  const init = { method, headers };
+  const headers = authHeaders();
+  const init = { method, headers, credentials: 'same-origin' };
   if (body !== undefined) {
     headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
   }
   const response = await fetch(API + path, init);
-  if (response.status === 401) throw signOut('The token was not accepted any more; sign in again.');
+  if (response.status === 401) throw signOut('The sign-in was not accepted any more; sign in again.');
   const text = await response.text();
   let doc = null;
   if (text && (response.headers.get('Content-Type') || '').includes('json')) doc = JSON.parse(text);
@@ -135,7 +139,7 @@ function upload(form, onProgress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open('POST', `${API}/firmware`);
-    xhr.setRequestHeader('Authorization', `Bearer ${token()}`);
+    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
     xhr.responseType = 'json';
     xhr.upload.addEventListener('progress', (event) => {
       if (event.lengthComputable) onProgress(event.loaded, event.total);
@@ -193,6 +197,7 @@ function liveJob(jobId, onSnapshot, onState) {
 
 function signOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(SESSION_KEY);
   stopPage();
   showSignIn(message);
   return new SignedOut(message);
@@ -237,7 +242,39 @@ function showSignIn(message) {
     sessionStorage.setItem(TOKEN_KEY, given);
     route(true); // the page the hash names, or the overview
   });
-  fill($('#main'), form);
+  // An operator account's name and password: the broker answers with its session cookie (HttpOnly).
+  const accountError = h('p', { id: 'account-error', class: 'error', role: 'alert' });
+  const nameInput = h('input', { id: 'account-name', name: 'name', required: true, autocomplete: 'username', spellcheck: 'false' });
+  const passwordInput = h('input', { id: 'account-password', name: 'password', type: 'password', required: true, autocomplete: 'current-password' });
+  const accountForm = h('form', { class: 'card narrow', novalidate: true },
+    h('h2', {}, 'Or with your account'),
+    h('label', { for: 'account-name' }, 'Account'), nameInput,
+    h('label', { for: 'account-password' }, 'Password'), passwordInput,
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Use this account')),
+    accountError);
+  accountForm.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    accountError.textContent = '';
+    try {
+      const response = await fetch(`${API}/session`, {
+        method: 'POST', credentials: 'same-origin', headers: { ...CSRF, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ name: nameInput.value.trim(), password: passwordInput.value }),
+      });
+      if (response.status === 401 || response.status === 422) {
+        accountError.textContent = 'Wrong account or password, or the account is disabled.';
+        passwordInput.select();
+        passwordInput.focus();
+        return;
+      }
+      if (!response.ok) throw new Error(`the broker answered HTTP ${response.status}`);
+      sessionStorage.setItem(SESSION_KEY, (await response.json()).name);
+    } catch (failure) {
+      accountError.textContent = `Could not reach the broker: ${errorText(failure)}`;
+      return;
+    }
+    route(true);
+  });
+  fill($('#main'), form, accountForm);
   input.focus();
 }
 
@@ -251,8 +288,37 @@ function stopPage() {
   if (cleanup) { cleanup(); cleanup = null; }
 }
 
+// Who is signed in, and what their role lets them see (the audit log is the admins').
+async function showWho() {
+  try {
+    const who = await api('GET', '/whoami');
+    $('#who').textContent = `${who.name} (${who.role})`;
+    $('#nav-audit').hidden = who.role !== 'admin';
+  } catch (failure) {
+    if (!(failure instanceof SignedOut)) $('#who').textContent = '';
+  }
+}
+
+async function auditPage(main, _params, query, alive) {
+  const offset = Number(query.get('offset') || 0);
+  const meta = {};
+  const entries = await api('GET', `/audit?limit=100&offset=${offset}`, undefined, meta);
+  if (!alive()) return;
+  const rows = entries.map((e) => h('tr', { class: e.status >= 400 ? 'refused' : '' },
+    h('td', {}, time(e.at)), h('td', {}, e.actor), h('td', {}, e.role), h('td', {}, e.action),
+    h('td', { class: 'reason' }, e.target), h('td', { class: 'num' }, String(e.status)), h('td', {}, e.remote)));
+  const older = offset + entries.length < meta.total
+    ? h('a', { href: `#/audit?offset=${offset + entries.length}` }, 'Older changes') : null;
+  fill(main, h('h1', {}, 'Audit log'),
+    h('p', { class: 'muted' }, `Every change made through the API, and every one refused, newest first: ${meta.total} in all.`),
+    rows.length ? table('Changes, newest first', ['When', 'Who', 'Role', 'What', 'On', 'Status', 'From'], rows)
+      : h('p', { class: 'muted' }, 'No change yet.'),
+    older);
+}
+
 const ROUTES = [
   [/^overview$/, overviewPage, 'Overview'],
+  [/^audit$/, auditPage, 'Audit log'],
   [/^firmware$/, firmwarePage, 'Firmware'],
   [/^jobs$/, jobsPage, 'Jobs'],
   [/^jobs\/new$/, newJobPage, 'New job'],
@@ -269,9 +335,10 @@ function parseHash() {
 
 async function route(focus) {
   stopPage();
-  if (!token()) { showSignIn(); return; }
+  if (!signedIn()) { showSignIn(); return; }
   $('#nav').hidden = false;
   $('#sign-out').hidden = false;
+  showWho();
   const { path, query } = parseHash();
   let found = ROUTES.find(([pattern]) => pattern.test(path));
   if (!found) found = ROUTES[0];
@@ -1085,7 +1152,11 @@ document.addEventListener('DOMContentLoaded', () => {
     event.preventDefault();
     $('#main').focus();
   });
-  $('#sign-out').addEventListener('click', () => {
+  $('#sign-out').addEventListener('click', async () => {
+    if (sessionStorage.getItem(SESSION_KEY)) {
+      // the cookie is HttpOnly: the broker clears it
+      await fetch(`${API}/session`, { method: 'DELETE', credentials: 'same-origin', headers: CSRF }).catch(() => null);
+    }
     signOut('Signed out.');
     say('Signed out.');
   });

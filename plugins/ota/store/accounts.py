@@ -1,0 +1,179 @@
+"""`AccountStore`: operator accounts, their API tokens and the audit log, in one SQL text for both databases.
+
+A mixin of the two repositories: its statements are written once, with `?` marks, and each repository runs
+them through its two primitives (`_sql_rows`, `_sql_change`; PostgreSQL's turns the marks into `$n`). A
+token is kept as its sha256 only: the database never holds one that could be used.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from plugins.ota.core.accounts import Account, ApiToken, AuditEntry, Principal, Role
+from plugins.ota.core.errors import NotFound
+
+
+class AccountStore(ABC):
+    @abstractmethod
+    async def _sql_rows(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]:
+        """Run one statement (`?` marks) and return its rows."""
+
+    @abstractmethod
+    async def _sql_change(self, sql: str, args: Sequence[Any] = (), conflict: str = "") -> int:
+        """Run one write statement (`?` marks), atomic on its own; the rows changed. A unique key broken
+        raises `Conflict(conflict)`."""
+
+    # ------------------------------------------------------------------------------------- accounts
+
+    async def add_account(self, name: str, role: Role, password_hash: str | None, now: float) -> Account:
+        await self._sql_change(
+            "INSERT INTO accounts (name, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+            (name, role.value, password_hash, now),
+            conflict=f"account {name} already exists",
+        )
+        return await self.get_account(name)
+
+    async def find_account(self, name: str) -> Account | None:
+        rows = await self._sql_rows("SELECT * FROM accounts WHERE name = ?", (name,))
+        return _account(rows[0]) if rows else None
+
+    async def get_account(self, name: str) -> Account:
+        found = await self.find_account(name)
+        if found is None:
+            raise NotFound(f"account {name} does not exist")
+        return found
+
+    async def password_hash(self, name: str) -> str | None:
+        """The account's password hash, if it is enabled and has a password."""
+        rows = await self._sql_rows(
+            "SELECT password_hash FROM accounts WHERE name = ? AND disabled = 0", (name,)
+        )
+        return str(rows[0]["password_hash"]) if rows and rows[0]["password_hash"] else None
+
+    async def list_accounts(self) -> list[Account]:
+        return [_account(r) for r in await self._sql_rows("SELECT * FROM accounts ORDER BY name")]
+
+    async def update_account(
+        self,
+        name: str,
+        *,
+        role: Role | None = None,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+    ) -> Account:
+        changes: list[tuple[str, Any]] = []
+        if role is not None:
+            changes.append(("role", role.value))
+        if password_hash is not None:
+            changes.append(("password_hash", password_hash))
+        if disabled is not None:
+            changes.append(("disabled", int(disabled)))
+        if changes:
+            sets = ", ".join(f"{column} = ?" for column, _ in changes)
+            changed = await self._sql_change(
+                f"UPDATE accounts SET {sets} WHERE name = ?",  # noqa: S608 - fixed column names
+                (*(value for _, value in changes), name),
+            )
+            if not changed:
+                raise NotFound(f"account {name} does not exist")
+        return await self.get_account(name)
+
+    async def delete_account(self, name: str) -> None:
+        await self._sql_change("DELETE FROM api_tokens WHERE account = ?", (name,))
+        if not await self._sql_change("DELETE FROM accounts WHERE name = ?", (name,)):
+            raise NotFound(f"account {name} does not exist")
+
+    # ------------------------------------------------------------------------------------------ tokens
+
+    async def add_token(self, account: str, token_sha256: str, label: str, now: float) -> ApiToken:
+        await self.get_account(account)
+        await self._sql_change(
+            "INSERT INTO api_tokens (account, token_sha256, label, created_at) VALUES (?, ?, ?, ?)",
+            (account, token_sha256, label, now),
+            conflict="that token exists already",
+        )
+        rows = await self._sql_rows("SELECT * FROM api_tokens WHERE token_sha256 = ?", (token_sha256,))
+        return _token(rows[0])
+
+    async def list_tokens(self, account: str) -> list[ApiToken]:
+        await self.get_account(account)
+        rows = await self._sql_rows("SELECT * FROM api_tokens WHERE account = ? ORDER BY id", (account,))
+        return [_token(r) for r in rows]
+
+    async def revoke_token(self, account: str, token_id: int, now: float) -> ApiToken:
+        await self._sql_change(  # revoking twice is no error: it stays revoked as it was
+            "UPDATE api_tokens SET revoked_at = ? WHERE account = ? AND id = ? AND revoked_at IS NULL",
+            (now, account, token_id),
+        )
+        rows = await self._sql_rows(
+            "SELECT * FROM api_tokens WHERE account = ? AND id = ?", (account, token_id)
+        )
+        if not rows:
+            raise NotFound(f"account {account} has no token {token_id}")
+        return _token(rows[0])
+
+    async def principal_of_token(self, token_sha256: str) -> Principal | None:
+        """Whose token this is, if it is not revoked and its account is enabled."""
+        rows = await self._sql_rows(
+            "SELECT a.name, a.role FROM api_tokens t JOIN accounts a ON a.name = t.account"
+            " WHERE t.token_sha256 = ? AND t.revoked_at IS NULL AND a.disabled = 0",
+            (token_sha256,),
+        )
+        return Principal(str(rows[0]["name"]), Role(rows[0]["role"])) if rows else None
+
+    async def principal_of_account(self, name: str) -> Principal | None:
+        """The account as a signed-in session acts, if it is still enabled (its role as it is now)."""
+        rows = await self._sql_rows(
+            "SELECT name, role FROM accounts WHERE name = ? AND disabled = 0", (name,)
+        )
+        return Principal(str(rows[0]["name"]), Role(rows[0]["role"])) if rows else None
+
+    # ------------------------------------------------------------------------------------------- audit
+
+    async def record_audit(self, entry: AuditEntry) -> None:
+        await self._sql_change(
+            "INSERT INTO audit (at, actor, role, action, target, status, remote) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (entry.at, entry.actor, entry.role, entry.action, entry.target, entry.status, entry.remote),
+        )
+
+    async def audit_page(self, limit: int, offset: int) -> tuple[list[AuditEntry], int]:
+        """The newest first."""
+        rows = await self._sql_rows("SELECT * FROM audit ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
+        total = await self._sql_rows("SELECT COUNT(*) AS n FROM audit")
+        return [_entry(r) for r in rows], int(total[0]["n"])
+
+
+def _account(r: Mapping[str, Any]) -> Account:
+    return Account(
+        name=str(r["name"]),
+        role=Role(r["role"]),
+        created_at=float(r["created_at"]),
+        disabled=bool(r["disabled"]),
+        has_password=bool(r["password_hash"]),
+    )
+
+
+def _token(r: Mapping[str, Any]) -> ApiToken:
+    revoked = r["revoked_at"]
+    return ApiToken(
+        id=int(r["id"]),
+        account=str(r["account"]),
+        label=str(r["label"]),
+        created_at=float(r["created_at"]),
+        revoked_at=None if revoked is None else float(revoked),
+    )
+
+
+def _entry(r: Mapping[str, Any]) -> AuditEntry:
+    return AuditEntry(
+        at=float(r["at"]),
+        actor=str(r["actor"]),
+        role=str(r["role"]),
+        action=str(r["action"]),
+        target=str(r["target"]),
+        status=int(r["status"]),
+        remote=str(r["remote"]),
+        id=int(r["id"]),
+    )
