@@ -19,6 +19,7 @@ from amqtt.events import BrokerEvents
 
 from broker import datadir, logs
 from broker.hardened import HardenedBroker
+from firmware_store.tls import reload_certificates
 from plugins.device_auth.gate import DeviceAuthConfig
 from plugins.ota.attached import AttachedService, AttachError
 from plugins.ota.plugin import OtaPlugin
@@ -223,6 +224,14 @@ async def serve_attached(settings: Settings, auth: DeviceAuthConfig | None) -> i
     return 0
 
 
+def _reload_certificates() -> None:
+    """SIGHUP: every TLS listener's certificate and key loaded again from their files (a renewal), without
+    dropping a connection."""
+    log.info("SIGHUP: loading the TLS certificates again")
+    for line in reload_certificates():
+        (log.warning if "not reloaded" in line or "WARNING" in line else log.info)("%s", line)
+
+
 def _tune_for_serving() -> None:
     """The interpreter tuned for serving, once the service has started."""
     # The database and firmware reads run in worker threads that need the GIL for a moment per call; with
@@ -240,6 +249,7 @@ async def _until_signalled() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_certificates)
     log.info("ready")
     await stop.wait()
     log.info("stopping")

@@ -30,6 +30,7 @@ import os
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,47 @@ def server_context(cert: Path, key: Path, profile: str = COMPATIBLE) -> ssl.SSLC
     ctx.set_ciphers(CIPHERS[profile])
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert, key)
+    _serving.append((weakref.ref(ctx), cert, key, profile))
     return ctx
+
+
+# Every server context made, with the files it loaded: `reload_certificates` loads them again.
+_serving: list[tuple[weakref.ref[ssl.SSLContext], Path, Path, str]] = []
+
+
+def reload_certificates() -> list[str]:
+    """Load the certificate and key of every live server context again from their files (a renewed
+    certificate, on SIGHUP): connections made from now on get the new one, connections open keep theirs.
+    A pair that cannot be loaded, or whose key does not match, is left as it was, and said so; one that
+    Aliyun's C SDKs could not verify (profile `compatible`) is loaded with a warning, as at start. Returns
+    one line per certificate file: what was done."""
+    said: dict[tuple[Path, Path], str] = {}
+    for ref, cert, key, profile in list(_serving):
+        ctx = ref()
+        if ctx is None:
+            _serving.remove((ref, cert, key, profile))
+            continue
+        pair = (cert, key)
+        if pair not in said:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)  # tried apart first
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                said[pair] = f"{cert}: not reloaded, the one loaded before stays ({type(e).__name__}: {e})"
+            else:
+                problem = c_sdk_problem(cert) if profile == COMPATIBLE else None
+                warning = f"; WARNING {problem}: Aliyun's C SDK devices cannot connect" if problem else ""
+                said[pair] = f"{cert}: reloaded, {_subject_and_expiry(cert)}{warning}"
+        if "not reloaded" not in said[pair]:
+            ctx.load_cert_chain(cert, key)
+    return list(said.values())
+
+
+def _subject_and_expiry(cert: Path) -> str:
+    try:
+        first = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    except (OSError, ValueError):
+        return "unreadable"
+    return f"valid until {first.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, serial {first.serial_number:x}"
 
 
 @dataclass(frozen=True, slots=True)
