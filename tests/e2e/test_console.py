@@ -668,3 +668,53 @@ async def test_an_operator_signs_in_with_an_account_and_an_admin_reads_the_audit
     assert page.problems == [
         "console error: Failed to load resource: the server responded with a status of 401 (Unauthorized)"
     ]
+
+
+async def test_devices_are_added_imported_rotated_and_deleted_in_the_console(env: Env, page: Any) -> None:
+    """An admin adds a device (its secret shown once), imports a CSV (with its report: created, existing,
+    refused lines), gives a device a new secret, and deletes one."""
+    from playwright.async_api import expect
+
+    await env.api("POST", "/devices", expect=201, json={"product_key": "pk", "device_name": "old"})
+    await page.goto("/")
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.keyboard.press("Enter")
+    await page.get_by_role("link", name="Devices", exact=True).click()
+
+    await page.get_by_label("Product key of the new device").fill("pk")
+    await page.get_by_label("Device name").fill("fresh")
+    await page.get_by_role("button", name="Add device").click()
+    shown = page.locator('#add-device-result code[data-device="pk/fresh"]')
+    await expect(shown).to_be_visible()
+    first_secret = await shown.text_content()
+    assert first_secret and len(first_secret) >= 16
+    assert await env.find("/devices/pk/fresh") is not None
+
+    csv = b"product_key,device_name\npk,imp1\npk,imp2\npk,old\npk\n"
+    await page.get_by_label("CSV file of devices").set_input_files(
+        files=[{"name": "fleet.csv", "mimeType": "text/csv", "buffer": csv}]
+    )
+    await expect(page.locator("#import-summary")).to_have_text(
+        "fleet.csv: 4 row(s); 2 created, 1 existed, 1 refused."
+    )
+    refused = page.get_by_role("table", name="Refused lines")
+    await expect(refused.locator("tbody tr")).to_have_count(1)
+    await expect(refused).to_contain_text("5")  # the line of the file, header counted
+    await expect(
+        page.get_by_role("link", name="Download the 2 new secret(s) (CSV, shown this once)")
+    ).to_be_visible()
+    assert await env.find("/devices/pk/imp2") is not None
+    await shot(page, "10-devices-added-imported")
+
+    await page.goto("/console/#/devices/pk/fresh")
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.get_by_role("button", name="Rotate secret").click()
+    rotated = page.locator('#device-secret code[data-device="pk/fresh"]')
+    await expect(rotated).to_be_visible()
+    assert await rotated.text_content() != first_secret
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.get_by_role("button", name="Delete device").click()
+    await expect(page.get_by_role("heading", name="Devices", exact=True)).to_be_visible()
+    assert await env.find("/devices/pk/fresh") is None
+    assert page.problems == []

@@ -1092,7 +1092,86 @@ async function devicesPage(main, _params, query, alive) {
   });
   fill(main, h('h1', {}, 'Devices'), form,
     h('p', { class: 'muted', role: 'status' }, `${total} device(s)${total > shown.length ? `; the first ${shown.length} shown (narrow the search)` : ''}.`),
-    rows.length ? table('Devices', ['Device', 'Connection', 'Module versions', 'Login', 'Last seen'], rows, { id: 'devices' }) : null);
+    rows.length ? table('Devices', ['Device', 'Connection', 'Module versions', 'Login', 'Last seen'], rows, { id: 'devices' }) : null,
+    addDeviceCard(), importDevicesCard());
+}
+
+// A device's secret is shown once, when it is made: the broker keeps it for the device's logins only.
+function secretShown(ref, secret) {
+  return h('div', { class: 'secret', role: 'status' },
+    h('p', {}, `The secret of ${ref}, shown this once: give it to the device (its DeviceSecret).`),
+    h('code', { class: 'hash', 'data-device': ref }, secret));
+}
+
+function addDeviceCard() {
+  const result = h('div', { id: 'add-device-result' });
+  const error = h('p', { class: 'error', role: 'alert' });
+  const pk = h('input', { id: 'add-pk', name: 'product_key', required: true, spellcheck: 'false' });
+  const dn = h('input', { id: 'add-dn', name: 'device_name', required: true, spellcheck: 'false' });
+  const form = h('form', { class: 'card', 'aria-labelledby': 'add-device-h' },
+    h('h2', { id: 'add-device-h' }, 'Add a device'),
+    h('div', { class: 'grid' },
+      h('div', { class: 'field' }, h('label', { for: 'add-pk' }, 'Product key of the new device'), pk),
+      h('div', { class: 'field' }, h('label', { for: 'add-dn' }, 'Device name'), dn)),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Add device')), error, result);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    error.textContent = '';
+    try {
+      const made = await api('POST', '/devices', { product_key: pk.value.trim(), device_name: dn.value.trim() });
+      const ref = `${made.product_key}/${made.device_name}`;
+      fill(result, secretShown(ref, made.device_secret), h('p', {}, deviceLink(ref)));
+      say(`${ref} added.`);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = `Not added: ${errorText(failure)}`;
+    }
+  });
+  return form;
+}
+
+function importDevicesCard() {
+  const report = h('div', { id: 'import-report' });
+  const error = h('p', { class: 'error', role: 'alert' });
+  const file = h('input', { id: 'import-file', type: 'file', accept: '.csv,.txt,text/csv,text/plain' });
+  const card = h('section', { class: 'card', 'aria-labelledby': 'import-h' },
+    h('h2', { id: 'import-h' }, 'Import devices'),
+    h('div', { class: 'field' }, h('label', { for: 'import-file' }, 'CSV file of devices'), file,
+      h('small', {}, 'product_key,device_name[,device_secret] per line; a header line is skipped. Devices that exist are left as they are.')),
+    error, report);
+  file.addEventListener('change', async () => {
+    const [chosen] = file.files;
+    if (!chosen) return;
+    error.textContent = '';
+    try {
+      const response = await fetch(`${API}/devices/import`, {
+        method: 'POST', credentials: 'same-origin', headers: { ...authHeaders(), 'Content-Type': 'text/csv' },
+        body: await chosen.text(),
+      });
+      if (response.status === 401) throw signOut('The sign-in was not accepted any more; sign in again.');
+      const doc = await response.json();
+      if (!response.ok) throw new ApiError(response.status, doc);
+      showImport(report, chosen.name, doc);
+      say(`${chosen.name}: ${doc.created.length} created, ${doc.existing} existed, ${doc.errors.length} refused.`);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = `Not imported: ${errorText(failure)}`;
+    } finally {
+      file.value = '';
+    }
+  });
+  return card;
+}
+
+function showImport(report, name, doc) {
+  const secrets = ['product_key,device_name,device_secret',
+    ...doc.created.map((d) => `${d.product_key},${d.device_name},${d.device_secret}`)].join('\n');
+  const link = doc.created.length ? h('a', {
+    href: URL.createObjectURL(new Blob([`${secrets}\n`], { type: 'text/csv' })), download: `secrets-${name}`,
+  }, `Download the ${doc.created.length} new secret(s) (CSV, shown this once)`) : null;
+  fill(report,
+    h('p', { id: 'import-summary' }, `${name}: ${doc.rows} row(s); ${doc.created.length} created, ${doc.existing} existed, ${doc.errors.length} refused.`),
+    link,
+    doc.errors.length ? table('Refused lines', ['Line', 'Why'],
+      doc.errors.map((e) => h('tr', {}, h('td', { class: 'num' }, String(e.line)), h('td', { class: 'reason' }, e.message)))) : null);
 }
 
 async function devicePage(main, [pk, dn], _query, alive) {
@@ -1108,6 +1187,29 @@ async function devicePage(main, [pk, dn], _query, alive) {
       await api('PATCH', path, { enabled: !device.enabled });
       say(`${ref} ${device.enabled ? 'disabled' : 'enabled'}.`);
       route(false);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
+    }
+  });
+  const shownSecret = h('div', { id: 'device-secret' });
+  const rotate = h('button', { type: 'button', class: 'quiet' }, 'Rotate secret');
+  rotate.addEventListener('click', async () => {
+    if (!window.confirm(`Give ${ref} a new secret? Its current one stops working for new logins at once.`)) return;
+    try {
+      const made = await api('POST', `${path}/secret`);
+      fill(shownSecret, secretShown(ref, made.device_secret));
+      say(`${ref} has a new secret.`);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
+    }
+  });
+  const remove = h('button', { type: 'button', class: 'danger' }, 'Delete device');
+  remove.addEventListener('click', async () => {
+    if (!window.confirm(`Delete ${ref}? Its login stops, and its versions and upgrade history go.`)) return;
+    try {
+      await api('DELETE', path);
+      say(`${ref} deleted.`);
+      location.hash = '#/devices';
     } catch (failure) {
       if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
     }
@@ -1134,6 +1236,8 @@ async function devicePage(main, [pk, dn], _query, alive) {
       h('dt', {}, 'Connection'), h('dd', {}, h('span', { class: device.online ? 'online' : 'offline' }, device.online ? 'online' : 'offline')),
       h('dt', {}, 'Last seen'), h('dd', {}, time(device.last_seen)),
       h('dt', {}, 'Login'), h('dd', {}, device.enabled ? 'enabled' : 'disabled', ' ', toggle)),
+    h('div', { class: 'actions' }, rotate, remove),
+    shownSecret,
     error,
     h('section', { 'aria-labelledby': 'modules-h' }, h('h2', { id: 'modules-h' }, 'Module versions'),
       modules.length ? table('Versions the device reported', ['Module', 'Version'], modules, { id: 'modules' })
