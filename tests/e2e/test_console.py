@@ -681,7 +681,7 @@ async def test_devices_are_added_imported_rotated_and_deleted_in_the_console(env
     await page.keyboard.press("Enter")
     await page.get_by_role("link", name="Devices", exact=True).click()
 
-    await page.get_by_label("Product key of the new device").fill("pk")
+    await page.get_by_label("Product", exact=True).fill("pk")
     await page.get_by_label("Device name").fill("fresh")
     await page.get_by_role("button", name="Add device").click()
     shown = page.locator('#add-device-result code[data-device="pk/fresh"]')
@@ -718,3 +718,42 @@ async def test_devices_are_added_imported_rotated_and_deleted_in_the_console(env
     await expect(page.get_by_role("heading", name="Devices", exact=True)).to_be_visible()
     assert await env.find("/devices/pk/fresh") is None
     assert page.problems == []
+
+
+async def test_a_message_does_not_outlive_its_page_and_phone_widths_fit(env: Env, page: Any) -> None:
+    """ "Firmware uploaded." does not stand beside a failed upload nor follow to the next page; at a phone's
+    width no page is wider than the screen (wide tables scroll inside themselves)."""
+    from playwright.async_api import expect
+
+    for name in ("a-device-with-a-rather-long-name-1", "a-device-with-a-rather-long-name-2"):
+        await reporting(env, name)
+    await page.goto("/")
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.keyboard.press("Enter")
+    await page.get_by_role("link", name="Firmware", exact=True).click()
+    status = page.locator("#status")
+    files = [{"name": "fw.bin", "mimeType": "application/octet-stream", "buffer": FIRMWARE}]
+    await page.get_by_label("Firmware file(s)").set_input_files(files=files)
+    await page.get_by_label("Product key").fill("pk")
+    await page.get_by_label("Version", exact=True).fill("2.0.0")
+    await page.get_by_role("button", name="Upload").click()
+    await expect(status).to_have_text("Firmware 1 uploaded.")
+    await page.get_by_label("Firmware file(s)").set_input_files(files=files)  # the same version again: 409
+    await page.get_by_role("button", name="Upload").click()
+    await expect(page.get_by_role("alert").filter(has_text="Upload failed")).to_be_visible()
+    await expect(status).to_have_text("")
+    await page.get_by_role("button", name="Upload").click()
+    await page.get_by_role("link", name="Jobs", exact=True).click()
+    await expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+    await expect(status).to_have_text("")
+
+    await env.job(1, ["pk/a-device-with-a-rather-long-name-1", "pk/a-device-with-a-rather-long-name-2"])
+    await page.set_viewport_size({"width": 375, "height": 800})
+    for where in ("#/overview", "#/jobs", "#/jobs/1", "#/devices", "#/firmware", "#/jobs/new"):
+        await page.goto(f"/console/{where}")
+        await expect(page.locator("main h1")).to_be_visible()
+        await page.wait_for_load_state("networkidle")
+        wide = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert wide <= 0, f"{where} is {wide}px wider than a phone's screen"
+    await shot(page, "11-phone-job")
+    assert [p for p in page.problems if "409" not in p] == []

@@ -78,13 +78,26 @@ function stateBadge(state) {
 }
 
 let sayTimer = null;
+let showTimer = null;
+
+// A message said on one page and then navigated away from (an action that moves to another page) is kept
+// for that next page only; any other navigation starts with an empty message bar.
+let saidSinceRoute = false;
+
+function quiet() {
+  window.clearTimeout(sayTimer);
+  window.clearTimeout(showTimer);
+  $('#status').textContent = '';
+}
 
 function say(text) {
   const status = $('#status');
+  saidSinceRoute = true;
   status.textContent = '';
   window.clearTimeout(sayTimer);
+  window.clearTimeout(showTimer);
   // Set after a tick, so that screen readers announce the same message twice in a row too.
-  window.setTimeout(() => { status.textContent = text; }, 50);
+  showTimer = window.setTimeout(() => { status.textContent = text; }, 50);
   sayTimer = window.setTimeout(() => { status.textContent = ''; }, 8000);
 }
 
@@ -240,6 +253,7 @@ function showSignIn(message) {
       return;
     }
     sessionStorage.setItem(TOKEN_KEY, given);
+    quiet(); // "Signed out." belongs to the sign-in page
     route(true); // the page the hash names, or the overview
   });
   // An operator account's name and password: the broker answers with its session cookie (HttpOnly).
@@ -272,6 +286,7 @@ function showSignIn(message) {
       accountError.textContent = `Could not reach the broker: ${errorText(failure)}`;
       return;
     }
+    quiet();
     route(true);
   });
   fill($('#main'), form, accountForm);
@@ -335,6 +350,8 @@ function parseHash() {
 
 async function route(focus) {
   stopPage();
+  if (!saidSinceRoute) quiet();
+  saidSinceRoute = false;
   if (!signedIn()) { showSignIn(); return; }
   $('#nav').hidden = false;
   $('#sign-out').hidden = false;
@@ -488,7 +505,10 @@ async function firmwarePage(main, _params, _query, alive) {
       fill(result, firmwareDetails(fw, 'Uploaded'));
       if (alive()) await renderFirmwareList(main, await api('GET', '/firmware'));
     } catch (failure) {
-      if (!(failure instanceof SignedOut)) error.textContent = `Upload failed: ${errorText(failure)}`;
+      if (!(failure instanceof SignedOut)) {
+        quiet(); // an earlier "uploaded" must not stand beside this failure
+        error.textContent = `Upload failed: ${errorText(failure)}`;
+      }
     } finally {
       button.disabled = false;
     }
@@ -1111,7 +1131,7 @@ function addDeviceCard() {
   const form = h('form', { class: 'card', 'aria-labelledby': 'add-device-h' },
     h('h2', { id: 'add-device-h' }, 'Add a device'),
     h('div', { class: 'grid' },
-      h('div', { class: 'field' }, h('label', { for: 'add-pk' }, 'Product key of the new device'), pk),
+      h('div', { class: 'field' }, h('label', { for: 'add-pk' }, 'Product'), pk),
       h('div', { class: 'field' }, h('label', { for: 'add-dn' }, 'Device name'), dn)),
     h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Add device')), error, result);
   form.addEventListener('submit', async (event) => {
