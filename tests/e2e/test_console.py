@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -223,7 +224,11 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
             await bar.locator('[data-part="succeeded"]').evaluate("e => getComputedStyle(e).backgroundColor")
             == GREEN
         )
-        await expect(page.locator(".legend .key-failed")).to_have_text("1 failed")
+        await expect(page.locator("#job-bar ~ .legend .key-failed")).to_have_text("1 failed")
+        # and over time: the chart of the finished job
+        await expect(page.get_by_role("img", name="Upgrades over time")).to_have_attribute(
+            "aria-label", re.compile(r"^Upgrades over time: 2 succeeded and 1 failed of 3, over \d+ minute")
+        )
         failed_bar = failed_row.get_by_role("progressbar")
         assert await failed_bar.evaluate("e => getComputedStyle(e).accentColor") == RED
         await expect(page.locator("#live-state")).to_have_text("final: no more changes")

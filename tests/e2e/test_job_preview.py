@@ -87,3 +87,29 @@ async def test_a_preview_refuses_what_the_job_would_refuse(env: Env) -> None:
         assert answer["message"].startswith(f"{field}: "), (body, answer)
         assert (await env.api("POST", "/jobs", expect=422, json=body)) == answer
     assert await env.api("GET", "/jobs", expect=200) == []
+
+
+async def test_a_jobs_timeline_and_its_eta(env: Env) -> None:
+    """`GET /jobs/{id}/timeline`: succeeded and failed (or timed-out) tasks, cumulative, from the job's start to its
+    last outcome; a running job with successes has an ETA at that pace, a finished one none."""
+    devices = await _fleet(env)
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    job = await env.job(fw["id"], [f"pk/d{i}" for i in range(1, 7)])
+    for d in devices[:6]:
+        await d.notices()
+    await devices[0].inform("2.0.0")
+    await devices[1].inform("2.0.0")
+    await devices[2].progress("-1", "upgrade failed")
+    await env.task_state(job["id"], "pk/d2", "succeeded")
+    await env.task_state(job["id"], "pk/d3", "failed")
+    running = await env.api("GET", f"/jobs/{job['id']}", expect=200)
+    assert running["state"] == "running" and running["eta"] is not None
+    timeline = await env.api("GET", f"/jobs/{job['id']}/timeline", expect=200)
+    assert timeline["points"][0] | {"at": None} == {"at": None, "succeeded": 0, "failed": 0}
+    last = timeline["points"][-1]
+    assert (last["succeeded"], last["failed"]) == (2, 1)
+    succeeded = [p["succeeded"] for p in timeline["points"]]
+    assert succeeded == sorted(succeeded) and len(timeline["points"]) <= 120
+    await env.api("POST", f"/jobs/{job['id']}/cancel", expect=200)
+    assert (await env.api("GET", f"/jobs/{job['id']}", expect=200))["eta"] is None
+    assert (await env.api("GET", "/jobs/999/timeline", expect=404))["error"] == "not_found"

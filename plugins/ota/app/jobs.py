@@ -69,6 +69,11 @@ class JobAdmin:
         """Jobs newest first, and how many there are in all."""
         return await self.repo.list_jobs(limit=limit, offset=offset), await self.repo.count_jobs()
 
+    async def outcomes(self, job_id: int) -> list[tuple[float, str]]:
+        """When each of the job's tasks ended an attempt, and how, in order (its timeline)."""
+        await self.get(job_id)
+        return await self.repo.job_outcomes(job_id)
+
     async def tasks(self, job_id: int, *, limit: int = -1, offset: int = 0) -> list[Task]:
         """The job's tasks in the order they were planned (NotFound for no such job)."""
         await self.repo.get_job(job_id)

@@ -122,6 +122,7 @@ def _add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/v1/jobs", jobs.list_jobs)
     r.add_get("/api/v1/jobs/{id}", jobs.show_job)
     r.add_get("/api/v1/jobs/{id}/tasks", jobs.job_tasks)
+    r.add_get("/api/v1/jobs/{id}/timeline", jobs.job_timeline)
     r.add_get("/api/v1/jobs/{id}/report.csv", jobs.job_report)
     r.add_post("/api/v1/jobs/{id}/cancel", jobs.cancel_job)
     r.add_post("/api/v1/jobs/{id}/pause", jobs.pause_job)

@@ -15,6 +15,7 @@ from plugins.ota.core.model import (
     DownloadProtocol,
     JobRecord,
     JobSpec,
+    JobState,
     JobType,
     Rollout,
     TaskState,
@@ -168,6 +169,49 @@ def _rollout_spec(raw: Any) -> Rollout | None:
         )
     except InvalidInput as e:
         raise InvalidInput(f"rollout.{e.field}", e.message.removeprefix(f"{e.field}: ")) from e
+
+
+TIMELINE_POINTS = 120  # at most this many points: a chart's worth, whatever the number of tasks
+
+
+async def job_timeline(request: web.Request) -> web.Response:
+    """The job's upgrades over time: how many tasks had succeeded, and how many had failed or timed out
+    (for good: a failure retried is not one), at up to TIMELINE_POINTS instants from its start to now (or
+    its last outcome)."""
+    service = ota_app(request)
+    job_id = int_path(request)
+    job = await service.jobs.get(job_id)
+    outcomes = await service.jobs.outcomes(job_id)
+    start = job.schedule_at if job.schedule_at is not None else job.created_at
+    end = max([start, *(at for at, _ in outcomes)])
+    if job.stored_state is JobState.RUNNING:
+        end = max(end, service.clock())
+    return web.json_response(
+        {
+            "job_id": job_id,
+            "started_at": iso(start),
+            "points": _timeline(outcomes, start, end, TIMELINE_POINTS),
+        }
+    )
+
+
+def _timeline(
+    outcomes: list[tuple[float, str]], start: float, end: float, points: int
+) -> list[dict[str, Any]]:
+    """Cumulative counts at `points` evenly spaced instants from `start` to `end` (the last one: `end`)."""
+    steps = max(1, min(points - 1, len(outcomes)))
+    out: list[dict[str, Any]] = [{"at": iso(start), "succeeded": 0, "failed": 0}]
+    succeeded = failed = i = 0
+    for k in range(1, steps + 1):
+        edge = start + (end - start) * k / steps
+        while i < len(outcomes) and (outcomes[i][0] <= edge or k == steps):
+            if outcomes[i][1] == TaskState.SUCCEEDED:
+                succeeded += 1
+            else:
+                failed += 1
+            i += 1
+        out.append({"at": iso(edge), "succeeded": succeeded, "failed": failed})
+    return out
 
 
 async def list_jobs(request: web.Request) -> web.Response:

@@ -457,6 +457,17 @@ OPENAPI: dict[str, Any] = {
             "get": _list("The job's tasks", "Task"),
         },
         "/jobs/{id}/report.csv": {"parameters": _ID, "get": _op("The job's tasks as CSV")},
+        "/jobs/{id}/timeline": {
+            "parameters": _ID,
+            "get": _op(
+                "The job's upgrades over time: succeeded and failed (or timed-out) tasks, cumulative,"
+                " at up to 120 instants",
+                answer={
+                    "type": "object",
+                    "properties": {"started_at": {"type": "string"}, "points": {"type": "object"}},
+                },
+            ),
+        },
         "/jobs/{id}/cancel": {"parameters": _ID, "post": _op("Cancel tasks by state", answer=_ref("Job"))},
         "/jobs/{id}/pause": {
             "parameters": _ID,

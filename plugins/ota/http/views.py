@@ -73,6 +73,7 @@ def job_view(j: JobRecord, now: float, waiting: Mapping[int, int] | None = None)
         "waiting_for_capacity": (waiting or {}).get(j.id, 0),
         "success_rate": round(succeeded / finished, 4) if finished else None,
         "throughput_per_minute": round(succeeded / minutes, 2) if now >= started else 0.0,
+        "eta": _eta(j, now, succeeded / minutes if now >= started else 0.0),
         "current_phase": j.current_group + 1,
         "options": j.options.public(),
         "schedule_at": iso(j.schedule_at),
@@ -80,6 +81,14 @@ def job_view(j: JobRecord, now: float, waiting: Mapping[int, int] | None = None)
         "created_at": iso(j.created_at),
         "updated_at": iso(j.updated_at),
     }
+
+
+def _eta(j: JobRecord, now: float, per_minute: float) -> str | None:
+    """When a running job's unfinished tasks would all be done at the pace of its successes so far."""
+    unfinished = sum(n for s, n in j.counts.items() if not s.terminal)
+    if j.stored_state is not JobState.RUNNING or not unfinished or per_minute <= 0:
+        return None
+    return iso(now + unfinished / per_minute * 60)
 
 
 def task_view(t: Task) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""`AccountStore`: operator accounts, their API tokens and the audit log, in one SQL text for both databases.
+"""`AccountStore`: operator accounts, their API tokens and the audit log, in one SQL text for both databases
+(and `JobReports`, the job timeline, the same way).
 
 A mixin of the two repositories: its statements are written once, with `?` marks, and each repository runs
 them through its two primitives (`_sql_rows`, `_sql_change`; PostgreSQL's turns the marks into `$n`). A
@@ -15,7 +16,9 @@ from plugins.ota.core.accounts import Account, ApiToken, AuditEntry, Principal, 
 from plugins.ota.core.errors import NotFound
 
 
-class AccountStore(ABC):
+class SharedSql(ABC):
+    """What a mixin whose statements both databases run needs of its repository."""
+
     @abstractmethod
     async def _sql_rows(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]:
         """Run one statement (`?` marks) and return its rows."""
@@ -25,6 +28,19 @@ class AccountStore(ABC):
         """Run one write statement (`?` marks), atomic on its own; the rows changed. A unique key broken
         raises `Conflict(conflict)`."""
 
+
+class JobReports(SharedSql):
+    async def job_outcomes(self, job_id: int) -> list[tuple[float, str]]:
+        """When each of the job's tasks ended an attempt, and how (succeeded, failed, timed_out), in order."""
+        rows = await self._sql_rows(
+            "SELECT h.at AS at, h.state AS state FROM task_history h JOIN tasks t ON t.id = h.task_id"
+            " WHERE t.job_id = ? AND h.state IN ('succeeded', 'failed', 'timed_out') ORDER BY h.at, h.id",
+            (job_id,),
+        )
+        return [(float(r["at"]), str(r["state"])) for r in rows]
+
+
+class AccountStore(SharedSql):
     # ------------------------------------------------------------------------------------- accounts
 
     async def add_account(self, name: str, role: Role, password_hash: str | None, now: float) -> Account:

@@ -300,6 +300,10 @@ class Repository(Protocol):
 
     async def audit_page(self, limit: int, offset: int) -> tuple[list[AuditEntry], int]: ...
 
+    async def job_outcomes(self, job_id: int) -> list[tuple[float, str]]:
+        """When each of the job's tasks ended an attempt, and how (succeeded, failed, timed_out), in order."""
+        ...
+
 
 @runtime_checkable
 class ReplicaRegistry(Protocol):

@@ -864,6 +864,15 @@ async function jobPage(main, [jobId], _query, alive) {
   });
   if (!alive()) return undefined;
   const fwName = fw ? `${fw.product_key} / ${fw.module} ${fw.version} (#${fw.id})` : `#${first.firmware_id} (deleted)`;
+  const chart = h('figure', { class: 'chart', id: 'job-chart' });
+  const drawChart = async () => {
+    try {
+      const timeline = await api('GET', `/jobs/${jobId}/timeline`);
+      fill(chart, timelineChart(timeline, first.total - (first.counts.skipped || 0)));
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) fill(chart, h('p', { class: 'muted' }, `No chart: ${errorText(failure)}`));
+    }
+  };
   const liveState = h('span', { id: 'live-state', class: 'live' }, 'connecting…');
   const overall = h('span', { class: 'overall-bar' });
   const overallText = h('span', { id: 'job-percent' });
@@ -926,6 +935,7 @@ async function jobPage(main, [jobId], _query, alive) {
       h('dt', {}, 'Phase'), h('dd', {}, String(job.current_phase)),
       h('dt', {}, 'Success rate'), h('dd', {}, job.success_rate === null ? '—' : `${Math.round(job.success_rate * 100)} %`),
       h('dt', {}, 'Throughput'), h('dd', {}, `${job.throughput_per_minute} per minute`),
+      job.eta ? [h('dt', {}, 'Expected end'), h('dd', { id: 'job-eta' }, `${time(job.eta)} (at the pace so far)`)] : null,
       job.waiting_for_capacity ? [h('dt', {}, 'Waiting'), h('dd', { id: 'job-waiting' },
         `${job.waiting_for_capacity} queued waiting for download capacity`)] : null,
       h('dt', {}, 'Created'), h('dd', {}, time(job.created_at)),
@@ -973,6 +983,7 @@ async function jobPage(main, [jobId], _query, alive) {
       liveState.textContent = words[state] || state;
       if (state === 'final') {
         stopLive = null;
+        drawChart(); // the whole of it, once the job is over
         say(`Job ${jobId} is ${latest.state}.`);
       }
     });
@@ -988,6 +999,7 @@ async function jobPage(main, [jobId], _query, alive) {
       h('div', { class: 'actions' }, Object.values(buttons), report),
       error),
     h('section', { 'aria-labelledby': 'counts-h' }, h('h2', { id: 'counts-h' }, 'Tasks per state'), counts),
+    h('section', { 'aria-labelledby': 'chart-h' }, h('h2', { id: 'chart-h' }, 'Upgrades over time'), chart),
     h('section', { 'aria-labelledby': 'tasks-h' },
       h('h2', { id: 'tasks-h' }, 'Devices'),
       note,
@@ -997,9 +1009,43 @@ async function jobPage(main, [jobId], _query, alive) {
           .map((t) => h('th', { scope: 'col' }, t)))),
         tbody)));
   renderJob(first);
+  drawChart();
   startLive(); // its first snapshot brings the tasks
 
   return () => { if (stopLive) stopLive(); stopLive = null; };
+}
+
+// Succeeded and failed tasks over time, cumulative, as an SVG chart (drawn with attributes only: the CSP
+// refuses inline styles); its label says the same in words.
+function timelineChart(timeline, total) {
+  const points = timeline.points;
+  const W = 640;
+  const H = 180;
+  const pad = { left: 44, right: 12, top: 10, bottom: 28 };
+  const t0 = Date.parse(points[0].at);
+  const t1 = Math.max(Date.parse(points[points.length - 1].at), t0 + 1000);
+  const top = Math.max(total, 1);
+  const x = (at) => pad.left + ((Date.parse(at) - t0) / (t1 - t0)) * (W - pad.left - pad.right);
+  const y = (n) => H - pad.bottom - (n / top) * (H - pad.top - pad.bottom);
+  const line = (key) => points.map((p) => `${x(p.at).toFixed(1)},${y(p[key]).toFixed(1)}`).join(' ');
+  const last = points[points.length - 1];
+  const minutes = Math.round((t1 - t0) / 60000);
+  const label = `Upgrades over time: ${last.succeeded} succeeded and ${last.failed} failed of ${total}, over ${minutes} minute(s)`;
+  const chart = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': label, class: 'timeline' });
+  chart.append(
+    svg('line', { x1: pad.left, y1: y(0), x2: W - pad.right, y2: y(0), class: 'axis' }),
+    svg('line', { x1: pad.left, y1: y(top), x2: W - pad.right, y2: y(top), class: 'grid-line' }),
+    svg('polyline', { points: line('succeeded'), class: 'series-succeeded' }),
+    svg('polyline', { points: line('failed'), class: 'series-failed' }));
+  const text = (attrs, words) => { const el = svg('text', attrs); el.textContent = words; return el; };
+  chart.append(
+    text({ x: pad.left - 6, y: y(top) + 4, 'text-anchor': 'end', class: 'tick' }, String(top)),
+    text({ x: pad.left - 6, y: y(0) + 4, 'text-anchor': 'end', class: 'tick' }, '0'),
+    text({ x: pad.left, y: H - 8, class: 'tick' }, new Date(t0).toLocaleTimeString()),
+    text({ x: W - pad.right, y: H - 8, 'text-anchor': 'end', class: 'tick' }, new Date(t1).toLocaleTimeString()));
+  return [chart, h('figcaption', { class: 'legend' },
+    h('span', { class: 'key key-succeeded' }, `${last.succeeded} succeeded`),
+    h('span', { class: 'key key-failed' }, `${last.failed} failed or timed out`))];
 }
 
 function taskRow(jobId, task, error) {
