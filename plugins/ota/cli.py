@@ -24,8 +24,10 @@ import httpx
 import typer
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.padding import Padding
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from plugins.device_auth.signing import login_for
 from plugins.ota.core.topics import DeviceRef, TopicKind, topic_name
@@ -733,20 +735,29 @@ def job_show(
 
 
 def _follow_view(job: dict[str, Any], tasks: list[dict[str, Any]]) -> Group:
-    bars = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[state]}"),
-        auto_refresh=False,
-    )
-    for t in tasks:
-        if t["state"] == "skipped":
-            continue
-        bars.add_task(
-            t["device"], total=100, completed=t["progress"], state=f"{t['state']} {t['desc']}".strip()
-        )
-    return Group(_job_line(job), bars)
+    """The job's line, then per device a row of fixed columns (its name, its bar, its percent, its state), so
+    a bar is never squeezed away, and under it the reason or last report, wrapped to the terminal's width,
+    never cut."""
+    shown = [t for t in tasks if t["state"] != "skipped"]
+    name_width = min(max((len(t["device"]) for t in shown), default=8), 28)
+    parts: list[Any] = [_job_line(job)]
+    for t in shown:
+        row = Table.grid(padding=(0, 1))
+        row.add_column(no_wrap=True, width=name_width, overflow="ellipsis")
+        row.add_column(no_wrap=True, width=BAR_WIDTH)
+        row.add_column(no_wrap=True, justify="right", width=4)
+        row.add_column(no_wrap=True)
+        bar = ProgressBar(total=100, completed=t["progress"], width=BAR_WIDTH)
+        if t["state"] in ("failed", "timed_out"):
+            bar.complete_style = bar.finished_style = "red"
+        row.add_row(t["device"], bar, f"{t['progress']}%", t["state"])
+        parts.append(row)
+        if t["desc"]:
+            parts.append(Padding(Text(t["desc"], overflow="fold"), (0, 0, 0, 2)))
+    return Group(*parts)
+
+
+BAR_WIDTH = 20
 
 
 @job_app.command("tasks")
