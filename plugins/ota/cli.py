@@ -257,6 +257,21 @@ def device_enable(ctx: typer.Context, device: str, admin_url: AdminUrl = None, t
     console.print(f"device {device} enabled")
 
 
+@device_app.command("groups")
+def device_groups(
+    ctx: typer.Context,
+    device: str,
+    groups: Annotated[
+        list[str] | None, typer.Argument(help="Its groups from now on (none: in no group).")
+    ] = None,
+    admin_url: AdminUrl = None,
+    token: Token = None,
+) -> None:
+    """Put a device in these groups (replacing the ones it had): a job may target a group (job create --group)."""
+    answer = _device_call(ctx, "PATCH", device, "", admin_url, token, json={"groups": list(groups or [])})
+    console.print(f"device {device} groups: {', '.join(answer['groups']) or 'none'}", highlight=False)
+
+
 @device_app.command("delete")
 def device_delete(ctx: typer.Context, device: str, admin_url: AdminUrl = None, token: Token = None) -> None:
     """Delete a device with no unfinished task (its task history stays)."""
@@ -310,12 +325,13 @@ def device_list(
     version: Annotated[str | None, typer.Option()] = None,
     online: Annotated[bool | None, typer.Option("--online/--offline", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Devices whose name contains this, in any case.")] = None,
+    group: Annotated[str | None, typer.Option(help="Devices in this group.")] = None,
     admin_url: AdminUrl = None,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
     """List devices with their module versions (searched and paged by the broker: every match, however many)."""
-    chosen = {"product_key": product_key, "module": module, "version": version, "name": name}
+    chosen = {"product_key": product_key, "module": module, "version": version, "name": name, "group": group}
     params = {k: v for k, v in chosen.items() if v}
     if online is not None:
         params["online"] = "true" if online else "false"
@@ -323,11 +339,15 @@ def device_list(
     if as_json:
         show_json(devices)
         return
-    table = Table("device", "online", "modules", "last seen")
+    table = Table("device", "online", "modules", "groups", "last seen")
     for d in devices:
         modules = ", ".join(f"{m}={v}" for m, v in d["modules"].items())
         table.add_row(
-            f"{d['product_key']}/{d['device_name']}", "yes" if d["online"] else "no", modules, d["last_seen"]
+            f"{d['product_key']}/{d['device_name']}",
+            "yes" if d["online"] else "no",
+            modules,
+            ", ".join(d.get("groups", [])),
+            d["last_seen"],
         )
     console.print(table)
 
@@ -490,6 +510,9 @@ def job_create(
     device: Annotated[
         list[str] | None, typer.Option("--device", help="pk/dn; repeat. Default: the product.")
     ] = None,
+    group: Annotated[
+        str | None, typer.Option("--group", help="The product's devices in this group (not with --device).")
+    ] = None,
     devices_file: Annotated[
         Path | None, typer.Option("--devices-file", help="CSV or text: pk/dn or pk,dn per line.", exists=True)
     ] = None,
@@ -568,6 +591,7 @@ def job_create(
         "overwrite": overwrite or None,
         "force": force or None,
         "seed": seed,
+        "group": group,
     }
     body |= {k: v for k, v in optional.items() if v is not None}
     if phases:
@@ -599,7 +623,11 @@ def job_create(
 def _show_preview(preview: dict[str, Any]) -> None:
     fw = preview["firmware"]
     whom = (
-        f"every device of product {fw['product_key']}" if preview["whole_product"] else "the devices listed"
+        f"every device of product {fw['product_key']}"
+        if preview["whole_product"]
+        else f"the devices of product {fw['product_key']} in group {preview['group']}"
+        if preview.get("group")
+        else "the devices listed"
     )
     console.print(
         f"Would notify {preview['tasks']} device(s) of {preview['devices']} matched ({whom}) with "

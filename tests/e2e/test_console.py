@@ -711,6 +711,23 @@ async def test_devices_are_added_imported_rotated_and_deleted_in_the_console(env
     assert await env.find("/devices/pk/imp2") is not None
     await shot(page, "10-devices-added-imported")
 
+    # groups: given on a device's page, searched on the list, targeted by a job
+    await page.goto("/console/#/devices/pk/imp1")
+    await page.get_by_label("Groups").fill("canary, eu")
+    await page.get_by_role("button", name="Save groups").click()
+    await expect(page.locator("#status")).to_have_text("pk/imp1 is in group(s) canary, eu.")
+    assert (await env.api("GET", "/devices/pk/imp1", expect=200))["groups"] == ["canary", "eu"]
+    await page.goto("/console/#/devices?group=canary")
+    await expect(page.get_by_role("table", name="Devices").locator("tbody tr")).to_have_count(1)
+    await expect(page.get_by_label("Group", exact=True)).to_have_value("canary")
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    await page.goto(f"/console/#/jobs/new?firmware={fw['id']}")
+    await page.get_by_label("Device group").fill("canary")
+    await page.get_by_role("button", name="Preview").click()
+    await expect(page.locator("#job-preview-count")).to_have_text(
+        "1 device(s) of 1 matched (the devices of product pk in group canary) get default 2.0.0."
+    )
+
     await page.goto("/console/#/devices/pk/fresh")
     page.once("dialog", lambda dialog: dialog.accept())
     await page.get_by_role("button", name="Rotate secret").click()

@@ -113,3 +113,45 @@ async def test_a_jobs_timeline_and_its_eta(env: Env) -> None:
     await env.api("POST", f"/jobs/{job['id']}/cancel", expect=200)
     assert (await env.api("GET", f"/jobs/{job['id']}", expect=200))["eta"] is None
     assert (await env.api("GET", "/jobs/999/timeline", expect=404))["error"] == "not_found"
+
+
+async def test_devices_in_a_group_are_listed_and_targeted_by_a_job(env: Env) -> None:
+    """Groups given to devices (PATCH, replaced whole) filter the device list, and a job for a group
+    notifies the product's devices in it only; bad names and a group beside a device list are refused."""
+    devices = await _fleet(env)
+    for name in ("d1", "d3"):
+        answer = await env.api("PATCH", f"/devices/pk/{name}", expect=200, json={"groups": ["canary", "eu"]})
+        assert answer["groups"] == ["canary", "eu"]
+    await env.api("PATCH", "/devices/pk/d3", expect=200, json={"groups": ["eu"]})
+    listed = await env.api("GET", "/devices?group=canary", expect=200)
+    assert [d["device_name"] for d in listed] == ["d1"] and listed[0]["groups"] == ["canary", "eu"]
+    assert (await env.api("GET", "/devices/pk/d3", expect=200))["groups"] == ["eu"]
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    preview = await env.api(
+        "POST", "/jobs/preview", expect=200, json={"firmware_id": fw["id"], "group": "eu"}
+    )
+    assert [s["device"] for s in preview["sample"]] == ["pk/d1", "pk/d3"]
+    assert (preview["whole_product"], preview["group"]) == (False, "eu")
+    job = await env.api("POST", "/jobs", expect=201, json={"firmware_id": fw["id"], "group": "eu"})
+    assert job["options"]["group"] == "eu"
+    tasks = await env.api("GET", f"/jobs/{job['id']}/tasks", expect=200)
+    assert sorted(t["device"] for t in tasks) == ["pk/d1", "pk/d3"]
+    await devices[0].notices()
+    assert devices[1].messages(devices[1].upgrade_topic) == []  # d2 is in no group: not notified
+    for body, field in (
+        ({"groups": ["bad name"]}, "groups[0]"),
+        ({"groups": "eu"}, "groups"),
+        ({"enabled": "yes"}, "enabled"),
+    ):
+        answer = await env.api("PATCH", "/devices/pk/d1", expect=422, json=body)
+        assert answer["message"].startswith(f"{field}: "), answer
+    bad = await env.api(
+        "POST",
+        "/jobs/preview",
+        expect=422,
+        json={"firmware_id": fw["id"], "group": "eu", "devices": ["pk/d1"]},
+    )
+    assert bad["message"].startswith("group: ")
+    assert (
+        await env.api("POST", "/jobs/preview", expect=422, json={"firmware_id": fw["id"], "group": "none"})
+    )["message"].startswith("devices: no device matches")

@@ -344,6 +344,10 @@ async def test_cli_drives_a_device_upgrade_end_to_end(
     await admin.device_on("pk/dev1", "1.0.0")
     out = ok(await cli(broker, "device", "list"))
     assert re.search(r"pk/dev1 .*default=1\.0\.0", out), out
+    out = ok(await cli(broker, "device", "groups", "pk/dev1", "canary", "eu"))
+    assert "device pk/dev1 groups: canary, eu" in out, out
+    out = ok(await cli(broker, "device", "list", "--group", "canary"))
+    assert re.search(r"pk/dev1 .*canary, eu", out), out
 
     fw_file = tmp_path / "fw-2.0.0.bin"
     fw_file.write_bytes(FIRMWARE)
@@ -356,6 +360,8 @@ async def test_cli_drives_a_device_upgrade_end_to_end(
     # A dry run says whom the job would notify, and starts nothing; its seed starts exactly that.
     out = ok(await cli(broker, "job", "create", "--firmware", fw_id, "--dry-run"))
     assert "Would notify 1 device(s) of 1 matched (every device of product pk)" in out, out
+    out = ok(await cli(broker, "job", "create", "--firmware", fw_id, "--group", "canary", "--dry-run"))
+    assert "Would notify 1 device(s) of 1 matched (the devices of product pk in group canary)" in out, out
     assert "pk/dev1" in out and "nothing was started" in out, out
     seed = re.search(r"--seed (\S+)", out)
     assert seed, out

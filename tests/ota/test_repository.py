@@ -1274,3 +1274,25 @@ async def test_accounts_tokens_and_the_audit_log(repo: Repository) -> None:
     page, total = await repo.audit_page(2, 1)
     assert total == 5 and [e.target for e in page] == ["/api/v1/jobs #3", "/api/v1/jobs #2"]
     assert (page[0].actor, page[0].status, page[0].remote) == ("bob", 403, "127.0.0.1")
+
+
+async def test_device_groups_filter_the_device_list_and_go_with_the_device(repo: Repository) -> None:
+    for name in ("a", "b", "c"):
+        await repo.add_device(dev(name), "s", NOW)
+    assert await repo.set_device_groups(dev("a"), ["canary", "eu", "canary"]) == ["canary", "eu"]
+    await repo.set_device_groups(dev("b"), ["eu"])
+    with pytest.raises(NotFound):
+        await repo.set_device_groups(dev("nobody"), ["eu"])
+    listed = await repo.list_devices(group="eu")
+    assert [d.device for d in listed] == [dev("a"), dev("b")]
+    assert await repo.count_devices(group="canary") == 1
+    assert await repo.count_devices(group="canary", name="b") == 0
+    assert await repo.groups_of([dev("a"), dev("b"), dev("c")]) == {
+        dev("a"): ["canary", "eu"],
+        dev("b"): ["eu"],
+        dev("c"): [],
+    }
+    await repo.set_device_groups(dev("a"), [])  # replaced whole: none left
+    assert await repo.count_devices(group="canary") == 0
+    await repo.delete_device(dev("b"))
+    assert await repo.count_devices(group="eu") == 0

@@ -4,7 +4,7 @@ delete; and what they read of devices."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from plugins.ota.app.catalog import Catalog
@@ -52,18 +52,28 @@ class DeviceAdmin:
         version: str | None = None,
         online: bool | None = None,
         name: str | None = None,
+        group: str | None = None,
         limit: int = 1000,
         offset: int = 0,
     ) -> tuple[list[DeviceRecord], int]:
         """The devices the filters select, a page of them, and how many there are in all."""
-        filters = {"product_key": product_key, "module": module, "version": version}
+        filters = {"product_key": product_key, "module": module, "version": version, "group": group}
         records = await self.repo.list_devices(
             **filters, online=online, name=name, limit=limit, offset=offset
         )
         total = await self.repo.count_devices(**filters, online=online, name=name)
         return records, total
 
+    async def groups_of(self, devices: Sequence[DeviceRef]) -> dict[DeviceRef, list[str]]:
+        return await self.repo.groups_of(devices)
+
     # -------------------------------------------------------------------------------------- changes
+
+    async def set_groups(self, device: DeviceRef, groups: Sequence[str]) -> list[str]:
+        """`device`'s groups become `groups` (the ones a job may target)."""
+        kept = await self.repo.set_device_groups(device, groups)
+        log.info("device %s groups: %s", device, ", ".join(kept) or "none", extra=about(device))
+        return kept
 
     async def add(self, device: DeviceRef, secret: str | None) -> DeviceRecord:
         record = await self.repo.add_device(device, secret or new_device_secret(), self.clock())

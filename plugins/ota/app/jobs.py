@@ -110,7 +110,7 @@ class JobAdmin:
         if firmware is None:
             raise InvalidInput("firmware_id", f"firmware {spec.firmware_id} does not exist")
         await self._check_firmware_for(firmware, spec)
-        candidates = await self._candidates(firmware, spec.devices)
+        candidates = await self._candidates(firmware, spec.devices, spec.group)
         seed = spec.seed or f"{firmware.id}:{self.clock()}"
         planned = machine.plan_tasks(
             firmware,
@@ -267,10 +267,12 @@ class JobAdmin:
                 await self.driver.drive_by_id(task.id, CancelRequested(f"overwritten by job {job_id}"))
 
     async def _candidates(
-        self, firmware: Firmware, devices: Sequence[DeviceRef] | None
+        self, firmware: Firmware, devices: Sequence[DeviceRef] | None, group: str | None = None
     ) -> list[machine.Candidate]:
         if devices is None:
-            records = await self.repo.list_devices(product_key=firmware.product_key, limit=1_000_000)
+            records = await self.repo.list_devices(
+                product_key=firmware.product_key, group=group, limit=1_000_000
+            )
             listed = False
         else:
             records = []

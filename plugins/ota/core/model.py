@@ -208,6 +208,7 @@ class JobSpec:
     download_protocol: DownloadProtocol = DownloadProtocol.HTTPS
     notify_timeout_minutes: float | None = NOTIFY_TIMEOUT_MINUTES  # None: a notified task never times out
     seed: str | None = None  # of the gray sample (a preview's, to start what was previewed); None: a new one
+    group: str | None = None  # the devices of the product in this group (instead of a list, or all of them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +255,7 @@ class JobOptions:
     notify_timeout_minutes: float = 0.0  # 0: a notified task never times out
     rollout: Rollout | None = None
     acknowledged_failures: int = 0  # failures the operator resumed past (the rollout's error thresholds)
+    group: str | None = None  # the device group the job targeted
 
     @classmethod
     def of(cls, spec: JobSpec, seed: str) -> JobOptions:
@@ -277,6 +279,7 @@ class JobOptions:
             download_protocol=spec.download_protocol,
             notify_timeout_minutes=spec.notify_timeout_minutes or 0.0,
             rollout=spec.rollout,
+            group=spec.group,
         )
 
     @property
@@ -311,6 +314,8 @@ class JobOptions:
             }
         if self.acknowledged_failures:
             doc["acknowledged_failures"] = self.acknowledged_failures
+        if self.group is not None:
+            doc["group"] = self.group
         return doc
 
     def public(self) -> dict[str, Any]:
@@ -351,6 +356,7 @@ class JobOptions:
                 else None
             ),
             acknowledged_failures=int(doc.get("acknowledged_failures", 0)),
+            group=doc.get("group"),
         )
 
 

@@ -8,8 +8,10 @@ from aiohttp import web
 
 from plugins.ota.core.errors import InvalidInput
 from plugins.ota.http.inputs import (
+    MAX_GROUPS,
     device_ref,
     device_secret,
+    group_name,
     json_object,
     ota_app,
     page_of,
@@ -53,10 +55,13 @@ async def list_devices(request: web.Request) -> web.Response:
         "version": q.get("version"),
         "online": online,
         "name": name,
+        "group": None if q.get("group") is None else group_name(q["group"], "group"),
     }
     page = page_of(request)
-    records, total = await ota_app(request).devices.page(**filters, limit=page.limit, offset=page.offset)
-    return paged(request, page, [device_view(d) for d in records], total)
+    admin = ota_app(request).devices
+    records, total = await admin.page(**filters, limit=page.limit, offset=page.offset)
+    groups = await admin.groups_of([d.device for d in records])
+    return paged(request, page, [device_view(d) | {"groups": groups[d.device]} for d in records], total)
 
 
 # Every list is paged: `limit` (1-10,000, default 1,000) and `offset` in the query; the answer stays a
@@ -67,16 +72,31 @@ async def show_device(request: web.Request) -> web.Response:
     ref = device_ref(request.match_info["pk"], request.match_info["dn"], "device")
     service = ota_app(request)
     record, tasks = await service.devices.get(ref)
-    return web.json_response({**device_view(record), "tasks": [task_view(t) for t in tasks]})
+    groups = (await service.devices.groups_of([ref]))[ref]
+    return web.json_response(
+        {**device_view(record), "groups": groups, "tasks": [task_view(t) for t in tasks]}
+    )
 
 
 async def update_device(request: web.Request) -> web.Response:
+    """`{"enabled": bool}` and/or `{"groups": [name, ...]}` (its groups, replaced whole)."""
     body = await json_object(request)
+    ref = path_device(request)
+    admin = ota_app(request).devices
+    if "enabled" not in body and "groups" not in body:
+        raise InvalidInput("enabled", "give enabled (true or false) and/or groups (a list of group names)")
     enabled = body.get("enabled")
-    if not isinstance(enabled, bool):
+    if "enabled" in body and not isinstance(enabled, bool):
         raise InvalidInput("enabled", "must be true or false")
-    record = await ota_app(request).devices.set_enabled(path_device(request), enabled)
-    return web.json_response(device_view(record))
+    groups = body.get("groups")
+    if "groups" in body:
+        if not isinstance(groups, list) or len(groups) > MAX_GROUPS:
+            raise InvalidInput("groups", f"must be a list of at most {MAX_GROUPS} group names")
+        groups = [group_name(g, f"groups[{i}]") for i, g in enumerate(groups)]
+    if groups is not None:
+        await admin.set_groups(ref, groups)
+    record = await admin.set_enabled(ref, enabled) if isinstance(enabled, bool) else (await admin.get(ref))[0]
+    return web.json_response(device_view(record) | {"groups": (await admin.groups_of([ref]))[ref]})
 
 
 async def delete_device(request: web.Request) -> web.Response:

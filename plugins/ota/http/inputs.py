@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,3 +204,14 @@ def device_list(raw: Any, field: str) -> tuple[DeviceRef, ...]:
 
 async def optional_body(request: web.Request) -> dict[str, Any]:
     return await json_object(request) if request.can_read_body else {}
+
+
+MAX_GROUPS = 20  # groups of one device
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def group_name(value: object, field: str) -> str:
+    """A device group's name: 1-64 of A-Z, a-z, 0-9, `.`, `_`, `-`, starting with a letter or a digit."""
+    if not isinstance(value, str) or not _GROUP.fullmatch(value):
+        raise InvalidInput(field, "must be a group name: 1-64 of A-Z, a-z, 0-9, '.', '_', '-'")
+    return value

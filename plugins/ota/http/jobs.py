@@ -24,6 +24,7 @@ from plugins.ota.http.inputs import (
     ID_MAX,
     device_list,
     flag,
+    group_name,
     int_path,
     json_object,
     number,
@@ -74,7 +75,8 @@ async def preview_job(request: web.Request) -> web.Response:
                 "module": fw.module,
                 "version": fw.version,
             },
-            "whole_product": spec.devices is None,
+            "whole_product": spec.devices is None and spec.group is None,
+            "group": spec.group,
             "devices": len(preview.planned),
             "tasks": len(runs),
             "states": states,
@@ -120,6 +122,9 @@ def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
     notify_timeout = or_default(
         number(body, "notify_timeout_minutes", low=0, high=1440 * 30), NOTIFY_TIMEOUT_MINUTES
     )
+    group = None if body.get("group") is None else group_name(body["group"], "group")
+    if group is not None and (devices is not None or job_type is JobType.DYNAMIC):
+        raise InvalidInput("group", "targets a static or verify job's devices instead of a device list")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, str) or not 1 <= len(seed) <= 128):
         raise InvalidInput("seed", "must be the seed of a preview (a string of at most 128 characters)")
@@ -143,6 +148,7 @@ def parse_job_spec(body: dict[str, Any], now: float) -> JobSpec:
         download_protocol=protocol,
         notify_timeout_minutes=notify_timeout or None,  # 0: never
         seed=seed,
+        group=group,
     )
 
 

@@ -121,6 +121,11 @@ OPENAPI: dict[str, Any] = {
                     "online": {"type": "boolean"},
                     "last_seen": {"type": ["string", "null"], "format": "date-time"},
                     "modules": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "groups": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "PATCH: replaced whole",
+                    },
                 },
             },
             "Firmware": {
@@ -185,6 +190,10 @@ OPENAPI: dict[str, Any] = {
                         },
                     },
                     "tags": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "group": {
+                        "type": "string",
+                        "description": "The devices of the firmware's product in this group (not with `devices`).",
+                    },
                     "seed": {
                         "type": "string",
                         "description": "A preview's seed: the job starts exactly the devices the preview"
@@ -246,8 +255,9 @@ OPENAPI: dict[str, Any] = {
                     "firmware": {"type": "object"},
                     "whole_product": {
                         "type": "boolean",
-                        "description": "No device list: every device of it.",
+                        "description": "No device list nor group: every device of it.",
                     },
+                    "group": {"type": ["string", "null"]},
                     "devices": {"type": "integer", "description": "Devices matched, skipped ones included."},
                     "tasks": {"type": "integer", "description": "Devices that would be notified."},
                     "states": {"type": "object", "additionalProperties": {"type": "integer"}},
@@ -403,7 +413,9 @@ OPENAPI: dict[str, Any] = {
         "/devices": {
             "post": _op("Register a device", "201", _ref("Device"), _json(_ref("Device"))),
             "get": _list(
-                "List devices", "Device", _query("product_key", "module", "version", "online", "name")
+                "List devices",
+                "Device",
+                _query("product_key", "module", "version", "online", "name", "group"),
             ),
         },
         "/devices/import": {

@@ -14,6 +14,7 @@ from typing import Any
 
 from plugins.ota.core.accounts import Account, ApiToken, AuditEntry, Principal, Role
 from plugins.ota.core.errors import NotFound
+from plugins.ota.core.topics import DeviceRef
 
 
 class SharedSql(ABC):
@@ -38,6 +39,42 @@ class JobReports(SharedSql):
             (job_id,),
         )
         return [(float(r["at"]), str(r["state"])) for r in rows]
+
+
+class DeviceGroups(SharedSql):
+    """Devices' groups: labels an operator gives devices, and a job may target."""
+
+    async def set_device_groups(self, ref: DeviceRef, groups: Sequence[str]) -> list[str]:
+        """`ref`'s groups become `groups` (NotFound when there is no such device)."""
+        if not await self._sql_rows(
+            "SELECT 1 AS found FROM devices WHERE product_key = ? AND device_name = ?",
+            (ref.product_key, ref.device_name),
+        ):
+            raise NotFound(f"device {ref} does not exist")
+        await self._sql_change(
+            "DELETE FROM device_groups WHERE product_key = ? AND device_name = ?",
+            (ref.product_key, ref.device_name),
+        )
+        for group in dict.fromkeys(groups):
+            await self._sql_change(
+                "INSERT INTO device_groups (product_key, device_name, grp) VALUES (?, ?, ?)",
+                (ref.product_key, ref.device_name, group),
+            )
+        return sorted(dict.fromkeys(groups))
+
+    async def groups_of(self, refs: Sequence[DeviceRef]) -> dict[DeviceRef, list[str]]:
+        """The groups of each of `refs` (one query for a page of devices; none: an empty list)."""
+        found: dict[DeviceRef, list[str]] = {r: [] for r in refs}
+        for start in range(0, len(refs), 500):
+            chunk = refs[start : start + 500]
+            pairs = " OR ".join(["(product_key = ? AND device_name = ?)"] * len(chunk))
+            rows = await self._sql_rows(
+                f"SELECT product_key, device_name, grp FROM device_groups WHERE {pairs} ORDER BY grp",  # noqa: S608 - marks only
+                [value for r in chunk for value in (r.product_key, r.device_name)],
+            )
+            for row in rows:
+                found[DeviceRef(str(row["product_key"]), str(row["device_name"]))].append(str(row["grp"]))
+        return found
 
 
 class AccountStore(SharedSql):

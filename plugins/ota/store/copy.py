@@ -24,6 +24,7 @@ from plugins.ota.store.sqlite import SqliteRepository
 TABLES = (
     "devices",
     "device_modules",
+    "device_groups",
     "firmware",
     "jobs",
     "tasks",

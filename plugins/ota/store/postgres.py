@@ -50,7 +50,7 @@ from plugins.ota.core.model import (
 )
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store import schema
-from plugins.ota.store.accounts import AccountStore, JobReports
+from plugins.ota.store.accounts import AccountStore, DeviceGroups, JobReports
 from plugins.ota.store.lookups import Lookups
 from plugins.ota.store.rows import (
     DOWNLOADABLE_SQL,
@@ -114,7 +114,7 @@ def _keys(refs: Iterable[DeviceRef]) -> tuple[list[str], list[str]]:
     return [r.product_key for r in listed], [r.device_name for r in listed]
 
 
-class PostgresRepository(AccountStore, JobReports, Lookups):
+class PostgresRepository(AccountStore, DeviceGroups, JobReports, Lookups):
     """The `Repository` on one PostgreSQL database; several replicas may share it."""
 
     def __init__(self, dsn: str, *, pool_size: int = 10) -> None:
@@ -414,10 +414,11 @@ class PostgresRepository(AccountStore, JobReports, Lookups):
         version: str | None = None,
         online: bool | None = None,
         name: str | None = None,
+        group: str | None = None,
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]:
-        where, args = device_filter(product_key, module, version, online, name, _mark)
+        where, args = device_filter(product_key, module, version, online, name, _mark, group)
         n = len(args)
         rows = await self._all(
             f"SELECT d.* FROM devices d WHERE {where}"  # noqa: S608 - only fixed fragments
@@ -445,9 +446,10 @@ class PostgresRepository(AccountStore, JobReports, Lookups):
         version: str | None = None,
         online: bool | None = None,
         name: str | None = None,
+        group: str | None = None,
     ) -> int:
         """How many devices `list_devices` with the same filters would list in all."""
-        where, args = device_filter(product_key, module, version, online, name, _mark)
+        where, args = device_filter(product_key, module, version, online, name, _mark, group)
         return await self._count(f"SELECT COUNT(*) FROM devices d WHERE {where}", *args)  # noqa: S608
 
     async def device_login(self, ref: DeviceRef) -> tuple[str, bool] | None:

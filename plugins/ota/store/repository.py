@@ -61,6 +61,7 @@ class Repository(Protocol):
         version: str | None = None,
         online: bool | None = None,
         name: str | None = None,
+        group: str | None = None,
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]: ...
@@ -73,6 +74,7 @@ class Repository(Protocol):
         version: str | None = None,
         online: bool | None = None,
         name: str | None = None,
+        group: str | None = None,
     ) -> int:
         """How many devices `list_devices` with the same filters would list in all."""
         ...
@@ -299,6 +301,10 @@ class Repository(Protocol):
     async def record_audit(self, entry: AuditEntry) -> None: ...
 
     async def audit_page(self, limit: int, offset: int) -> tuple[list[AuditEntry], int]: ...
+
+    async def set_device_groups(self, ref: DeviceRef, groups: Sequence[str]) -> list[str]: ...
+
+    async def groups_of(self, refs: Sequence[DeviceRef]) -> dict[DeviceRef, list[str]]: ...
 
     async def job_outcomes(self, job_id: int) -> list[tuple[float, str]]:
         """When each of the job's tasks ended an attempt, and how (succeeded, failed, timed_out), in order."""

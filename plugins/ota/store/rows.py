@@ -44,6 +44,7 @@ def device_filter(
     online: bool | None,
     name: str | None,
     mark: Callable[[int], str],
+    group: str | None = None,
 ) -> tuple[str, list[str | bool]]:
     """The WHERE clause (over `devices d`) and its arguments for the device list's filters; `mark(n)` spells
     the placeholder of the n-th argument in the dialect at hand. `name`: the device name contains it, in any
@@ -57,6 +58,11 @@ def device_filter(
 
     if product_key is not None:
         where.append(f"d.product_key={arg(product_key)}")
+    if group is not None:
+        member = (
+            "SELECT 1 FROM device_groups g WHERE g.product_key=d.product_key AND g.device_name=d.device_name"
+        )
+        where.append(f"EXISTS ({member} AND g.grp={arg(group)})")
     if online is not None:
         where.append(f"d.online={arg(online)}")
     if name:

@@ -38,7 +38,7 @@ from plugins.ota.core.model import (
 )
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store import schema
-from plugins.ota.store.accounts import AccountStore, JobReports
+from plugins.ota.store.accounts import AccountStore, DeviceGroups, JobReports
 from plugins.ota.store.gate import Gate
 from plugins.ota.store.lookups import Lookups
 from plugins.ota.store.rows import (
@@ -94,7 +94,7 @@ async def _wal(db: aiosqlite.Connection) -> None:
             await asyncio.sleep(0.05)
 
 
-class SqliteRepository(AccountStore, JobReports, Lookups):
+class SqliteRepository(AccountStore, DeviceGroups, JobReports, Lookups):
     """The `Repository` on one SQLite file."""
 
     def __init__(self, path: Path) -> None:
@@ -255,10 +255,11 @@ class SqliteRepository(AccountStore, JobReports, Lookups):
         version: str | None = None,
         online: bool | None = None,
         name: str | None = None,
+        group: str | None = None,
         limit: int = 1000,
         offset: int = 0,
     ) -> list[DeviceRecord]:
-        where, args = device_filter(product_key, module, version, online, name, lambda _: "?")
+        where, args = device_filter(product_key, module, version, online, name, lambda _: "?", group)
         rows = await self._all(
             f"SELECT d.* FROM devices d WHERE {where}"  # noqa: S608 - only fixed fragments
             " ORDER BY d.product_key, d.device_name LIMIT ? OFFSET ?",
@@ -283,9 +284,10 @@ class SqliteRepository(AccountStore, JobReports, Lookups):
         version: str | None = None,
         online: bool | None = None,
         name: str | None = None,
+        group: str | None = None,
     ) -> int:
         """How many devices `list_devices` with the same filters would list in all."""
-        where, args = device_filter(product_key, module, version, online, name, lambda _: "?")
+        where, args = device_filter(product_key, module, version, online, name, lambda _: "?", group)
         row = await self._one(f"SELECT COUNT(*) FROM devices d WHERE {where}", args)  # noqa: S608
         return int(row[0]) if row else 0
 

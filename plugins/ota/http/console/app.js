@@ -690,6 +690,7 @@ async function newJobPage(main, _params, query, alive) {
           'One product_key/device_name per line (or separated by commas). Empty: every device of the firmware’s product.'),
         field('devices_file', 'Devices from a file', devicesFile,
           'A CSV or text file: product_key,device_name or product_key/device_name per line (a header line is skipped); added to the list above.'),
+        field('group', 'Device group', input('group', { spellcheck: 'false' }), 'Instead of a list: the product’s devices in this group.'),
         field('src_versions', 'Only from versions', input('src_versions', {}), 'Comma-separated, e.g. 1.0.0, 1.0.1. Empty: any version.'),
         field('gray_percent', 'Gray release (% of matched devices)', input('gray_percent', { type: 'number', min: 0.01, max: 100, step: 'any' }), 'A deterministic sample. Empty: all of them.'))),
     h('fieldset', {}, h('legend', {}, 'When and how fast'),
@@ -765,7 +766,8 @@ async function newJobPage(main, _params, query, alive) {
 const CONFIRM_ABOVE = 25; // devices a job may notify without the operator confirming it
 
 function showPreview(section, p) {
-  const whom = p.whole_product ? `every device of product ${p.firmware.product_key}` : 'the devices listed';
+  const whom = p.whole_product ? `every device of product ${p.firmware.product_key}`
+    : p.group ? `the devices of product ${p.firmware.product_key} in group ${p.group}` : 'the devices listed';
   const skipped = Object.entries(p.skipped_reasons).map(([why, n]) => `${n} ${why.replace(/_/g, ' ')}`);
   section.hidden = false;
   fill(section,
@@ -822,6 +824,7 @@ function jobSpec(form) {
   };
   const devices = list('devices');
   if (devices.length) spec.devices = devices;
+  if (text('group')) spec.group = text('group');
   const srcVersions = list('src_versions');
   if (srcVersions.length) spec.src_versions = srcVersions;
   for (const name of ['gray_percent', 'rate_per_minute', 'timeout_minutes', 'notify_timeout_minutes', 'retry_count', 'retry_interval_minutes']) {
@@ -1113,7 +1116,7 @@ async function toggleHistory(button, detail, path) {
 
 async function devicesPage(main, _params, query, alive) {
   const filters = {};
-  for (const name of ['product_key', 'module', 'version', 'online']) {
+  for (const name of ['product_key', 'module', 'version', 'online', 'group']) {
     if (query.get(name)) filters[name] = query.get(name);
   }
   // Searched by the broker over every device: "part" of a name, or "pk/part" for one product's.
@@ -1139,6 +1142,7 @@ async function devicesPage(main, _params, query, alive) {
       field('product_key', 'Product key', text('product_key')),
       field('module', 'Module', text('module')),
       field('version', 'Version', text('version')),
+      field('group', 'Group', text('group')),
       field('online', 'Connection', online)),
     h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Search')));
   form.addEventListener('submit', (event) => {
@@ -1153,12 +1157,13 @@ async function devicesPage(main, _params, query, alive) {
       h('th', { scope: 'row' }, deviceLink(ref)),
       h('td', {}, h('span', { class: d.online ? 'online' : 'offline' }, d.online ? 'online' : 'offline')),
       h('td', {}, h('ul', { class: 'plain' }, Object.entries(d.modules).map(([m, v]) => h('li', {}, `${m}: ${v}`)))),
+      h('td', {}, (d.groups || []).join(', ') || '—'),
       h('td', {}, d.enabled ? 'enabled' : 'disabled'),
       h('td', {}, time(d.last_seen)));
   });
   fill(main, h('h1', {}, 'Devices'), form,
     h('p', { class: 'muted', role: 'status' }, `${total} device(s)${total > shown.length ? `; the first ${shown.length} shown (narrow the search)` : ''}.`),
-    rows.length ? table('Devices', ['Device', 'Connection', 'Module versions', 'Login', 'Last seen'], rows, { id: 'devices' }) : null,
+    rows.length ? table('Devices', ['Device', 'Connection', 'Module versions', 'Groups', 'Login', 'Last seen'], rows, { id: 'devices' }) : null,
     addDeviceCard(), importDevicesCard());
 }
 
@@ -1257,6 +1262,18 @@ async function devicePage(main, [pk, dn], _query, alive) {
       if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
     }
   });
+  const groupsInput = h('input', { id: 'device-groups', value: (device.groups || []).join(', '), spellcheck: 'false', 'aria-describedby': 'device-groups-help' });
+  const saveGroups = h('button', { type: 'button', class: 'quiet' }, 'Save groups');
+  saveGroups.addEventListener('click', async () => {
+    try {
+      const groups = groupsInput.value.split(/[\s,]+/).filter(Boolean);
+      const made = await api('PATCH', path, { groups });
+      groupsInput.value = made.groups.join(', ');
+      say(`${ref} is in ${made.groups.length ? `group(s) ${made.groups.join(', ')}` : 'no group'}.`);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
+    }
+  });
   const shownSecret = h('div', { id: 'device-secret' });
   const rotate = h('button', { type: 'button', class: 'quiet' }, 'Rotate secret');
   rotate.addEventListener('click', async () => {
@@ -1301,7 +1318,10 @@ async function devicePage(main, [pk, dn], _query, alive) {
     h('dl', { class: 'pairs card' },
       h('dt', {}, 'Connection'), h('dd', {}, h('span', { class: device.online ? 'online' : 'offline' }, device.online ? 'online' : 'offline')),
       h('dt', {}, 'Last seen'), h('dd', {}, time(device.last_seen)),
-      h('dt', {}, 'Login'), h('dd', {}, device.enabled ? 'enabled' : 'disabled', ' ', toggle)),
+      h('dt', {}, 'Login'), h('dd', {}, device.enabled ? 'enabled' : 'disabled', ' ', toggle),
+      h('dt', {}, h('label', { for: 'device-groups' }, 'Groups')),
+      h('dd', {}, groupsInput, ' ', saveGroups,
+        h('small', { id: 'device-groups-help', class: 'muted' }, ' Comma-separated; a job may target a group.'))),
     h('div', { class: 'actions' }, rotate, remove),
     shownSecret,
     error,
