@@ -291,13 +291,6 @@ class AttachedService:
         """Connect with this service's session and subscribe to what devices send."""
         a = self.attachment
         client = await self._open(self.client_id, clean=False)
-        url = a.url
-        if a.username is not None:  # amqtt reads the account from the URL, percent-decoded
-            scheme, rest = url.split("://", 1)
-            userinfo = quote(a.username, safe="")
-            if a.password is not None:
-                userinfo += ":" + quote(a.password, safe="")
-            url = f"{scheme}://{userinfo}@{rest}"
         try:
             granted = await asyncio.wait_for(
                 client.subscribe([(a.shared(f), QOS_1) for f in UPLINK_FILTERS]), CONNECT_TIMEOUT_S
