@@ -779,3 +779,82 @@ async def test_a_message_does_not_outlive_its_page_and_phone_widths_fit(env: Env
         assert wide <= 0, f"{where} is {wide}px wider than a phone's screen"
     await shot(page, "11-phone-job")
     assert [p for p in page.problems if "409" not in p] == []
+
+
+async def test_a_fleet_of_2000_is_searched_and_paged_by_the_broker_in_the_console(
+    env: Env, page: Any
+) -> None:
+    """The devices page asks the broker for one page at a time, with the total; the next and previous pages
+    and a search by a part of the name reach every device, not only the first page's."""
+    from playwright.async_api import expect
+
+    csv = "".join(f"pk,c{i:05d}\n" for i in range(2000)).encode()
+    async with env.http.post(
+        env.admin + "/devices/import",
+        data=csv,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/csv"},
+    ) as r:
+        assert r.status == 200 and len((await r.json())["created"]) == 2000
+    await page.goto("/")
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.keyboard.press("Enter")
+    await page.get_by_role("link", name="Devices", exact=True).click()
+    count = page.locator("#devices-count")
+    rows = page.get_by_role("table", name="Devices").locator("tbody tr")
+    await expect(count).to_have_text("2000 device(s); 1 to 500 shown.")
+    await expect(rows).to_have_count(500)
+    await expect(page.get_by_role("link", name="Previous page")).to_have_count(0)
+    for _ in range(3):
+        await page.get_by_role("link", name="Next page").click()
+    await expect(count).to_have_text("2000 device(s); 1501 to 2000 shown.")
+    await expect(rows.last).to_contain_text("pk/c01999")
+    await expect(page.get_by_role("link", name="Next page")).to_have_count(0)
+    await page.get_by_role("link", name="Previous page").click()
+    await expect(count).to_have_text("2000 device(s); 1001 to 1500 shown.")
+    await expect(rows.first).to_contain_text("pk/c01000")
+    await page.get_by_label("Name contains").fill("C0199")  # any case, beyond the first page
+    await page.get_by_label("Name contains").press("Enter")
+    await expect(count).to_have_text("10 device(s).")
+    await expect(rows).to_have_count(10)
+    await expect(rows.first).to_contain_text("pk/c01990")
+    await shot(page, "12-fleet-search")
+    assert page.problems == []
+
+
+async def test_an_admin_manages_accounts_in_the_console(env: Env, page: Any) -> None:
+    """Accounts page: add one with a role and a password, change its role, issue an API token (shown once,
+    and working), disable it (its token stops), delete it."""
+    from playwright.async_api import expect
+
+    await page.goto("/")
+    await page.get_by_label("Admin token").fill(TOKEN)
+    await page.keyboard.press("Enter")
+    await page.get_by_role("link", name="Accounts").click()
+    await expect(page.get_by_role("heading", name="Accounts", exact=True)).to_be_visible()
+    await page.get_by_label("Account name").fill("olga")
+    await page.get_by_label("Role", exact=True).select_option("operator")
+    await page.get_by_label("Password (for the console)").fill("correct horse battery")
+    await page.get_by_role("button", name="Add account").click()
+    row = page.locator('tr[data-account="olga"]')
+    await expect(row).to_contain_text("yes")
+    await page.get_by_label("Role of olga").select_option("viewer")
+    await expect(page.locator("#status")).to_have_text("olga is viewer now.")
+    assert (await env.api("GET", "/accounts/olga", expect=200))["role"] == "viewer"
+
+    await page.get_by_role("button", name="New token for olga").click()
+    token = await page.locator('#account-token code[data-account="olga"]').text_content()
+    assert token and token.startswith("ota_")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with env.http.get(env.admin + "/whoami", headers=headers) as r:
+        assert r.status == 200 and (await r.json()) == {"name": "olga", "role": "viewer"}
+    await shot(page, "13-accounts")
+
+    await page.get_by_role("button", name="Disable olga").click()
+    await expect(row).to_contain_text("disabled")
+    async with env.http.get(env.admin + "/whoami", headers=headers) as r:
+        assert r.status == 401
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.get_by_role("button", name="Delete olga").click()
+    await expect(page.get_by_text("No account yet")).to_be_visible()
+    assert await env.api("GET", "/accounts", expect=200) == []
+    assert page.problems == []

@@ -309,6 +309,7 @@ async function showWho() {
     const who = await api('GET', '/whoami');
     $('#who').textContent = `${who.name} (${who.role})`;
     $('#nav-audit').hidden = who.role !== 'admin';
+    $('#nav-accounts').hidden = who.role !== 'admin';
   } catch (failure) {
     if (!(failure instanceof SignedOut)) $('#who').textContent = '';
   }
@@ -331,9 +332,77 @@ async function auditPage(main, _params, query, alive) {
     older);
 }
 
+// Accounts (admins): who may use the console and the API, with which role, and their API tokens.
+async function accountsPage(main, _params, _query, alive) {
+  const accounts = await api('GET', '/accounts');
+  if (!alive()) return;
+  const error = h('p', { class: 'error', role: 'alert' });
+  const shown = h('div', { id: 'account-token' });
+  const act = async (method, path, body, done) => {
+    error.textContent = '';
+    try {
+      const answer = await api(method, path, body);
+      done(answer);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
+    }
+  };
+  const rows = accounts.map((a) => {
+    const enc = encodeURIComponent(a.name);
+    const role = h('select', { 'aria-label': `Role of ${a.name}` },
+      ['viewer', 'operator', 'admin'].map((r) => h('option', { value: r, selected: r === a.role }, r)));
+    role.addEventListener('change', () => act('PATCH', `/accounts/${enc}`, { role: role.value },
+      (made) => say(`${made.name} is ${made.role} now.`)));
+    const toggle = h('button', { type: 'button', class: 'quiet' },
+      a.disabled ? `Enable ${a.name}` : `Disable ${a.name}`);
+    toggle.addEventListener('click', () => act('PATCH', `/accounts/${enc}`, { disabled: !a.disabled },
+      (made) => { say(`${made.name} ${made.disabled ? 'disabled: its tokens and sign-ins stop' : 'enabled'}.`); route(false); }));
+    const issue = h('button', { type: 'button', class: 'quiet' }, `New token for ${a.name}`);
+    issue.addEventListener('click', () => act('POST', `/accounts/${enc}/tokens`, { label: 'console' }, (made) => {
+      fill(shown, h('div', { class: 'secret', role: 'status' },
+        h('p', {}, `API token ${made.id} of ${a.name}, shown this once (use it as Authorization: Bearer):`),
+        h('code', { class: 'hash', 'data-account': a.name }, made.token)));
+    }));
+    const remove = h('button', { type: 'button', class: 'danger' }, `Delete ${a.name}`);
+    remove.addEventListener('click', () => {
+      if (!window.confirm(`Delete the account ${a.name} and its tokens?`)) return;
+      act('DELETE', `/accounts/${enc}`, undefined, () => { say(`${a.name} deleted.`); route(false); });
+    });
+    return h('tr', { 'data-account': a.name },
+      h('th', { scope: 'row' }, a.name), h('td', {}, role),
+      h('td', {}, a.has_password ? 'yes' : 'no'), h('td', {}, a.disabled ? 'disabled' : 'enabled'),
+      h('td', {}, time(a.created_at)), h('td', { class: 'row-actions' }, issue, toggle, remove));
+  });
+  const name = h('input', { id: 'new-account-name', required: true, spellcheck: 'false', autocomplete: 'off' });
+  const roleNew = h('select', { id: 'new-account-role' },
+    ['viewer', 'operator', 'admin'].map((r) => h('option', { value: r }, r)));
+  const password = h('input', { id: 'new-account-password', type: 'password', autocomplete: 'new-password' });
+  const form = h('form', { class: 'card', 'aria-labelledby': 'new-account-h' },
+    h('h2', { id: 'new-account-h' }, 'Add an account'),
+    h('div', { class: 'grid' },
+      h('div', { class: 'field' }, h('label', { for: 'new-account-name' }, 'Account name'), name),
+      h('div', { class: 'field' }, h('label', { for: 'new-account-role' }, 'Role'), roleNew),
+      h('div', { class: 'field' }, h('label', { for: 'new-account-password' }, 'Password (for the console)'), password,
+        h('small', {}, 'At least 10 characters; empty: the account uses API tokens only.'))),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Add account')));
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const body = { name: name.value.trim(), role: roleNew.value };
+    if (password.value) body.password = password.value;
+    act('POST', '/accounts', body, (made) => { say(`${made.name} (${made.role}) added.`); route(false); });
+  });
+  fill(main, h('h1', {}, 'Accounts'),
+    h('p', { class: 'muted' }, 'A viewer reads; an operator also runs firmware and jobs; an admin also manages devices, their secrets and accounts.'),
+    error, shown,
+    rows.length ? table('Accounts', ['Account', 'Role', 'Password', 'State', 'Created', 'Actions'], rows)
+      : h('p', { class: 'muted' }, 'No account yet: the admin token is the only way in.'),
+    form);
+}
+
 const ROUTES = [
   [/^overview$/, overviewPage, 'Overview'],
   [/^audit$/, auditPage, 'Audit log'],
+  [/^accounts$/, accountsPage, 'Accounts'],
   [/^firmware$/, firmwarePage, 'Firmware'],
   [/^jobs$/, jobsPage, 'Jobs'],
   [/^jobs\/new$/, newJobPage, 'New job'],
@@ -1114,6 +1183,8 @@ async function toggleHistory(button, detail, path) {
 
 // --------------------------------------------------------------------------------------- devices
 
+const DEVICE_PAGE = 500; // devices a page of the console shows
+
 async function devicesPage(main, _params, query, alive) {
   const filters = {};
   for (const name of ['product_key', 'module', 'version', 'online', 'group']) {
@@ -1126,11 +1197,21 @@ async function devicesPage(main, _params, query, alive) {
     if (product && !filters.product_key) filters.product_key = product;
     if (part) filters.name = part;
   }
-  const params = new URLSearchParams({ ...filters, limit: '1000' });
+  const offset = Math.max(0, Number(query.get('offset')) || 0);
+  const params = new URLSearchParams({ ...filters, limit: String(DEVICE_PAGE), offset: String(offset) });
   const meta = {};
   const shown = await api('GET', `/devices?${params}`, undefined, meta);
   if (!alive()) return;
   const total = meta.total ?? shown.length;
+  // Pages of the broker's answer: the same search, another offset.
+  const pageLink = (to, words) => {
+    const next = new URLSearchParams(query);
+    if (to) next.set('offset', String(to)); else next.delete('offset');
+    return h('a', { href: `#/devices?${next}`, class: 'button quiet' }, words);
+  };
+  const paging = h('nav', { class: 'actions', 'aria-label': 'Pages of devices' },
+    offset > 0 ? pageLink(Math.max(0, offset - DEVICE_PAGE), 'Previous page') : null,
+    offset + shown.length < total ? pageLink(offset + shown.length, 'Next page') : null);
   const field = (name, label, control) => h('div', { class: 'field' }, h('label', { for: `dev-${name}` }, label), control);
   const text = (name) => h('input', { id: `dev-${name}`, name, value: query.get(name) || '' });
   const online = h('select', { id: 'dev-online', name: 'online' },
@@ -1162,8 +1243,10 @@ async function devicesPage(main, _params, query, alive) {
       h('td', {}, time(d.last_seen)));
   });
   fill(main, h('h1', {}, 'Devices'), form,
-    h('p', { class: 'muted', role: 'status' }, `${total} device(s)${total > shown.length ? `; the first ${shown.length} shown (narrow the search)` : ''}.`),
+    h('p', { class: 'muted', role: 'status', id: 'devices-count' }, total > shown.length
+      ? `${total} device(s); ${offset + 1} to ${offset + shown.length} shown.` : `${total} device(s).`),
     rows.length ? table('Devices', ['Device', 'Connection', 'Module versions', 'Groups', 'Login', 'Last seen'], rows, { id: 'devices' }) : null,
+    paging,
     addDeviceCard(), importDevicesCard());
 }
 
