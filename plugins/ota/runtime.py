@@ -115,6 +115,7 @@ class OtaRuntime:
             step_s=s.tick_seconds,
             window=window,
             slots=slots,
+            audit_retention_s=s.audit_retention_s,
         )
         # Replicas: none runs job steps before its first ask of the lead (one alone on SQLite leads from the start).
         app.dispatcher.leading = not s.database_url

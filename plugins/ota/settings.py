@@ -84,6 +84,7 @@ class OtaConfig:
     control_lag_target_ms: float = 250.0
     http_header_timeout_s: float = 10.0
     tick_seconds: float = 1.0
+    audit_retention_days: float = 365.0  # the audit log keeps a change this long; 0: for ever
     # Attached mode: with attach_url set, `ota-broker run` starts no broker of its own and attaches the
     # OTA service as a client to this one (plugins.ota.attached).
     attach_url: str = ""
@@ -161,6 +162,7 @@ class Settings:
     attach_client_id: str = "ota-broker"
     attach_ca_file: str = ""
     database_url: str = ""  # a PostgreSQL URL, "" for SQLite in the data folder
+    audit_retention_s: float = 365 * 86400  # 0: the audit log keeps everything
 
     @property
     def public_host(self) -> str:
@@ -288,6 +290,9 @@ def validate(cfg: OtaConfig) -> Settings:
         if not isinstance(getattr(cfg, name), int | float) or getattr(cfg, name) <= 0:
             raise ConfigError(f"{key}.{name}: must be a positive number")
     max_downloads = _count(cfg.max_downloads, f"{key}.max_downloads")
+    retention = cfg.audit_retention_days
+    if isinstance(retention, bool) or not isinstance(retention, int | float) or retention < 0:
+        raise ConfigError(f"{key}.audit_retention_days: must be a number of days, 0 or more (0: for ever)")
     attach_url = str(cfg.attach_url).strip()
     if attach_url:
         parts = urlsplit(attach_url)
@@ -349,6 +354,7 @@ def validate(cfg: OtaConfig) -> Settings:
         attach_client_id=str(cfg.attach_client_id),
         attach_ca_file=str(cfg.attach_ca_file),
         database_url=database_url,
+        audit_retention_s=float(retention) * 86400,
     )
 
 

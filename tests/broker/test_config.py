@@ -138,6 +138,11 @@ def test_bad_values_fail_with_the_key(tmp_path: Path, env: dict[str, str], key: 
             f"listeners: {{default: {{bind: '127.0.0.1:0'}}}}\nplugins: {{{PLUGIN_KEY}: {{max_payload_bytes: -1}}}}\n",
             "max_payload_bytes",
         ),
+        (
+            f"listeners: {{default: {{bind: '127.0.0.1:0'}}}}\n"
+            f"plugins: {{{PLUGIN_KEY}: {{audit_retention_days: -1}}}}\n",
+            "audit_retention_days",
+        ),
     ],
 )
 def test_bad_files_fail_with_the_key(tmp_path: Path, text: str, key: str) -> None:

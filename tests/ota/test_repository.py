@@ -1274,6 +1274,9 @@ async def test_accounts_tokens_and_the_audit_log(repo: Repository) -> None:
     page, total = await repo.audit_page(2, 1)
     assert total == 5 and [e.target for e in page] == ["/api/v1/jobs #3", "/api/v1/jobs #2"]
     assert (page[0].actor, page[0].status, page[0].remote) == ("bob", 403, "127.0.0.1")
+    assert await repo.prune_audit(NOW + 2) == 2  # the two older than that instant
+    page, total = await repo.audit_page(10, 0)
+    assert total == 3 and [e.at for e in page] == [NOW + 4, NOW + 3, NOW + 2]
 
 
 async def test_device_groups_filter_the_device_list_and_go_with_the_device(repo: Repository) -> None:

@@ -276,3 +276,26 @@ async def test_database_of_the_previous_schema_is_migrated(tmp_path: Path) -> No
         await service.drain()
     finally:
         await repo.close()
+
+
+async def test_the_audit_log_forgets_what_is_past_its_retention_once_an_hour(tmp_path: Path) -> None:
+    from plugins.ota.app.accounts import AccountAdmin
+    from plugins.ota.core.accounts import AuditEntry
+
+    repo = SqliteRepository(tmp_path / "ota.db")
+    await repo.open()
+    try:
+        now = [1_000_000.0]
+        admin = AccountAdmin(repo, lambda: now[0], audit_retention_s=86400)
+        for age in (3 * 86400, 2 * 86400, 3600):
+            await admin.audit(AuditEntry(now[0] - age, "ann", "admin", "POST /x", "/x", 201, "::1"))
+        assert await admin.prune() == 2  # older than a day
+        await admin.audit(AuditEntry(now[0] - 5 * 86400, "ann", "admin", "POST /x", "/x", 201, "::1"))
+        now[0] += 60
+        assert await admin.prune() == 0  # not again within the hour
+        now[0] += 3600
+        assert await admin.prune() == 1
+        assert (await admin.audit_page(10, 0))[1] == 1
+        assert await AccountAdmin(repo, lambda: now[0], audit_retention_s=0).prune() == 0  # 0: for ever
+    finally:
+        await repo.close()

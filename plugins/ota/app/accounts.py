@@ -19,6 +19,7 @@ from plugins.ota.store.repository import Repository
 log = logging.getLogger("ota.service")
 
 MIN_PASSWORD = 10
+PRUNE_EVERY_S = 3600.0
 
 
 def token_digest(token: str) -> str:
@@ -26,10 +27,12 @@ def token_digest(token: str) -> str:
 
 
 class AccountAdmin:
-    def __init__(self, repo: Repository, clock: Callable[[], float]) -> None:
+    def __init__(self, repo: Repository, clock: Callable[[], float], audit_retention_s: float = 0.0) -> None:
         self.repo = repo
         self.clock = clock
+        self.audit_retention_s = audit_retention_s  # 0: the audit log keeps everything
         self._hasher = PasswordHasher()
+        self._pruned_at = float("-inf")
 
     async def add(self, name: str, role: Role, password: str | None) -> Account:
         account = await self.repo.add_account(name, role, await self._hash(password), self.clock())
@@ -100,6 +103,19 @@ class AccountAdmin:
 
     async def audit_page(self, limit: int, offset: int) -> tuple[list[AuditEntry], int]:
         return await self.repo.audit_page(limit, offset)
+
+    async def prune(self) -> int:
+        """Forget audit entries past their retention, at most once an hour (in the process that leads)."""
+        now = self.clock()
+        if self.audit_retention_s <= 0 or now - self._pruned_at < PRUNE_EVERY_S:
+            return 0
+        self._pruned_at = now
+        gone = await self.repo.prune_audit(now - self.audit_retention_s)
+        if gone:
+            log.info(
+                "audit log: %d entr%s older than its retention forgotten", gone, "y" if gone == 1 else "ies"
+            )
+        return gone
 
     async def _hash(self, password: str | None) -> str | None:
         if password is None:

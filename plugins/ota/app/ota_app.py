@@ -44,6 +44,7 @@ class OtaApp:
         step_s: float = 1.0,
         window: TransferWindow | None = None,
         slots: DownloadSlots | None = None,
+        audit_retention_s: float = 0.0,
     ) -> None:
         self.clock = clock
         self._repo = repo
@@ -78,7 +79,7 @@ class OtaApp:
         self.devices = DeviceAdmin(repo, catalog, channel, clock)
         self.firmware = FirmwareAdmin(repo, store, catalog, clock)
         self.jobs = JobAdmin(repo, self.driver, self.dispatcher, self.background, clock)
-        self.accounts = AccountAdmin(repo, clock)
+        self.accounts = AccountAdmin(repo, clock, audit_retention_s)
 
     @property
     def rejected(self) -> Counter[str]:
@@ -101,6 +102,7 @@ class OtaApp:
         self.dispatcher.leading = lead
         if lead:
             await self.dispatcher.tick()
+            await self.accounts.prune()
 
     async def drain(self) -> None:
         """Wait for background work (notices being dispatched, handlers in flight)."""

@@ -191,6 +191,10 @@ class AccountStore(SharedSql):
             (entry.at, entry.actor, entry.role, entry.action, entry.target, entry.status, entry.remote),
         )
 
+    async def prune_audit(self, before: float) -> int:
+        """Forget the audit entries older than `before`; how many went."""
+        return await self._sql_change("DELETE FROM audit WHERE at < ?", (before,))
+
     async def audit_page(self, limit: int, offset: int) -> tuple[list[AuditEntry], int]:
         """The newest first."""
         rows = await self._sql_rows("SELECT * FROM audit ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))
