@@ -602,16 +602,20 @@ async def test_a_job_shows_whom_it_notifies_and_a_whole_product_is_confirmed(env
         ]
     )
     await expect(page.get_by_label("Devices", exact=True)).to_have_value("pk/d1\npk/d3")
+    # and by a search the broker makes over the product (one already listed is not added twice)
+    await page.get_by_label("Find devices (name contains)").fill("D")
+    await page.get_by_role("button", name="Add matching devices").click()
+    await expect(page.get_by_label("Devices", exact=True)).to_have_value("pk/d1\npk/d3\npk/d2")
     await page.get_by_role("button", name="Preview").click()
     await expect(page.locator("#job-preview-count")).to_have_text(
-        "2 device(s) of 2 matched (the devices listed) get default 2.0.0."
+        "3 device(s) of 3 matched (the devices listed) get default 2.0.0."
     )
     await page.get_by_role("button", name="Start job").click()
     await expect(page.get_by_role("heading", name="Job #1")).to_be_visible()
     tasks = await env.api("GET", "/jobs/1/tasks", expect=200)
-    assert sorted(t["device"] for t in tasks) == ["pk/d1", "pk/d3"]
+    assert sorted(t["device"] for t in tasks) == ["pk/d1", "pk/d2", "pk/d3"]
 
-    # The whole product, confirmed this time: the job starts (d1 and d3 are busy in job 1: skipped).
+    # The whole product, confirmed this time: the job starts.
     await env.api("POST", "/jobs/1/cancel", expect=200)
     await page.goto(f"/console/#/jobs/new?firmware={fw['id']}")
     page.once("dialog", lambda dialog: dialog.accept())

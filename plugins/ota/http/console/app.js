@@ -742,6 +742,28 @@ async function newJobPage(main, _params, query, alive) {
     devicesBox.value = [devicesBox.value.trim(), ...listed].filter(Boolean).join('\n');
     say(`${listed.length} device(s) added from ${file.name}.`);
   });
+  // Devices found by a search over the firmware's product (the broker's, not this page's), added to the list.
+  const findInput = h('input', { id: id('find'), type: 'search', spellcheck: 'false', 'aria-describedby': `${id('find')}-help` });
+  const findButton = h('button', { type: 'button', class: 'quiet' }, 'Add matching devices');
+  const addMatching = async () => {
+    const fw = firmware.find((f) => String(f.id) === fwSelect.value);
+    const part = findInput.value.trim();
+    if (!fw || !part) return;
+    error.textContent = '';
+    try {
+      const meta = {};
+      const found = await api('GET', `/devices?${new URLSearchParams({ product_key: fw.product_key, name: part, limit: '10000' })}`, undefined, meta);
+      const names = found.map((d) => `${d.product_key}/${d.device_name}`);
+      const have = new Set(devicesBox.value.split(/[\s,]+/).filter(Boolean));
+      const added = names.filter((n) => !have.has(n));
+      devicesBox.value = [devicesBox.value.trim(), ...added].filter(Boolean).join('\n');
+      say(`${added.length} device(s) of ${fw.product_key} matching “${part}” added${meta.total > found.length ? ` (the first ${found.length} of ${meta.total})` : ''}.`);
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
+    }
+  };
+  findButton.addEventListener('click', addMatching);
+  findInput.addEventListener('keydown', (event) => { if (event.key === 'Enter') { event.preventDefault(); addMatching(); } });
   const preview = h('section', { class: 'card', id: 'job-preview', 'aria-labelledby': 'job-preview-h', hidden: true });
   const previewButton = h('button', { type: 'button', class: 'quiet' }, 'Preview');
   const form = h('form', { class: 'card', id: 'job-form' },
@@ -757,6 +779,9 @@ async function newJobPage(main, _params, query, alive) {
       h('div', { class: 'grid' },
         field('devices', 'Devices', devicesBox,
           'One product_key/device_name per line (or separated by commas). Empty: every device of the firmware’s product.'),
+        h('div', { class: 'field' }, h('label', { for: id('find') }, 'Find devices (name contains)'),
+          h('div', { class: 'inline' }, findInput, findButton),
+          help('find', 'Searched by the broker over the firmware’s product; the matches are added to the list above.')),
         field('devices_file', 'Devices from a file', devicesFile,
           'A CSV or text file: product_key,device_name or product_key/device_name per line (a header line is skipped); added to the list above.'),
         field('group', 'Device group', input('group', { spellcheck: 'false' }), 'Instead of a list: the product’s devices in this group.'),
