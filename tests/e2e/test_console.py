@@ -300,6 +300,11 @@ async def test_operator_upgrades_a_fleet_in_the_console(env: Env, page: Any) -> 
         page.get_by_role("table", name="pk / default").get_by_role("row", name="2.0.0")
     ).to_contain_text("3")
     await expect(page.get_by_role("table", name="Newest failed or timed-out tasks")).to_have_count(0)
+    # and over time: the three upgrades to 2.0.0 of the last 30 days
+    await expect(page.get_by_role("img", name="Devices per version of pk / default")).to_have_attribute(
+        "aria-label", "Devices per version of pk / default over 30 days, now 2.0.0: 3, others: 0"
+    )
+    await shot(page, "7-overview-over-time")
 
     # The job is over, so its firmware may go (after the browser's confirmation).
     await page.get_by_role("link", name="Firmware", exact=True).click()

@@ -155,3 +155,22 @@ async def test_devices_in_a_group_are_listed_and_targeted_by_a_job(env: Env) -> 
     assert (
         await env.api("POST", "/jobs/preview", expect=422, json={"firmware_id": fw["id"], "group": "none"})
     )["message"].startswith("devices: no device matches")
+
+
+async def test_versions_over_time_are_worked_back_from_the_upgrades(env: Env) -> None:
+    devices = await _fleet(env)  # d1..d6 on 1.0.0, d7 on 2.0.0
+    fw = await env.upload(FIRMWARE, version="2.0.0")
+    job = await env.job(fw["id"], ["pk/d1", "pk/d2"])
+    for d in devices[:2]:
+        await d.notices()
+        await d.inform("2.0.0")
+    for name in ("pk/d1", "pk/d2"):
+        await env.task_state(job["id"], name, "succeeded")
+    doc = await env.api("GET", "/overview/versions?days=7", expect=200)
+    [series] = doc["series"]
+    assert (series["product_key"], series["module"], doc["days"]) == ("pk", "default", 7)
+    first, last = series["points"][0]["versions"], series["points"][-1]["versions"]
+    assert first == {"2.0.0": 1, "others": 6}  # a week ago: d7 only (the two upgrades came since)
+    assert last == {"2.0.0": 3, "others": 4}
+    assert len(series["points"]) == 60
+    assert (await env.api("GET", "/overview/versions?days=0", expect=422))["message"].startswith("days: ")

@@ -69,6 +69,10 @@ class JobAdmin:
         """Jobs newest first, and how many there are in all."""
         return await self.repo.list_jobs(limit=limit, offset=offset), await self.repo.count_jobs()
 
+    async def upgrades_since(self, since: float) -> list[tuple[float, str, str, str]]:
+        """Every upgrade that succeeded since `since` (when, product, module, version), over all jobs."""
+        return await self.repo.upgrades_since(since)
+
     async def outcomes(self, job_id: int) -> list[tuple[float, str]]:
         """When each of the job's tasks ended an attempt, and how, in order (its timeline)."""
         await self.get(job_id)

@@ -133,6 +133,7 @@ def _add_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/api/v1/jobs/{id}/tasks/{pk}/{dn}/history", jobs.task_history)
     r.add_get("/api/v1/openapi.json", openapi)
     r.add_get("/api/v1/overview", overview.overview)
+    r.add_get("/api/v1/overview/versions", overview.versions_over_time_view)
     r.add_post("/api/v1/tickets", events.issue_ticket)
     r.add_get("/api/v1/jobs/{id}/events", events.job_events)
     r.add_get("/api/v1/accounts", accounts.list_accounts)

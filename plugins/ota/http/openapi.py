@@ -407,6 +407,13 @@ OPENAPI: dict[str, Any] = {
             ),
             "delete": _op("Sign out: the session cookie is cleared", "204", errors=()),
         },
+        "/overview/versions": {
+            "get": _op(
+                "Per product and module, the devices on each version over the last `days` (default 30)",
+                answer={"type": "object", "properties": {"series": {"type": "object"}}},
+                errors=("401", "422"),
+            ),
+        },
         "/tickets": {
             "post": _op("A 60-second ticket for the event stream", "201", _ref("Ticket"), errors=("401",))
         },

@@ -77,6 +77,18 @@ class DeviceGroups(SharedSql):
         return found
 
 
+class FleetReports(SharedSql):
+    async def upgrades_since(self, since: float) -> list[tuple[float, str, str, str]]:
+        """Every upgrade that succeeded since `since`: when, product, module, version, in order."""
+        rows = await self._sql_rows(
+            "SELECT h.at AS at, t.product_key AS product_key, t.module AS module, t.target_version AS version"
+            " FROM task_history h JOIN tasks t ON t.id = h.task_id"
+            " WHERE h.state = 'succeeded' AND h.at >= ? ORDER BY h.at, h.id",
+            (since,),
+        )
+        return [(float(r["at"]), str(r["product_key"]), str(r["module"]), str(r["version"])) for r in rows]
+
+
 class AccountStore(SharedSql):
     # ------------------------------------------------------------------------------------- accounts
 

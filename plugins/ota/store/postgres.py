@@ -50,7 +50,7 @@ from plugins.ota.core.model import (
 )
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store import schema
-from plugins.ota.store.accounts import AccountStore, DeviceGroups, JobReports
+from plugins.ota.store.accounts import AccountStore, DeviceGroups, FleetReports, JobReports
 from plugins.ota.store.lookups import Lookups
 from plugins.ota.store.rows import (
     DOWNLOADABLE_SQL,
@@ -114,7 +114,7 @@ def _keys(refs: Iterable[DeviceRef]) -> tuple[list[str], list[str]]:
     return [r.product_key for r in listed], [r.device_name for r in listed]
 
 
-class PostgresRepository(AccountStore, DeviceGroups, JobReports, Lookups):
+class PostgresRepository(AccountStore, DeviceGroups, FleetReports, JobReports, Lookups):
     """The `Repository` on one PostgreSQL database; several replicas may share it."""
 
     def __init__(self, dsn: str, *, pool_size: int = 10) -> None:

@@ -308,6 +308,10 @@ class Repository(Protocol):
 
     async def groups_of(self, refs: Sequence[DeviceRef]) -> dict[DeviceRef, list[str]]: ...
 
+    async def upgrades_since(self, since: float) -> list[tuple[float, str, str, str]]:
+        """Every upgrade that succeeded since `since`: when, product, module, version, in order."""
+        ...
+
     async def job_outcomes(self, job_id: int) -> list[tuple[float, str]]:
         """When each of the job's tasks ended an attempt, and how (succeeded, failed, timed_out), in order."""
         ...

@@ -38,7 +38,7 @@ from plugins.ota.core.model import (
 )
 from plugins.ota.core.topics import DeviceRef
 from plugins.ota.store import schema
-from plugins.ota.store.accounts import AccountStore, DeviceGroups, JobReports
+from plugins.ota.store.accounts import AccountStore, DeviceGroups, FleetReports, JobReports
 from plugins.ota.store.gate import Gate
 from plugins.ota.store.lookups import Lookups
 from plugins.ota.store.rows import (
@@ -94,7 +94,7 @@ async def _wal(db: aiosqlite.Connection) -> None:
             await asyncio.sleep(0.05)
 
 
-class SqliteRepository(AccountStore, DeviceGroups, JobReports, Lookups):
+class SqliteRepository(AccountStore, DeviceGroups, FleetReports, JobReports, Lookups):
     """The `Repository` on one SQLite file."""
 
     def __init__(self, path: Path) -> None:

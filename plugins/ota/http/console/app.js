@@ -465,7 +465,20 @@ async function overviewPage(main, _params, _query, alive) {
     if (!groups.has(key)) groups.set(key, []);
     groups.get(key).push(v);
   }
-  const charts = [...groups].map(([key, rows]) => versionChart(key, rows));
+  const overTime = new Map(); // product / module -> the figure its versions over time are drawn into
+  const charts = [...groups].map(([key, rows]) => {
+    const later = h('div', { class: 'over-time' });
+    overTime.set(key, later);
+    return [versionChart(key, rows), later];
+  }).map(([chart, later]) => { chart.append(later); return chart; });
+  // Versions over the last 30 days, asked once the page is up (from the upgrades' history).
+  api('GET', '/overview/versions?days=30').then((doc) => {
+    if (!alive()) return;
+    for (const s of doc.series) {
+      const place = overTime.get(`${s.product_key} / ${s.module}`);
+      if (place) fill(place, versionsOverTime(s));
+    }
+  }).catch((failure) => { if (!(failure instanceof SignedOut)) console.warn(failure); });
   const active = jobs.active.map((job) => h('tr', {},
     h('td', {}, h('a', { href: `#/jobs/${job.id}` }, `#${job.id}`)),
     h('td', {}, job.type),
@@ -520,6 +533,39 @@ function versionChart(title, rows) {
   });
   return h('figure', { class: 'chart' },
     table(title, ['Version', 'Devices', 'Share'], body, { class: 'chart-table' }));
+}
+
+// The devices on each version over time, one line per version (the others together in grey).
+function versionsOverTime(series) {
+  const points = series.points;
+  const names = Object.keys(points[points.length - 1].versions);
+  if (names.length < 2 && names[0] === 'others') return null; // nothing upgraded in the window: flat
+  const W = 320;
+  const H = 120;
+  const pad = { left: 34, right: 8, top: 8, bottom: 22 };
+  const top = Math.max(1, ...points.map((p) => Object.values(p.versions).reduce((a, b) => a + b, 0)));
+  const t0 = Date.parse(points[0].at);
+  const t1 = Math.max(Date.parse(points[points.length - 1].at), t0 + 1);
+  const x = (at) => pad.left + ((Date.parse(at) - t0) / (t1 - t0)) * (W - pad.left - pad.right);
+  const y = (n) => H - pad.bottom - (n / top) * (H - pad.top - pad.bottom);
+  const last = points[points.length - 1].versions;
+  const said = names.map((n) => `${n}: ${last[n]}`).join(', ');
+  const chart = svg('svg', {
+    viewBox: `0 0 ${W} ${H}`, role: 'img', class: 'timeline versions',
+    'aria-label': `Devices per version of ${series.product_key} / ${series.module} over 30 days, now ${said}`,
+  });
+  chart.append(svg('line', { x1: pad.left, y1: y(0), x2: W - pad.right, y2: y(0), class: 'axis' }));
+  names.forEach((name, i) => {
+    const line = points.map((p) => `${x(p.at).toFixed(1)},${y(p.versions[name] || 0).toFixed(1)}`).join(' ');
+    chart.append(svg('polyline', { points: line, class: name === 'others' ? 'series-others' : `series-${i % 4}` }));
+  });
+  const text = (attrs, words) => { const el = svg('text', attrs); el.textContent = words; return el; };
+  chart.append(
+    text({ x: pad.left - 4, y: y(top) + 4, 'text-anchor': 'end', class: 'tick' }, String(top)),
+    text({ x: pad.left, y: H - 6, class: 'tick' }, '30 days ago'),
+    text({ x: W - pad.right, y: H - 6, 'text-anchor': 'end', class: 'tick' }, 'now'));
+  return [chart, h('p', { class: 'legend' }, names.map((n, i) =>
+    h('span', { class: `key ${n === 'others' ? 'key-others' : `key-${i % 4}`}` }, `${n}: ${last[n]}`)))];
 }
 
 // -------------------------------------------------------------------------------------- firmware
