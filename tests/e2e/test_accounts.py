@@ -182,6 +182,8 @@ async def test_every_change_is_in_the_audit_log_with_who_what_and_from_where(env
     assert (await call(env, "POST", "/api/v1/jobs", viewer, json={"firmware_id": fw["id"]}))[0] == 403
     assert (await call(env, "POST", "/api/v1/jobs/preview", viewer, json={"firmware_id": fw["id"]}))[0] == 200
     assert (await call(env, "PATCH", "/api/v1/devices/pk/d2", admin_token, json={"enabled": False}))[0] == 200
+    status, shown = await call(env, "GET", "/api/v1/devices/pk/d2/secret", admin_token)
+    assert status == 200 and len(shown["device_secret"]) >= 16
     assert (await call(env, "DELETE", "/api/v1/devices/pk/d2", admin_token))[0] == 204
 
     entries = await env.api("GET", "/audit?limit=100", expect=200)
@@ -194,6 +196,12 @@ async def test_every_change_is_in_the_audit_log_with_who_what_and_from_where(env
         ("root", "POST /api/v1/jobs/{id}/cancel", f"/api/v1/jobs/{job['id']}/cancel", 200),
         ("watcher", "POST /api/v1/jobs", "/api/v1/jobs", 403),  # refused, and recorded
         ("root", "PATCH /api/v1/devices/{pk}/{dn}", "/api/v1/devices/pk/d2", 200),
+        (
+            "root",
+            "GET /api/v1/devices/{pk}/{dn}/secret",
+            "/api/v1/devices/pk/d2/secret",
+            200,
+        ),  # a read, audited
         ("root", "DELETE /api/v1/devices/{pk}/{dn}", "/api/v1/devices/pk/d2", 204),
     ], seen
     # the accounts made by the bootstrap token are in it too, and no read, preview or secret ever is
@@ -204,7 +212,7 @@ async def test_every_change_is_in_the_audit_log_with_who_what_and_from_where(env
         "/api/v1/accounts/root/tokens -> id 1",
         201,
     ) in seen
-    assert not [s for s in seen if "preview" in s[1] or s[1].startswith("GET")]
+    assert not [s for s in seen if "preview" in s[1] or (s[1].startswith("GET") and "secret" not in s[1])]
     assert all(e["remote"] == "127.0.0.1" and e["at"] for e in entries)
     assert "ota_" not in str(entries)
     # only an admin reads it

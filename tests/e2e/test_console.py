@@ -743,6 +743,10 @@ async def test_devices_are_added_imported_rotated_and_deleted_in_the_console(env
     rotated = page.locator('#device-secret code[data-device="pk/fresh"]')
     await expect(rotated).to_be_visible()
     assert await rotated.text_content() != first_secret
+    await page.get_by_role("button", name="Show secret").click()
+    await expect(page.locator('#device-secret code[data-device="pk/fresh"]')).to_have_text(
+        (await rotated.text_content()) or ""
+    )
 
     page.once("dialog", lambda dialog: dialog.accept())
     await page.get_by_role("button", name="Delete device").click()

@@ -88,6 +88,10 @@ class DeviceAdmin:
             await self.channel.disconnect(device)
         return await self.repo.get_device(device)
 
+    async def secret(self, device: DeviceRef) -> str:
+        """The device's secret as it is now (an admin reading it is recorded in the audit log)."""
+        return (await self.repo.get_device(device)).device_secret
+
     async def rotate_secret(self, device: DeviceRef, secret: str | None) -> str:
         new = secret or new_device_secret()
         await self.repo.set_secret(device, new)

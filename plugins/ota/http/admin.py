@@ -113,6 +113,7 @@ def _add_routes(r: web.UrlDispatcher) -> None:
     r.add_patch("/api/v1/devices/{pk}/{dn}", devices.update_device)
     r.add_delete("/api/v1/devices/{pk}/{dn}", devices.delete_device)
     r.add_post("/api/v1/devices/{pk}/{dn}/secret", devices.rotate_secret)
+    r.add_get("/api/v1/devices/{pk}/{dn}/secret", devices.show_secret)
     r.add_post("/api/v1/firmware", firmware.add_firmware)
     r.add_get("/api/v1/firmware", firmware.list_firmware)
     r.add_get("/api/v1/firmware/{id}", firmware.show_firmware)
@@ -158,6 +159,8 @@ _PUBLIC: frozenset[Callable[..., Any]] = frozenset(
     {health.health, console.console_root, console.console_asset, accounts.sign_in, accounts.sign_out}
 )
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Reads recorded in the audit log all the same: whoever saw a device's secret could act as the device.
+_AUDITED_READS: frozenset[Callable[..., Any]] = frozenset({devices.show_secret})
 # Requests that are not GETs and change nothing: not in the audit log, and no session-cookie header needed.
 _NOT_CHANGES: frozenset[Callable[..., Any]] = frozenset({jobs.preview_job, events.issue_ticket})
 # What each role may do beyond reading (a viewer reads everything but accounts and the audit log, and
@@ -183,6 +186,7 @@ _ADMIN: frozenset[Callable[..., Any]] = frozenset(
         devices.update_device,
         devices.delete_device,
         devices.rotate_secret,
+        devices.show_secret,
         accounts.list_accounts,
         accounts.add_account,
         accounts.show_account,
@@ -205,6 +209,7 @@ async def _guarded(
     matched = request.match_info.handler
     needed = needed_role(matched)
     changes = request.method not in _READS and matched not in _NOT_CHANGES
+    audited = changes or matched in _AUDITED_READS
     if not who.role.allows(needed):
         response: web.StreamResponse = error_response(
             403, "forbidden", f"{who.name} is {who.role.value}: this needs the {needed.value} role"
@@ -220,7 +225,7 @@ async def _guarded(
             response = e
         except OtaError as e:
             response = error_response(status_of(e), e.code, e.message)
-    if changes:
+    if audited:
         await _audit(service, request, who, response)
     if isinstance(response, web.HTTPException):
         raise response

@@ -104,6 +104,15 @@ async def delete_device(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def show_secret(request: web.Request) -> web.Response:
+    """`GET /devices/{pk}/{dn}/secret`: the device's secret (admins; recorded in the audit log)."""
+    ref = path_device(request)
+    secret = await ota_app(request).devices.secret(ref)
+    return web.json_response(
+        {"product_key": ref.product_key, "device_name": ref.device_name, "device_secret": secret}
+    )
+
+
 async def rotate_secret(request: web.Request) -> web.Response:
     secret = None
     if request.can_read_body:

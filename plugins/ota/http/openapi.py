@@ -438,7 +438,11 @@ OPENAPI: dict[str, Any] = {
             "patch": _op("Enable or disable", answer=_ref("Device"), body=_json({"type": "object"})),
             "delete": _op("Delete a device", "204", errors=("401", "404", "409")),
         },
-        "/devices/{pk}/{dn}/secret": {"parameters": _PK_DN, "post": _op("Rotate the device secret")},
+        "/devices/{pk}/{dn}/secret": {
+            "parameters": _PK_DN,
+            "post": _op("Rotate the device secret"),
+            "get": _op("The device secret (admins; recorded in the audit log)"),
+        },
         "/firmware": {
             "post": _op(
                 "Upload firmware",

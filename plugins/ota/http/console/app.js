@@ -1429,6 +1429,17 @@ async function devicePage(main, [pk, dn], _query, alive) {
     }
   });
   const shownSecret = h('div', { id: 'device-secret' });
+  const reveal = h('button', { type: 'button', class: 'quiet' }, 'Show secret');
+  reveal.addEventListener('click', async () => {
+    try {
+      const got = await api('GET', `${path}/secret`);
+      fill(shownSecret, h('div', { class: 'secret', role: 'status' },
+        h('p', {}, `The secret of ${ref} (your reading it is in the audit log):`),
+        h('code', { class: 'hash', 'data-device': ref }, got.device_secret)));
+    } catch (failure) {
+      if (!(failure instanceof SignedOut)) error.textContent = errorText(failure);
+    }
+  });
   const rotate = h('button', { type: 'button', class: 'quiet' }, 'Rotate secret');
   rotate.addEventListener('click', async () => {
     if (!window.confirm(`Give ${ref} a new secret? Its current one stops working for new logins at once.`)) return;
@@ -1476,7 +1487,7 @@ async function devicePage(main, [pk, dn], _query, alive) {
       h('dt', {}, h('label', { for: 'device-groups' }, 'Groups')),
       h('dd', {}, groupsInput, ' ', saveGroups,
         h('small', { id: 'device-groups-help', class: 'muted' }, ' Comma-separated; a job may target a group.'))),
-    h('div', { class: 'actions' }, rotate, remove),
+    h('div', { class: 'actions' }, reveal, rotate, remove),
     shownSecret,
     error,
     h('section', { 'aria-labelledby': 'modules-h' }, h('h2', { id: 'modules-h' }, 'Module versions'),
