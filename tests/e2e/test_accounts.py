@@ -139,8 +139,18 @@ async def test_the_console_signs_in_with_a_password_and_a_cookie_alone_changes_n
             base + f"/firmware/{fw['id']}", headers={"X-Requested-With": "ota-console"}
         ) as r:
             assert r.status == 204
+        kept = {c.key: c.value for c in browser.cookie_jar}["ota_session"]  # a copy taken before signing out
         async with browser.delete(base + "/session") as r:
             assert r.status == 204
+        async with browser.get(base + "/whoami") as r:
+            assert r.status == 401
+        browser.cookie_jar.update_cookies({"ota_session": kept})  # signing out ended it in the broker too
+        async with browser.get(base + "/whoami") as r:
+            assert r.status == 401
+        # a new password ends the sessions made with the old one
+        async with browser.post(base + "/session", json={"name": "op", "password": PASSWORD}) as r:
+            assert r.status == 200
+        await env.api("PATCH", "/accounts/op", expect=200, json={"password": PASSWORD + " 2"})
         async with browser.get(base + "/whoami") as r:
             assert r.status == 401
         # a forged cookie does not sign anyone in

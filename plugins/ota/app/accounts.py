@@ -83,8 +83,15 @@ class AccountAdmin:
             return None
         return await self.repo.principal_of_token(token_digest(token))
 
-    async def by_session(self, name: str) -> Principal | None:
-        return await self.repo.principal_of_account(name)
+    async def by_session(self, name: str, epoch: int) -> Principal | None:
+        return await self.repo.principal_of_account(name, epoch)
+
+    async def session_epoch(self, name: str) -> int | None:
+        return await self.repo.session_epoch(name)
+
+    async def end_sessions(self, name: str) -> None:
+        await self.repo.end_sessions(name)
+        log.info("account %s signed out: its browser sessions end", name)
 
     async def sign_in(self, name: str, password: str) -> Principal | None:
         """The account, if `password` is its password and it is enabled."""

@@ -38,14 +38,15 @@ def session_key(admin_token: str) -> bytes:
     return hashlib.sha256(b"ota-broker session\0" + admin_token.encode()).digest()
 
 
-def session_cookie(key: bytes, name: str, now: float) -> str:
-    body = f"{name}|{int(now + SESSION_S)}"
+def session_cookie(key: bytes, name: str, epoch: int, now: float) -> str:
+    body = f"{name}|{epoch}|{int(now + SESSION_S)}"
     mac = hmac.new(key, body.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(body.encode()).decode() + "." + base64.urlsafe_b64encode(mac).decode()
 
 
-def session_name(key: bytes, cookie: str, now: float) -> str | None:
-    """The account a session cookie names, if its signature holds and it has not expired."""
+def session_of(key: bytes, cookie: str, now: float) -> tuple[str, int] | None:
+    """The account a session cookie names and its session number, if its signature holds and it has not
+    expired."""
     try:
         body_b64, mac_b64 = cookie.split(".", 1)
         body = base64.urlsafe_b64decode(body_b64.encode())
@@ -54,10 +55,11 @@ def session_name(key: bytes, cookie: str, now: float) -> str | None:
         return None
     if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
         return None
-    name, _, expiry = body.decode(errors="replace").rpartition("|")
-    if not expiry.isdigit() or int(expiry) < now:
+    name, _, rest = body.decode(errors="replace").partition("|")
+    epoch, _, expiry = rest.partition("|")
+    if not epoch.isdigit() or not expiry.isdigit() or int(expiry) < now:
         return None
-    return name
+    return name, int(epoch)
 
 
 def account_view(a: Account) -> dict[str, Any]:
@@ -194,10 +196,11 @@ async def sign_in(request: web.Request) -> web.Response:
             status=401,
         )
     throttle.succeeded(name)
+    epoch = await ota_app(request).accounts.session_epoch(who.name) or 0
     response = web.json_response({"name": who.name, "role": who.role.value})
     response.set_cookie(
         COOKIE,
-        session_cookie(request.app[SESSION_KEY], who.name, time.time()),
+        session_cookie(request.app[SESSION_KEY], who.name, epoch, time.time()),
         max_age=SESSION_S,
         path="/",
         httponly=True,
@@ -207,7 +210,13 @@ async def sign_in(request: web.Request) -> web.Response:
     return response
 
 
-async def sign_out(_request: web.Request) -> web.Response:
+async def sign_out(request: web.Request) -> web.Response:
+    """The session cookie is cleared, and the account's browser sessions end (a copy of the cookie kept
+    elsewhere stops working too)."""
+    cookie = request.cookies.get(COOKIE)
+    session = session_of(request.app[SESSION_KEY], cookie, time.time()) if cookie else None
+    if session is not None and await ota_app(request).accounts.by_session(*session) is not None:
+        await ota_app(request).accounts.end_sessions(session[0])
     response = web.Response(status=204)
     response.del_cookie(COOKIE, path="/")
     return response

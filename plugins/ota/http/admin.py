@@ -60,9 +60,9 @@ def admin_app(
             return Principal("event-ticket", Role.VIEWER), False
         cookie = request.cookies.get(accounts.COOKIE)
         if cookie:
-            name = accounts.session_name(key, cookie, time.time())
-            if name is not None:
-                return await service.accounts.by_session(name), True
+            session = accounts.session_of(key, cookie, time.time())
+            if session is not None:
+                return await service.accounts.by_session(*session), True
         return None, False
 
     @web.middleware

@@ -137,6 +137,8 @@ class AccountStore(SharedSql):
             changes.append(("disabled", int(disabled)))
         if changes:
             sets = ", ".join(f"{column} = ?" for column, _ in changes)
+            if password_hash is not None or disabled:
+                sets += ", session_epoch = session_epoch + 1"  # its browser sessions end
             changed = await self._sql_change(
                 f"UPDATE accounts SET {sets} WHERE name = ?",  # noqa: S608 - fixed column names
                 (*(value for _, value in changes), name),
@@ -188,12 +190,25 @@ class AccountStore(SharedSql):
         )
         return Principal(str(rows[0]["name"]), Role(rows[0]["role"])) if rows else None
 
-    async def principal_of_account(self, name: str) -> Principal | None:
-        """The account as a signed-in session acts, if it is still enabled (its role as it is now)."""
+    async def principal_of_account(self, name: str, epoch: int | None = None) -> Principal | None:
+        """The account as a signed-in session acts, if it is still enabled (its role as it is now) and, given
+        `epoch`, its sessions have not been ended since the session was made."""
         rows = await self._sql_rows(
-            "SELECT name, role FROM accounts WHERE name = ? AND disabled = 0", (name,)
+            "SELECT name, role, session_epoch FROM accounts WHERE name = ? AND disabled = 0", (name,)
         )
-        return Principal(str(rows[0]["name"]), Role(rows[0]["role"])) if rows else None
+        if not rows or (epoch is not None and int(rows[0]["session_epoch"]) != epoch):
+            return None
+        return Principal(str(rows[0]["name"]), Role(rows[0]["role"]))
+
+    async def session_epoch(self, name: str) -> int | None:
+        rows = await self._sql_rows("SELECT session_epoch FROM accounts WHERE name = ?", (name,))
+        return int(rows[0]["session_epoch"]) if rows else None
+
+    async def end_sessions(self, name: str) -> None:
+        """Every browser session of the account ends (its session cookies stop working)."""
+        await self._sql_change(
+            "UPDATE accounts SET session_epoch = session_epoch + 1 WHERE name = ?", (name,)
+        )
 
     # ------------------------------------------------------------------------------------------- audit
 
