@@ -1299,3 +1299,16 @@ async def test_device_groups_filter_the_device_list_and_go_with_the_device(repo:
     assert await repo.count_devices(group="canary") == 0
     await repo.delete_device(dev("b"))
     assert await repo.count_devices(group="eu") == 0
+
+
+async def test_devices_per_version_are_counted_by_the_database(repo: Repository) -> None:
+    for name, version in (("a", "1.0.0"), ("b", "1.0.0"), ("c", "2.0.0")):
+        await repo.add_device(dev(name), "s", NOW)
+        await repo.record_version(dev(name), "default", version, NOW)
+    await repo.add_device(dev("m", "other"), "s", NOW)
+    await repo.record_version(dev("m", "other"), "MCU", "0.9", NOW)
+    assert await repo.version_counts() == [
+        ("other", "MCU", "0.9", 1),
+        ("pk", "default", "1.0.0", 2),
+        ("pk", "default", "2.0.0", 1),
+    ]

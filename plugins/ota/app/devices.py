@@ -64,6 +64,10 @@ class DeviceAdmin:
         total = await self.repo.count_devices(**filters, online=online, name=name)
         return records, total
 
+    async def version_counts(self) -> list[tuple[str, str, str, int]]:
+        """Devices per product, module and version now, counted by the database."""
+        return await self.repo.version_counts()
+
     async def groups_of(self, devices: Sequence[DeviceRef]) -> dict[DeviceRef, list[str]]:
         return await self.repo.groups_of(devices)
 
@@ -88,9 +92,13 @@ class DeviceAdmin:
             await self.channel.disconnect(device)
         return await self.repo.get_device(device)
 
+    async def record(self, device: DeviceRef) -> DeviceRecord:
+        """The device alone (NotFound for no such device)."""
+        return await self.repo.get_device(device)
+
     async def secret(self, device: DeviceRef) -> str:
         """The device's secret as it is now (an admin reading it is recorded in the audit log)."""
-        return (await self.repo.get_device(device)).device_secret
+        return (await self.record(device)).device_secret
 
     async def rotate_secret(self, device: DeviceRef, secret: str | None) -> str:
         new = secret or new_device_secret()

@@ -207,46 +207,51 @@ async def _guarded(
     """The request handled if `who`'s role allows it (and, from the session cookie alone, a change carries
     the console's header); every change, made or refused, recorded in the audit log."""
     matched = request.match_info.handler
-    needed = needed_role(matched)
     changes = request.method not in _READS and matched not in _NOT_CHANGES
-    audited = changes or matched in _AUDITED_READS
+    needed = needed_role(matched, changes=changes)
+    refusal = None
     if not who.role.allows(needed):
-        response: web.StreamResponse = error_response(
-            403, "forbidden", f"{who.name} is {who.role.value}: this needs the {needed.value} role"
-        )
+        refusal = f"{who.name} is {who.role.value}: this needs the {needed.value} role"
     elif by_cookie and changes and request.headers.get(accounts.CSRF_HEADER) != accounts.CSRF_VALUE:
-        response = error_response(
-            403, "forbidden", f"a change made with the session cookie needs the header {accounts.CSRF_HEADER}"
-        )
-    else:
-        try:
+        refusal = f"a change made with the session cookie needs the header {accounts.CSRF_HEADER}"
+    response: web.StreamResponse | None = None
+    status = 500  # what the errors middleware answers anything else with
+    try:
+        if refusal is not None:
+            response = error_response(403, "forbidden", refusal)
+        else:
             response = await handler(request)
-        except web.HTTPException as e:
-            response = e
-        except OtaError as e:
-            response = error_response(status_of(e), e.code, e.message)
-    if audited:
-        await _audit(service, request, who, response)
-    if isinstance(response, web.HTTPException):
-        raise response
-    return response
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    except OtaError as e:  # answered by the errors middleware, with this status
+        status = status_of(e)
+        raise
+    finally:
+        if changes or matched in _AUDITED_READS:
+            await _audit(service, request, who, status, response)
 
 
-def needed_role(handler: Any) -> Role:
-    """The role a route's handler needs (every route not named above: a viewer's)."""
+def needed_role(handler: Any, *, changes: bool = False) -> Role:
+    """The role a route's handler needs: the one it is listed under; else a viewer's to read, and an admin's
+    to change anything (a route added later and not listed is closed, not open)."""
     if handler in _ADMIN:
         return Role.ADMIN
     if handler in _OPERATOR:
         return Role.OPERATOR
-    return Role.VIEWER
+    return Role.ADMIN if changes else Role.VIEWER
 
 
-async def _audit(service: OtaApp, request: web.Request, who: Principal, response: web.StreamResponse) -> None:
+async def _audit(
+    service: OtaApp, request: web.Request, who: Principal, status: int, response: web.StreamResponse | None
+) -> None:
     """Record a change (or a refused one) with who made it, from where, and what it made."""
     resource = request.match_info.route.resource
     action = f"{request.method} {resource.canonical if resource is not None else request.path}"
     target = request.path
-    if response.status == 201 and isinstance(response, web.Response) and response.body is not None:
+    if status == 201 and isinstance(response, web.Response) and response.body is not None:
         made = _made(response.body)
         if made:
             target += f" -> {made}"
@@ -258,7 +263,7 @@ async def _audit(service: OtaApp, request: web.Request, who: Principal, response
                 who.role.value,
                 action,
                 target[:512],
-                response.status,
+                status,
                 request.remote or "",
             )
         )

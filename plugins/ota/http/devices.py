@@ -93,10 +93,11 @@ async def update_device(request: web.Request) -> web.Response:
         if not isinstance(groups, list) or len(groups) > MAX_GROUPS:
             raise InvalidInput("groups", f"must be a list of at most {MAX_GROUPS} group names")
         groups = [group_name(g, f"groups[{i}]") for i, g in enumerate(groups)]
-    if groups is not None:
-        await admin.set_groups(ref, groups)
-    record = await admin.set_enabled(ref, enabled) if isinstance(enabled, bool) else (await admin.get(ref))[0]
-    return web.json_response(device_view(record) | {"groups": (await admin.groups_of([ref]))[ref]})
+    kept = await admin.set_groups(ref, groups) if groups is not None else None
+    record = await admin.set_enabled(ref, enabled) if isinstance(enabled, bool) else await admin.record(ref)
+    if kept is None:
+        kept = (await admin.groups_of([ref]))[ref]
+    return web.json_response(device_view(record) | {"groups": kept})
 
 
 async def delete_device(request: web.Request) -> web.Response:

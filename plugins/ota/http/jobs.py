@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -55,17 +56,12 @@ async def preview_job(request: web.Request) -> web.Response:
     service = ota_app(request)
     spec = parse_job_spec(await json_object(request), service.clock())
     preview = await service.jobs.preview(spec)
-    states: dict[str, int] = {}
-    reasons: dict[str, int] = {}
-    phases: dict[int, int] = {}
-    for p in preview.planned:
-        states[p.state.value] = states.get(p.state.value, 0) + 1
-        if p.state is TaskState.SKIPPED:
-            reasons[p.desc] = reasons.get(p.desc, 0) + 1
-        else:
-            phases[p.group_no] = phases.get(p.group_no, 0) + 1
     runs = [p for p in preview.planned if p.state is not TaskState.SKIPPED]
-    sample = (runs + [p for p in preview.planned if p.state is TaskState.SKIPPED])[:PREVIEW_SAMPLE]
+    skipped = [p for p in preview.planned if p.state is TaskState.SKIPPED]
+    states = Counter(p.state.value for p in preview.planned)
+    reasons = Counter(p.desc for p in skipped)
+    phases = Counter(p.group_no for p in runs)
+    sample = (runs + skipped)[:PREVIEW_SAMPLE]
     fw = preview.firmware
     return web.json_response(
         {

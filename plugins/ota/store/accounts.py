@@ -78,6 +78,14 @@ class DeviceGroups(SharedSql):
 
 
 class FleetReports(SharedSql):
+    async def version_counts(self) -> list[tuple[str, str, str, int]]:
+        """How many devices run each version of each product's module now: (product, module, version, n)."""
+        rows = await self._sql_rows(
+            "SELECT product_key, module, version, COUNT(*) AS n FROM device_modules"
+            " GROUP BY product_key, module, version ORDER BY product_key, module, version"
+        )
+        return [(str(r["product_key"]), str(r["module"]), str(r["version"]), int(r["n"])) for r in rows]
+
     async def upgrades_since(self, since: float) -> list[tuple[float, str, str, str]]:
         """Every upgrade that succeeded since `since`: when, product, module, version, in order."""
         rows = await self._sql_rows(

@@ -312,6 +312,10 @@ class Repository(Protocol):
 
     async def groups_of(self, refs: Sequence[DeviceRef]) -> dict[DeviceRef, list[str]]: ...
 
+    async def version_counts(self) -> list[tuple[str, str, str, int]]:
+        """How many devices run each version of each product's module now: (product, module, version, n)."""
+        ...
+
     async def upgrades_since(self, since: float) -> list[tuple[float, str, str, str]]:
         """Every upgrade that succeeded since `since`: when, product, module, version, in order."""
         ...
