@@ -147,6 +147,10 @@ class SessionStore:
             (client_id, username, time.time()),
         )
 
+    def session_left(self, client_id: str) -> None:
+        """The session's client disconnected now: its expiry counts from here, across a restart too."""
+        self._put("UPDATE mqtt_session SET seen_at = ? WHERE client_id = ?", (time.time(), client_id))
+
     def delete_session(self, client_id: str) -> None:
         self._put("DELETE FROM mqtt_session WHERE client_id = ?", (client_id,))
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import socket
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,129 @@ async def test_sessions_saved_by_an_older_version_are_restored(tmp_path: Path) -
     (saved,) = found.sessions
     assert found.retained == []
     assert (saved.client_id, saved.messages, saved.in_flight) == ("keeper", [("t", b"\x01", 1)], [])
+
+
+# ---------------------------------------------------------------------------------------- expiry
+#
+# `session_expiry_interval` is long here (an hour), so the broker's own once-a-second check never expires
+# anything during a test; each test asks the broker for what is due at a chosen wall-clock time instead.
+
+_HOUR = 3600
+
+
+async def _start_expiring(data: Path, tls: Tls) -> broker_app.RunningBroker:
+    return await broker_app.start(broker_config(data, tls) | {"session_expiry_interval": _HOUR})
+
+
+def _saved_sessions(db: Path) -> list[object]:
+    return [row[0] for row in _rows(db, "SELECT client_id FROM mqtt_session")]
+
+
+async def test_a_persistent_session_expires_its_interval_after_its_client_left(
+    tmp_path: Path, tls: Tls
+) -> None:
+    """Dropped, in memory and on disk, once `session_expiry_interval` has passed since its client left, and
+    not a second earlier; what is published to it afterwards is not queued for anyone."""
+    data = tmp_path / "data"
+    running = await _start_expiring(data, tls)
+    broker = running.broker
+    try:
+        await _subscribe_and_leave(running)
+        await eventually(
+            lambda: "keeper" in broker._sessions and broker._sessions["keeper"][0].last_disconnect_time
+        )
+        await eventually(lambda: _saved_sessions(data / "ota.db") == ["keeper"], what="saved")
+        left = float(broker._sessions["keeper"][0].last_disconnect_time)
+
+        await broker._expire_sessions(left + _HOUR - 1)
+        assert "keeper" in broker._sessions
+        await broker._expire_sessions(left + _HOUR + 1)
+        assert "keeper" not in broker._sessions
+        assert not broker._subscriptions.get("/apps/keeper/inbox")
+        await eventually(lambda: _saved_sessions(data / "ota.db") == [], what="deleted on disk")
+    finally:
+        await running.stop()
+    running = await _start_expiring(data, tls)
+    try:
+        assert "keeper" not in running.broker._sessions
+    finally:
+        await running.stop()
+
+
+async def test_connected_sessions_never_expire_and_a_return_restarts_the_count(
+    tmp_path: Path, tls: Tls
+) -> None:
+    """A client connected for longer than the interval keeps its session; one that comes back and leaves
+    again is counted from its last departure, not its first."""
+    data = tmp_path / "data"
+    running = await _start_expiring(data, tls)
+    broker = running.broker
+    port = running.mqtt_address[1]
+    try:
+        online = await Device(port, "pk", "d2", client_id="online", clean_session=False).connect()
+        await _subscribe_and_leave(running)
+        await eventually(lambda: broker._sessions["keeper"][0].transitions.state == "disconnected")
+        first = float(broker._sessions["keeper"][0].last_disconnect_time)
+        back = await Device(port, "pk", "d1", client_id="keeper", clean_session=False).connect()
+        await eventually(lambda: broker._sessions["keeper"][0].transitions.state == "connected")
+        await asyncio.sleep(1.1)  # wall-clock seconds: its second departure is later than its first
+        back.disconnect()
+        await eventually(lambda: broker._sessions["keeper"][0].transitions.state == "disconnected")
+        second = float(broker._sessions["keeper"][0].last_disconnect_time)
+        assert second > first
+
+        await broker._expire_sessions(first + _HOUR + 0.5)
+        assert {"keeper", "online"} <= set(broker._sessions)
+        await broker._expire_sessions(second + 10 * _HOUR)
+        assert "keeper" not in broker._sessions
+        assert "online" in broker._sessions  # connected all along
+        await online.publish("/apps/online/ping", b"still here")
+        online.disconnect()
+    finally:
+        await running.stop()
+
+
+async def test_a_restored_session_expires_from_when_its_client_left(tmp_path: Path, tls: Tls) -> None:
+    """After a restart the count goes on from the departure saved on disk: a session whose client left
+    more than the interval ago is dropped at the first check, a recent one is kept, and one connected
+    when the broker stopped counts from the stop."""
+    data = tmp_path / "data"
+    running = await _start_expiring(data, tls)
+    port = running.mqtt_address[1]
+    try:
+        await _subscribe_and_leave(running)
+        device = Device(port, "pk", "d2", client_id="connected", clean_session=False)
+        await (await device.connect()).subscribe("/apps/connected/inbox")
+        await eventually(lambda: sorted(_saved_sessions(data / "ota.db")) == ["connected", "keeper"])
+        left = running.broker._sessions["keeper"][0].last_disconnect_time
+        await eventually(
+            lambda: (
+                left
+                and _rows(data / "ota.db", "SELECT seen_at FROM mqtt_session WHERE client_id = 'keeper'")[0][
+                    0
+                ]
+                >= left
+            ),
+            what="the departure saved",
+        )
+        with sqlite3.connect(data / "ota.db") as conn:  # both came two intervals ago; "keeper" left then
+            conn.execute("UPDATE mqtt_session SET seen_at = seen_at - 2 * ?", (_HOUR,))
+        stopped = time.time()
+    finally:
+        await running.stop()
+    device.disconnect()
+    (connected_seen,) = _rows(
+        data / "ota.db", "SELECT seen_at FROM mqtt_session WHERE client_id = 'connected'"
+    )
+    assert connected_seen[0] >= stopped  # saved at the stop, not at its CONNECT
+
+    running = await _start_expiring(data, tls)
+    try:
+        broker = running.broker
+        await eventually(lambda: "keeper" not in broker._sessions, what="the old session dropped")
+        await eventually(lambda: _saved_sessions(data / "ota.db") == ["connected"], what="deleted on disk")
+        assert "connected" in broker._sessions
+        await broker._expire_sessions(time.time() + _HOUR + 5)
+        assert "connected" not in broker._sessions
+    finally:
+        await running.stop()
