@@ -40,9 +40,7 @@ from collections.abc import Awaitable
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from amqtt.adapters import BufferReader
 from amqtt.errors import AMQTTError, ProtocolHandlerError
-from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import NOT_AUTHORIZED
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
@@ -56,7 +54,6 @@ from amqtt.mqtt.packet import (
     PUBREL,
     SUBSCRIBE,
     UNSUBSCRIBE,
-    MQTTFixedHeader,
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.manager import PluginManager
@@ -78,6 +75,7 @@ from broker.protocol import (
     connack,
     encode_publish,
     fixed_header,
+    parse_subscription,
     suback,
     transport_of,
 )
@@ -134,9 +132,9 @@ class Router(Protocol):
 
     async def on_publish(self, session: Any, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
 
-    async def on_subscribe(self, handler: Any, packet: Any) -> None: ...
+    async def on_subscribe(self, handler: Any, packet_id: int, filters: list[tuple[str, int]]) -> None: ...
 
-    async def on_unsubscribe(self, handler: Any, packet: Any) -> None: ...
+    async def on_unsubscribe(self, handler: Any, packet_id: int, filters: list[str]) -> None: ...
 
 
 class ConnectionEnded(Exception):
@@ -332,6 +330,13 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
                 )
             self.write(ack(0x50, packet_id))
             return
+        if packet_type in (SUBSCRIBE, UNSUBSCRIBE):
+            packet_id, filters = parse_subscription(packet_type, body)
+            if packet_type == SUBSCRIBE:
+                await self.router.on_subscribe(self, packet_id, filters)
+            else:
+                await self.router.on_unsubscribe(self, packet_id, [f for f, _ in filters])
+            return
         check_body(packet_type, flags, body)
         if packet_type in (PUBACK, PUBREC, PUBCOMP):
             packet_id = (body[0] << 8) | body[1]
@@ -353,13 +358,6 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
             self.write(ack(0x70, packet_id))  # PUBCOMP, also for an id already released
         elif packet_type == PINGREQ:
             self.write(PINGRESP_PACKET)
-        elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
-            fixed = MQTTFixedHeader(packet_type, flags, len(body))
-            packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
-            if packet_type == SUBSCRIBE:
-                await self.router.on_subscribe(self, packet)
-            else:
-                await self.router.on_unsubscribe(self, packet)
         elif packet_type == DISCONNECT:
             self.clean_disconnect = True
             await self.handle_disconnect(DisconnectPacket())

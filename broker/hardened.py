@@ -536,26 +536,25 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         if retain:
             await self.retain_message(session, topic, payload, qos)
 
-    async def on_subscribe(self, handler: Any, packet: Any) -> None:
+    async def on_subscribe(self, handler: Any, packet_id: int, filters: list[tuple[str, int]]) -> None:
         session = handler.session
-        topics = packet.payload.topics
-        codes = [await self.add_subscription(subscription, session) for subscription in topics]
-        await handler.mqtt_acknowledge_subscription(packet.variable_header.packet_id, codes)
-        for (topic_filter, _), code in zip(topics, codes, strict=True):
+        codes = [await self.add_subscription(subscription, session) for subscription in filters]
+        await handler.mqtt_acknowledge_subscription(packet_id, codes)
+        for (topic_filter, _), code in zip(filters, codes, strict=True):
             if code != _REFUSED:
                 await self._fire(
                     BrokerEvents.CLIENT_SUBSCRIBED, client_id=session.client_id, topic=topic_filter, qos=code
                 )
                 await self._publish_retained_messages_for_subscription((topic_filter, code), session)
 
-    async def on_unsubscribe(self, handler: Any, packet: Any) -> None:
+    async def on_unsubscribe(self, handler: Any, packet_id: int, filters: list[str]) -> None:
         session = handler.session
-        for topic_filter in packet.payload.topics:
+        for topic_filter in filters:
             self._del_subscription(topic_filter, session)
             await self._fire(
                 BrokerEvents.CLIENT_UNSUBSCRIBED, client_id=session.client_id, topic=topic_filter
             )
-        await handler.mqtt_acknowledge_unsubscription(packet.variable_header.packet_id)
+        await handler.mqtt_acknowledge_unsubscription(packet_id)
 
     async def _connection_over(self, client_session: Session, handler: StrictHandler) -> None:
         """After the reader stopped: the Will of an abnormal end, the handler stopped, the plugins told, a

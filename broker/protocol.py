@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from struct import unpack_from
 from typing import Any
 
-from amqtt.codecs_amqtt import read_or_raise
+from amqtt.errors import NoDataError
 from amqtt.mqtt.constants import QOS_2
 from amqtt.mqtt.packet import (
     CONNACK,
@@ -134,25 +134,34 @@ def check_body(packet_type: int, flags: int, body: bytes) -> None:
     if packet_type == PUBLISH:
         check_publish(flags, body)
     elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
-        name = "SUBSCRIBE" if packet_type == SUBSCRIBE else "UNSUBSCRIBE"
-        _packet_id(body, 0, name)
-        at, count = 2, 0
-        while at < len(body):
-            topic_filter, at = _string(body, at, f"{name} topic filter")
-            if not topic_filter:
-                raise ProtocolViolation(f"{name} with an empty topic filter [MQTT-4.7.3-1]")
-            if packet_type == SUBSCRIBE:
-                if at >= len(body):
-                    raise ProtocolViolation("SUBSCRIBE filter without its QoS byte")
-                if body[at] > QOS_2:  # reserved bits set, or QoS 3
-                    raise ProtocolViolation(f"SUBSCRIBE requested QoS byte {body[at]:#x} [MQTT-3.8.3-4]")
-                at += 1
-            count += 1
-        if count == 0:
-            rule = "MQTT-3.8.3-3" if packet_type == SUBSCRIBE else "MQTT-3.10.3-2"
-            raise ProtocolViolation(f"{name} without any topic filter [{rule}]")
+        parse_subscription(packet_type, body)
     elif packet_type in (PUBACK, PUBREC, PUBREL, PUBCOMP):
         _packet_id(body, 0, f"packet type {packet_type}")
+
+
+def parse_subscription(packet_type: int, body: bytes) -> tuple[int, list[tuple[str, int]]]:
+    """The packet id and the (topic filter, requested QoS) pairs of a SUBSCRIBE body, or the topic filters
+    of an UNSUBSCRIBE one (QoS 0 each), or `ProtocolViolation`."""
+    name = "SUBSCRIBE" if packet_type == SUBSCRIBE else "UNSUBSCRIBE"
+    packet_id = _packet_id(body, 0, name)
+    at, filters = 2, []
+    while at < len(body):
+        topic_filter, at = _string(body, at, f"{name} topic filter")
+        if not topic_filter:
+            raise ProtocolViolation(f"{name} with an empty topic filter [MQTT-4.7.3-1]")
+        qos = 0
+        if packet_type == SUBSCRIBE:
+            if at >= len(body):
+                raise ProtocolViolation("SUBSCRIBE filter without its QoS byte")
+            qos = body[at]
+            if qos > QOS_2:  # reserved bits set, or QoS 3
+                raise ProtocolViolation(f"SUBSCRIBE requested QoS byte {qos:#x} [MQTT-3.8.3-4]")
+            at += 1
+        filters.append((topic_filter, qos))
+    if not filters:
+        rule = "MQTT-3.8.3-3" if packet_type == SUBSCRIBE else "MQTT-3.10.3-2"
+        raise ProtocolViolation(f"{name} without any topic filter [{rule}]")
+    return packet_id, filters
 
 
 # ------------------------------------------------------------------------------------ the reader
@@ -171,18 +180,6 @@ def fixed_header(received: bytes | bytearray) -> tuple[int, int, int, int] | Non
         if not byte & 0x80:
             first = received[0]
             return first >> 4, first & 0x0F, length, at + 1
-        multiplier *= 128
-    raise ProtocolViolation("remaining length longer than 4 bytes [MQTT-2.2.3]")
-
-
-async def _read_length(reader: Any) -> int:
-    length, multiplier = 0, 1
-    byte: int
-    for _ in range(4):
-        byte = (await read_or_raise(reader, 1))[0]
-        length += (byte & 0x7F) * multiplier
-        if not byte & 0x80:
-            return length
         multiplier *= 128
     raise ProtocolViolation("remaining length longer than 4 bytes [MQTT-2.2.3]")
 
@@ -238,20 +235,30 @@ class ConnectRefused(Exception):
 
 
 async def read_connect(reader: Any, limits: Limits) -> Connect:
-    """The first packet of a connection, which must be a CONNECT (MQTT-3.1.0-1): its fixed header is
-    checked before anything else is read, its remaining length against `max_packet_size`, then it is read
-    whole and decoded from memory. Raises `ProtocolViolation` (close without a CONNACK, MQTT-3.1.4-1),
+    """The first packet of a connection, which must be a CONNECT (MQTT-3.1.0-1): its first byte is
+    checked as soon as it arrives and its remaining length against `max_packet_size` before the body is
+    waited for; then it is decoded from memory. `reader` is a connection's buffered reader (`peek`, `take`,
+    `more`, `readexactly`). Raises `ProtocolViolation` (close without a CONNACK, MQTT-3.1.4-1),
     `ConnectRefused` (answer with that return code, then close) or `NoDataError` (EOF)."""
-    first = (await read_or_raise(reader, 1))[0]
-    if first >> 4 != CONNECT:
-        name = _PACKET_NAMES.get(first >> 4, f"packet type {first >> 4}")
-        raise ProtocolViolation(f"the first packet is {name}, not CONNECT [MQTT-3.1.0-1]")
-    if first & 0x0F:
-        raise ProtocolViolation(f"CONNECT with reserved flags {first & 0x0F:#x} [MQTT-2.2.2-2]")
-    length = await _read_length(reader)
+    while True:
+        received = reader.peek()
+        if received:
+            first = received[0]
+            if first >> 4 != CONNECT:
+                name = _PACKET_NAMES.get(first >> 4, f"packet type {first >> 4}")
+                raise ProtocolViolation(f"the first packet is {name}, not CONNECT [MQTT-3.1.0-1]")
+            if first & 0x0F:
+                raise ProtocolViolation(f"CONNECT with reserved flags {first & 0x0F:#x} [MQTT-2.2.2-2]")
+            header = fixed_header(received)
+            if header is not None:
+                break
+        if not await reader.more():
+            raise NoDataError("the connection ended before its CONNECT")
+    _, _, length, size = header
     if length > limits.max_packet_size:
         raise ProtocolViolation(f"CONNECT of {length} bytes, over max_packet_size {limits.max_packet_size}")
-    return parse_connect(await read_or_raise(reader, length))
+    reader.take(size)
+    return parse_connect((reader.take(length) or await reader.readexactly(length)) if length else b"")
 
 
 def parse_connect(body: bytes) -> Connect:
