@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Coroutine
 from typing import Any
 
 from plugins.ota.core.topics import DeviceRef
@@ -21,24 +20,53 @@ def about(device: DeviceRef | str) -> dict[str, str]:
 
 class DeviceLocks:
     """Handlers for one device run one at a time (amqtt runs plugin events as tasks nobody awaits, so
-    they would otherwise interleave); a lock lives only while someone holds or waits for it."""
+    they would otherwise interleave); a lock lives only while someone holds or waits for it.
+
+    `async with locks.hold(device):` runs on every device's connection and disconnection, so `hold` is a
+    plain object rather than a generator-based context manager."""
 
     def __init__(self) -> None:
-        self._locks: dict[DeviceRef, asyncio.Lock] = {}
-        self._users: Counter[DeviceRef] = Counter()
+        self._locks: dict[DeviceRef, _DeviceLock] = {}
 
-    @asynccontextmanager
-    async def hold(self, device: DeviceRef) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(device, asyncio.Lock())
-        self._users[device] += 1
+    def hold(self, device: DeviceRef) -> _Holding:
+        return _Holding(self._locks, device)
+
+
+class _DeviceLock(asyncio.Lock):
+    __slots__ = ("users",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users = 0  # holding it or waiting for it
+
+
+class _Holding:
+    __slots__ = ("_device", "_lock", "_locks")
+
+    def __init__(self, locks: dict[DeviceRef, _DeviceLock], device: DeviceRef) -> None:
+        self._locks, self._device = locks, device
+
+    async def __aenter__(self) -> None:
+        lock = self._locks.get(self._device)
+        if lock is None:
+            lock = self._locks[self._device] = _DeviceLock()
+        lock.users += 1
+        self._lock = lock
         try:
-            async with lock:
-                yield
-        finally:
-            self._users[device] -= 1
-            if not self._users[device]:
-                del self._users[device]
-                self._locks.pop(device, None)
+            await self._lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *_: object) -> None:
+        self._lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        lock = self._lock
+        lock.users -= 1
+        if not lock.users and self._locks.get(self._device) is lock:
+            del self._locks[self._device]
 
 
 class Background:
