@@ -224,7 +224,10 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         connect = await self._read_connect(listener_name, server, reader, writer, remote)
         if connect is None:
             return
-        await server.acquire_connection()  # `max_connections` counts connected clients only
+        # amqtt's `Server.acquire_connection`, without the log line it formats (at info) for every connection
+        if server.semaphore is not None:  # `max_connections` counts connected clients only
+            await server.semaphore.acquire()
+        server.conn_count += 1
         try:
             opened = await self._open(listener_name, reader, writer, connect)
             if opened is not None:
@@ -239,8 +242,10 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         except Exception:  # a bug: logged, and the connection must not stay open
             log.exception("connection from %s:%s failed", *remote)
             protocol.abort(writer)
-        finally:
-            server.release_connection()  # however the connection ended (amqtt leaked it on OSError)
+        finally:  # however the connection ended (amqtt leaked its place on OSError)
+            server.conn_count -= 1
+            if server.semaphore is not None:
+                server.semaphore.release()
 
     async def _read_connect(
         self, listener_name: str, server: Any, reader: Any, writer: Any, remote: tuple[str, int]
@@ -725,12 +730,13 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         self, subscription: tuple[str, int], session: Any
     ) -> None:
         topic_filter, qos = subscription
-        if topic_filter not in self._subscriptions.filters_of(session):
-            return  # another client's filter: not this session's to receive
+        matching = matching_retained(topic_filter, self._retained_messages)
+        if not matching or topic_filter not in self._subscriptions.filters_of(session):
+            return  # nothing retained for it, or another client's filter: not this session's to receive
         handler = self._handler_of(session)
         if handler is None:
             return
-        for _, retained in matching_retained(topic_filter, self._retained_messages):
+        for _, retained in matching:
             if await self._topic_filtering(session, topic=retained.topic, action=Action.RECEIVE):
                 self._deliver(
                     handler, retained.topic, retained.data, min(qos, retained.qos or qos), retain=True

@@ -5,6 +5,7 @@ instead of silently bypassing a fix. Also: amqtt's own classes are left as they 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -44,8 +45,6 @@ METHODS: list[tuple[type, str, list[str]]] = [
     (Broker, "shutdown", []),
     # ... and call these
     (Broker, "_stop_handler", ["handler"]),
-    (Server, "acquire_connection", []),
-    (Server, "release_connection", []),
     (Server, "close_instance", []),
     (PluginManager, "is_topic_filtering_enabled", []),
     (PluginManager, "fire_event", ["event_name", "wait", "method_kwargs"]),
@@ -185,6 +184,18 @@ def test_amqtt_still_has_the_module_level_names_the_broker_uses() -> None:
     assert RetainedApplicationMessage(None, "t", b"", 0).topic == "t"
     # Still read by plugins/ (until they use `bind_broker`): the broker behind a plugin's context.
     assert "_broker_instance" in inspect.getsource(BrokerContext.__init__), "BrokerContext._broker_instance"
+
+
+async def test_a_listeners_server_still_counts_connections_in_the_attributes_the_broker_updates() -> None:
+    """The broker takes and gives back a listener's place itself (amqtt's `acquire_connection` formats a log
+    line per connection): `semaphore` (None without `max_connections`) and `conn_count`."""
+    limited, unlimited = Server("a", None, max_connections=2), Server("b", None)  # type: ignore[arg-type]
+    assert isinstance(limited.semaphore, asyncio.Semaphore) and unlimited.semaphore is None
+    assert limited.conn_count == unlimited.conn_count == 0
+    await limited.acquire_connection()
+    assert limited.conn_count == 1 and limited.semaphore._value == 1
+    limited.release_connection()
+    assert limited.conn_count == 0 and limited.semaphore._value == 2
 
 
 def test_the_broker_builds_its_own_handler_and_session_classes() -> None:
