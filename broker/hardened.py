@@ -82,6 +82,10 @@ def _owner(session: Any) -> str:
     return str(session.username or "")
 
 
+def _peer(remote: tuple[str, int]) -> str:
+    return f"{remote[0]}:{remote[1]}"
+
+
 def _ago(session: Any, now: float) -> str:
     left = session.last_disconnect_time
     return "a while" if left is None else f"{now - float(left):.0f}s"
@@ -264,26 +268,30 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
                 "listener %r: %d connections without a CONNECT: closing the oldest", listener_name, limit
             )
             protocol.abort(waiting.pop(oldest))
-        token = object()
-        waiting[token] = writer
+        waiting[writer] = writer
         deadline = self.limits.connect_timeout_s
-        peer = f"{remote[0]}:{remote[1]}"
+        loop = asyncio.get_running_loop()
+        # At the deadline the connection is dropped, which ends the read (a timer, not `asyncio.timeout`:
+        # no context manager and no task lookup per connection).
+        overdue = loop.call_later(deadline, protocol.abort, writer)
         try:
-            async with asyncio.timeout(deadline):  # in this task (wait_for made one more per connection)
+            try:
                 return await protocol.read_connect(reader, self.limits)
+            finally:
+                overdue.cancel()
+                waiting.pop(writer, None)
         except protocol.ConnectRefused as e:
-            log.info("refused the CONNECT from %s with return code %d: %s", peer, e.return_code, e)
+            log.info("refused the CONNECT from %s with return code %d: %s", _peer(remote), e.return_code, e)
             with contextlib.suppress(Exception):
                 writer.write(protocol.connack(e.return_code))
                 await asyncio.wait_for(writer.drain(), deadline)
         except protocol.ProtocolViolation as e:
-            log.info("closing the connection from %s: %s", peer, e)
-        except TimeoutError:
-            log.info("closing the connection from %s: no CONNECT within %gs", peer, deadline)
+            log.info("closing the connection from %s: %s", _peer(remote), e)
         except (NoDataError, OSError, asyncio.IncompleteReadError):
-            log.debug("the connection from %s ended before its CONNECT", peer)
-        finally:
-            waiting.pop(token, None)
+            if loop.time() >= overdue.when():
+                log.info("closing the connection from %s: no CONNECT within %gs", _peer(remote), deadline)
+            else:
+                log.debug("the connection from %s ended before its CONNECT", _peer(remote))
         protocol.abort(writer)
         return None
 

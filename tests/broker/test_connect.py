@@ -28,7 +28,7 @@ from tests.broker.test_conformance import (
     publish_qos1,
     started,
 )
-from tests.support import Env, Tls, broker_config
+from tests.support import Env, Tls, broker_config, eventually
 
 # ------------------------------------------------------------------------------------- clean sessions
 
@@ -331,16 +331,26 @@ async def test_idle_sockets_cannot_starve_a_listener(tmp_path: Path, tls: Tls) -
                     await writer.wait_closed()
 
 
+@pytest.mark.parametrize("sent", [0, 1, 5], ids=["nothing", "one-byte", "part-of-connect"])
 async def test_connect_deadline_still_closes_a_silent_socket(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, sent: int
 ) -> None:
-    """A socket that sends part of a CONNECT and then nothing is closed at connect_timeout_s."""
+    """A socket that sends no CONNECT, or part of one, and then nothing is closed at connect_timeout_s,
+    with a log line that says why; one that closes by itself is not reported as late."""
     broker = env.running.broker
     monkeypatch.setattr(broker, "limits", dataclasses.replace(broker.limits, connect_timeout_s=0.5))
+    caplog.set_level(logging.DEBUG, logger="ota.broker")
     async with RawClient.open(env.mqtt_port) as client:
-        await client.send(mq.connect("slow")[:5])
+        if sent:
+            await client.send(mq.connect("slow")[:sent])
         assert await client.closed(2)
         assert client.skipped == []
+    await eventually(lambda: "no CONNECT within 0.5s" in caplog.text, what="the log line")
+    caplog.clear()
+    async with RawClient.open(env.mqtt_port) as client:
+        await client.send(mq.connect("quick")[:sent])
+    await eventually(lambda: "ended before its CONNECT" in caplog.text, what="the early close logged")
+    assert "no CONNECT within" not in caplog.text
 
 
 # --------------------------------------------------------------------------- client ids and identities
