@@ -6,12 +6,13 @@ coming back), thousands of handshakes then share the CPU; each takes seconds, de
 CONNACK and connect again while the broker still works on their old connections, and the retries add to the
 crowd until the process runs out of CPU or file descriptors.
 
-`GatedServer` runs its own accept loop (`loop.sock_accept`, `loop.connect_accepted_socket`) and holds at most
-`max_setups` connections in set-up at once: accepted, TLS handshake not finished. The others wait in the
-kernel's accept queue (`LISTEN_BACKLOG`), where waiting costs the broker neither CPU nor a file descriptor;
-beyond it the kernel drops SYNs and clients retry with TCP's own back-off. Connections that do get accepted
-are set up quickly, so their CONNACK comes in time. For plain TCP a set-up ends at once (nothing to do
-before the CONNECT, which `connect_timeout_s` bounds).
+`GatedServer` accepts by itself, from a reader callback on each listening socket (as asyncio's own server
+does: no future and no task switch per accept), and holds at most `max_setups` connections in set-up at
+once: accepted, TLS handshake not finished. While all places are taken it stops watching the socket; the
+others wait in the kernel's accept queue (`LISTEN_BACKLOG`), where waiting costs the broker neither CPU
+nor a file descriptor; beyond it the kernel drops SYNs and clients retry with TCP's own back-off.
+Connections that do get accepted are set up quickly, so their CONNACK comes in time. For plain TCP a
+set-up ends at once (nothing to do before the CONNECT, which `connect_timeout_s` bounds).
 
 It serves the three things amqtt reads of a listener: `sockets`, `close()` and `wait_closed()`.
 """
@@ -64,45 +65,72 @@ def listening_sockets(host: str | None, port: int) -> list[socket.socket]:
 
 
 class GatedServer:
-    """Accept loops over `sockets`, each holding at most `max_setups` connections in set-up (see the module)."""
+    """Accepts on `sockets`, each holding at most `max_setups` connections in set-up (see the module)."""
 
     def __init__(
         self, sockets: list[socket.socket], factory: SetupFactory, max_setups: int = MAX_SETUPS
     ) -> None:
         self.sockets = sockets
         self._factory = factory
-        self._max_setups = max_setups
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
+        self._places = dict.fromkeys(sockets, max_setups)  # connections each socket may still take on
+        self._watched: set[socket.socket] = set()  # sockets with a reader callback
+        self._retry: dict[
+            socket.socket, asyncio.TimerHandle
+        ] = {}  # after accept() failed for want of resources
         self._serving: set[asyncio.Task[None]] = set()
-        self._tasks = [loop.create_task(self._accept(sock)) for sock in sockets]
+        self._closed = False
+        for sock in sockets:
+            self._watch(sock)
 
-    async def _accept(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(self._max_setups)
-        while True:
-            await slots.acquire()
+    def _watch(self, sock: socket.socket) -> None:
+        if not self._closed and sock not in self._watched and sock not in self._retry and self._places[sock]:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            self._watched.add(sock)
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        if sock in self._watched:
+            self._watched.discard(sock)
+            self._loop.remove_reader(sock.fileno())
+
+    def _accept(self, sock: socket.socket) -> None:
+        """Take on the connections the kernel holds for `sock`, as many as it has places for (a crowd is
+        taken on in a few turns of the loop, not one per turn)."""
+        while self._places[sock] > 0:
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # nothing more waiting (or a client gone before its accept)
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: wait, as asyncio's own server does
-                slots.release()
                 log.error(
                     "accepting connections on %s failed: %s; trying again in %gs",
                     _name(sock),
                     e,
                     ACCEPT_RETRY_S,
                 )
-                await asyncio.sleep(ACCEPT_RETRY_S)
-                continue
-            # Served in a task of its own: awaiting it here would take on one connection per turn of the event
-            # loop (its transport is made in the next one), and a crowd would queue for that, not for its place.
-            setup = _Setup(slots)
-            task = loop.create_task(self._serve(conn, setup))
+                self._unwatch(sock)
+                self._retry[sock] = self._loop.call_later(ACCEPT_RETRY_S, self._retried, sock)
+                return
+            conn.setblocking(False)
+            self._places[sock] -= 1
+            setup = _Setup(self, sock)
+            # Served in a task of its own (making the transport is a coroutine), as asyncio's server does.
+            task = self._loop.create_task(self._serve(conn, setup))
             self._serving.add(task)
             task.add_done_callback(partial(self._served, conn, setup))
+        self._unwatch(sock)  # every place taken: the others wait in the kernel until one is given back
+
+    def _retried(self, sock: socket.socket) -> None:
+        del self._retry[sock]
+        self._watch(sock)
+
+    def _give_back(self, sock: socket.socket) -> None:
+        self._places[sock] += 1
+        self._watch(sock)
 
     async def _serve(self, conn: socket.socket, setup: _Setup) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(partial(self._factory, setup), conn)
+            await self._loop.connect_accepted_socket(partial(self._factory, setup), conn)
         except OSError:  # the connection went before it could be served
             conn.close()
             setup()
@@ -115,13 +143,19 @@ class GatedServer:
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets (connections already served are not touched)."""
-        for task in (*self._tasks, *self._serving):
+        self._closed = True
+        for sock in list(self._watched):
+            self._unwatch(sock)
+        for timer in self._retry.values():
+            timer.cancel()
+        self._retry.clear()
+        for task in self._serving:
             task.cancel()
         for sock in self.sockets:
             sock.close()
 
     async def wait_closed(self) -> None:
-        for task in (*self._tasks, *self._serving):
+        for task in list(self._serving):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -129,15 +163,15 @@ class GatedServer:
 class _Setup:
     """Called once a connection's set-up is over: gives its place back (once, however often called)."""
 
-    __slots__ = ("over", "slots")
+    __slots__ = ("over", "server", "sock")
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self.slots, self.over = slots, False
+    def __init__(self, server: GatedServer, sock: socket.socket) -> None:
+        self.server, self.sock, self.over = server, sock, False
 
     def __call__(self) -> None:
         if not self.over:
             self.over = True
-            self.slots.release()
+            self.server._give_back(self.sock)
 
 
 def _name(sock: socket.socket) -> str:

@@ -4,9 +4,13 @@ accept queue until a set-up ends; real sockets on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Callable
 
+import pytest
+
+from broker import listener
 from broker.listener import GatedServer, listening_sockets
 from tests.support import eventually
 
@@ -84,5 +88,42 @@ async def test_a_crowd_waiting_in_the_kernel_is_taken_on_in_a_few_turns_of_the_l
     finally:
         for client in clients:
             client.close()
+        server.close()
+        await server.wait_closed()
+
+
+class _FailingOnce(socket.socket):
+    """A listening socket whose first accept() fails as when the process is out of file descriptors."""
+
+    failures = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if not _FailingOnce.failures:
+            _FailingOnce.failures += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+async def test_accept_failing_for_want_of_resources_is_logged_and_tried_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """accept() failing with EMFILE stops accepting for ACCEPT_RETRY_S with one log line (not a busy loop
+    on a socket that stays readable); the waiting client is then served."""
+    monkeypatch.setattr(listener, "ACCEPT_RETRY_S", 0.3)
+    sock = _FailingOnce(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    made: list[_Plain] = []
+    server = GatedServer([sock], lambda over: _Plain(over, made), max_setups=4)
+    client = socket.create_connection(sock.getsockname()[:2])
+    try:
+        await eventually(lambda: "Too many open files" in caplog.text, what="the failure logged")
+        await asyncio.sleep(0.1)
+        assert made == []  # waiting out the retry delay, not accepting in a loop
+        assert caplog.text.count("accepting connections on") == 1
+        await eventually(lambda: len(made) == 1, what="the client served after the delay")
+    finally:
+        client.close()
         server.close()
         await server.wait_closed()
