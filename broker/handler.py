@@ -253,12 +253,12 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
     async def run(self) -> None:
         """Read and handle what the client sends until the connection ends, in the calling task (the
         connection's own: no task of its own per connection, and no frame under it while it waits)."""
-        self._reader_task = asyncio.current_task()  # type: ignore[misc]  # amqtt's attribute: while reading
+        self._reader_task = asyncio.current_task(self._loop)  # type: ignore[misc]  # amqtt's attribute: while reading
         session = self.session
         assert session is not None
         stream: Stream = self.reader
         who = str(session.client_id)[:96]
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._heard = loop.time()
         if session.keep_alive > 0:
             due = self._heard + session.keep_alive
@@ -380,7 +380,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         session = self.session
         if self._keep_alive_timer is None or session is None:
             return  # the reader has ended
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         period = session.keep_alive
         late = now - due
@@ -455,7 +455,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
     def closed(self) -> asyncio.Future[None]:
         """Done once the connection has stopped."""
         if self._closed is None:
-            self._closed = asyncio.get_running_loop().create_future()
+            self._closed = self._loop.create_future()
         return self._closed
 
     async def stop(self) -> None:
@@ -473,9 +473,11 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
             flight.over()
         self._stop_waiters()
         reader = self._reader_task
-        if reader is not None and reader is not asyncio.current_task():  # the connection's task, reading
+        if reader is not None and reader is not asyncio.current_task(
+            self._loop
+        ):  # the connection's task, reading
             if self._reader_over is None:
-                self._reader_over = asyncio.get_running_loop().create_future()
+                self._reader_over = self._loop.create_future()
             over = self._reader_over
             reader.cancel()
             await asyncio.shield(over)  # the reader stops; the connection's task then ends it
@@ -539,7 +541,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     async def _await_ack(self, waiters: dict[int, asyncio.Future[Any]], packet_id: int, resend: bytes) -> Any:
         """Wait for the acknowledgement of `packet_id`, sending `resend` again every retry interval."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             while True:
                 if self.closed.done():
@@ -570,7 +572,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if session.waiting >= self.limits.max_queued_messages:
             raise QueueFull(f"client {str(session.client_id)[:96]!r}: outgoing queue full")
         session.waiting += 1
-        place: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        place: asyncio.Future[Any] = self._loop.create_future()
         window.waiters.append(place)
         closed: asyncio.Future[Any] = self.closed
         try:
@@ -596,7 +598,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
             session.inflight_out.setdefault(message.packet_id, message)  # redelivered on reconnect
             return
         if message.qos == QOS_1:
-            finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            finished: asyncio.Future[None] = self._loop.create_future()
             self._send_in_window(window, message, finished)  # gives the place back itself
             await finished
             return
@@ -642,7 +644,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         back and `finished` is set."""
         self.session.inflight_out[message.packet_id] = message
         self.write(_sending(message))
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._qos1[message.packet_id] = _Qos1Flight(window, message, finished, loop.time())
         if self._retry_timer is None:
             self._retry_timer = loop.call_later(self.limits.retry_interval_s, self._resend_due)
@@ -655,7 +657,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         flights = self._qos1
         if not flights or self.closed.done():
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now, interval = loop.time(), self.limits.retry_interval_s
         due: list[int] = []
         for packet_id, flight in flights.items():

@@ -270,7 +270,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             protocol.abort(waiting.pop(oldest))
         waiting[writer] = writer
         deadline = self.limits.connect_timeout_s
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         # At the deadline the connection is dropped, which ends the read (a timer, not `asyncio.timeout`:
         # no context manager and no task lookup per connection).
         overdue = loop.call_later(deadline, protocol.abort, writer)
@@ -320,7 +320,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         incoming = self._incoming_session(connect, writer)
         handler = StrictHandler(self.plugins_manager, self, self.limits)
         incoming.parent = 0
-        started = asyncio.get_running_loop().time()
+        started = self._loop.time()
         if not await self._authenticate(incoming, self.listeners_config[listener_name]):
             # Refused before any existing session is touched (amqtt deleted or rewrote the victim's).
             handler.attach(incoming, reader, writer)
@@ -333,14 +333,14 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         session = self._resume_or_start(incoming)
         if self._persistent(session):
             self._store.save_session(client_id, session.username)  # type: ignore[union-attr]
-        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ended: asyncio.Future[None] = self._loop.create_future()
         self._connection_ended[client_id] = ended
         try:
             session.transitions.connect()
             handler.attach(session, reader, writer)
             self._sessions[client_id] = (session, handler)
             await handler.mqtt_connack_authorize(True)
-            self.connack_latency.observe(asyncio.get_running_loop().time() - started)
+            self.connack_latency.observe(self._loop.time() - started)
             # What was in flight before this connection is resent when the handler starts; what plugins
             # send from their connected handler (an OTA notice) goes out once, now.
             handler.resend = list(session.inflight_out.values())

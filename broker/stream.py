@@ -86,6 +86,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         "_drained",
         "_eof",
         "_gone",
+        "_loop",
         "_lost",
         "_paused",
         "_pending",
@@ -101,6 +102,8 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         # run in a task of its own once the connection is made (one callable, shared by the listener); it
         # closes the connection however it ends
         self._connected = connected
+        # asyncio.get_running_loop() costs a getpid() system call each time: asked once per connection
+        self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -123,7 +126,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         # Held while the connection lives (the loop keeps only weak references to tasks); no done-callback
         # (one more object and a context copy per connection): `connected` handles its own ending, errors
         # included.
-        self._task = asyncio.get_running_loop().create_task(self._connected(self, self))
+        self._task = self._loop.create_task(self._connected(self, self))
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -146,7 +149,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         self._lost = exc
         self._wake()
         if self._gone is None:
-            self._gone = asyncio.get_running_loop().create_future()
+            self._gone = self._loop.create_future()
         if not self._gone.done():
             self._gone.set_result(None)
         drained, self._drained = self._drained, None
@@ -192,7 +195,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
     def more(self) -> asyncio.Future[bool]:
         """Done when more bytes have arrived (True), or at once with False at the end of the stream. A future,
         not a coroutine: a reader waiting for its client's next packet holds nothing else."""
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[bool] = self._loop.create_future()
         if self._eof:
             waiter.set_result(False)
             return waiter
@@ -221,7 +224,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
             return
         if self._pending is None:
             self._pending = [data]
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         else:
             self._pending.append(data)
         self._pending_size += len(data)
@@ -247,7 +250,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         if not self._writing_paused or self.transport is None or self.transport.is_closing():
             return
         if self._drained is None:
-            self._drained = asyncio.get_running_loop().create_future()
+            self._drained = self._loop.create_future()
         await asyncio.shield(self._drained)
 
     def get_peer_info(self) -> tuple[str, int] | None:
@@ -271,7 +274,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
             return
         transport.close()
         if self._gone is None:
-            self._gone = asyncio.get_running_loop().create_future()
+            self._gone = self._loop.create_future()
         try:
             await asyncio.wait_for(asyncio.shield(self._gone), CLOSE_TIMEOUT_S)
         except TimeoutError:

@@ -114,12 +114,14 @@ ATTRIBUTES: list[tuple[Callable[[], Any], str]] = [
     (_broker, "listeners_config"),
     (_broker, "plugins_manager"),
     (_broker, "transitions"),  # broker.app: started or not, when a start fails
+    (_broker, "_loop"),  # the running loop, asked once (asyncio.get_running_loop() is a getpid() each time)
     (_handler, "_pubrec_waiters"),  # the reader answers the outgoing QoS 2 flows' waiters itself
     (_handler, "_pubcomp_waiters"),
     (_handler, "_reader_task"),  # StrictHandler.run and stop: the connection's task, while it reads
     (_handler, "_reader_stopped"),  # an Event StrictHandler lets go of
     (_handler, "_pending_subscriptions"),  # replaced by an empty stand-in (never used)
     (_handler, "_pending_unsubscriptions"),
+    (_handler, "_loop"),
     (_handler, "reader"),
     (_handler, "writer"),
     (_session, "inflight_out"),
