@@ -318,3 +318,16 @@ def test_uplink_filters_match_what_devices_send_and_nothing_the_server_sends(pk:
     for kind in TopicKind:
         matched = [f for f in filters if filter_matches(f, topic_name(kind, device))]
         assert len(matched) == (1 if kind.device_to_server else 0), (kind, matched)
+
+
+def test_a_device_reference_hashes_as_its_two_names_and_survives_pickling() -> None:
+    """The hash is computed once, from the product key and device name only: equal references are one key,
+    a copy through pickle too, and the cached hash takes no part in equality, order or repr."""
+    import pickle
+
+    first, same, other = DeviceRef("pk", "d1"), DeviceRef("pk", "d1"), DeviceRef("pk", "d2")
+    assert first == same and hash(first) == hash(same) == hash(("pk", "d1"))
+    assert len({first, same, other}) == 2 and first < other
+    copied = pickle.loads(pickle.dumps(first))
+    assert copied == first and hash(copied) == hash(first) and {first: 1}[copied] == 1
+    assert repr(first) == "DeviceRef(product_key='pk', device_name='d1')"
