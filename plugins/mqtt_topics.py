@@ -27,6 +27,8 @@ def filter_problem(topic_filter: str) -> str | None:
         return "a topic filter is at least one character long [MQTT-4.7.3-1]"
     if "\0" in topic_filter:
         return "a topic filter holds no U+0000 [MQTT-4.7.3-2]"
+    if "+" not in topic_filter and "#" not in topic_filter:
+        return None  # no wildcard: any non-empty text without U+0000 (a device's own topics)
     levels = topic_filter.split("/")
     last = len(levels) - 1
     for index, level in enumerate(levels):
