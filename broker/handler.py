@@ -190,13 +190,25 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         "router",
     )
 
+    # amqtt's attributes that never change here, as class attributes: one store fewer each per connection
+    # and a smaller instance dict (an instance that sets one, as amqtt's disconnect handling does, gets its own)
+    logger: Any = log
+    _keepalive_task: Any = None  # amqtt's write timer: none in a broker
+    _reader_ready: Any = None
+    _reader_stopped: Any = None  # amqtt's reader's Event: no such reader here
+    _puback_waiters: Any = NO_WAITERS  # QoS 1 in flight is in `_qos1`
+    _pubrel_waiters: Any = NO_WAITERS  # the reader answers PUBREL itself
+    _disconnect_waiter: Any = None
+    # The reader routes SUBSCRIBE and UNSUBSCRIBE itself: amqtt's two queues for them are never used.
+    _pending_subscriptions: Any = NO_QUEUE
+    _pending_unsubscriptions: Any = NO_QUEUE
+
     def __init__(
         self, plugins_manager: PluginManager[Any], router: Router, limits: Limits, session: Any = None
     ) -> None:
         # amqtt's attributes, set here rather than by amqtt's __init__: it made an Event, a Lock, two Queues
         # and four dicts per connection that this handler never uses (tests/broker/test_amqtt_internals.py
         # checks that every attribute amqtt's handler has, this one has too). mypy sees only the slots.
-        self.logger: Any = log  # type: ignore[misc]
         self.session: Any = None  # type: ignore[misc]
         if session is not None:
             self._init_session(session)
@@ -205,17 +217,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self.plugins_manager: Any = plugins_manager  # type: ignore[misc]
         self._loop: Any = asyncio.get_running_loop()  # type: ignore[misc]
         self._reader_task: asyncio.Task[Any] | None = None  # type: ignore[misc]  # `run`'s task, while it reads
-        self._keepalive_task: Any = None  # type: ignore[misc]  # amqtt's write timer: none in a broker
-        self._reader_ready: Any = None  # type: ignore[misc]
-        self._reader_stopped: Any = None  # type: ignore[misc]  # amqtt's reader's Event: no such reader here
-        self._puback_waiters: Any = NO_WAITERS  # type: ignore[misc]  # QoS 1 in flight is in `_qos1`
-        self._pubrel_waiters: Any = NO_WAITERS  # type: ignore[misc]  # the reader answers PUBREL itself
         self._pubrec_waiters: dict[int, asyncio.Future[Any]] = {}  # type: ignore[misc]  # outgoing QoS 2
         self._pubcomp_waiters: dict[int, asyncio.Future[Any]] = {}  # type: ignore[misc]
-        self._disconnect_waiter: Any = None  # type: ignore[misc]
-        # The reader routes SUBSCRIBE and UNSUBSCRIBE itself: amqtt's two queues for them are never used.
-        self._pending_subscriptions: Any = NO_QUEUE  # type: ignore[misc]
-        self._pending_unsubscriptions: Any = NO_QUEUE  # type: ignore[misc]
         self.router = router
         self.limits = limits
         self.ending = False  # `end` was called: nothing more the client sent is handled

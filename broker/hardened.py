@@ -233,7 +233,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             await server.semaphore.acquire()
         server.conn_count += 1
         try:
-            opened = await self._open(listener_name, reader, writer, connect)
+            opened = await self._open(listener_name, reader, writer, connect, remote)
             if opened is not None:
                 session, handler, ended = opened
                 try:
@@ -295,7 +295,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         protocol.abort(writer)
         return None
 
-    def _incoming_session(self, connect: protocol.Connect, writer: Any) -> LeanSession:
+    def _incoming_session(
+        self, connect: protocol.Connect, writer: Any, remote: tuple[str, int]
+    ) -> LeanSession:
         """The session of an accepted CONNECT, filled as amqtt's `init_from_connect` fills it."""
         session = LeanSession()
         session.client_id = connect.client_id or gen_client_id()
@@ -306,18 +308,18 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             session.will_topic, session.will_message = will.topic, will.message
             session.will_qos, session.will_retain = will.qos, will.retain
         session.username, session.password = connect.username, connect.password
-        session.remote_address, session.remote_port = writer.get_peer_info()
+        session.remote_address, session.remote_port = remote
         session.ssl_object = writer.get_ssl_info()
         session.keep_alive = reader_timeout(connect.keep_alive)
         return session
 
     async def _open(
-        self, listener_name: str, reader: Any, writer: Any, connect: protocol.Connect
+        self, listener_name: str, reader: Any, writer: Any, connect: protocol.Connect, remote: tuple[str, int]
     ) -> tuple[LeanSession, StrictHandler, asyncio.Future[None]] | None:
         """Authenticate the CONNECT and answer it; for an accepted one, the session (resumed or new), its
         handler (started: what was in flight is resent, what was queued is sent) and the future done once
         the connection is over (`_ended`); None when it was refused (and closed)."""
-        incoming = self._incoming_session(connect, writer)
+        incoming = self._incoming_session(connect, writer, remote)
         handler = StrictHandler(self.plugins_manager, self, self.limits)
         incoming.parent = 0
         started = self._loop.time()
