@@ -63,6 +63,7 @@ from plugins.mqtt_topics import InvalidTopicFilter, filter_problem
 log = logging.getLogger("ota.broker")
 
 TAKEOVER_WAIT_S = 5.0  # how long a new connection waits for the old one with its client id to end
+PRE_CONNECT_SWEEP_S = 1.0  # how often sockets late with their CONNECT are looked for (at most)
 EXPIRY_CHECK_S = 1.0  # how often sessions past their expiry are looked for (amqtt's period)
 _REFUSED = 0x80
 _P = TypeVar("_P")
@@ -120,7 +121,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         self._subscriptions: TopicIndex[Session] = TopicIndex(key=_client_id)
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._connection_ended: dict[str, asyncio.Future[None]] = {}
-        self._pre_connect: dict[str, dict[object, Any]] = {}  # listener -> sockets without a CONNECT yet
+        # listener -> sockets without a CONNECT yet (writer -> loop time it came, None once dropped as late)
+        self._pre_connect: dict[str, dict[Any, float | None]] = {}
+        self._pre_connect_sweep: asyncio.TimerHandle | None = None
         # Sessions that went offline, by the wall-clock time they expire: (due, n, client id, session, the
         # session's `last_disconnect_time` then). An entry whose session was dropped, or has connected since
         # (its disconnect time is another, or none), is skipped when it comes due.
@@ -260,26 +263,27 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         Until its CONNECT has arrived a socket is counted apart from the connected clients: a listener
         with `max_connections` holds at most that many such sockets, and one more closes the oldest, so
         sockets that never send a CONNECT cannot keep a client out until their `connect_timeout_s`."""
-        waiting = self._pre_connect.setdefault(listener_name, {})
+        waiting = self._pre_connect.get(listener_name)
+        if waiting is None:
+            waiting = self._pre_connect[listener_name] = {}
         limit = server.max_connections
         if limit > 0 and len(waiting) >= limit:
             oldest = next(iter(waiting))
             log.info(
                 "listener %r: %d connections without a CONNECT: closing the oldest", listener_name, limit
             )
-            protocol.abort(waiting.pop(oldest))
-        waiting[writer] = writer
+            del waiting[oldest]
+            protocol.abort(oldest)
         deadline = self.limits.connect_timeout_s
-        loop = self._loop
-        # At the deadline the connection is dropped, which ends the read (a timer, not `asyncio.timeout`:
-        # no context manager and no task lookup per connection).
-        overdue = loop.call_later(deadline, protocol.abort, writer)
+        waiting[writer] = self._loop.time()  # in the order they came: `_sweep_pre_connect` drops the late
+        if self._pre_connect_sweep is None:
+            self._arm_pre_connect_sweep()
+        overdue = False
         try:
             try:
                 return await protocol.read_connect(reader, self.limits)
             finally:
-                overdue.cancel()
-                waiting.pop(writer, None)
+                overdue = waiting.pop(writer, 0.0) is None  # marked by the sweep, which dropped it
         except protocol.ConnectRefused as e:
             log.info("refused the CONNECT from %s with return code %d: %s", _peer(remote), e.return_code, e)
             with contextlib.suppress(Exception):
@@ -288,12 +292,39 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         except protocol.ProtocolViolation as e:
             log.info("closing the connection from %s: %s", _peer(remote), e)
         except (NoDataError, OSError, asyncio.IncompleteReadError):
-            if loop.time() >= overdue.when():
+            if overdue:
                 log.info("closing the connection from %s: no CONNECT within %gs", _peer(remote), deadline)
             else:
                 log.debug("the connection from %s ended before its CONNECT", _peer(remote))
         protocol.abort(writer)
         return None
+
+    def _arm_pre_connect_sweep(self) -> None:
+        period = min(PRE_CONNECT_SWEEP_S, self.limits.connect_timeout_s / 4)
+        self._pre_connect_sweep = self._loop.call_later(period, self._sweep_pre_connect)
+
+    def _sweep_pre_connect(self) -> None:
+        """Drop the sockets that have waited `connect_timeout_s` for their CONNECT: the oldest first, from the
+        head of each listener's table (one timer for the broker, not one per connection; a deadline is kept
+        to within a quarter of itself, or `PRE_CONNECT_SWEEP_S`). A dropped socket's reader ends and finds
+        it marked (None) in the table."""
+        self._pre_connect_sweep = None
+        cutoff = self._loop.time() - self.limits.connect_timeout_s
+        left = False
+        for waiting in self._pre_connect.values():
+            late = []
+            for writer, arrived in waiting.items():
+                if arrived is None:
+                    continue  # dropped already; its reader has not taken it out yet
+                if arrived > cutoff:
+                    left = True
+                    break
+                late.append(writer)
+            for writer in late:
+                waiting[writer] = None
+                protocol.abort(writer)
+        if left:
+            self._arm_pre_connect_sweep()
 
     def _incoming_session(
         self, connect: protocol.Connect, writer: Any, remote: tuple[str, int]
@@ -817,6 +848,9 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
 
     async def shutdown(self) -> None:
         self._stopping = True
+        if self._pre_connect_sweep is not None:
+            self._pre_connect_sweep.cancel()
+            self._pre_connect_sweep = None
         if self._store is not None:
             # What persistent sessions (connected, or gone since) had not acknowledged yet is delivered
             # after the restart.

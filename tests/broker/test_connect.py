@@ -353,6 +353,34 @@ async def test_connect_deadline_still_closes_a_silent_socket(
     assert "no CONNECT within" not in caplog.text
 
 
+async def test_late_sockets_are_dropped_never_before_their_deadline_and_the_others_kept(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One broker-wide sweep drops the sockets late with their CONNECT: each no earlier than
+    connect_timeout_s after it came, the older first, while a client that sent its CONNECT in time stays."""
+    broker = env.running.broker
+    monkeypatch.setattr(broker, "limits", dataclasses.replace(broker.limits, connect_timeout_s=1.0))
+    loop = asyncio.get_running_loop()
+    async with (
+        RawClient.open(env.mqtt_port) as first,
+        RawClient.open(env.mqtt_port) as in_time,
+    ):
+        first_at = loop.time()
+        await asyncio.sleep(0.5)
+        async with RawClient.open(env.mqtt_port) as second:
+            second_at = loop.time()
+            assert (await in_time.connect("in-time")).return_code == 0
+            assert await first.closed(5)
+            first_closed = loop.time()
+            assert not second.eof
+            assert await second.closed(5)
+            second_closed = loop.time()
+        assert first_closed >= first_at + 1.0 and second_closed >= second_at + 1.0
+        assert not in_time.eof  # connected: no longer the sweep's
+        await in_time.send(mq.pingreq())
+        await in_time.expect(mq.PINGRESP)
+
+
 # --------------------------------------------------------------------------- client ids and identities
 
 
