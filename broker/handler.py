@@ -59,6 +59,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage
 
+from broker.keepalive import KeepAliveWheel
 from broker.latency import Latency
 from broker.protocol import (
     PINGRESP_PACKET,
@@ -129,6 +130,7 @@ class Router(Protocol):
     """What the reader hands packets to (the broker)."""
 
     puback_latency: Latency  # QoS 1 PUBLISH read -> PUBACK written
+    keep_alive: KeepAliveWheel  # the keep-alive deadlines of its connections
 
     async def on_publish(self, session: Any, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
 
@@ -227,7 +229,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._closed: asyncio.Future[None] | None = None
         self._reader_over: asyncio.Future[None] | None = None  # done when the reader stops (made on demand)
         self._heard = 0.0  # loop time the reader last heard the client (HANDLING while it handles a packet)
-        self._keep_alive_timer: asyncio.TimerHandle | None = None
+        self._keep_alive_timer: int | None = None  # its slot in the broker's KeepAliveWheel while armed
         self._flows: set[asyncio.Task[None]] | None = None  # redeliveries running (made when one starts)
         self._tasks: set[asyncio.Future[Any]] | None = None  # closes started by `end` (made when one starts)
         self._qos1: dict[int, _Qos1Flight] = {}  # QoS 1 messages in flight, in the order of their last send
@@ -264,8 +266,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         loop = self._loop
         self._heard = loop.time()
         if session.keep_alive > 0:
-            due = self._heard + session.keep_alive
-            self._keep_alive_timer = loop.call_at(due, self._keep_alive_due, due)
+            self._keep_alive_timer = self.router.keep_alive.arm(self, self._heard + session.keep_alive)
         try:
             while not self.ending and not self.clean_disconnect:
                 header = fixed_header(stream.peek())
@@ -307,7 +308,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if over is not None and not over.done():
             over.set_result(None)
         if self._keep_alive_timer is not None:
-            self._keep_alive_timer.cancel()
+            self.router.keep_alive.disarm(self, self._keep_alive_timer)
             self._keep_alive_timer = None
 
     async def _handle(self, packet_type: int, flags: int, body: bytes) -> None:
@@ -375,11 +376,12 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         return len(parts) >= 3 and "securemode=" in parts[1]
 
     def _keep_alive_due(self, due: float) -> None:
-        """The keep-alive timer, due at `due`: re-armed at the client's new due time if it was heard since,
-        or if bytes it sent wait unread on the broker's side (then it did speak: it is the broker that is
-        behind), or if the timer itself ran late (the loop was busy: the client gets that lateness again).
-        Only a client silent for the whole period is closed; the timer runs until the reader ends, so a
-        close that has not ended the connection a period later is tried again."""
+        """The keep-alive deadline, looked at by the broker's `KeepAliveWheel` at `due`: re-armed at the
+        client's new due time if it was heard since, or if bytes it sent wait unread on the broker's side
+        (then it did speak: it is the broker that is behind), or if it is looked at late (the loop was busy:
+        the client gets that lateness again). Only a client silent for the whole period is closed; the
+        deadline stays armed until the reader ends, so a close that has not ended the connection a period
+        later is tried again."""
         session = self.session
         if self._keep_alive_timer is None or session is None:
             return  # the reader has ended
@@ -397,7 +399,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         else:
             self.handle_read_timeout()
             again = now + period
-        self._keep_alive_timer = loop.call_at(again, self._keep_alive_due, again)
+        self._keep_alive_timer = self.router.keep_alive.arm(self, again)
 
     def _unread_bytes(self) -> int:
         """Bytes from the client waiting on the broker's side, not read yet by the reader: in the

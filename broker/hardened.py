@@ -52,6 +52,7 @@ from amqtt.utils import gen_client_id
 
 from broker import protocol, websocket
 from broker.handler import StrictHandler, reader_timeout
+from broker.keepalive import KeepAliveWheel
 from broker.latency import Latency
 from broker.limits import limits_of
 from broker.session_state import LeanSession
@@ -133,6 +134,7 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
         self.dropped_count = 0  # QoS 0 messages dropped for clients that read too slowly
         self.connack_latency = Latency()  # CONNECT read -> CONNACK sent (read by /metrics)
         self.puback_latency = Latency()  # QoS 1 PUBLISH read -> PUBACK sent
+        self.keep_alive = KeepAliveWheel(self._loop)  # every connection's keep-alive deadline
         for plugin in self.plugins_manager.plugins:  # the plugins' handle on this broker (see "for plugins")
             bind = getattr(plugin, "bind_broker", None)
             if callable(bind):
@@ -873,5 +875,6 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         await super().shutdown()
+        self.keep_alive.close()
         if self._store is not None:
             await self._store.close()
