@@ -13,6 +13,7 @@ DASH = "\N{EN DASH}"
 LABELS = {
     "amqtt": "amqtt",
     "asyncio_floor": "asyncio floor",
+    "asyncio_floor_task": "asyncio floor, task per connection",
     "ota": "ota-broker",
     "ota_nolimit": "ota-broker (no limits)",
     "ota_uvloop": "ota-broker on uvloop",

@@ -279,6 +279,16 @@ class AsyncioFloorServer(Server):
         return Process(argv, log=self.workdir / "asyncio_floor.log", cwd=self.workdir)
 
 
+class AsyncioTaskFloorServer(Server):
+    """`bench/asyncio_floor.py --task`: the floor with a reader task per connection, as the broker has."""
+
+    name = "asyncio_floor_task"
+
+    def launch(self) -> Process:
+        argv = [PYTHON, str(REPO / "bench" / "asyncio_floor.py"), str(self.port), "--task"]
+        return Process(argv, log=self.workdir / "asyncio_floor_task.log", cwd=self.workdir)
+
+
 class OtaServer(Server):
     """ota-broker in open auth mode, its state in a temporary data directory, every listener on a free
     loopback port (MQTT over TLS off)."""
@@ -429,6 +439,7 @@ http {{
 MQTT_SERVERS: dict[str, type[Server]] = {
     "amqtt": AmqttServer,
     "asyncio_floor": AsyncioFloorServer,
+    "asyncio_floor_task": AsyncioTaskFloorServer,
     "ota": OtaServer,
     "ota_nolimit": OtaNoLimitServer,
     "ota_uvloop": OtaUvloopServer,

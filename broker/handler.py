@@ -9,12 +9,13 @@ violation closes the connection with one log line (MQTT-4.8.0-1), never a traceb
 
 Keep-alive (MQTT-3.1.2-24): a client silent for one and a half keep-alive periods (the broker sets the
 session's `keep_alive` to that, `reader_timeout`) has its connection closed, which ends the session as an
-abnormal disconnect (the Will is published). amqtt waited and did nothing. One timer per connection does
-it: the reader only notes when it last heard the client, and the timer, when due, re-arms itself at the
-new due time if the client was heard since. It is fair to a client when the broker is the one behind (its
-loop busy, say serving TLS downloads): bytes from the client waiting unread (in the connection's stream
-buffer or the socket's receive queue) count as heard, and a timer that ran late gives the client that
-lateness again before judging.
+abnormal disconnect (the Will is published). amqtt waited and did nothing. The broker's
+`broker.keepalive.KeepAliveWheel` holds every connection's deadline under one timer: the reader only notes
+when it last heard the client, and the deadline, when due, is moved to the new due time if the client was
+heard since. It is fair to a client when the broker is the one behind (its loop busy, say serving TLS
+downloads): bytes from the client waiting unread (in the connection's stream buffer or the socket's
+receive queue) count as heard, and a deadline looked at late gives the client that lateness again before
+judging.
 
 Outgoing QoS 1/2 messages stay in the session's in-flight table until they are acknowledged: amqtt
 dropped them after a hard-coded 5 s, and on a disconnect, so an OTA notice in flight was lost. Here an

@@ -1,7 +1,7 @@
-"""Keep-alive (MQTT-3.1.2-24) by one timer per connection, fair to the client when the broker is behind: a
-client silent for 1.5 x its keep-alive is closed, never before; one that speaks is never closed; bytes it
-sent that wait unread on the broker's side (its event loop busy) count as heard; a timer that ran late
-gives the client that lateness again; keep-alive 0 means no timer at all. The broker runs on this test's
+"""Keep-alive (MQTT-3.1.2-24) by the broker's keep-alive wheel, fair to the client when the broker is behind:
+a client silent for 1.5 x its keep-alive is closed, never before; one that speaks is never closed; bytes it
+sent that wait unread on the broker's side (its event loop busy) count as heard; a deadline looked at late
+gives the client that lateness again; keep-alive 0 means no deadline at all. The broker runs on this test's
 event loop, so a test holds that loop (a blocking sleep) to play a busy broker."""
 
 from __future__ import annotations
