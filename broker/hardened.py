@@ -618,7 +618,8 @@ class HardenedBroker(TlsListeners, Broker):  # type: ignore[misc]
                 )
         await self._stop_handler(handler)
         client_session.transitions.disconnect()
-        self._went_offline(client_session)
+        if not client_session.clean_session:  # a clean one is dropped below, with its connection
+            self._went_offline(client_session)
         if self._persistent(client_session):
             self._store.session_left(client_session.client_id)  # type: ignore[union-attr]
         await self._fire(

@@ -336,3 +336,18 @@ async def test_a_restored_session_expires_from_when_its_client_left(tmp_path: Pa
         assert "connected" not in broker._sessions
     finally:
         await running.stop()
+
+
+async def test_a_clean_session_leaves_nothing_to_expire(tmp_path: Path, tls: Tls) -> None:
+    """A clean session ends with its connection: nothing of it waits in the expiry heap (which would keep
+    every clean session of a connect/disconnect churn alive until the next check)."""
+    running = await _start_expiring(tmp_path / "data", tls)
+    broker = running.broker
+    try:
+        device = await Device(running.mqtt_address[1], "pk", "d3", client_id="passing").connect()
+        await device.subscribe("/apps/passing/inbox")
+        device.disconnect()
+        await eventually(lambda: "passing" not in broker._sessions, what="the clean session dropped")
+        assert [entry for entry in broker._expiring if entry[2] == "passing"] == []
+    finally:
+        await running.stop()
