@@ -7,7 +7,9 @@ more than one waiter here), and five coroutine frames under each wait for data (
 `read_or_raise`, its adapter, `readexactly`, `_wait_for_data`), about 4 KB per connected client before it
 sends anything. Here the bytes received wait in one `bytearray`; the reader waits on one future made only
 while it waits, and reads what is already there without awaiting at all (`take`); writes made in one turn
-of the event loop leave in one send (a burst of deliveries or acknowledgements costs one system call).
+of the event loop leave in one send (a burst of deliveries or acknowledgements costs one system call), and
+one callback per turn of the loop hands over what every connection wrote in it (`Flusher`: a crowd
+connecting gets its CONNACKs and SUBACKs sent by one callback a turn, not one each).
 
 Flow control is asyncio's: reading pauses while more than `HIGH_WATER` bytes wait unread, and resumes when
 the reader wants more; `drain` waits while the transport's write buffer is over its high-water mark.
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
@@ -29,6 +32,42 @@ CLOSE_TIMEOUT_S = 10.0  # a graceful close (what was written is sent first) that
 log = logging.getLogger("ota.broker")
 
 Connected = Callable[["MqttStream", "MqttStream"], Coroutine[Any, Any, None]]  # (reader, writer): the same
+
+
+class Flusher:
+    """The connections of one event loop that wrote in this turn of it, handed to their transports together
+    at the start of the next turn (what each wrote still leaves in one send)."""
+
+    __slots__ = ("_loop", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: list[MqttStream] | None = None
+
+    def add(self, stream: MqttStream) -> None:
+        if self._waiting is None:
+            self._waiting = [stream]
+            self._loop.call_soon(self._flush)
+        else:
+            self._waiting.append(stream)
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        for stream in waiting or ():
+            try:
+                stream.flush()
+            except Exception:  # one connection's failure must not hold back the others' bytes
+                log.exception("sending to a connection failed")
+
+
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Flusher] = weakref.WeakKeyDictionary()
+
+
+def flusher_of(loop: asyncio.AbstractEventLoop) -> Flusher:
+    found = _flushers.get(loop)
+    if found is None:
+        found = _flushers[loop] = Flusher(loop)
+    return found
 
 
 class BufferedReading:
@@ -85,6 +124,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         "_connected",
         "_drained",
         "_eof",
+        "_flusher",
         "_gone",
         "_loop",
         "_lost",
@@ -104,6 +144,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
         self._connected = connected
         # asyncio.get_running_loop() costs a getpid() system call each time: asked once per connection
         self._loop = asyncio.get_running_loop()
+        self._flusher = flusher_of(self._loop)
         self._task: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -224,7 +265,7 @@ class MqttStream(BufferedReading, asyncio.Protocol):
             return
         if self._pending is None:
             self._pending = [data]
-            self._loop.call_soon(self.flush)
+            self._flusher.add(self)
         else:
             self._pending.append(data)
         self._pending_size += len(data)

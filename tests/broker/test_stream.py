@@ -143,3 +143,45 @@ async def test_close_of_a_client_that_reads_nothing_is_bounded(monkeypatch: pyte
         assert stream.is_closed
         stream.write(b"after")  # ignored once closed
         assert stream.pending_bytes == 0
+
+
+async def test_connections_that_write_in_one_turn_are_flushed_by_one_callback() -> None:
+    """Two connections writing in the same turn of the loop: one callback hands both over (not one each),
+    each connection's bytes still leave whole and in order; a connection whose hand-over fails does not
+    hold back the other's."""
+    async with connected() as (first, first_reader, _w1), connected() as (second, second_reader, _w2):
+        loop = asyncio.get_running_loop()
+        scheduled: list[object] = []
+        real_call_soon = loop.call_soon
+
+        def counting(callback: object, *args: object, **kwargs: object) -> asyncio.Handle:
+            scheduled.append(callback)
+            return real_call_soon(callback, *args, **kwargs)  # type: ignore[arg-type]
+
+        loop.call_soon = counting  # type: ignore[method-assign]
+        try:
+            first.write(b"a1 ")
+            second.write(b"b1 ")
+            first.write(b"a2")
+            second.write(b"b2")
+        finally:
+            del loop.call_soon  # the instance attribute goes; the loop's own method is back
+        assert len(scheduled) == 1
+        assert await asyncio.wait_for(first_reader.readexactly(5), WAIT_S) == b"a1 a2"
+        assert await asyncio.wait_for(second_reader.readexactly(5), WAIT_S) == b"b1 b2"
+
+        assert first.transport is not None
+        real_write = first.transport.write
+
+        def failing(_data: bytes) -> None:
+            raise RuntimeError("the transport broke")
+
+        first.transport.write = failing  # type: ignore[method-assign]
+        try:
+            first.write(b"lost")
+            second.write(b"kept")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        finally:
+            first.transport.write = real_write  # type: ignore[method-assign]
+        assert await asyncio.wait_for(second_reader.readexactly(4), WAIT_S) == b"kept"
