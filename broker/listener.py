@@ -80,6 +80,10 @@ class GatedServer:
         ] = {}  # after accept() failed for want of resources
         self._serving: set[asyncio.Task[None]] = set()
         self._closed = False
+        # asyncio's selector loop makes a socket's transport in one call, which its own server's accept
+        # uses too (`loop._make_socket_transport`): no task, future or wake-up per connection. Loops without
+        # it (uvloop) take `connect_accepted_socket`, in a task per connection.
+        self._make_transport = getattr(self._loop, "_make_socket_transport", None)
         for sock in sockets:
             self._watch(sock)
 
@@ -98,7 +102,7 @@ class GatedServer:
         taken on in a few turns of the loop, not one per turn)."""
         while self._places[sock] > 0:
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # nothing more waiting (or a client gone before its accept)
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: wait, as asyncio's own server does
@@ -114,7 +118,16 @@ class GatedServer:
             conn.setblocking(False)
             self._places[sock] -= 1
             setup = _Setup(self, sock)
-            # Served in a task of its own (making the transport is a coroutine), as asyncio's server does.
+            if self._make_transport is not None:
+                try:
+                    self._make_transport(conn, self._factory(setup), extra={"peername": peer})
+                except Exception as e:  # the connection went, or its protocol could not be made
+                    log.warning(
+                        "could not serve a connection on %s: %s: %s", _name(sock), type(e).__name__, e
+                    )
+                    conn.close()
+                    setup()
+                continue
             task = self._loop.create_task(self._serve(conn, setup))
             self._serving.add(task)
             task.add_done_callback(partial(self._served, conn, setup))

@@ -68,6 +68,10 @@ class _Plain(asyncio.Protocol):
     def __init__(self, over: Callable[[], None], made: list[_Plain]) -> None:
         over()
         made.append(self)
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
 
 async def test_a_crowd_waiting_in_the_kernel_is_taken_on_in_a_few_turns_of_the_loop() -> None:
@@ -125,5 +129,38 @@ async def test_accept_failing_for_want_of_resources_is_logged_and_tried_again(
         await eventually(lambda: len(made) == 1, what="the client served after the delay")
     finally:
         client.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_asyncios_selector_loop_still_makes_a_socket_transport_in_one_call() -> None:
+    """The gated listener makes each connection's transport with the selector loop's own
+    `_make_socket_transport(sock, protocol, waiter=None, *, extra=None, server=None)`, as asyncio's server
+    does; an asyncio that renames it sends the listener to its fallback (a task per connection)."""
+    import inspect
+
+    signature = inspect.signature(asyncio.SelectorEventLoop._make_socket_transport)
+    assert list(signature.parameters)[:6] == ["self", "sock", "protocol", "waiter", "extra", "server"]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["one-call", "fallback-task"])
+async def test_both_ways_of_making_a_transport_serve_a_crowd_and_give_places_back(direct: bool) -> None:
+    """With the loop's one-call transport and with the fallback (`connect_accepted_socket` in a task, as on
+    uvloop): every client of a crowd larger than the places is served, its peer address known."""
+    made: list[_Plain] = []
+    server = GatedServer(listening_sockets("127.0.0.1", 0), lambda over: _Plain(over, made), max_setups=4)
+    if not direct:
+        server._make_transport = None
+    port = server.sockets[0].getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    try:
+        await eventually(
+            lambda: len(made) == 20 and all(m.transport for m in made), what="every client served"
+        )
+        peers = {m.transport.get_extra_info("peername")[1] for m in made if m.transport is not None}
+        assert peers == {client.getsockname()[1] for client in clients}
+    finally:
+        for client in clients:
+            client.close()
         server.close()
         await server.wait_closed()
