@@ -75,9 +75,8 @@ class GatedServer:
         self._loop = asyncio.get_running_loop()
         self._places = dict.fromkeys(sockets, max_setups)  # connections each socket may still take on
         self._watched: set[socket.socket] = set()  # sockets with a reader callback
-        self._retry: dict[
-            socket.socket, asyncio.TimerHandle
-        ] = {}  # after accept() failed for want of resources
+        # sockets left unwatched after accept() failed for want of resources, and the timer that ends it
+        self._retry: dict[socket.socket, asyncio.TimerHandle] = {}
         self._serving: set[asyncio.Task[None]] = set()
         self._closed = False
         # asyncio's selector loop makes a socket's transport in one call, which its own server's accept

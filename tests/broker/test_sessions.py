@@ -44,6 +44,14 @@ def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
         return list(conn.execute(sql))
 
 
+async def _assert_not_restored(running: broker_app.RunningBroker, client_id: str) -> None:
+    """`running`, just started on a data folder, holds no session for `client_id`; then it stops."""
+    try:
+        assert client_id not in running.broker._sessions
+    finally:
+        await running.stop()
+
+
 async def _subscribe_and_leave(running: broker_app.RunningBroker) -> None:
     """The client "keeper" subscribes with clean session 0, then leaves: its session stays."""
     device = Device(running.mqtt_address[1], "pk", "d1", client_id="keeper", clean_session=False)
@@ -106,11 +114,7 @@ async def test_a_clean_session_forgets_the_saved_one(tmp_path: Path, tls: Tls) -
         fresh.disconnect()
     finally:
         await running.stop()
-    running = await _start(data, tls)
-    try:
-        assert "keeper" not in running.broker._sessions
-    finally:
-        await running.stop()
+    await _assert_not_restored(await _start(data, tls), "keeper")
 
 
 @pytest.mark.parametrize("online_at_stop", [True, False])
@@ -252,11 +256,7 @@ async def test_a_persistent_session_expires_its_interval_after_its_client_left(
         await eventually(lambda: _saved_sessions(data / "ota.db") == [], what="deleted on disk")
     finally:
         await running.stop()
-    running = await _start_expiring(data, tls)
-    try:
-        assert "keeper" not in running.broker._sessions
-    finally:
-        await running.stop()
+    await _assert_not_restored(await _start_expiring(data, tls), "keeper")
 
 
 async def test_connected_sessions_never_expire_and_a_return_restarts_the_count(
