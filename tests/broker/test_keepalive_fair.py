@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import socket
 import threading
@@ -134,6 +135,23 @@ async def test_websocket_connections_get_the_same_keep_alive() -> None:
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(silent.recv(), 5)
             assert 1.0 <= time.monotonic() - started <= 3.5
+
+
+async def test_a_websocket_that_sends_no_connect_is_dropped_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CONNECT deadline's sweep drops a WebSocket connection the same way as a TCP one: opened (the
+    WebSocket handshake done) and then silent, it is closed after connect_timeout_s, not before."""
+    async with serving() as (broker, _tcp, port):
+        monkeypatch.setattr(broker, "limits", dataclasses.replace(broker.limits, connect_timeout_s=0.5))
+        url = f"ws://127.0.0.1:{port}/mqtt"
+        async with ws_connect(url, subprotocols=[Subprotocol("mqtt")], open_timeout=5) as silent:
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(silent.recv(), 5)
+            assert (
+                0.4 <= time.monotonic() - started <= 3
+            )  # its deadline runs from just before the WebSocket opened
 
 
 # ------------------------------------------------------------------------- fair when the broker is late
