@@ -149,9 +149,8 @@ async def test_a_websocket_that_sends_no_connect_is_dropped_at_the_deadline(
             started = time.monotonic()
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(silent.recv(), 5)
-            assert (
-                0.4 <= time.monotonic() - started <= 3
-            )  # its deadline runs from just before the WebSocket opened
+            # its deadline runs from just before the WebSocket opened here
+            assert 0.4 <= time.monotonic() - started <= 3
 
 
 # ------------------------------------------------------------------------- fair when the broker is late
