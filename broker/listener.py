@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import socket
 from collections.abc import Callable
@@ -79,10 +80,7 @@ class GatedServer:
         self._retry: dict[socket.socket, asyncio.TimerHandle] = {}
         self._serving: set[asyncio.Task[None]] = set()
         self._closed = False
-        # asyncio's selector loop makes a socket's transport in one call, which its own server's accept
-        # uses too (`loop._make_socket_transport`): no task, future or wake-up per connection. Loops without
-        # it (uvloop) take `connect_accepted_socket`, in a task per connection.
-        self._make_transport = getattr(self._loop, "_make_socket_transport", None)
+        self._make_transport = _one_call_transport(self._loop)
         for sock in sockets:
             self._watch(sock)
 
@@ -184,6 +182,21 @@ class _Setup:
         if not self.over:
             self.over = True
             self.server._give_back(self.sock)
+
+
+def _one_call_transport(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.BaseTransport] | None:
+    """asyncio's selector loop makes a socket's transport in one call, which its own server's accept uses
+    too: `_make_socket_transport(sock, protocol, waiter=None, *, extra=None, server=None)`, no task, future
+    or wake-up per connection. None for a loop without it (uvloop), or whose signature is another: then
+    each connection takes `connect_accepted_socket`, in a task."""
+    make = getattr(loop, "_make_socket_transport", None)
+    if make is None:
+        return None
+    try:
+        names = list(inspect.signature(make).parameters)
+    except (TypeError, ValueError):
+        return None
+    return make if names[:4] == ["sock", "protocol", "waiter", "extra"] else None
 
 
 def _name(sock: socket.socket) -> str:

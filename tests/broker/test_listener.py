@@ -133,14 +133,18 @@ async def test_accept_failing_for_want_of_resources_is_logged_and_tried_again(
         await server.wait_closed()
 
 
-def test_asyncios_selector_loop_still_makes_a_socket_transport_in_one_call() -> None:
+async def test_asyncios_selector_loop_still_makes_a_socket_transport_in_one_call() -> None:
     """The gated listener makes each connection's transport with the selector loop's own
     `_make_socket_transport(sock, protocol, waiter=None, *, extra=None, server=None)`, as asyncio's server
-    does; an asyncio that renames it sends the listener to its fallback (a task per connection)."""
-    import inspect
+    does; a loop without it, or with another signature, sends the listener to its fallback (a task per
+    connection) rather than to a call that fails."""
+    assert listener._one_call_transport(asyncio.get_running_loop()) is not None
 
-    signature = inspect.signature(asyncio.SelectorEventLoop._make_socket_transport)
-    assert list(signature.parameters)[:6] == ["self", "sock", "protocol", "waiter", "extra", "server"]
+    class Renamed:
+        def _make_socket_transport(self, conn: object, proto: object) -> None: ...
+
+    assert listener._one_call_transport(Renamed()) is None  # type: ignore[arg-type]
+    assert listener._one_call_transport(object()) is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["one-call", "fallback-task"])
