@@ -71,7 +71,7 @@ from broker.protocol import (
     Window,
     abort,
     ack,
-    check_body,
+    acknowledged_id,
     check_header,
     check_publish,
     connack,
@@ -342,9 +342,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
             else:
                 await self.router.on_unsubscribe(self, packet_id, [f for f, _ in filters])
             return
-        check_body(packet_type, flags, body)
         if packet_type in (PUBACK, PUBREC, PUBCOMP):
-            packet_id = (body[0] << 8) | body[1]
+            packet_id = acknowledged_id(packet_type, body)
             if packet_type == PUBACK:  # every QoS 1 message in flight is in the table
                 flight = self._qos1.pop(packet_id, None)
                 if flight is not None:
@@ -356,7 +355,7 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
             if waiter is not None and not waiter.done():
                 waiter.set_result(packet_id)
         elif packet_type == PUBREL:
-            packet_id = (body[0] << 8) | body[1]
+            packet_id = acknowledged_id(packet_type, body)
             message = session.inflight_in.pop(packet_id, None)
             if message is not None:
                 await self.router.on_publish(session, message.topic, message.data, QOS_2, message.retain)
@@ -478,10 +477,8 @@ class StrictHandler(BrokerProtocolHandler):  # type: ignore[misc]
         for flight in flights.values():  # left in the session's in-flight table for the next connection
             flight.over()
         self._stop_waiters()
-        reader = self._reader_task
-        if reader is not None and reader is not asyncio.current_task(
-            self._loop
-        ):  # the connection's task, reading
+        reader = self._reader_task  # the connection's task, while it reads
+        if reader is not None and reader is not asyncio.current_task(self._loop):
             if self._reader_over is None:
                 self._reader_over = self._loop.create_future()
             over = self._reader_over

@@ -129,14 +129,9 @@ def check_publish(flags: int, body: bytes) -> tuple[str, int, int]:
     return topic, _packet_id(body, at, "PUBLISH"), at + 2
 
 
-def check_body(packet_type: int, flags: int, body: bytes) -> None:
-    """Raise `ProtocolViolation` for a packet body amqtt would mis-decode or accept against the standard."""
-    if packet_type == PUBLISH:
-        check_publish(flags, body)
-    elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
-        parse_subscription(packet_type, body)
-    elif packet_type in (PUBACK, PUBREC, PUBREL, PUBCOMP):
-        _packet_id(body, 0, f"packet type {packet_type}")
+def acknowledged_id(packet_type: int, body: bytes) -> int:
+    """The packet id a PUBACK, PUBREC, PUBREL or PUBCOMP body carries, or `ProtocolViolation`."""
+    return _packet_id(body, 0, f"packet type {packet_type}")
 
 
 def parse_subscription(packet_type: int, body: bytes) -> tuple[int, list[tuple[str, int]]]:

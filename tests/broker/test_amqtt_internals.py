@@ -30,6 +30,7 @@ METHODS: list[tuple[type, str, list[str]]] = [
     (Broker, "_client_connected", ["listener_name", "reader", "writer"]),
     (Broker, "_cleanup_session", ["client_id"]),
     (Broker, "_delete_session", ["client_id"]),
+    (Broker, "_session_monitor", []),  # started by amqtt's start(): the broker's expiry runs in its place
     (Broker, "_authenticate", ["session", "_"]),
     (Broker, "_del_subscription", ["a_filter", "session"]),
     (Broker, "_del_all_subscriptions", ["session"]),
